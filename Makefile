@@ -1,0 +1,58 @@
+# Everything runs inside a local virtual environment built from requirements.lock (pinned).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Variables for the user-facing targets.
+CKPT      ?=
+SPM       ?=
+DICT      ?=
+OUT       ?= artifacts/model
+DIR       ?= $(OUT)
+PRECISION ?= fp32
+INPUT     ?=
+BACKEND   ?= ort
+BEAM      ?= 5
+MODEL     ?= tiny
+
+.PHONY: venv demo test export parity translate engines bench soak gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --workdir demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+export: $(STAMP)
+	@test -n "$(CKPT)" || (echo "usage: make export CKPT=checkpoint.pt SPM=spm.model DICT=dict.txt OUT=dir [PRECISION=fp32|fp16|int8]"; exit 2)
+	$(VENV)/bin/deltalm export $(CKPT) $(if $(SPM),--spm $(SPM)) $(if $(DICT),--dict $(DICT)) --out $(OUT) --precision $(PRECISION)
+
+parity: $(STAMP)
+	$(VENV)/bin/deltalm parity $(DIR)
+
+translate: $(STAMP)
+	$(VENV)/bin/deltalm translate $(DIR) --backend $(BACKEND) --beam $(BEAM) $(if $(INPUT),--input $(INPUT))
+
+engines: $(STAMP)
+	$(VENV)/bin/deltalm engines $(DIR)
+
+bench: $(STAMP)
+	$(VENV)/bin/deltalm bench --model $(MODEL) --out bench_out/$(MODEL)
+
+soak: $(STAMP)
+	$(PY) scripts/soak.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf demo bench_out artifacts .pytest_cache

@@ -1,0 +1,22 @@
+"""Errors that are part of the interface: the CLI prints ``str(error)`` as one line (no traceback
+unless --debug) and exits non-zero."""
+
+
+class DeltaLMError(Exception):
+    """Base class of every error meant for the user."""
+
+
+class InputError(DeltaLMError):
+    """Bad user input: text, options, files given on the command line."""
+
+
+class TokenizerError(DeltaLMError):
+    """A missing or corrupt spm.model / dict.txt."""
+
+
+class CheckpointError(DeltaLMError):
+    """A checkpoint that cannot be read, is of an unknown format, or has wrong tensors."""
+
+
+class ArtifactError(DeltaLMError):
+    """An artifact directory that is incomplete, corrupt, or built for something else."""
