@@ -1,0 +1,1 @@
+"""Everything that needs PyTorch: checkpoint loaders, the model, ONNX export, engine build."""

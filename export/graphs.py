@@ -1,0 +1,87 @@
+"""The two exported computations as modules: the torch backend runs exactly these, and the ONNX
+exporter traces exactly these, so the PyTorch reference and the graphs cannot drift apart.
+Interfaces (names, dtypes, symbolic shapes) are declared once in ``runtime/graphs.py``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from runtime.config import ModelConfig
+from runtime.graphs import GraphSpec, decoder_step_spec, encoder_spec
+
+NEG_INF = float("-inf")
+
+
+def apply_rules(
+    log_probs: torch.Tensor,
+    cfg: ModelConfig,
+    forced_tokens: torch.Tensor,
+    ban_eos: torch.Tensor,
+    only_eos: torch.Tensor,
+    unk_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """fairseq's per-step edits of the log-probs [rows, V], as graph ops without control flow.
+    Mirrors ``runtime/search.py:apply_rules`` (tests keep the two equal)."""
+    cols = torch.arange(cfg.vocab_size, dtype=torch.int64, device=log_probs.device)
+    is_eos = (cols == cfg.eos).unsqueeze(0)
+    lp = log_probs.masked_fill(torch.isnan(log_probs), NEG_INF)
+    lp = lp.masked_fill((cols == cfg.pad).unsqueeze(0), NEG_INF)
+    lp = torch.where((cols == cfg.unk).unsqueeze(0), lp - unk_penalty.to(lp.dtype), lp)
+    lp = lp.masked_fill(only_eos & ~is_eos, NEG_INF)
+    forced = forced_tokens.unsqueeze(1)
+    lp = lp.masked_fill((forced >= 0) & (cols.unsqueeze(0) != forced), NEG_INF)
+    return lp.masked_fill(ban_eos & is_eos, NEG_INF)
+
+
+class EncoderGraph(nn.Module):
+    """src_tokens [batch, src_len] -> outputs of ``encoder_spec(cfg)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+
+    def spec(self, float_dtype: str = "float32") -> GraphSpec:
+        return encoder_spec(self.cfg, float_dtype)
+
+    def forward(self, src_tokens: torch.Tensor):
+        if self.cfg.is_encoder_decoder:
+            enc, _ = self.model.encoder(src_tokens)
+            outs = [enc]
+            for k, v in self.model.decoder.cross_kv(enc):
+                outs += [k, v]
+            return tuple(outs)
+        hidden, logits = self.model(src_tokens)
+        return (hidden,) if logits is None else (hidden, logits.float())
+
+
+class DecoderStepGraph(nn.Module):
+    """One decoder step with in-graph beam reorder, sentence selection, rules and top-k.
+    Inputs and outputs in the order of ``decoder_step_spec(cfg, k)``."""
+
+    def __init__(self, model: nn.Module, k: int):
+        super().__init__()
+        if not model.cfg.is_encoder_decoder:
+            raise ValueError("encoder-only models have no decoder step")
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.k = min(k, self.cfg.vocab_size)
+
+    def spec(self, float_dtype: str = "float32") -> GraphSpec:
+        return decoder_step_spec(self.cfg, self.k, float_dtype)
+
+    def forward(self, tokens, step, reorder, sent_index, src_padding, *rest):
+        n = self.cfg.decoder_layers
+        past_flat, cross_flat = rest[: 2 * n], rest[2 * n : 4 * n]
+        forced_tokens, ban_eos, only_eos, unk_penalty = rest[4 * n :]
+        past = [(past_flat[2 * i].index_select(0, reorder), past_flat[2 * i + 1].index_select(0, reorder)) for i in range(n)]
+        cross = [(cross_flat[2 * i].index_select(0, sent_index), cross_flat[2 * i + 1].index_select(0, sent_index)) for i in range(n)]
+        padding = src_padding.index_select(0, sent_index)
+        x, present = self.model.decoder.step(tokens, step, past, cross, padding)
+        log_probs = torch.log_softmax(self.model.decoder.logits(x).float(), dim=-1)
+        ruled = apply_rules(log_probs, self.cfg, forced_tokens, ban_eos, only_eos, unk_penalty)
+        scores, ids = torch.topk(ruled, self.k, dim=-1)
+        outs = [scores, ids, log_probs]
+        for k, v in present:
+            outs += [k, v]
+        return tuple(outs)

@@ -1,0 +1,69 @@
+"""The PyTorch reference backend: runs ``EncoderGraph`` / ``DecoderStepGraph`` eagerly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .graphs import DecoderStepGraph, EncoderGraph
+
+DEFAULT_TOPK = 10
+
+
+@dataclass
+class TorchState:
+    cross: list[torch.Tensor]  # flat [k0, v0, k1, v1, ...], each [batch, H, S, hd]
+    src_padding: torch.Tensor  # [batch, S] bool
+    past: list[torch.Tensor] | None  # flat, each [rows, H, P, hd]
+
+
+class TorchBackend:
+    def __init__(self, model: torch.nn.Module, topk: int = DEFAULT_TOPK, threads: int | None = None):
+        self.cfg = model.cfg
+        self.model = model.eval()
+        self.encoder = EncoderGraph(model)
+        self.decoder = DecoderStepGraph(model, topk)
+        self.topk = self.decoder.k
+        if threads:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def from_source(cls, loaded, **options) -> "TorchBackend":
+        """loaded: an nn.Module with .cfg, or a LoadedCheckpoint."""
+        if isinstance(loaded, torch.nn.Module):
+            return cls(loaded, **options)
+        from .checkpoints import build_model
+
+        return cls(build_model(loaded), **options)
+
+    @torch.inference_mode()
+    def encode(self, src_tokens: np.ndarray) -> TorchState:
+        src = torch.from_numpy(np.ascontiguousarray(src_tokens, dtype=np.int64))
+        outs = self.encoder(src)
+        return TorchState(cross=list(outs[1:]), src_padding=src.eq(self.cfg.pad), past=None)
+
+    @torch.inference_mode()
+    def step(self, state: TorchState, tokens, step, reorder, sent_index, rules, want="topk"):
+        cfg = self.cfg
+        rows = tokens.shape[0]
+        if state.past is None:
+            empty = torch.zeros(rows, cfg.heads, 0, cfg.head_dim, dtype=state.cross[0].dtype)
+            state.past = [empty] * (2 * cfg.decoder_layers)
+        outs = self.decoder(
+            torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
+            torch.tensor(step, dtype=torch.int64),
+            torch.from_numpy(np.asarray(reorder, dtype=np.int64)),
+            torch.from_numpy(np.asarray(sent_index, dtype=np.int64)),
+            state.src_padding,
+            *state.past,
+            *state.cross,
+            torch.from_numpy(np.asarray(rules.forced_tokens, dtype=np.int64)),
+            torch.tensor(bool(rules.ban_eos)),
+            torch.tensor(bool(rules.only_eos)),
+            torch.tensor(float(rules.unk_penalty), dtype=torch.float32),
+        )
+        state.past = list(outs[3:])
+        if want == "topk":
+            return outs[0].numpy(), outs[1].numpy()
+        return outs[2].numpy()

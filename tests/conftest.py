@@ -1,0 +1,83 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from runtime.config import ModelConfig
+
+    return ModelConfig.from_name("tiny").replace(vocab_size=97)
+
+
+def randomize(model, seed: int = 0, std: float = 0.2):
+    """Random normal weights everywhere (LayerNorms and biases included), so that no parameter
+    is trivially zero or one and a wrong mapping shows."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    from export.model import DeltaLM
+
+    return randomize(DeltaLM(tiny_cfg), seed=1)
+
+
+class FakeBackend:
+    """A 'model' small enough to enumerate: the log-probs of a row are a fixed random function of
+    (sentence, full history). Tracks histories through reorder / sent_index exactly as a real
+    backend tracks its caches."""
+
+    def __init__(self, vocab=6, seed=0, max_positions=512, topk=0, temperature_scale=2.0):
+        from runtime.config import ModelConfig
+
+        self.cfg = ModelConfig(kind="deltalm", embed_dim=8, ffn_dim=8, encoder_layers=1, decoder_layers=1,
+                               heads=2, vocab_size=vocab, max_positions=max_positions)
+        self.seed = seed
+        self.topk = topk
+        self.scale = temperature_scale
+        self.calls = []
+
+    def log_probs(self, sent, hist):
+        rng = np.random.default_rng(abs(hash((self.seed, int(sent), tuple(int(t) for t in hist)))) % (2**32))
+        logits = rng.normal(size=self.cfg.vocab_size) * self.scale
+        logits = logits - logits.max()
+        return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+
+    def encode(self, src):
+        return {"src": src, "hist": None}
+
+    def step(self, state, tokens, step, reorder, sent_index, rules, want="topk"):
+        rows = len(tokens)
+        group = rows // len(sent_index)
+        prev = state["hist"] if state["hist"] is not None else [()] * rows
+        hist = [prev[reorder[i]] + (int(tokens[i]),) for i in range(rows)]
+        state["hist"] = hist
+        self.calls.append((step, rows, len(sent_index)))
+        lp = np.stack([self.log_probs(sent_index[i // group], hist[i]) for i in range(rows)])
+        if want == "logprobs":
+            return lp
+        from runtime.search import apply_rules
+
+        ruled = apply_rules(lp, rules, self.cfg.pad, self.cfg.unk, self.cfg.eos)
+        ids = np.argsort(-ruled, axis=1, kind="stable")[:, : self.topk]
+        return np.take_along_axis(ruled, ids, axis=1), ids
+
+
+@pytest.fixture
+def fake_backend():
+    return FakeBackend
