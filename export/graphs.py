@@ -77,8 +77,8 @@ class DecoderStepGraph(nn.Module):
         past = [(past_flat[2 * i].index_select(0, reorder), past_flat[2 * i + 1].index_select(0, reorder)) for i in range(n)]
         cross = [(cross_flat[2 * i].index_select(0, sent_index), cross_flat[2 * i + 1].index_select(0, sent_index)) for i in range(n)]
         padding = src_padding.index_select(0, sent_index)
-        x, present = self.model.decoder.step(tokens, step, past, cross, padding)
-        log_probs = torch.log_softmax(self.model.decoder.logits(x).float(), dim=-1)
+        logits, present = self.model.decoder.step(tokens, step, past, cross, padding)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
         ruled = apply_rules(log_probs, self.cfg, forced_tokens, ban_eos, only_eos, unk_penalty)
         scores, ids = torch.topk(ruled, self.k, dim=-1)
         outs = [scores, ids, log_probs]

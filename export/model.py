@@ -236,11 +236,17 @@ class Decoder(_Embedded):
         tokens [N] int64, step: 0-d int64 (the token fed at step t sits at position
         t + first_position), past: per layer (k, v) [N, H, P, hd] already in the rows' order,
         cross: per layer (k, v) [B, H, S, hd] with N = B * G, src_padding [B, S] bool.
-        Returns hidden [N, D] and per layer (k, v) [N, H, P + 1, hd]."""
+        Returns logits [N, V] and per layer (k, v) [N, H, P + 1, hd]."""
         positions = (step + self.cfg.first_position).reshape(1, 1).expand(tokens.shape[0], 1)
-        x = self.embed(tokens.unsqueeze(1), positions)
+        # The token rows are read from the same [D, V] (transposed) table the output projection
+        # multiplies with, so an exported step graph holds the embedding table once.
+        table_t = self.output_projection.weight.t()
+        tok = table_t.index_select(1, tokens).t().unsqueeze(1)  # [N, 1, D]
+        x = tok + self.embed_positions(positions)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
         x, present = self.run_layers(x, past, None, cross, src_padding[:, None, None, :])
-        return x[:, 0], present
+        return torch.matmul(x[:, 0], table_t), present
 
 
 class DeltaLM(nn.Module):

@@ -1,0 +1,130 @@
+"""ONNX Runtime backend: the artifact's encoder and decoder_step graphs.
+
+Caches never travel through numpy: the encoder's cross K/V and each step's present K/V stay
+OrtValues (on the device with ``device="cuda"``), bound as the next step's inputs through IO
+binding; only tokens / reorder indices go in and only the top-k (or, when asked, the log-probs)
+come out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..artifact import Artifact, open_artifact
+from ..errors import ArtifactError, InputError
+from ..graphs import cross_names, past_names, present_names
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def providers_for(device: str) -> list:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError(
+                "--device cuda needs onnxruntime-gpu with the CUDA execution provider "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    raise InputError(f"unknown device {device!r} (cpu or cuda)")
+
+
+@dataclass
+class OrtState:
+    cross: dict  # name -> OrtValue [batch, H, S, hd]
+    src_padding: object  # OrtValue [batch, S] bool
+    past: dict | None  # name -> OrtValue [rows, H, P, hd]
+
+
+class OrtBackend:
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.artifact = artifact
+        self.cfg = artifact.config
+        if not self.cfg.is_encoder_decoder:
+            raise InputError(f"{artifact.path}: an encoder-only model ({self.cfg.kind}) cannot translate")
+        self.device = device
+        self.device_type = "cuda" if device == "cuda" else "cpu"
+        providers = providers_for(device)
+        so = session_options(threads)
+        try:
+            self.encoder = ort.InferenceSession(str(artifact.graph_path("encoder")), so, providers=providers)
+            self.decoder = ort.InferenceSession(str(artifact.graph_path("decoder_step")), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{artifact.path}: ONNX Runtime cannot load the graphs: {e}") from None
+        self.encoder_spec = artifact.graph_spec("encoder")
+        self.step_spec = artifact.graph_spec("decoder_step")
+        self.topk = int(self.step_spec.outputs[0].shape[1])
+        self.float_dtype = np.dtype(self.step_spec.outputs[-1].dtype)
+        n = self.cfg.decoder_layers
+        self._cross_names = [name for i in range(n) for name in cross_names(i)]
+        self._past_names = [name for i in range(n) for name in past_names(i)]
+        self._present_names = [name for i in range(n) for name in present_names(i)]
+
+    @classmethod
+    def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, **_) -> "OrtBackend":
+        return cls(open_artifact(path), device=device, threads=threads)
+
+    def _value(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+
+    def encode(self, src_tokens: np.ndarray) -> OrtState:
+        src = np.ascontiguousarray(src_tokens, dtype=np.int64)
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input("src_tokens", src)
+        for name in self._cross_names:
+            binding.bind_output(name, self.device_type)
+        self.encoder.run_with_iobinding(binding)
+        outs = dict(zip(self._cross_names, binding.get_outputs()))
+        return OrtState(cross=outs, src_padding=self._value(src == self.cfg.pad), past=None)
+
+    def step(self, state: OrtState, tokens, step, reorder, sent_index, rules, want="topk"):
+        cfg = self.cfg
+        rows = len(tokens)
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_cpu_input("step", np.array(step, dtype=np.int64))
+        binding.bind_cpu_input("reorder", np.ascontiguousarray(reorder, dtype=np.int64))
+        binding.bind_cpu_input("sent_index", np.ascontiguousarray(sent_index, dtype=np.int64))
+        binding.bind_ortvalue_input("src_padding", state.src_padding)
+        if state.past is None:
+            empty = np.zeros((rows, cfg.heads, 0, cfg.head_dim), dtype=self.float_dtype)
+            for name in self._past_names:
+                binding.bind_cpu_input(name, empty)
+        else:
+            for name in self._past_names:
+                binding.bind_ortvalue_input(name, state.past[name])
+        for name in self._cross_names:
+            binding.bind_ortvalue_input(name, state.cross[name])
+        binding.bind_cpu_input("forced_tokens", np.ascontiguousarray(rules.forced_tokens, dtype=np.int64))
+        binding.bind_cpu_input("ban_eos", np.array(bool(rules.ban_eos)))
+        binding.bind_cpu_input("only_eos", np.array(bool(rules.only_eos)))
+        binding.bind_cpu_input("unk_penalty", np.array(rules.unk_penalty, dtype=np.float32))
+        wanted = ["topk_scores", "topk_ids"] if want == "topk" else ["log_probs"]
+        for name in wanted:
+            binding.bind_output(name, "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device_type)
+        self.decoder.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        state.past = {p: v for p, v in zip(self._past_names, outs[len(wanted):])}
+        if want == "topk":
+            return outs[0].numpy(), outs[1].numpy()
+        return outs[0].numpy()
+
