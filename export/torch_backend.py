@@ -20,6 +20,10 @@ class TorchState:
 
 class TorchBackend:
     def __init__(self, model: torch.nn.Module, topk: int = DEFAULT_TOPK, threads: int | None = None):
+        if not model.cfg.is_encoder_decoder:
+            from runtime.errors import InputError
+
+            raise InputError(f"an encoder-only model ({model.cfg.kind}) cannot translate")
         self.cfg = model.cfg
         self.model = model.eval()
         self.encoder = EncoderGraph(model)
@@ -29,13 +33,35 @@ class TorchBackend:
             torch.set_num_threads(threads)
 
     @classmethod
-    def from_source(cls, loaded, **options) -> "TorchBackend":
-        """loaded: an nn.Module with .cfg, or a LoadedCheckpoint."""
-        if isinstance(loaded, torch.nn.Module):
-            return cls(loaded, **options)
-        from .checkpoints import build_model
+    def from_source(cls, source, config=None, dict_path=None, threads=None, device="cpu", **_) -> "TorchBackend":
+        """source: an nn.Module with .cfg, a LoadedCheckpoint, a checkpoint path, or an artifact
+        directory (whose manifest names the checkpoint it was exported from)."""
+        from pathlib import Path
 
-        return cls(build_model(loaded), **options)
+        from .checkpoints import LoadedCheckpoint, build_model
+
+        if device != "cpu":
+            from runtime.errors import InputError
+
+            raise InputError("--backend torch runs on the CPU here; use --backend ort --device cuda for a GPU")
+        if isinstance(source, torch.nn.Module):
+            return cls(source, threads=threads)
+        if isinstance(source, LoadedCheckpoint):
+            return cls(build_model(source), threads=threads)
+        path = Path(source)
+        if path.is_dir() and (path / "manifest.json").exists():
+            from runtime.artifact import open_artifact
+            from runtime.errors import InputError
+
+            artifact = open_artifact(path)
+            src = artifact.manifest.get("source", {})
+            path = Path(src.get("checkpoint", ""))
+            if not path.exists():
+                raise InputError(f"the checkpoint {str(path)!r} recorded in {source}/manifest.json is not available")
+            config, dict_path = src.get("config"), artifact.dict_path
+        from .commands import load_for_export
+
+        return cls(build_model(load_for_export(str(path), config, str(dict_path) if dict_path else None)), threads=threads)
 
     @torch.inference_mode()
     def encode(self, src_tokens: np.ndarray) -> TorchState:

@@ -12,12 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SENTENCES = [
+SENTENCES = [  # three from the corpus the model was fitted on, two new combinations, an empty line
     "The cat sees the red apple in the morning.",
-    "Mein Bruder malt ein kleines Haus am Sonntag.",
+    "Ihr Freund malt hinter der Kirche ein kleines Haus.",
     "",
-    "Un niño quiere pan fresco por la noche.",
+    "A child wants some fresh bread at night.",
     "Notre voisin trouve une longue lettre dans le jardin.",
+    "Mein Bruder malt ein kleines Haus am Sonntag.",
 ]
 
 
