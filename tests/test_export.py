@@ -1,0 +1,206 @@
+"""Stage 2: export to an artifact directory, parity, and --backend ort against --backend torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import checkpoint_writers as W
+from runtime.artifact import open_artifact
+from runtime.cli import main as cli
+from runtime.config import ModelConfig
+from runtime.search import SearchOptions, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny DeltaLM as a real fairseq checkpoint (cfg as an omegaconf DictConfig), with the
+    toy tokenizer. Returns (checkpoint, spm, dict, model)."""
+    from export.model import DeltaLM
+    from export.toy_data import build_toy_tokenizer
+    from runtime.tokenizer import Dictionary
+
+    work = tmp_path_factory.mktemp("tiny")
+    spm, dct = build_toy_tokenizer(work)
+    cfg = ModelConfig.from_name("tiny").replace(vocab_size=len(Dictionary.load(dct)))
+    model = W.randomize(DeltaLM(cfg), seed=3)
+    ckpt = W.write_fairseq_deltalm(model, work / "checkpoint_best.pt")
+    return ckpt, spm, dct, model
+
+
+def export(tiny_ckpt, out: Path, *extra: str) -> Path:
+    ckpt, spm, dct, _ = tiny_ckpt
+    assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_ckpt, tmp_path_factory):
+    return export(tiny_ckpt, tmp_path_factory.mktemp("art") / "fp32")
+
+
+def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
+    names = sorted(p.name for p in artifact.iterdir())
+    assert names == ["decoder_step.onnx", "dict.txt", "encoder.onnx", "manifest.json", "parity.json", "spm.model"]
+    art = open_artifact(artifact)  # hash-checks every file
+    m = art.manifest
+    assert set(m["files"]) == set(names) - {"manifest.json"}
+    assert art.config == tiny_ckpt[3].cfg.replace(name="")
+    assert m["precision"] == "fp32" and m["vocab"]["size"] == tiny_ckpt[3].cfg.vocab_size
+    assert m["source"]["format"] == "fairseq-deltalm"
+    assert set(m["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    step = art.graph_spec("decoder_step")
+    assert step.input_names[:5] == ["tokens", "step", "reorder", "sent_index", "src_padding"]
+    assert m["export_options"]["ort_fusions"]["encoder"]  # e.g. SkipLayerNormalization, BiasGelu
+    parity = json.loads((artifact / "parity.json").read_text())
+    assert parity["passed"] and parity["failures"] == []
+    lp = [r for r in parity["graphs"] if r["output"] == "log_probs"]
+    assert len(lp) == 5 and max(r["max_abs"] for r in lp) < 1e-4
+    assert {"past_len=0", "past_len=1", "past_len=17"} <= {r["case"].split()[-1] for r in lp}
+    assert all(r["identical_ids"] == 1.0 for r in parity["end_to_end"])
+
+
+def sources(cfg, rng, lengths):
+    from export.parity import make_sources
+
+    return make_sources(cfg, lengths, rng)
+
+
+@pytest.mark.parametrize("beam,nbest", [(1, 1), (5, 3)])
+def test_ort_backend_gives_the_same_ids_and_scores_as_torch(artifact, tiny_ckpt, beam, nbest):
+    from export.torch_backend import TorchBackend
+    from runtime.backends.ort import OrtBackend
+
+    model = tiny_ckpt[3]
+    torch_b, ort_b = TorchBackend(model), OrtBackend.from_artifact(artifact)
+    rng = np.random.default_rng(beam)
+    opts = SearchOptions(beam=beam, nbest=nbest, max_len_a=1.2, max_len_b=5, lenpen=1.0)
+    for lengths in [(4,), (12, 3, 7), (1, 30, 9, 2), (20,) * 5]:
+        src = sources(model.cfg, rng, lengths)
+        a, b = generate(torch_b, src, opts), generate(ort_b, src, opts)
+        for ha, hb in zip(a, b):
+            assert [h.tokens for h in ha] == [h.tokens for h in hb]
+            np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], atol=1e-4)
+            np.testing.assert_allclose(ha[0].positional_scores, hb[0].positional_scores, atol=1e-4)
+
+
+def test_ort_full_log_probs_path_equals_in_graph_topk(artifact, tiny_ckpt):
+    from runtime.backends.ort import OrtBackend
+
+    fast = OrtBackend.from_artifact(artifact)
+    full = OrtBackend.from_artifact(artifact)
+    full.topk = 0  # forces the search to ask for log-probs and apply the rules itself
+    src = sources(tiny_ckpt[3].cfg, np.random.default_rng(0), (9, 4, 15))
+    opts = SearchOptions(beam=4, nbest=4, max_len_b=12, min_len=3, unkpen=0.5, prefix_tokens=[7])
+    a, b = generate(fast, src, opts), generate(full, src, opts)
+    assert [[h.tokens for h in s] for s in a] == [[h.tokens for h in s] for s in b]
+    assert all(h.tokens[0] == 7 and len(h.tokens) >= 4 for s in a for h in s)
+
+
+def test_translate_cli_ort_equals_torch_jsonl(artifact, tiny_ckpt, tmp_path, capsysbinary):
+    ckpt, spm, dct, _ = tiny_ckpt
+    inp = tmp_path / "in.txt"
+    inp.write_text("The cat sees the red apple.\n\nEin Kind will frisches Brot.\nUn niño.\n")
+    outs = {}
+    for name, args in {"ort": [str(artifact), "--backend", "ort"],
+                       "torch": ["--checkpoint", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--backend", "torch"]}.items():
+        assert cli(["translate", *args, "--input", str(inp), "--beam", "5", "--nbest", "2", "--format", "jsonl",
+                    "--max-len-b", "10"]) == 0
+        outs[name] = [json.loads(l) for l in capsysbinary.readouterr().out.decode().splitlines()]
+    assert [o["id"] for o in outs["ort"]] == [0, 1, 2, 3]
+    assert outs["ort"][1]["nbest"] == []
+    for a, b in zip(outs["ort"], outs["torch"]):
+        assert [h["tokens"] for h in a["nbest"]] == [h["tokens"] for h in b["nbest"]]
+        for ha, hb in zip(a["nbest"], b["nbest"]):
+            assert ha["score"] == pytest.approx(hb["score"], abs=1e-4)
+            assert ha["tokens"][-1] == 2 and len(ha["positional_scores"]) == len(ha["tokens"])
+
+
+def test_sampling_and_ngram_blocking_run_on_ort(artifact):
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "translate", str(artifact), "--sampling", "--topk", "5",
+                          "--seed", "3", "--beam", "2", "--no-repeat-ngram-size", "2", "--max-len-b", "8"],
+                         input="a b c\nhello\n", capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 2
+
+
+def test_runtime_never_imports_torch(artifact):
+    """`deltalm translate DIR --backend ort` with torch made unimportable."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import pkgutil, importlib, runtime, runtime.backends\n"
+        "for m in pkgutil.walk_packages(runtime.__path__, 'runtime.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from runtime.cli import main\n"
+        f"sys.exit(main(['translate', {str(artifact)!r}, '--beam', '3']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input="Die Katze sieht den roten Apfel.\n",
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_path, precision):
+    art = export(tiny_ckpt, tmp_path / precision, "--precision", precision)
+    m = open_artifact(art).manifest
+    assert m["precision"] == precision
+    dtypes = {t["name"]: t["dtype"] for t in m["graphs"]["decoder_step"]["spec"]["inputs"]}
+    assert dtypes["past_key_0"] == ("float16" if precision == "fp16" else "float32")
+    parity = json.loads((art / "parity.json").read_text())
+    top1 = [r["top1_agreement"] for r in parity["graphs"] if r["output"] == "topk_ids"]
+    assert top1 and min(top1) >= 0.5
+    assert {r["beam"] for r in parity["end_to_end"]} == {1, 5}
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "translate", str(art)], input="hello world\n",
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+def test_large_models_use_external_data_and_load_back(tiny_ckpt, tmp_path, monkeypatch):
+    import export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1000)
+    art = export(tiny_ckpt, tmp_path / "ext")
+    names = {p.name for p in art.iterdir()}
+    assert {"encoder.onnx.data", "decoder_step.onnx.data"} <= names
+    assert "decoder_step.onnx.data" in open_artifact(art).manifest["files"]
+    assert (art / "decoder_step.onnx").stat().st_size < 200_000  # weights are not inline
+    assert json.loads((art / "parity.json").read_text())["passed"]
+
+
+def test_export_refuses_to_overwrite_without_force(artifact, tiny_ckpt, capsys):
+    ckpt, spm, dct, _ = tiny_ckpt
+    assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(artifact)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    open_artifact(artifact)  # untouched
+
+
+def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
+    import torch
+
+    from export.model import EncoderModel
+
+    cfg = ModelConfig(kind="xlmr", embed_dim=32, ffn_dim=64, encoder_layers=2, decoder_layers=0, heads=4,
+                      vocab_size=120, mlm_head="roberta", layernorm_embedding=True)
+    model = W.randomize(EncoderModel(cfg), seed=5)
+    hf_dir = W.write_hf_xlmr(model, tmp_path / "xlmr")
+    assert cli(["export", str(hf_dir), "--out", str(tmp_path / "art")]) == 0
+    art = open_artifact(tmp_path / "art")
+    assert not art.has_graph("decoder_step")
+    assert art.graph_spec("encoder").output_names == ["encoder_out", "mlm_logits"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(art.graph_path("encoder")), providers=["CPUExecutionProvider"])
+    right = np.array([[0, 10, 11, 12, 2], [0, 13, 2, 1, 1]])
+    left = np.array([[0, 10, 11, 12, 2], [1, 1, 0, 13, 2]])
+    r, l = sess.run(["encoder_out"], {"src_tokens": right})[0], sess.run(["encoder_out"], {"src_tokens": left})[0]
+    np.testing.assert_allclose(r[1, :3], l[1, 2:], atol=1e-5)
+    with torch.no_grad():
+        want = model(torch.from_numpy(right))[0].numpy()
+    np.testing.assert_allclose(r[0], want[0], atol=1e-5)
