@@ -16,7 +16,7 @@ BACKEND   ?= ort
 BEAM      ?= 5
 MODEL     ?= tiny
 
-.PHONY: venv demo test export parity translate engines bench soak gpu-check clean
+.PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Opt-in: our search loop against fairseq's own SequenceGenerator (builds fairseq, ~5 minutes once).
+FSVENV := .venv-fairseq
+$(FSVENV)/.installed:
+	$(PYTHON) -m venv $(FSVENV)
+	$(FSVENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy==2.4.6 cython==3.3.1 setuptools==84.2.1 wheel
+	$(FSVENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation fairseq-fixed==0.12.3.1
+	touch $@
+
+test-fairseq: $(FSVENV)/.installed
+	PYTHONPATH=. $(FSVENV)/bin/python scripts/fairseq_reference.py | tail -1
 
 export: $(STAMP)
 	@test -n "$(CKPT)" || (echo "usage: make export CKPT=checkpoint.pt SPM=spm.model DICT=dict.txt OUT=dir [PRECISION=fp32|fp16|int8]"; exit 2)
