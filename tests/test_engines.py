@@ -1,0 +1,793 @@
+"""``deltalm engines`` and the TensorRT backend: profiles, profile overrides, trtexec command lines,
+buffer plans, engine compatibility and profile checks are pure logic and tested here without
+TensorRT; the build and the backend themselves need TensorRT and a GPU (the last test, skipped
+otherwise)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.engines import (
+    apply_profile_override,
+    check_precision,
+    derive_profiles,
+    engine_metadata,
+    fp32_layer,
+    load_profile_override,
+    trtexec_command,
+)
+from runtime.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact, write_json_atomic
+from runtime.backends.trt import (
+    check_engine_compat,
+    check_within_profile,
+    device_allocations,
+    graph_source_digest,
+    numpy_dtype,
+    plan_buffers,
+    profile_axes,
+)
+from runtime.cli import main
+from runtime.config import ModelConfig
+from runtime.errors import ArtifactError, InputError
+from runtime.graphs import decoder_step_spec, encoder_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+H, HD = 4, 16  # tiny: 4 heads of 16
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory, tiny_model) -> Path:
+    """A real fp32 artifact of the tiny model (graphs + manifest; no tokenizer, engines need none)."""
+    from export.onnx_export import export_graphs
+
+    d = tmp_path_factory.mktemp("engines") / "artifact"
+    d.mkdir()
+    graphs = export_graphs(tiny_model, d, "fp32", 10)
+    files = [f for g in graphs.values() for f in g["files"]]
+    manifest = {"format_version": FORMAT_VERSION, "model": tiny_model.cfg.to_dict(), "precision": "fp32",
+                "graphs": graphs, "files": hash_files(d, files)}
+    write_json_atomic(d / MANIFEST, manifest)
+    return d
+
+
+@pytest.fixture
+def artifact_copy(artifact_dir, tmp_path) -> Path:
+    d = tmp_path / "artifact"
+    shutil.copytree(artifact_dir, d)
+    return d
+
+
+def profiles_for(cfg, **limits):
+    return derive_profiles(cfg, **({"max_batch": 8, "max_beam": 5, "max_src_len": 256, "max_tgt_len": 256} | limits))
+
+
+# -- profile derivation ----------------------------------------------------------------------
+
+
+def test_profiles_cover_every_input_of_the_real_specs(tiny_cfg):
+    p = profiles_for(tiny_cfg)
+    assert list(p) == ["encoder", "decoder_step"]
+    assert list(p["encoder"]) == encoder_spec(tiny_cfg).input_names
+    assert list(p["decoder_step"]) == decoder_step_spec(tiny_cfg).input_names
+
+
+def test_encoder_profile_is_batch_by_src_len(tiny_cfg):
+    assert profiles_for(tiny_cfg)["encoder"]["src_tokens"] == ((1, 1), (4, 64), (8, 256))
+
+
+def test_step_rows_are_batch_times_beam(tiny_cfg):
+    step = profiles_for(tiny_cfg, max_batch=8, max_beam=5)["decoder_step"]
+    for name in ("tokens", "reorder", "forced_tokens"):
+        assert step[name] == ((1,), (20,), (40,))
+    assert step["sent_index"] == ((1,), (4,), (8,))
+
+
+def test_past_len_minimum_is_zero_and_past_rows_are_rows(tiny_cfg):
+    step = profiles_for(tiny_cfg, max_tgt_len=100)["decoder_step"]
+    assert step["past_key_0"] == ((1, H, 0, HD), (20, H, 25, HD), (40, H, 100, HD))
+    assert step["past_value_1"] == step["past_key_0"]
+
+
+def test_cross_kv_and_padding_follow_the_encoder_batch(tiny_cfg):
+    step = profiles_for(tiny_cfg, max_batch=6, max_src_len=128)["decoder_step"]
+    assert step["cross_key_0"] == ((1, H, 1, HD), (3, H, 32, HD), (6, H, 128, HD))
+    assert step["src_padding"] == ((1, 1), (3, 32), (6, 128))
+
+
+def test_scalar_inputs_have_empty_shapes(tiny_cfg):
+    step = profiles_for(tiny_cfg)["decoder_step"]
+    for name in ("step", "ban_eos", "only_eos", "unk_penalty"):
+        assert step[name] == ((), (), ())
+
+
+def test_batch_of_one_has_opt_one(tiny_cfg):
+    assert profiles_for(tiny_cfg, max_batch=1, max_beam=1)["decoder_step"]["tokens"] == ((1,), (1,), (1,))
+
+
+def test_profiles_from_a_manifest_equal_those_from_its_config(artifact_dir):
+    manifest = open_artifact(artifact_dir).manifest
+    assert derive_profiles(manifest, 4, 2, 64, 32) == derive_profiles(ModelConfig.from_dict(manifest["model"]), 4, 2, 64, 32)
+
+
+def test_encoder_only_models_get_an_encoder_profile_only():
+    cfg = ModelConfig(kind="xlmr", embed_dim=8, ffn_dim=8, encoder_layers=1, decoder_layers=0, heads=2, vocab_size=50)
+    assert list(derive_profiles(cfg, 2, 1, 16, 8)) == ["encoder"]
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"max_batch": 0}, "--max-batch must be an integer >= 1, got 0"),
+    ({"max_beam": -1}, "--max-beam must be an integer >= 1"),
+    ({"max_src_len": 513}, "--max-src-len 513 exceeds the model's max_positions 512"),
+    ({"max_tgt_len": 512}, "--max-tgt-len 512 must be < the model's max_positions 512"),
+])
+def test_nonsense_limits_are_refused(tiny_cfg, limits, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        profiles_for(tiny_cfg, **limits)
+
+
+def test_longest_target_is_max_positions_minus_one(tiny_cfg):
+    step = profiles_for(tiny_cfg, max_tgt_len=511)["decoder_step"]
+    assert step["past_key_0"][2][2] == 511
+
+
+# -- --profile overrides ---------------------------------------------------------------------
+
+
+def test_override_replaces_only_the_given_inputs(tiny_cfg):
+    base = profiles_for(tiny_cfg)
+    new = apply_profile_override(base, {"decoder_step": {"sent_index": {"min": [1], "opt": [2], "max": [8]}}}, tiny_cfg)
+    assert new["decoder_step"]["sent_index"] == ((1,), (2,), (8,))
+    assert new["decoder_step"]["tokens"] == base["decoder_step"]["tokens"]
+    assert new["encoder"] == base["encoder"]
+    assert base["decoder_step"]["sent_index"] == ((1,), (4,), (8,))  # the input is not modified
+
+
+def test_override_of_every_input_sharing_an_axis_is_accepted(tiny_cfg):
+    rows = {"min": [1], "opt": [8], "max": [16]}
+    new = apply_profile_override(profiles_for(tiny_cfg), {"decoder_step": {
+        "tokens": rows, "reorder": rows, "forced_tokens": rows,
+        **{f"past_{kv}_{i}": {"min": [1, H, 0, HD], "opt": [8, H, 64, HD], "max": [16, H, 256, HD]}
+           for kv in ("key", "value") for i in range(2)}}}, tiny_cfg)
+    assert profile_axes(decoder_step_spec(tiny_cfg), new["decoder_step"])["rows"] == (1, 8, 16)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"decoder": {}}, "profile: unknown graph 'decoder' (graphs: encoder, decoder_step)"),
+    ({"encoder": {"tokens": {"min": [1], "opt": [1], "max": [1]}}}, "profile: encoder has no input 'tokens' (inputs: src_tokens)"),
+    ({"encoder": {"src_tokens": {"min": [1, 1], "max": [2, 2]}}}, 'profile: encoder.src_tokens must be {"min": [...], "opt": [...], "max": [...]}'),
+    ({"encoder": {"src_tokens": {"min": [1], "opt": [1, 1], "max": [2, 2]}}}, "profile: encoder.src_tokens min has rank 1, the input has rank 2 ['batch', 'src_len']"),
+    ({"encoder": {"src_tokens": {"min": [1, 1], "opt": [1, "a"], "max": [2, 2]}}}, "profile: encoder.src_tokens opt must be a list of integers, got [1, 'a']"),
+    ({"encoder": {"src_tokens": {"min": [1, 8], "opt": [2, 4], "max": [4, 64]}}}, "profile: encoder.src_tokens needs min <= opt <= max in every dim, got [1, 8] / [2, 4] / [4, 64]"),
+    ({"encoder": {"src_tokens": {"min": [0, 1], "opt": [1, 1], "max": [1, 1]}}}, "profile: encoder.src_tokens min dim 0 (batch) must be >= 1, got 0"),
+    ({"decoder_step": {"past_key_0": {"min": [1, 8, 0, HD], "opt": [20, 8, 64, HD], "max": [40, 8, 256, HD]}}},
+     "profile: decoder_step.past_key_0 min dim 1 must be 4, got 8"),
+    ({"decoder_step": {"tokens": {"min": [1], "opt": [4], "max": [48]}}},
+     "profile: axis 'rows' differs between decoder_step.tokens (1/4/48) and decoder_step.reorder (1/20/40)"),
+    ({"encoder": {"src_tokens": {"min": [1, 1], "opt": [4, 64], "max": [16, 256]}}},
+     "profile: encoder allows batch up to 16 but decoder_step only up to 8"),
+])
+def test_bad_overrides_are_refused_with_the_reason(tiny_cfg, override, message):
+    with pytest.raises(InputError) as err:
+        apply_profile_override(profiles_for(tiny_cfg), override, tiny_cfg)
+    assert str(err.value) == message
+
+
+def test_override_cannot_pass_the_last_position(tiny_cfg):
+    past = {"min": [1, H, 0, HD], "opt": [20, H, 64, HD], "max": [40, H, 512, HD]}
+    override = {"decoder_step": {f"past_{kv}_{i}": past for kv in ("key", "value") for i in range(2)}}
+    with pytest.raises(InputError, match="past_len max 512 must be < the model's max_positions 512"):
+        apply_profile_override(profiles_for(tiny_cfg), override, tiny_cfg)
+
+
+def test_profile_file_must_exist_and_be_json(tmp_path):
+    with pytest.raises(InputError, match="no such profile file"):
+        load_profile_override(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a JSON profile"):
+        load_profile_override(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(InputError, match="a profile is a JSON object"):
+        load_profile_override(tmp_path / "list.json")
+
+
+# -- trtexec command lines and precision -----------------------------------------------------
+
+
+def test_trtexec_command_for_an_fp16_encoder(tiny_cfg):
+    cmd = trtexec_command("a/encoder.onnx", "a/engines/encoder.plan", profiles_for(tiny_cfg)["encoder"], "fp16",
+                          "a/engines/timing.cache", ["/ln/LayerNormalization", "/attn/Softmax"])
+    assert cmd == ("trtexec --onnx=a/encoder.onnx --saveEngine=a/engines/encoder.plan "
+                   "--minShapes=src_tokens:1x1 --optShapes=src_tokens:4x64 --maxShapes=src_tokens:8x256 --fp16 "
+                   "--precisionConstraints=obey --layerPrecisions=/ln/LayerNormalization:fp32,/attn/Softmax:fp32 "
+                   "--layerOutputTypes=/ln/LayerNormalization:fp32,/attn/Softmax:fp32 "
+                   "--timingCacheFile=a/engines/timing.cache")
+
+
+def test_trtexec_command_for_the_step_lists_shaped_inputs_only(tiny_cfg):
+    cmd = trtexec_command("d.onnx", "d.plan", profiles_for(tiny_cfg, max_tgt_len=64)["decoder_step"], "fp32", "t.cache")
+    min_shapes = next(a for a in cmd.split() if a.startswith("--minShapes="))
+    assert min_shapes.startswith("--minShapes=tokens:1,reorder:1,sent_index:1,src_padding:1x1,past_key_0:1x4x0x16,")
+    assert "step:" not in cmd and "ban_eos" not in cmd and "unk_penalty" not in cmd
+    assert "--maxShapes=tokens:40," in cmd and "past_key_0:40x4x64x16" in cmd
+    assert "--fp16" not in cmd and "--precisionConstraints" not in cmd
+
+
+def test_trtexec_command_bf16_and_quoting(tiny_cfg):
+    cmd = trtexec_command("my dir/encoder.onnx", "e.plan", profiles_for(tiny_cfg)["encoder"], "bf16", "t.cache")
+    assert "'--onnx=my dir/encoder.onnx'" in cmd
+    assert " --bf16 " in cmd and "--layerPrecisions" not in cmd
+
+
+@pytest.mark.parametrize("type_name, name, kept", [
+    ("NORMALIZATION", "/layers.0/final_layer_norm/LayerNormalization", True),
+    ("SOFTMAX", "/layers.0/Softmax", True),
+    ("UNARY", "/LogSoftmax", True),  # log of a parsed LogSoftmax
+    ("REDUCE", "/ln/LayerNormalization_reduce", True),  # a decomposed LayerNorm
+    ("MATRIX_MULTIPLY", "/layers.0/fc1/MatMul", False),
+    ("ELEMENTWISE", "/layers.0/Add", False),
+    ("CONSTANT", "/ln/LayerNormalization_scale", False),
+])
+def test_normalization_and_softmax_layers_stay_fp32(type_name, name, kept):
+    assert fp32_layer(type_name, name) is kept
+
+
+def test_int8_and_mismatched_precisions_are_refused():
+    with pytest.raises(InputError, match="int8 artifact holds ONNX Runtime's dynamic quantization"):
+        check_precision("int8", "fp16")
+    with pytest.raises(InputError, match="bf16 engines need an fp32 artifact"):
+        check_precision("fp16", "bf16")
+    with pytest.raises(InputError, match="--precision must be one of fp32, fp16, bf16"):
+        check_precision("fp32", "int8")
+    check_precision("fp16", "fp16")
+    check_precision("fp32", "bf16")
+
+
+# -- buffer plans ----------------------------------------------------------------------------
+
+
+def test_plan_buffers_sizes_every_tensor_at_the_profile_maximum(tiny_cfg):
+    spec = decoder_step_spec(tiny_cfg)
+    plan = plan_buffers(spec, profiles_for(tiny_cfg)["decoder_step"])
+    assert set(plan) == set(spec.input_names + spec.output_names)
+    assert plan["past_key_0"] == ((40, H, 256, HD), np.dtype("float32"), 40 * H * 256 * HD * 4)
+    assert plan["present_value_1"] == ((40, H, 257, HD), np.dtype("float32"), 40 * H * 257 * HD * 4)
+    assert plan["cross_key_0"] == ((8, H, 256, HD), np.dtype("float32"), 8 * H * 256 * HD * 4)
+    assert plan["log_probs"] == ((40, 97), np.dtype("float32"), 40 * 97 * 4)
+    assert plan["topk_ids"] == ((40, 10), np.dtype("int64"), 3200)
+    assert plan["src_padding"] == ((8, 256), np.dtype("bool"), 2048)
+    assert plan["step"] == ((), np.dtype("int64"), 8)
+    assert plan["unk_penalty"] == ((), np.dtype("float32"), 4)
+
+
+def test_plan_buffers_uses_the_engine_dtypes_and_fp16_specs(tiny_cfg):
+    profile = profiles_for(tiny_cfg)["decoder_step"]
+    assert plan_buffers(decoder_step_spec(tiny_cfg), profile, {"topk_ids": "int32"})["topk_ids"][2] == 1600
+    half = plan_buffers(decoder_step_spec(tiny_cfg, float_dtype="float16"), profile)
+    assert half["past_key_0"][1:] == (np.dtype("float16"), 40 * H * 256 * HD * 2)
+    assert half["log_probs"][1] == np.dtype("float32")
+
+
+def test_device_allocations_share_cross_kv_and_double_the_caches(tiny_cfg):
+    p = profiles_for(tiny_cfg)
+    enc = plan_buffers(encoder_spec(tiny_cfg), p["encoder"])
+    step = plan_buffers(decoder_step_spec(tiny_cfg), p["decoder_step"])
+    alloc = device_allocations(enc, step, tiny_cfg.decoder_layers)
+    assert alloc["encoder:cross_key_0"] == 8 * H * 256 * HD * 4
+    assert not any(k.startswith("decoder_step:cross_") or k.startswith("decoder_step:past_")
+                   or k.startswith("decoder_step:present_") for k in alloc)
+    present = 40 * H * 257 * HD * 4
+    caches = {k: v for k, v in alloc.items() if k.startswith("cache")}
+    assert len(caches) == 2 * 2 * tiny_cfg.decoder_layers and set(caches.values()) == {present}
+    assert alloc["decoder_step:step"] == 256  # never less than MIN_ALLOCATION
+    assert sum(alloc.values()) == sum(b for _, _, b in enc.values()) + sum(
+        max(b, 256) for n, (_, _, b) in step.items()
+        if not n.startswith(("cross_", "past_", "present_"))) + len(caches) * present
+
+
+# -- engine compatibility and profile checks -------------------------------------------------
+
+META = engine_metadata("decoder_step", "engines/decoder_step.plan", "decoder_step.onnx", "ab" * 32, "fp16",
+                       {"tokens": ((1,), (20,), (40,))}, "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def test_a_matching_engine_is_accepted():
+    check_engine_compat(META, "ab" * 32, "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def test_an_engine_of_another_onnx_file_is_refused():
+    with pytest.raises(ArtifactError) as err:
+        check_engine_compat(META, "cd" * 32, "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0", where="art")
+    assert str(err.value) == ("engine engines/decoder_step.plan: it was built from another decoder_step.onnx "
+                              "(sha256 abababababab..., the artifact's is cdcdcdcdcdcd...); "
+                              "rebuild the engines with `deltalm engines art`")
+
+
+def test_an_engine_of_another_tensorrt_version_is_refused():
+    with pytest.raises(ArtifactError, match=r"built with TensorRT 10\.9\.0\.34, this is TensorRT 10\.11\.0\.33"):
+        check_engine_compat(META, "ab" * 32, "10.11.0.33", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def test_an_engine_of_another_compute_capability_is_refused():
+    with pytest.raises(ArtifactError, match=r"built for compute capability 9\.0 \(NVIDIA H100 80GB HBM3\), "
+                                            r"this GPU \(NVIDIA A100-SXM4-80GB\) has 8\.0"):
+        check_engine_compat(META, "ab" * 32, "10.9.0.34", "NVIDIA A100-SXM4-80GB", "8.0")
+
+
+def test_an_engine_of_another_gpu_model_is_refused():
+    with pytest.raises(ArtifactError, match="built on a NVIDIA H100 80GB HBM3, this GPU is a NVIDIA H200"):
+        check_engine_compat(META, "ab" * 32, "10.9.0.34", "NVIDIA H200", "9.0")
+
+
+def test_every_mismatch_is_named_at_once():
+    with pytest.raises(ArtifactError) as err:
+        check_engine_compat(META, "cd" * 32, "10.11.0.33", "NVIDIA A100-SXM4-80GB", "8.0")
+    assert str(err.value).count("; ") == 3  # three problems, then the hint
+
+
+STEP_AXES = {"rows": (1, 20, 40), "past_rows": (1, 20, 40), "sents": (1, 4, 8), "batch": (1, 4, 8),
+             "src_len": (1, 64, 256), "past_len": (0, 64, 256)}
+
+
+def test_shapes_within_the_profile_pass():
+    check_within_profile(STEP_AXES, {"rows": 40, "sents": 8, "batch": 8, "src_len": 1, "past_len": 0})
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"rows": 48}, "batch x beam = 48 rows exceeds the engine profile maximum 40; rebuild engines with --max-batch/--max-beam"),
+    ({"batch": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
+    ({"src_len": 300}, "a source of 300 tokens exceeds the engine profile maximum 256; rebuild engines with --max-src-len"),
+    ({"past_len": 257}, "target length 257 exceeds the engine profile maximum 256; rebuild engines with --max-tgt-len"),
+    ({"rows": 0}, "batch x beam = 0 rows is below the engine profile minimum 1"),
+])
+def test_shapes_outside_the_profile_are_input_errors(shapes, message):
+    with pytest.raises(InputError) as err:
+        check_within_profile(STEP_AXES, shapes)
+    assert str(err.value).startswith(message)
+
+
+def test_axes_the_profile_does_not_bound_are_ignored():
+    check_within_profile({"batch": (1, 1, 2)}, {"rows": 10_000, "batch": 2})
+
+
+def test_profile_axes_adds_total_len(tiny_cfg):
+    axes = profile_axes(decoder_step_spec(tiny_cfg), profiles_for(tiny_cfg, max_tgt_len=64)["decoder_step"])
+    assert axes["past_len"] == (0, 16, 64) and axes["total_len"] == (1, 17, 65)
+
+
+def test_source_digest_is_the_onnx_hash_or_covers_external_data():
+    single = {"graphs": {"encoder": {"file": "encoder.onnx", "files": ["encoder.onnx"]}}, "files": {"encoder.onnx": "11"}}
+    assert graph_source_digest(single, "encoder") == "11"
+    split = {"graphs": {"encoder": {"file": "encoder.onnx", "files": ["encoder.onnx", "encoder.onnx.data"]}},
+             "files": {"encoder.onnx": "11", "encoder.onnx.data": "22"}}
+    other = json.loads(json.dumps(split))
+    other["files"]["encoder.onnx.data"] = "33"
+    assert graph_source_digest(split, "encoder") != graph_source_digest(other, "encoder")
+    assert len(graph_source_digest(split, "encoder")) == 64
+
+
+def test_engine_dtypes_map_to_numpy():
+    assert numpy_dtype("FLOAT") == np.float32 and numpy_dtype("HALF") == np.float16
+    assert numpy_dtype("INT64") == np.int64 and numpy_dtype("INT32") == np.int32 and numpy_dtype("BOOL") == np.bool_
+    with pytest.raises(ArtifactError, match="BF16 is not supported"):
+        numpy_dtype("BF16")
+
+
+# -- the command, without TensorRT -----------------------------------------------------------
+
+
+def test_modules_import_without_tensorrt():
+    code = ("import sys; import export.engines, runtime.backends.trt; "
+            "print(any(m.split('.')[0] in ('tensorrt', 'polygraphy') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_print_only_prints_the_plan_and_trtexec_commands(artifact_dir, capsys):
+    rc = main(["engines", str(artifact_dir), "--print-only", "--max-batch", "4", "--max-beam", "2",
+               "--max-src-len", "64", "--max-tgt-len", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "decoder_step: rows 1/4/8, sents 1/2/4, batch 1/2/4, src_len 1/16/64, past_rows 1/4/8, past_len 0/8/32" in out
+    assert "  past_key_0     min [1, 4, 0, 16]  opt [4, 4, 8, 16]  max [8, 4, 32, 16]" in out
+    commands = [line.strip() for line in out.splitlines() if line.strip().startswith("trtexec ")]
+    assert len(commands) == 2
+    assert f"--onnx={artifact_dir}/encoder.onnx" in commands[0] and "--maxShapes=src_tokens:4x64" in commands[0]
+    assert "/LogSoftmax:fp32" in commands[1]  # fp16 by default: the final log-softmax stays fp32
+    assert not (artifact_dir / "engines").exists()
+
+
+def test_print_only_with_a_profile_file(artifact_dir, tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"decoder_step": {"sent_index": {"min": [1], "opt": [1], "max": [8]}}}))
+    assert main(["engines", str(artifact_dir), "--print-only", "--profile", str(path)]) == 0
+    assert "  sent_index     min [1]  opt [1]  max [8]" in capsys.readouterr().out
+
+
+def test_a_bad_profile_file_is_one_line_error(artifact_dir, tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"decoder_step": {"tokens": {"min": [1], "opt": [1], "max": [400]}}}))
+    assert main(["engines", str(artifact_dir), "--print-only", "--profile", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "deltalm: error: profile: axis 'rows' differs between decoder_step.tokens (1/1/400) and decoder_step.reorder (1/20/40)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_building_without_tensorrt_says_so(artifact_dir, capsys):
+    assert main(["engines", str(artifact_dir)]) == 2
+    captured = capsys.readouterr()
+    assert "trtexec --onnx=" in captured.out
+    assert "deltalm: error: TensorRT is not installed (no `tensorrt` Python module): no engines were built" in captured.err
+    assert not (artifact_dir / "engines").exists()
+
+
+def test_trt_backend_needs_engines(artifact_dir):
+    from runtime.backends import load_backend
+
+    with pytest.raises(ArtifactError, match="no TensorRT engines; build them with `deltalm engines"):
+        load_backend("trt", artifact_dir, device="cuda", threads=None)
+
+
+def test_trt_backend_is_cuda_only(artifact_dir):
+    from runtime.backends.trt import TrtBackend
+
+    with pytest.raises(InputError, match="runs on --device cuda only"):
+        TrtBackend.from_artifact(artifact_dir, device="cpu")
+
+
+def fake_build(onnx_path, engine_path, profile, precision, timing_cache_path):
+    """Stands in for the TensorRT build: an 'engine' naming its source, and a growing timing cache."""
+    Path(engine_path).write_bytes(f"engine of {Path(onnx_path).name} {precision}".encode())
+    cache = Path(timing_cache_path)
+    cache.write_bytes((cache.read_bytes() if cache.exists() else b"") + b"+")
+    return {"build_seconds": 0.5, "fp32_layers": 3, "layers": 40}
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    import export.engines as engines
+
+    trt = types.SimpleNamespace(__version__="10.9.0.34")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(engines, "gpu_identity", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    monkeypatch.setattr(engines, "build_engine", fake_build)
+
+
+def test_engines_are_written_atomically_and_recorded_in_the_manifest(artifact_copy, fake_tensorrt, capsys):
+    assert main(["engines", str(artifact_copy), "--max-batch", "2", "--max-beam", "3"]) == 0
+    engines = artifact_copy / "engines"
+    assert sorted(p.name for p in engines.iterdir()) == ["decoder_step.plan", "encoder.plan", "engines.json", "timing.cache"]
+    assert (engines / "encoder.plan").read_bytes() == b"engine of encoder.onnx fp16"
+    assert not [p.name for p in artifact_copy.iterdir() if p.name.startswith(".")]  # no work directories left
+    artifact = open_artifact(artifact_copy)  # every hash checks out, engines included
+    m = artifact.manifest
+    assert m["engines"]["files"] == {"encoder": "engines/encoder.plan", "decoder_step": "engines/decoder_step.plan"}
+    assert {"engines/encoder.plan", "engines/decoder_step.plan", "engines/engines.json"} <= set(m["files"])
+    assert "engines/timing.cache" not in m["files"]  # a build aid, not part of the artifact
+    meta = json.loads((engines / "engines.json").read_text())["engines"]
+    assert meta["decoder_step"]["profile"]["tokens"] == {"min": [1], "opt": [3], "max": [6]}
+    assert meta["encoder"]["onnx_sha256"] == m["files"]["encoder.onnx"]
+    for g in ("encoder", "decoder_step"):
+        check_engine_compat(meta[g], graph_source_digest(m, g), "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def test_rebuilding_replaces_the_engines_and_keeps_the_timing_cache(artifact_copy, fake_tensorrt, capsys):
+    assert main(["engines", str(artifact_copy), "--precision", "fp16"]) == 0
+    assert main(["engines", str(artifact_copy), "--precision", "fp32"]) == 0
+    engines = artifact_copy / "engines"
+    assert (engines / "decoder_step.plan").read_bytes() == b"engine of decoder_step.onnx fp32"
+    assert (engines / "timing.cache").read_bytes() == b"++++"  # two builds per run, both runs
+    artifact = open_artifact(artifact_copy)
+    assert artifact.manifest["engines"]["precision"] == "fp32"
+
+
+def test_another_tensorrt_major_version_is_refused(artifact_copy, fake_tensorrt, monkeypatch, capsys):
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "11.0.0.1")
+    assert main(["engines", str(artifact_copy)]) == 2
+    assert "deltalm: error: TensorRT 11.0.0.1 is not supported" in capsys.readouterr().err
+    assert not (artifact_copy / "engines").exists()
+
+
+def test_a_failed_build_leaves_the_previous_engines(artifact_copy, fake_tensorrt, monkeypatch, capsys):
+    import export.engines as engines
+
+    assert main(["engines", str(artifact_copy)]) == 0
+    before = (artifact_copy / MANIFEST).read_text()
+
+    def broken(onnx_path, *args):
+        if Path(onnx_path).name == "decoder_step.onnx":
+            raise InputError("build failed")
+        return fake_build(onnx_path, *args)
+
+    monkeypatch.setattr(engines, "build_engine", broken)
+    assert main(["engines", str(artifact_copy), "--precision", "fp32"]) == 2
+    assert (artifact_copy / MANIFEST).read_text() == before
+    assert (artifact_copy / "engines" / "encoder.plan").read_bytes() == b"engine of encoder.onnx fp16"
+    open_artifact(artifact_copy)
+
+
+# -- the TensorRT backend over a stand-in for TensorRT and CUDA -------------------------------
+# "Device memory" is host memory with real addresses, "memcpy" is memmove, and an "engine"
+# executes its ONNX graph with ONNX Runtime (CPU) on the tensors found at the bound addresses with
+# the shapes set: every binding, shape, dtype and ping-pong decision of TrtBackend is exercised.
+
+_ORT_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64", "tensor(bool)": "BOOL"}
+_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "BOOL": np.bool_}
+
+
+def _read(ptr, shape, dtype):
+    import ctypes
+
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if n == 0:
+        return np.empty(shape, dtype)
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(ptr))
+    return raw.view(dtype).reshape(shape).copy()
+
+
+class FakeDeviceArray:
+    def __init__(self, shape, dtype):
+        self.host = np.zeros(shape, dtype)
+        self.ptr = self.host.ctypes.data
+
+    def free(self):
+        self.host, self.ptr = None, 0
+
+
+class FakeCuda:
+    DeviceArray = FakeDeviceArray
+    MemcpyKind = types.SimpleNamespace(HostToDevice=1, DeviceToHost=2)
+    copies = []  # (kind, nbytes) of every copy, to check what crosses the bus
+
+    class Stream:
+        ptr = 0
+
+        def synchronize(self):
+            pass
+
+        def free(self):
+            pass
+
+    @classmethod
+    def wrapper(cls):
+        def memcpy(dst, src, nbytes, kind, stream_ptr=None):
+            import ctypes
+
+            cls.copies.append((kind, nbytes))
+            ctypes.memmove(dst, src, nbytes)
+
+        return types.SimpleNamespace(memcpy=memcpy)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.profile[name]
+        if not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        feeds = {}
+        for i in self.engine.session.get_inputs():
+            shape = self.shapes.get(i.name, tuple(i.shape))  # static (scalar) inputs need no shape
+            feeds[i.name] = _read(self.addresses[i.name], shape, _NUMPY[self.engine.types[i.name]])
+        outputs = [o.name for o in self.engine.session.get_outputs()]
+        for name, value in zip(outputs, self.engine.session.run(outputs, feeds)):
+            value = np.ascontiguousarray(value)
+            import ctypes
+
+            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+        return True
+
+
+class FakeEngine:
+    def __init__(self, plan: bytes):
+        import onnxruntime as ort
+
+        desc = json.loads(plan)
+        self.session = ort.InferenceSession(desc["onnx"], providers=["CPUExecutionProvider"])
+        tensors = self.session.get_inputs() + self.session.get_outputs()
+        self.names = [t.name for t in tensors]
+        self.types = {t.name: _ORT_TYPES[t.type] for t in tensors}
+        self.profile = {n: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for n, v in desc["profile"].items()}
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_dtype(self, name):
+        return types.SimpleNamespace(name=self.types[name])
+
+    def get_tensor_profile_shape(self, name, index):
+        return self.profile[name]
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+FAKE_TRT = types.SimpleNamespace(
+    __version__="10.9.0.34",
+    Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None}),
+    Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=FakeEngine),
+)
+
+
+def fake_engine_build(onnx_path, engine_path, profile, precision, timing_cache_path):
+    from runtime.backends.trt import profile_to_json
+
+    Path(engine_path).write_text(json.dumps({"onnx": str(Path(onnx_path).resolve()), "profile": profile_to_json(profile)}))
+    return {"build_seconds": 0.1, "fp32_layers": 0, "layers": 1}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import export.engines as engines
+    import runtime.backends.trt as trt_backend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FAKE_TRT)
+    monkeypatch.setattr(engines, "gpu_identity", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    monkeypatch.setattr(engines, "build_engine", fake_engine_build)
+    monkeypatch.setattr(trt_backend, "gpu_identity", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: FAKE_TRT)
+    monkeypatch.setattr(trt_backend, "_import_cuda", lambda: FakeCuda)
+    FakeCuda.copies.clear()
+
+
+@pytest.fixture
+def trt_and_ort(artifact_copy, fake_gpu, capsys):
+    from runtime.backends.ort import OrtBackend
+    from runtime.backends.trt import TrtBackend
+
+    assert main(["engines", str(artifact_copy), "--max-batch", "3", "--max-beam", "4", "--max-src-len", "16",
+                 "--max-tgt-len", "12"]) == 0
+    return TrtBackend.from_artifact(artifact_copy), OrtBackend.from_artifact(artifact_copy)
+
+
+def sources(cfg, lengths, seed=0):
+    from export.parity import make_sources
+
+    return make_sources(cfg, lengths, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_trt_backend_searches_exactly_like_the_ort_backend(trt_and_ort, beam):
+    from runtime.search import SearchOptions, generate
+
+    trt, ort = trt_and_ort
+    src = sources(ort.cfg, (5, 9, 3))
+    opts = SearchOptions(beam=beam, nbest=beam, max_len_b=10)
+    got, want = generate(trt, src, opts), generate(ort, src, opts)
+    assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in want]
+    assert np.allclose([[h.score for h in hs] for hs in got], [[h.score for h in hs] for hs in want], atol=1e-6)
+
+
+def test_trt_backend_log_probs_follow_reorder_and_dropped_sentences(trt_and_ort):
+    from runtime.search import SearchOptions, step_rules
+
+    trt, ort = trt_and_ort
+    cfg = ort.cfg
+    src = sources(cfg, (6, 2, 8), seed=3)
+    st, so = trt.encode(src), ort.encode(src)
+    rng = np.random.default_rng(4)
+    plan = [(np.arange(3), 2), (np.array([2, 0]), 2), (np.array([1]), 3)]  # live sentences, group
+    prev_rows = None
+    for step, (live, group) in enumerate(plan):
+        rows = len(live) * group
+        reorder = np.arange(rows) if prev_rows is None else rng.integers(0, prev_rows, rows)
+        tokens = rng.integers(4, cfg.vocab_size, rows)
+        rules = step_rules(SearchOptions(beam=group), step, 10, rows)
+        a = trt.step(st, tokens, step, reorder, live, rules, want="logprobs")
+        b = ort.step(so, tokens, step, reorder, live, rules, want="logprobs")
+        assert a.shape == (rows, cfg.vocab_size) and a.dtype == np.float32
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        prev_rows = rows
+    assert (st.past_len, st.past_rows) == (3, 3)
+
+
+def test_trt_backend_copies_only_topk_back_per_step(trt_and_ort):
+    from runtime.search import SearchOptions, step_rules
+
+    trt, _ = trt_and_ort
+    state = trt.encode(sources(trt.cfg, (4, 4)))
+    FakeCuda.copies.clear()
+    trt.step(state, np.full(8, 2), 0, np.arange(8), np.arange(2), step_rules(SearchOptions(beam=4), 0, 10, 8))
+    back = [n for kind, n in FakeCuda.copies if kind == FakeCuda.MemcpyKind.DeviceToHost]
+    assert back == [8 * trt.topk * 4, 8 * trt.topk * 8]  # float32 scores, int64 ids; no caches, no log-probs
+
+
+def test_trt_backend_refuses_shapes_outside_the_profile(trt_and_ort):
+    from runtime.search import SearchOptions, generate
+
+    trt, _ = trt_and_ort
+    with pytest.raises(InputError, match="a batch of 4 sentences exceeds the engine profile maximum 3"):
+        trt.encode(sources(trt.cfg, (2, 2, 2, 2)))
+    with pytest.raises(InputError, match="a source of 17 tokens exceeds the engine profile maximum 16"):
+        trt.encode(sources(trt.cfg, (17,)))
+    with pytest.raises(InputError, match="batch x beam = 15 rows exceeds the engine profile maximum 12; "
+                                         "rebuild engines with --max-batch/--max-beam"):
+        generate(trt, sources(trt.cfg, (3, 3, 3)), SearchOptions(beam=5))
+    with pytest.raises(InputError, match="target length 13 exceeds the engine profile maximum 12"):
+        generate(trt, sources(trt.cfg, (3,)), SearchOptions(beam=1, max_len_b=20, min_len=15))
+
+
+def test_trt_backend_holds_one_batch_at_a_time(trt_and_ort):
+    from runtime.search import SearchOptions, step_rules
+
+    trt, _ = trt_and_ort
+    old = trt.encode(sources(trt.cfg, (3,)))
+    trt.encode(sources(trt.cfg, (4,)))
+    with pytest.raises(InputError, match="belongs to an earlier encode"):
+        trt.step(old, np.full(1, 2), 0, np.arange(1), np.arange(1), step_rules(SearchOptions(beam=1), 0, 10, 1))
+
+
+def test_trt_backend_refuses_engines_of_another_onnx_export(trt_and_ort, artifact_copy):
+    from runtime.backends.trt import TrtBackend
+
+    manifest = json.loads((artifact_copy / MANIFEST).read_text())
+    manifest["files"]["decoder_step.onnx"] = "0" * 64  # as if the graph had been re-exported
+    write_json_atomic(artifact_copy / MANIFEST, manifest)
+    from runtime.artifact import Artifact
+
+    with pytest.raises(ArtifactError, match="engine engines/decoder_step.plan: it was built from another decoder_step.onnx"):
+        TrtBackend(Artifact(artifact_copy, manifest))
+
+
+# -- on a GPU with TensorRT ------------------------------------------------------------------
+
+
+def _tensorrt_and_gpu() -> bool:
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("polygraphy") is None:
+        return False
+    from runtime.backends.trt import gpu_identity
+
+    try:
+        gpu_identity()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT 10, Polygraphy and a CUDA GPU")
+def test_trt_engines_translate_like_onnx_runtime(artifact_copy):
+    from export.parity import make_sources
+    from runtime.backends.ort import OrtBackend
+    from runtime.backends.trt import TrtBackend
+    from runtime.search import SearchOptions, generate, step_rules
+
+    assert main(["engines", str(artifact_copy), "--precision", "fp32", "--max-batch", "3", "--max-beam", "4",
+                 "--max-src-len", "32", "--max-tgt-len", "24"]) == 0
+    trt_backend = TrtBackend.from_artifact(artifact_copy)
+    ort_backend = OrtBackend.from_artifact(artifact_copy)
+    cfg = ort_backend.cfg
+    src = make_sources(cfg, (5, 9, 3), np.random.default_rng(0))
+    # one step by hand: log-probs agree
+    opts = SearchOptions(beam=4, max_len_b=20)
+    rules = step_rules(opts, 0, 20, 12)
+    tokens, reorder, live = np.full(12, cfg.eos), np.arange(12), np.arange(3)
+    a = trt_backend.step(trt_backend.encode(src), tokens, 0, reorder, live, rules, want="logprobs")
+    b = ort_backend.step(ort_backend.encode(src), tokens, 0, reorder, live, rules, want="logprobs")
+    assert np.abs(a - b).max() < 1e-3
+    # whole searches: the same tokens
+    for beam in (1, 4):
+        opts = SearchOptions(beam=beam, max_len_b=20)
+        got, want = generate(trt_backend, src, opts), generate(ort_backend, src, opts)
+        assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
+    # outside the profile: an input error, not a crash
+    with pytest.raises(InputError, match="exceeds the engine profile maximum"):
+        generate(trt_backend, make_sources(cfg, (3, 3, 3, 3), np.random.default_rng(1)), SearchOptions(beam=1))
+    trt_backend.close()
