@@ -1,0 +1,299 @@
+"""The pure parts of ``deltalm bench``: statistics, cell planning, floors, FLOP / byte counting of
+a step graph, profile summaries, tables and targets. No timing is asserted here."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from export import bench
+
+
+def test_time_stats_gives_milliseconds_median_and_p90():
+    s = bench.time_stats([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert s["n"] == 5
+    assert s["p50_ms"] == pytest.approx(3.0)
+    assert s["p90_ms"] == pytest.approx(4.6)  # linear interpolation between 4 and 5
+    assert s["mean_ms"] == pytest.approx(3.0)
+    assert (s["min_ms"], s["max_ms"]) == pytest.approx((1.0, 5.0))
+
+
+def test_time_stats_of_nothing_is_empty():
+    assert bench.time_stats([]) == {"n": 0}
+
+
+def test_plan_cell_runs_the_full_length_when_it_fits():
+    # a run: 0.1 + 51 x 0.01 = 0.61 s; 10 s fits 16 runs, capped at max_reps
+    assert bench.plan_cell(50, 0.1, 0.01, 10.0, max_reps=5) == (50, 5)
+    # exactly three runs fit
+    assert bench.plan_cell(50, 0.1, 0.01, 1.83, max_reps=5) == (50, 3)
+
+
+def test_plan_cell_measures_fewer_steps_when_the_full_length_does_not_fit():
+    # a step of 1 s, 60 s for 3 runs: 20 s a run -> 19 steps -> generate 18 tokens
+    steps, reps = bench.plan_cell(50, 0.5, 1.0, 60.0, max_reps=3)
+    assert (steps, reps) == (18, 3)
+    assert 0.5 + (steps + 1) * 1.0 <= 20.0
+    # never fewer than min_steps
+    assert bench.plan_cell(50, 0.5, 100.0, 60.0, max_reps=3) == (4, 3)
+
+
+def test_forced_length_options_pin_every_hypothesis_to_n_tokens_and_eos(fake_backend):
+    backend = fake_backend(vocab=8, topk=10)
+    timed = bench.TimedBackend(backend)
+    src = np.array([[4, 5, 2], [1, 6, 2]], dtype=np.int64)
+    run = bench.generate_timed(timed, src, beam=2, n=5)
+    assert len(run["step_s"]) == 6  # 5 tokens and </s>
+    assert run["total_s"] >= run["encode_s"] + sum(run["step_s"])
+    assert [c[0] for c in backend.calls] == list(range(6))
+
+
+def test_make_sources_is_left_padded_deterministic_and_near_the_asked_length():
+    a = bench.make_sources(1000, eos=2, pad=1, batch=32, src_len=30, seed=3)
+    b = bench.make_sources(1000, eos=2, pad=1, batch=32, src_len=30, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert (a[:, -1] == 2).all()
+    lengths = (a != 1).sum(axis=1)
+    assert lengths.min() >= 24 and lengths.max() <= 36 and a.shape[1] == lengths.max()
+    for row, n in zip(a, lengths):  # pads only on the left
+        assert (row[: a.shape[1] - n] == 1).all() and (row[a.shape[1] - n:] >= 2).all()
+    one = bench.make_sources(1000, eos=2, pad=1, batch=1, src_len=10, seed=0)
+    assert one.shape == (1, 10)
+
+
+def test_write_filler_dictionary_reaches_the_exact_vocabulary(tmp_path):
+    from runtime.tokenizer import Dictionary
+
+    path = tmp_path / "dict.txt"
+    path.write_text("▁a 10\n▁b 5\n", encoding="utf-8")
+    assert bench.write_filler_dictionary(path, 1000) == 996
+    d = Dictionary.load(path)
+    assert len(d) == 1000
+    assert d.symbols[4:6] == ["▁a", "▁b"]
+
+
+# --- floors ------------------------------------------------------------------------------------
+
+
+def _base_cfg():
+    from runtime.config import ModelConfig
+
+    return ModelConfig.from_name("deltalm-base")
+
+
+def test_step_flops_counts_two_per_weight_per_row_plus_attention():
+    cfg = _base_cfg()
+    # 1 row, no past, no source: Q.K and P.V over the one new key, per layer: 4 x D
+    assert bench.step_flops(1000, cfg, rows=1, past_len=0, src_len=0) == 2 * 1000 + 6 * 4 * 768
+    two = bench.step_flops(1000, cfg, rows=2, past_len=9, src_len=20)
+    assert two == 2 * 1000 * 2 + 2 * 6 * 4 * 768 * (10 + 20)
+
+
+def test_step_flops_of_base_at_batch_32_beam_5_matches_the_issue():
+    cfg = _base_cfg()
+    # the step's matmul weights: 6 decoder layers without cross K/V projections + the output projection
+    per_layer = 4 * 768 * 768 + 2 * 2 * 768 * 3072 + 2 * 768 * 768
+    weights = 6 * per_layer + 250001 * 768
+    flops = bench.step_flops(weights, cfg, rows=160, past_len=25, src_len=30)
+    assert flops == pytest.approx(86e9, rel=0.02)  # issue 5: "~86 GFLOP"
+
+
+def test_step_bytes_adds_caches_of_rows_and_cross_kv_of_sentences():
+    cfg = _base_cfg()
+    assert bench.step_bytes(10**9, cfg, rows=5, sents=1, past_len=0, src_len=0, kv_itemsize=4) == 10**9
+    kv = bench.step_bytes(0, cfg, rows=5, sents=1, past_len=10, src_len=30, kv_itemsize=2)
+    assert kv == 6 * 2 * 768 * 2 * (5 * 10 + 1 * 30)
+
+
+def test_step_floor_is_the_larger_bound():
+    f = bench.step_floor(flops=100e9, nbytes=1e9, gflops=100.0, gbs=10.0)
+    assert f["compute_ms"] == pytest.approx(1000.0) and f["memory_ms"] == pytest.approx(100.0)
+    assert (f["floor_ms"], f["bound"]) == (pytest.approx(1000.0), "compute")
+    g = bench.step_floor(flops=1e9, nbytes=1.08e9, gflops=100.0, gbs=29.0)
+    assert g["bound"] == "bandwidth" and g["floor_ms"] == pytest.approx(37.2, rel=0.01)
+
+
+# --- FLOP / byte counting of ONNX graphs ---------------------------------------------------------
+
+
+def _graph(nodes, inits):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4]),
+                     helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_step_graph_cost_counts_matmul_weights_and_separates_gathered_tables():
+    from onnx import helper
+
+    inits = {
+        "w": np.zeros((4, 3), np.float32),  # MatMul weight: read in full
+        "w16": np.zeros((4, 5), np.float16),  # behind a Cast: still a MatMul weight
+        "pos": np.zeros((10, 4), np.float32),  # only gathered from
+        "table": np.zeros((4, 7), np.float32),  # gathered from and multiplied: read in full
+        "bias": np.zeros((3,), np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"]),
+        helper.make_node("Add", ["a", "bias"], ["b"]),
+        helper.make_node("Cast", ["w16"], ["w16f"], to=1),
+        helper.make_node("MatMul", ["x", "w16f"], ["c"]),
+        helper.make_node("Gather", ["pos", "ids"], ["p"]),
+        helper.make_node("Gather", ["table", "ids"], ["t"], axis=1),
+        helper.make_node("MatMul", ["x", "table"], ["y"]),
+    ]
+    cost = bench.step_graph_cost(_graph(nodes, inits))
+    assert cost.matmul_weights == 12 + 20 + 28
+    assert cost.gathered_bytes == 10 * 4 * 4
+    assert cost.weight_bytes == 12 * 4 + 20 * 2 + 28 * 4 + 3 * 4
+    assert cost.bytes_by_dtype == {"float32": 12 * 4 + 28 * 4 + 3 * 4, "float16": 40}
+    assert cost.largest[0][0] == "table"
+
+
+def test_step_graph_cost_of_an_exported_tiny_step_graph(tmp_path, tiny_model):
+    import onnx
+    import torch
+
+    from export.onnx_export import export_graphs
+
+    export_graphs(tiny_model, tmp_path, "fp32", topk=10)
+    cost = bench.step_graph_cost(onnx.load(str(tmp_path / "decoder_step.onnx")))
+    cfg = tiny_model.cfg
+    # every decoder Linear except the cross-attention K/V projections (those run in the encoder
+    # graph), plus the tied output projection
+    linear = sum(m.weight.numel() for name, m in tiny_model.decoder.layers.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")))
+    assert cost.matmul_weights == linear + cfg.vocab_size * cfg.embed_dim
+    # the position table is only gathered from; the token table is read by the output projection
+    assert cost.gathered_bytes == cfg.position_rows * cfg.embed_dim * 4
+    step_params = sum(p.numel() for name, p in tiny_model.decoder.named_parameters()
+                      if "encoder_attn.k_proj" not in name and "encoder_attn.v_proj" not in name
+                      and "embed_positions" not in name)
+    assert step_params * 4 <= cost.weight_bytes <= step_params * 4 + 64 * cfg.vocab_size + 4096
+
+
+# --- profile summaries ---------------------------------------------------------------------------
+
+
+def test_summarize_profile_skips_warm_up_runs_and_ranks_op_types():
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [run(0, 100), node("mm0", "MatMul", 10, 80),  # warm-up run: skipped
+              run(200, 100), node("mm0", "MatMul", 210, 60), node("ls", "LogSoftmax", 280, 20),
+              run(400, 100), node("mm0", "MatMul", 410, 40), node("ls", "LogSoftmax", 460, 40),
+              {"cat": "Session", "name": "model_loading_uri", "ts": 0, "dur": 5000}]
+    s = bench.summarize_profile(events, skip_runs=1)
+    assert s["runs"] == 2
+    assert s["run_ms_per_step"] == pytest.approx(0.1)
+    assert s["node_ms_per_step"] == pytest.approx(0.08)
+    assert [o["op"] for o in s["top_ops"]] == ["MatMul", "LogSoftmax"]
+    assert s["top_ops"][0]["share"] == pytest.approx(100 / 160)
+    assert s["top_ops"][0]["nodes_per_step"] == pytest.approx(1.0)
+    assert s["top_nodes"][0] == {"node": "mm0", "op": "MatMul", "ms_per_step": pytest.approx(0.05), "share": pytest.approx(100 / 160)}
+
+
+# --- tables and targets --------------------------------------------------------------------------
+
+
+def _cell(beam, batch, src, total_s, step_ms, extrapolated=False):
+    return {"workload": bench.Workload(beam, batch, src).key, "beam": beam, "batch": batch, "src_len": src,
+            "src_width": src, "n_target": 50, "steps_measured": 51, "reps": 3, "extrapolated": extrapolated,
+            "total_s": total_s, "tokens_per_s": batch * 51 / total_s, "sentences_per_s": batch / total_s,
+            "encoder": {"p50_ms": 5.0}, "step": {"p50_ms": step_ms, "p90_ms": step_ms * 1.1},
+            "time_to_first_token_ms": 5.0 + step_ms}
+
+
+def _results():
+    from runtime.config import ModelConfig
+
+    cfg = ModelConfig.from_name("tiny")
+    wls = [[5, 1, 30], [5, 32, 30]]
+    return {
+        "model": {"name": "tiny", "config": cfg.to_dict()},
+        "machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 1, "versions": {"python": "3"}},
+        "floors": {"gemm_gflops": 100.0, "read_gbs": 20.0, "gemm_n": 1024, "read_bytes": 1 << 30},
+        "settings": {"n": 50, "src_lens": [30], "workloads": wls, "threads": 2},
+        "step_graph": {"fp32": {"matmul_weights": 10**6, "weight_bytes": 4 * 10**6, "gathered_bytes": 0},
+                       "int8": {"matmul_weights": 10**6, "weight_bytes": 10**6, "gathered_bytes": 0}},
+        "backends": {
+            "torch": {"cells": [_cell(5, 1, 30, 10.0, 100.0), _cell(5, 32, 30, 40.0, 800.0, extrapolated=True)],
+                      "peak_rss_mb": 900},
+            "ort-fp32": {"cells": [_cell(5, 1, 30, 2.0, 0.25), _cell(5, 32, 30, 10.0, 4.0)], "peak_rss_mb": 300},
+            "ort-int8": {"cells": [_cell(5, 1, 30, 1.0, 0.1), _cell(5, 32, 30, 8.0, 1.0)], "peak_rss_mb": 200},
+            "ort-cuda": {"reason": "not available here (no CUDA)", "cells": []},
+        },
+        "memory_check": {"peak_rss_mb": 300.0, "graph_files_mb": 250.0, "ratio_to_graph_files": 1.2},
+        "exports": {"fp32": {"wall_s": 1.0, "peak_rss_mb": 9000}},
+    }
+
+
+def test_summary_table_shows_rates_speedups_extrapolation_and_missing_backends():
+    r = _results()
+    bench.add_derived(r)
+    table = bench.summary_table(r)
+    lines = table.splitlines()
+    assert lines[0] == "| workload | torch | ort-fp32 | ort-int8 | ort-cuda |"
+    assert lines[2] == "| beam 5, batch 1, src ~30 | 5.10 | 25.5 (5.00x) | 51.0 (10.00x) | not available here |"
+    assert lines[3].startswith("| beam 5, batch 32, src ~30 | 40.8* | 163 (4.00x) | 204 (5.00x) |")
+
+
+def test_add_derived_gives_each_cell_its_floor_and_efficiency():
+    r = _results()
+    bench.add_derived(r)
+    c = bench._cell(r, "ort-fp32", 5, 32, 30)
+    cfg_layers, d = 2, 64
+    flops = 2 * 10**6 * 160 + 160 * cfg_layers * 4 * d * (26 + 30)
+    assert c["floor"]["flops"] == flops
+    assert c["floor"]["compute_ms"] == pytest.approx(flops / 100e9 * 1e3)
+    assert c["floor"]["efficiency"] == pytest.approx(c["floor"]["floor_ms"] / 4.0)
+    i8 = bench._cell(r, "ort-int8", 5, 1, 30)
+    assert i8["floor"]["bytes"] >= 10**6 and i8["floor"]["bytes"] < 4 * 10**6  # the int8 graph's bytes
+
+
+def test_targets_report_met_and_missed_with_measured_values():
+    r = _results()
+    r["model"]["name"] = "base"
+    bench.add_derived(r)
+    targets = {t["target"]: t for t in bench.evaluate_targets(r)}
+    assert targets["beam 5 x batch 32: ort int8 speed-up over fp32 (step)"]["met"] is True  # 4x
+    assert targets["beam 5 x batch 1: ort int8 speed-up over fp32 (step)"]["measured"] == "2.50x"
+    assert targets["beam 5 x batch 1: ort int8 speed-up over fp32 (step)"]["met"] is True
+    assert targets["translate (ort fp32): peak RSS / weights loaded"]["met"] is True
+    assert targets["export peak RSS (largest of fp32 / fp16 / int8)"]["met"] is False  # 9000 MB
+    gpu = [t for t in targets.values() if t["target"].startswith("GPU: ort-cuda")]
+    assert gpu and gpu[0]["measured"] == "not measured yet" and gpu[0]["met"] is None
+
+
+def test_speed_targets_are_not_judged_on_the_tiny_model():
+    r = _results()
+    bench.add_derived(r)
+    targets = {t["target"]: t for t in bench.evaluate_targets(r)}
+    t = targets["beam 5 x batch 32: ort int8 speed-up over fp32 (step)"]
+    assert t["met"] is None and t["note"] == "targets are set for deltalm-base"
+    assert targets["export peak RSS (largest of fp32 / fp16 / int8)"]["met"] is False
+
+
+def test_markdown_report_has_every_section():
+    r = _results()
+    bench.add_derived(r)
+    r["targets"] = bench.evaluate_targets(r)
+    md = bench.format_markdown(r)
+    for heading in ("## Target tokens/s", "## Every figure", "## Step graph", "## Backends", "## Targets (issue 5)"):
+        assert heading in md
+    assert "| beam 5, batch 32, src ~30 | torch | 40.8 |" in md
+    assert "52* x 3" not in md and "51* x 3" in md  # extrapolated cells are marked
+
+
+def test_chart_is_written(tmp_path):
+    r = _results()
+    bench.add_derived(r)
+    bench.write_chart(r, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
