@@ -21,6 +21,7 @@ head size); an override dict replaces fields; the result must agree with every t
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 from export.model import build_model as _build_canonical
 from export.safe_load import load_safetensors, safe_torch_load, to_plain
 from runtime.config import ConfigError, ModelConfig
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, DeltaLMError
 
 __all__ = [
     "FORMATS",
@@ -414,6 +415,19 @@ def _arg(args: dict, name: str):
     return None
 
 
+def _number(convert, value, where: str, name: str):
+    """``convert(value)`` (int, float or bool) for an architecture field, or a CheckpointError
+    naming the field and the value found."""
+    if convert is not bool and (isinstance(value, bool) or not isinstance(value, (numbers.Real, str))):
+        raise CheckpointError(f"{where}: {name} is a {type(value).__name__}, expected a number")
+    if convert is bool and not isinstance(value, (bool, numbers.Integral)):
+        raise CheckpointError(f"{where}: {name} is a {type(value).__name__}, expected true / false")
+    try:
+        return convert(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"{where}: {name} = {str(value)[:40]!r} is not a number") from None
+
+
 def _fairseq_declared(args: dict, where: str, notes: list) -> dict:
     bad = [why for name, is_bad, why in _FAIRSEQ_UNSUPPORTED if is_bad(_arg(args, name))]
     if bad:
@@ -426,7 +440,7 @@ def _fairseq_declared(args: dict, where: str, notes: list) -> dict:
         twin = _arg(args, dec) if dec else None
         if twin is not None and twin != value:
             raise CheckpointError(f"{where}: {dec} = {twin} differs from {enc} = {value}; the model needs one value")
-        declared[field_name] = bool(value) if field_name == "layernorm_embedding" else int(value)
+        declared[field_name] = _number(bool if field_name == "layernorm_embedding" else int, value, where, enc)
     if _arg(args, "no_scale_embedding") is None and args:
         notes.append(f"{where} does not record no_scale_embedding; assuming DeltaLM's (no scaling)")
     return declared
@@ -447,13 +461,14 @@ def _hf_declared(cfg: dict, where: str) -> dict:
                             ("vocab_size", "vocab_size"), ("pad", "pad_token_id"),
                             ("bos", "bos_token_id"), ("eos", "eos_token_id")]:
         if cfg.get(key) is not None:
-            declared[field_name] = int(cfg[key])
+            declared[field_name] = _number(int, cfg[key], where, key)
     if cfg.get("layer_norm_eps") is not None:
-        declared["layer_norm_eps"] = float(cfg["layer_norm_eps"])
+        declared["layer_norm_eps"] = _number(float, cfg["layer_norm_eps"], where, "layer_norm_eps")
     pad = declared.get("pad", 1)
     declared["first_position"], declared["pad_position"] = pad + 1, pad
     if cfg.get("max_position_embeddings") is not None:
-        declared["max_positions"] = int(cfg["max_position_embeddings"]) - (pad + 1)
+        positions = _number(int, cfg["max_position_embeddings"], where, "max_position_embeddings")
+        declared["max_positions"] = positions - (pad + 1)
     return declared
 
 
@@ -467,7 +482,7 @@ def _xlm_declared(params: dict, where: str) -> dict:
                             ("vocab_size", "n_words"), ("pad", "pad_index"), ("eos", "eos_index"),
                             ("bos", "bos_index"), ("unk", "unk_index")]:
         if params.get(key) is not None:
-            declared[field_name] = int(params[key])
+            declared[field_name] = _number(int, params[key], where, key)
     if "embed_dim" in declared:
         declared["ffn_dim"] = 4 * declared["embed_dim"]  # XLM's TransformerModel: hidden_dim = 4 * dim
     return declared
@@ -620,6 +635,14 @@ def _expected(cfg: ModelConfig) -> tuple[dict[str, torch.Size], list[list[str]]]
 
 
 def _finish(mapped: _Mapped, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    # Layer counts first: the expected model is built (on the meta device) from the config, and a
+    # damaged config asking for 10**9 layers must not get that far.
+    for side, want in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
+        have = _layer_count(mapped.tensors, f"{side}.layers.")
+        if want != have:
+            raise CheckpointError(
+                f"{path}: the configuration says {want} {side} layers, the checkpoint holds tensors for {have}"
+            )
     shapes, tied_groups = _expected(cfg)
     t = dict(mapped.tensors)
     problems = list(mapped.problems)
@@ -698,15 +721,33 @@ def load_checkpoint(
     vocab_size: int | None = None,
     as_deltalm: bool = False,
     unilm_ffn_order: str = "current",
+    vocab_source: str | Path | None = None,
 ) -> LoadedCheckpoint:
     """Read any supported checkpoint (file, or Hugging Face directory) into the canonical form.
 
     ``vocab_size`` is the dictionary size (dict.txt): a fine-tuned fairseq checkpoint must match it
-    exactly; unilm pretrained embeddings (and XLM-R seeding a DeltaLM) are truncated or extended to
-    it. ``as_deltalm`` seeds a DeltaLM from an XLM-R encoder; otherwise XLM-R / XLM load as
-    encoder-only models. ``overrides`` replaces ModelConfig fields; every tensor must then have the
-    shape the config implies. All problems raise CheckpointError (one line, naming tensors)."""
+    exactly (the error names ``vocab_source``, the file it was counted in); unilm pretrained
+    embeddings (and XLM-R seeding a DeltaLM) are truncated or extended to it. ``as_deltalm`` seeds
+    a DeltaLM from an XLM-R encoder; otherwise XLM-R / XLM load as encoder-only models.
+    ``overrides`` replaces ModelConfig fields; every tensor must then have the shape the config
+    implies. All problems raise CheckpointError (one line, naming tensors)."""
     source = _read_source(path)
+    try:
+        return _interpret(source, overrides, vocab_size, as_deltalm, unilm_ffn_order, vocab_source)
+    except CheckpointError as e:
+        if str(source.path) in str(e) or (source.hf_config_path and str(source.hf_config_path) in str(e)):
+            raise
+        raise CheckpointError(f"{source.path}: {e}") from None  # every checkpoint error names the file
+    except DeltaLMError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a value of a type no real checkpoint holds, deep in a mapping
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{source.path}: cannot interpret the checkpoint's contents ({type(e).__name__}: {detail})"
+        ) from e
+
+
+def _interpret(source: _Source, overrides, vocab_size, as_deltalm, unilm_ffn_order, vocab_source) -> LoadedCheckpoint:
     try:
         fmt = _detect(source.obj)
     except CheckpointError as e:
@@ -735,8 +776,10 @@ def load_checkpoint(
     elif vocab_size is not None:
         rows = mapped.tensors.get("encoder.embed_tokens.weight")
         if rows is not None and rows.shape[0] != vocab_size:
+            where = f" ({vocab_source})" if vocab_source else ""
             raise CheckpointError(
-                f"{source.path}: checkpoint has {rows.shape[0]} rows, dict.txt has {vocab_size}"
+                f"{source.path}: checkpoint has {rows.shape[0]} rows, dict.txt has {vocab_size}{where} "
+                f"(4 specials + {vocab_size - 4} lines): the dictionary does not belong to this checkpoint"
             )
 
     source_dtype = _dtype_name(mapped.tensors)  # parameters only: skipped buffers do not count

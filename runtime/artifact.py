@@ -3,17 +3,26 @@
 Layout: encoder.onnx, decoder_step.onnx (+ .data external weights for large models), spm.model,
 dict.txt, parity.json, manifest.json, and optionally engines/ (TensorRT). Every file listed in the
 manifest is sha256-checked when the artifact is opened.
+
+An export writes into a hidden sibling ``.NAME.partial-PID`` and renames it to ``NAME`` when
+complete; replacing an artifact sets the old one aside as ``.NAME.old-PID`` for the moment of the
+swap. A process killed mid-way can leave either behind: such *work directories* of a process that
+is gone are refused by ``read_manifest`` (they are never an artifact), and
+``clean_stale_work_dirs`` removes them (restoring a set-aside artifact whose replacement never
+arrived).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .config import ModelConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, DeltaLMError
 from .graphs import GraphSpec
 
 FORMAT_VERSION = 1
@@ -75,20 +84,113 @@ class Artifact:
         return self.path / self.manifest["tokenizer"]["dict"]
 
 
+# --- work directories of an export ---------------------------------------------------------------
+
+_WORK_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+
+
+def work_dir_name(out: Path, kind: str, pid: int | None = None) -> Path:
+    """The hidden sibling an export of ``out`` writes into (``kind="partial"``) or sets the
+    previous artifact aside in (``kind="old"``)."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid() if pid is None else pid}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this one always does)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _stale_work_dir(path: Path) -> tuple[str, str, int] | None:
+    """(artifact name, "partial" | "old", pid) when ``path`` is a work directory of a process that
+    no longer runs, else None."""
+    m = _WORK_DIR.match(path.name)
+    if not m or pid_alive(int(m["pid"])):
+        return None
+    return m["name"], m["kind"], int(m["pid"])
+
+
+def stale_work_dirs(out: str | Path) -> list[Path]:
+    """Work directories of ``out`` (``.NAME.partial-PID`` / ``.NAME.old-PID``) left by exports
+    that are no longer running, oldest first."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        stale = _stale_work_dir(p)
+        if stale and stale[0] == out.name and p.is_dir():
+            found.append(p)
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def previous_artifact_of(out: str | Path) -> Path | None:
+    """The complete artifact an interrupted replace of ``out`` set aside (``.NAME.old-PID``), when
+    ``out`` itself is missing; else None."""
+    out = Path(out).absolute()
+    if out.exists():
+        return None
+    old = [p for p in stale_work_dirs(out) if _WORK_DIR.match(p.name)["kind"] == "old"]
+    return old[-1] if old else None
+
+
+def clean_stale_work_dirs(out: str | Path) -> list[str]:
+    """Tidy up after exports of ``out`` that were killed: a set-aside previous artifact goes back
+    to ``out`` when ``out`` is missing (its replacement never arrived), every other stale work
+    directory is deleted. Returns one line per action, for the log."""
+    out = Path(out).absolute()
+    done = []
+    restore = previous_artifact_of(out)
+    if restore is not None:
+        os.rename(restore, out)
+        done.append(f"restored {out} from {restore.name}, left by an interrupted export")
+    for p in stale_work_dirs(out):
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p.name}, left by an interrupted export")
+    return done
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
 def read_manifest(path: Path) -> dict:
+    path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
         raise ArtifactError(f"{path}: not an artifact directory (no such directory)")
+    stale = _stale_work_dir(path.absolute())
+    if stale:
+        name, kind, pid = stale
+        if kind == "old" and not (path.parent / name).exists():
+            raise ArtifactError(
+                f"{path}: the previous {name}, set aside by an export (process {pid}) that was interrupted "
+                f"while replacing it; rename it back to {name} to use it"
+            )
+        what = "an unfinished export" if kind == "partial" else f"a replaced copy of {name}"
+        raise ArtifactError(f"{path}: not an artifact: {what}, left by process {pid}, which is gone; delete it")
     if not mpath.exists():
         raise ArtifactError(f"{path}: not an artifact directory (no {MANIFEST}); create one with `deltalm export`")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ArtifactError(f"{mpath}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{mpath}: corrupt manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise ArtifactError(f"{mpath}: not a deltalm manifest (no format_version)")
     version = manifest["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{mpath}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{mpath}: manifest format version {version} is newer than this runtime supports "
             f"({FORMAT_VERSION}); upgrade deltalm-deploy"
@@ -96,16 +198,71 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _check_structure(path: Path, manifest: dict) -> None:
+    """Everything the runtime reads from the manifest is there, of the right type, and every file
+    it names is a hashed file inside the directory, so that a hand-edited or foreign manifest is
+    one ArtifactError instead of a KeyError deep in a backend."""
+    mpath = path / MANIFEST
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in files.items()
+    ):
+        raise ArtifactError(f"{mpath}: 'files' must map file names to sha256 hex digests")
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if not name or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise ArtifactError(f"{mpath}: file {name!r} is outside the artifact directory")
+    try:
+        ModelConfig.from_dict(manifest["model"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{mpath}: no valid 'model' section ({type(e).__name__}: {e})") from None
+    except DeltaLMError as e:
+        raise ArtifactError(f"{mpath}: 'model' section: {e}") from None
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict):
+        raise ArtifactError(f"{mpath}: no 'graphs' section")
+    referenced = []
+    for name, entry in graphs.items():
+        try:
+            GraphSpec.from_dict(entry["spec"])
+            referenced += [entry["file"], *entry.get("files", [])]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ArtifactError(
+                f"{mpath}: graph {name!r} is not described completely ({type(e).__name__}: {e})"
+            ) from None
+    tokenizer = manifest.get("tokenizer", {})
+    if not isinstance(tokenizer, dict):
+        raise ArtifactError(f"{mpath}: 'tokenizer' must map spm / dict to file names")
+    referenced += list(tokenizer.values())
+    unhashed = sorted({str(f) for f in referenced} - set(files))
+    if unhashed:
+        raise ArtifactError(f"{mpath}: {', '.join(unhashed)} not listed (with a sha256) in 'files'")
+
+
+def verify_files(path: Path, manifest: dict, names: list[str]) -> None:
+    """Presence and sha256 of ``names`` (those the manifest lists; others are not checked)."""
+    for name in names:
+        digest = manifest.get("files", {}).get(name)
+        if digest is None:
+            continue
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{path}: missing file {name} (listed in {MANIFEST})")
+        if sha256_file(f) != digest:
+            raise ArtifactError(f"{f}: sha256 mismatch with {MANIFEST}: the file was modified or is corrupt")
+
+
 def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
-    """Read and check an artifact directory: manifest version, presence and sha256 of every file."""
+    """Read and check an artifact directory: manifest version and structure, presence and (with
+    ``verify``) sha256 of every file. Any problem is an ArtifactError naming the file."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name, digest in manifest.get("files", {}).items():
-        f = path / name
-        if not f.exists():
+    _check_structure(path, manifest)
+    for name in manifest["files"]:  # every file there before any is hashed: a missing one fails fast
+        if not (path / name).is_file():
             raise ArtifactError(f"{path}: missing file {name} (listed in {MANIFEST})")
-        if verify and sha256_file(f) != digest:
-            raise ArtifactError(f"{f}: sha256 mismatch with {MANIFEST}: the file was modified or is corrupt")
+    if verify:
+        verify_files(path, manifest, list(manifest["files"]))
     return Artifact(path, manifest)
 
 

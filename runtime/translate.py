@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .artifact import MANIFEST, pid_alive, previous_artifact_of, read_manifest, verify_files
 from .backends import BACKENDS, load_backend
 from .errors import DeltaLMError, InputError
 from .search import Hypothesis, SearchOptions, generate
@@ -177,7 +179,12 @@ def _translate_chunk(backend, tokenizer, chunk, start, search_opts, opts) -> lis
     sources: list[tuple[int, list[int]]] = []  # (position in chunk, ids)
     for k, raw in enumerate(chunk):
         line_no = start + k + 1
-        ids = tokenizer.encode(_decode_line(raw, start + k, opts.errors))
+        try:
+            ids = tokenizer.encode(_decode_line(raw, start + k, opts.errors))
+        except DeltaLMError as e:
+            if str(e).startswith("input line"):
+                raise
+            raise type(e)(f"input line {line_no}: {e}") from None
         if len(ids) == bare:  # nothing sentencepiece keeps (empty / blank line): nothing to decode
             results[k] = Translation(start + k)
             continue
@@ -353,6 +360,12 @@ def options_from_args(args) -> tuple[SearchOptions, StreamOptions]:
     target prefix ids are filled in once the dictionary is open."""
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
+    for flag, value in (("--lenpen", args.lenpen), ("--unkpen", args.unkpen), ("--max-len-a", args.max_len_a),
+                        ("--temperature", args.temperature), ("--topp", args.topp)):
+        if not math.isfinite(value):  # argparse's float() accepts "nan" and "inf"
+            raise InputError(f"{flag} must be a finite number, got {value}")
+    if args.max_len_b < 0:
+        raise InputError(f"--max-len-b must be >= 0, got {args.max_len_b}")
     if not args.sampling and (args.topk != -1 or args.topp != -1.0):
         raise InputError("--topk / --topp apply only with --sampling")
     if args.topk != -1 and args.topp != -1.0:
@@ -400,8 +413,16 @@ def open_model(args):
     if src.kind == "artifact":
         directory = Path(src.path)
         if not directory.is_dir():
-            raise InputError(f"artifact directory {directory} does not exist")
-        tokenizer = Tokenizer.from_files(directory / "spm.model", directory / "dict.txt", args.src_prefix)
+            raise InputError(f"artifact directory {directory} does not exist{_set_aside_hint(directory)}")
+        spm, dict_path = directory / "spm.model", directory / "dict.txt"
+        # The manifest first (cheap): a newer format, an unfinished export or a directory that is no
+        # artifact at all is reported as such, not as some missing or unreadable tokenizer file.
+        if (directory / MANIFEST).exists() or not spm.exists():
+            manifest = read_manifest(directory)
+            names = manifest.get("tokenizer") or {}
+            spm, dict_path = directory / names.get("spm", "spm.model"), directory / names.get("dict", "dict.txt")
+            verify_files(directory, manifest, [spm.name, dict_path.name])
+        tokenizer = Tokenizer.from_files(spm, dict_path, args.src_prefix)
         tokenizer.encode_target_prefix(args.tgt_prefix or [])
         backend = load_backend(src.backend, directory, device=src.device, threads=args.threads)
     else:
@@ -411,6 +432,11 @@ def open_model(args):
         tokenizer.encode_target_prefix(args.tgt_prefix or [])
         backend = load_backend("torch", src.path, config=args.config, dict_path=args.dict, threads=args.threads)
     return backend, tokenizer
+
+
+def _set_aside_hint(directory: Path) -> str:
+    kept = previous_artifact_of(directory)
+    return f" (an interrupted export left the previous artifact in {kept}: rename it back)" if kept else ""
 
 
 def _stdio_path(p: str | None) -> str | None:
@@ -433,8 +459,10 @@ def _check_paths(args) -> None:
 def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that appears at ``path`` only complete: written to a temporary file in the
     same directory, fsynced, then renamed over ``path``. On any failure (Ctrl-C included) the
-    temporary file is removed and ``path`` is left as it was."""
+    temporary file is removed and ``path`` is left as it was; the hidden temporary file of a
+    killed run is removed by the next run writing ``path``."""
     path = Path(path)
+    _remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
@@ -456,6 +484,16 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by translations that were killed (their process is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp$")
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            m = pattern.match(p.name)
+            if m and not pid_alive(int(m[1])):
+                p.unlink(missing_ok=True)
 
 
 class _Progress:
