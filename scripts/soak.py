@@ -35,7 +35,7 @@ def prepare(workdir: Path, steps: int) -> Path:
     from export.toy_model import build_demo_checkpoint
     from runtime.cli import main
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # threads waiting on each other on a busy machine cost more than they give
     spm, dict_path, ckpt = build_demo_checkpoint(workdir, steps=steps)
     artifact = workdir / "artifact"
     rc = main(["export", str(ckpt), "--spm", str(spm), "--dict", str(dict_path), "--out", str(artifact), "--force"])
@@ -82,7 +82,7 @@ def main() -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-lines", type=int, default=500)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (memory, not speed, is measured)")
     p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after the warm-up")
     p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

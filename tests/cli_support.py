@@ -5,6 +5,7 @@ an exported artifact) that every reliability test shares, once per test session.
 from __future__ import annotations
 
 import io
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DELTALM = Path(sys.executable).parent / "deltalm"
 
-# Short outputs: the tiny model is barely fitted, and a test needs answers, not good ones.
-FAST = ["--beam", "1", "--max-len-b", "4"]
+# Short outputs: the tiny model is barely fitted, and a test needs answers, not good ones. One
+# thread: on a busy machine, threads that wait for each other make a tiny model ten times slower.
+FAST = ["--beam", "1", "--max-len-b", "4", "--threads", "1"]
+
+# For ``DELTALM`` processes: one thread, for the same reason.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -79,10 +84,14 @@ def tiny_model(root: Path) -> TinyModel:
 
         from export.toy_model import build_demo_checkpoint
 
-        torch.manual_seed(0)
-        spm, dict_path, ckpt = build_demo_checkpoint(root / "model", steps=30)
-        artifact = root / "artifact"
-        res = run_cli(["export", ckpt, "--spm", spm, "--dict", dict_path, "--out", artifact, "--no-optimize"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # see FAST
+        try:
+            spm, dict_path, ckpt = build_demo_checkpoint(root / "model", steps=30)
+            artifact = root / "artifact"
+            res = run_cli(["export", ckpt, "--spm", spm, "--dict", dict_path, "--out", artifact, "--no-optimize"])
+        finally:
+            torch.set_num_threads(threads)
         assert res.rc == 0, res.err
         _BUILT["model"] = TinyModel(ckpt, spm, dict_path, artifact)
     return _BUILT["model"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_support import DELTALM, FAST, ROOT, assert_one_line_error, run_cli, tiny_model
+from cli_support import DELTALM, ENV, FAST, ROOT, assert_one_line_error, run_cli, tiny_model
 from export.toy_data import toy_corpus
 from runtime.artifact import MANIFEST, clean_stale_work_dirs, open_artifact, previous_artifact_of, work_dir_name
 from runtime.errors import ArtifactError, DeltaLMError
@@ -576,8 +576,8 @@ def test_export_killed_midway_leaves_the_previous_artifact_or_nothing(tiny, tmp_
     if previous:
         shutil.copytree(tiny.artifact, out)
     argv = [DELTALM, *export_argv(tiny, out=out), "--force"]
-    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -626,7 +626,7 @@ def test_translation_killed_midway_keeps_the_previous_output_file(tiny, tmp_path
     src.write_text("\n".join(corpus[i % len(corpus)] for i in range(20_000)) + "\n")
     out.write_text("previous\n")
     argv = [DELTALM, "translate", tiny.artifact, *FAST, "--chunk-lines", "64", "--input", src, "--output", out]
-    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".out.txt.") for p in tmp_path.iterdir()):  # writing has begun
         assert proc.poll() is None and time.monotonic() < deadline
