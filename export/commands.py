@@ -11,7 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact, sha256_file, write_json_atomic
+from runtime.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    clean_stale_work_dirs,
+    hash_files,
+    open_artifact,
+    sha256_file,
+    work_dir_name,
+    write_json_atomic,
+)
 from runtime.config import config_overrides
 from runtime.errors import ArtifactError, DeltaLMError, InputError
 
@@ -38,7 +47,8 @@ def load_for_export(checkpoint: str, config: str | None, dict_path: str | None, 
     if not Path(checkpoint).exists():
         raise InputError(f"{checkpoint}: no such checkpoint file or directory")
     overrides = config_overrides(config) if config else None
-    return load_checkpoint(checkpoint, overrides=overrides, vocab_size=_dictionary_size(dict_path), as_deltalm=as_deltalm)
+    return load_checkpoint(checkpoint, overrides=overrides, vocab_size=_dictionary_size(dict_path), as_deltalm=as_deltalm,
+                           vocab_source=dict_path)
 
 
 def inspect_command(args) -> int:
@@ -69,10 +79,13 @@ def atomic_directory(out: Path, force: bool):
     rename, on any failure (Ctrl-C included) it is deleted. A killed process leaves only a hidden
     ``.NAME.partial-PID`` directory, never something that looks like a complete artifact."""
     out = out.resolve()
+    if out.parent.exists():
+        for line in clean_stale_work_dirs(out):
+            _log(line)
     if out.exists() and not force:
         raise InputError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp = work_dir_name(out, "partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # SIGTERM becomes KeyboardInterrupt so the cleanup below runs
@@ -80,7 +93,9 @@ def atomic_directory(out: Path, force: bool):
     try:
         yield tmp
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            # set the previous artifact aside, move the new one in; a kill between the two renames
+            # leaves .NAME.old-PID, which the next export (or open_artifact's message) restores
+            old = work_dir_name(out, "old")
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -139,6 +154,7 @@ def export_command(args) -> int:
     from .parity import end_to_end, format_table, graph_parity, summarize
 
     model = build_model(loaded)
+    versions = _versions()  # imports onnxruntime before any file is written
     t_load = time.perf_counter() - t0
     _log(f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
          f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) in {t_load:.1f}s")
@@ -172,7 +188,7 @@ def export_command(args) -> int:
             "source": {"checkpoint": str(Path(args.checkpoint).resolve()), "format": loaded.format,
                        "dtype": loaded.source_dtype, "config": args.config,
                        "as_deltalm": bool(args.as_deltalm)},
-            "versions": _versions(),
+            "versions": versions,
             "files": {},
         }
         manifest["files"] = hash_files(tmp, files)
@@ -193,7 +209,9 @@ def export_command(args) -> int:
             _log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences, "
                  f"max score diff {r['max_score_diff']:.1e}")
         if not ok:
-            raise ExportError("parity check failed, nothing written:\n  " + "\n  ".join(failures[:10]))
+            for line in failures:
+                _log(f"  {line}")
+            raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]}); nothing written")
     _log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -221,7 +239,9 @@ def parity_command(args) -> int:
     for r in e2e:
         print(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences")
     if not ok:
-        raise ExportError("parity check failed:\n  " + "\n  ".join(failures[:10]))
+        for line in failures:
+            print(f"  {line}")
+        raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]})")
     print("parity: passed")
     return 0
 

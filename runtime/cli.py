@@ -120,6 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:
+        # Ctrl-C / SIGTERM landing inside a library (e.g. while onnxruntime initializes) can surface
+        # as another exception whose cause is the interrupt
+        if not args.debug and _caused_by_interrupt(e):
+            print("deltalm: interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+def _caused_by_interrupt(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 if __name__ == "__main__":

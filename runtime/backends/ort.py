@@ -21,6 +21,9 @@ def session_options(threads: int | None = None):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The step's shapes change every step (past_len) and batch: ORT would keep one memory plan per
+    # shape set, and RSS would grow over a long run (the soak test measured +17.5%; +1.2% without).
+    so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
