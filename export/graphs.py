@@ -20,8 +20,8 @@ def apply_rules(
     only_eos: torch.Tensor,
     unk_penalty: torch.Tensor,
 ) -> torch.Tensor:
-    """fairseq's per-step edits of the log-probs [rows, V], as graph ops without control flow.
-    Mirrors ``runtime/search.py:apply_rules`` (tests keep the two equal)."""
+    """fairseq's per-step edits of the full log-probs [rows, V] (reference for ``topk_with_rules``;
+    mirrors ``runtime/search.py:apply_rules``)."""
     cols = torch.arange(cfg.vocab_size, dtype=torch.int64, device=log_probs.device)
     is_eos = (cols == cfg.eos).unsqueeze(0)
     lp = log_probs.masked_fill(torch.isnan(log_probs), NEG_INF)
@@ -31,6 +31,46 @@ def apply_rules(
     forced = forced_tokens.unsqueeze(1)
     lp = lp.masked_fill((forced >= 0) & (cols.unsqueeze(0) != forced), NEG_INF)
     return lp.masked_fill(ban_eos & is_eos, NEG_INF)
+
+
+def topk_with_rules(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    k: int,
+    cfg: ModelConfig,
+    forced_tokens: torch.Tensor,
+    ban_eos: torch.Tensor,
+    only_eos: torch.Tensor,
+    unk_penalty: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``apply_rules(logits - lse, ...)`` without touching the full [rows, V] tensor more
+    than the top-k itself does: the rules change at most three columns (pad and eos can only drop
+    out, unk can only fall), so the ruled top-k lies within the raw top-(k + 3), where the rules are
+    applied; rows with a forced token or with only eos allowed have exactly one finite entry, read
+    by a gather. logits [rows, V] float32, lse [rows, 1] -> scores [rows, k], ids [rows, k]."""
+    wide = min(k + 3, cfg.vocab_size)
+    raw, ids = torch.topk(logits, wide, dim=-1)
+    vals = raw - lse
+    vals = vals.masked_fill(torch.isnan(vals), NEG_INF)
+    vals = vals.masked_fill(ids == cfg.pad, NEG_INF)
+    vals = torch.where(ids == cfg.unk, vals - unk_penalty, vals)
+    vals = vals.masked_fill(ban_eos & (ids == cfg.eos), NEG_INF)
+    # rows with exactly one allowed token: the forced prefix token, or eos at max_len
+    forced = forced_tokens.unsqueeze(1)
+    has_forced = forced >= 0
+    single_id = torch.where(has_forced, forced, torch.full_like(forced, cfg.eos))
+    single = logits.gather(1, single_id) - lse
+    single = torch.where(single_id == cfg.unk, single - unk_penalty, single)
+    # (the search never combines these rules so; kept equal to apply_rules anyway)
+    single = single.masked_fill(
+        torch.isnan(single) | (only_eos & (single_id != cfg.eos)) | (ban_eos & (single_id == cfg.eos)), NEG_INF
+    )
+    is_single = has_forced | only_eos
+    first = (torch.arange(wide, device=logits.device) == 0).unsqueeze(0)
+    vals = torch.where(is_single, torch.where(first, single, torch.full_like(vals, NEG_INF)), vals)
+    ids = torch.where(is_single & first, single_id, ids)
+    scores, order = torch.topk(vals, k, dim=-1)
+    return scores, ids.gather(1, order)
 
 
 class EncoderGraph(nn.Module):
@@ -78,10 +118,10 @@ class DecoderStepGraph(nn.Module):
         cross = [(cross_flat[2 * i].index_select(0, sent_index), cross_flat[2 * i + 1].index_select(0, sent_index)) for i in range(n)]
         padding = src_padding.index_select(0, sent_index)
         logits, present = self.model.decoder.step(tokens, step, past, cross, padding)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        ruled = apply_rules(log_probs, self.cfg, forced_tokens, ban_eos, only_eos, unk_penalty)
-        scores, ids = torch.topk(ruled, self.k, dim=-1)
-        outs = [scores, ids, log_probs]
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        scores, ids = topk_with_rules(logits, lse, self.k, self.cfg, forced_tokens, ban_eos, only_eos, unk_penalty)
+        outs = [scores, ids, logits - lse]  # log_probs: computed only when it is fetched
         for k, v in present:
             outs += [k, v]
         return tuple(outs)

@@ -112,3 +112,30 @@ def test_graph_rules_equal_numpy_rules(tiny_cfg):
 def test_tied_output_projection_shares_the_embedding(tiny_model):
     d = tiny_model.decoder
     assert d.output_projection.weight is d.embed_tokens.weight is tiny_model.encoder.embed_tokens.weight
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_in_graph_topk_with_rules_equals_rules_then_topk_on_the_full_vocabulary(tiny_cfg, seed):
+    """The fast path (top-(k+3), rules on the candidates) against the definition (rules on every
+    column, then top-k), with the special tokens placed among the best logits."""
+    from export.graphs import apply_rules as graph_rules
+    from export.graphs import topk_with_rules
+
+    g = torch.Generator().manual_seed(seed)
+    rows, V, k = 6, tiny_cfg.vocab_size, 4
+    logits = torch.randn(rows, V, generator=g) * 3
+    for r in range(rows):  # put pad / unk / eos near the top of some rows
+        for j, tok in enumerate((tiny_cfg.pad, tiny_cfg.unk, tiny_cfg.eos)):
+            if (r + j + seed) % 2 == 0:
+                logits[r, tok] = logits[r].max() + 0.1 * (j + 1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    forced = torch.full((rows,), -1)
+    if seed % 3 == 0:
+        forced[seed % rows] = tiny_cfg.unk if seed % 2 else 17
+    ban_eos, only_eos = torch.tensor(seed % 4 == 1), torch.tensor(seed % 5 == 2)
+    pen = torch.tensor(float(seed % 3) * 0.7)
+    got_s, got_i = topk_with_rules(logits, lse, k, tiny_cfg, forced, ban_eos, only_eos, pen)
+    want_s, want_i = torch.topk(graph_rules(logits - lse, tiny_cfg, forced, ban_eos, only_eos, pen), k, dim=-1)
+    torch.testing.assert_close(got_s, want_s, atol=1e-5, rtol=0)
+    finite = torch.isfinite(want_s)
+    assert torch.equal(got_i[finite], want_i[finite])
