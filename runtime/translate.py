@@ -141,6 +141,12 @@ def _check_model(backend, tokenizer: Tokenizer, search_opts: SearchOptions) -> N
         )
     if search_opts.min_len > cfg.max_positions - 1:
         raise InputError(f"--min-len {search_opts.min_len} exceeds the model's maximum length {cfg.max_positions - 1}")
+    limit = getattr(backend, "max_target_len", None)  # TensorRT: the engine profile's past_len maximum
+    if limit is not None and search_opts.max_len_a == 0 and min(search_opts.max_len_b, cfg.max_positions - 1) > limit:
+        raise InputError(
+            f"--max-len-b {search_opts.max_len_b} exceeds the {limit} target tokens the TensorRT engines were built "
+            f"for; pass --max-len-b {limit} or rebuild them with `deltalm engines DIR --max-tgt-len ...`"
+        )
 
 
 def _chunks(backend, tokenizer, lines: Iterator, search_opts, opts) -> Iterator[list[Translation]]:
