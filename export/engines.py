@@ -394,12 +394,9 @@ def engines_command(args) -> int:
     if getattr(args, "print_only", False):
         return 0
     try:
-        import tensorrt as trt
-    except ImportError:
-        raise DeltaLMError("TensorRT is not installed (no `tensorrt` Python module): no engines were built; "
-                           "install TensorRT 10 where the GPU is, or run the trtexec commands printed above") from None
-    if not trt.__version__.startswith("10."):
-        raise DeltaLMError(f"TensorRT {trt.__version__} is not supported: engines are built with the TensorRT 10 API")
+        trt = import_tensorrt()
+    except DeltaLMError as e:
+        raise DeltaLMError(f"{e}; no engines were built (the trtexec commands above build them by hand)") from None
     gpu_name, capability = gpu_identity()
     _log(f"building on {gpu_name} (compute capability {capability}) with TensorRT {trt.__version__}")
     metas = {}

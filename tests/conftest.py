@@ -81,3 +81,18 @@ class FakeBackend:
 @pytest.fixture
 def fake_backend():
     return FakeBackend
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The demo model fitted briefly, exported once per session (tests/cli_support.py)."""
+    from cli_support import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tok(tiny):
+    from runtime.tokenizer import Tokenizer
+
+    return Tokenizer(tiny.spm, tiny.dict)

@@ -20,16 +20,6 @@ EOS = 2
 MAX_POSITIONS = 512  # the tiny model's
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def tok(tiny):
-    return Tokenizer(tiny.spm, tiny.dict)
-
-
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")

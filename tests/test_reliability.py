@@ -26,16 +26,6 @@ from runtime.errors import ArtifactError, DeltaLMError
 from runtime.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def tok(tiny):
-    return Tokenizer(tiny.spm, tiny.dict)
-
-
 @pytest.fixture
 def artifact(tiny, tmp_path) -> Path:
     """A private copy of the tiny artifact, to damage."""
