@@ -9,6 +9,8 @@ TensorRT's parser are tested against; and it needs no onnxscript. Revisit when i
 from __future__ import annotations
 
 import collections
+import gc
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -138,6 +140,10 @@ def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         raw = Path(scratch) / "raw.onnx"
         _torch_export(module, args, spec, raw)
+        if precision == "fp32" and raw.stat().st_size < EXTERNAL_DATA_THRESHOLD and len(list(Path(scratch).iterdir())) == 1:
+            os.replace(raw, final)  # nothing to convert: no second in-memory copy of the weights
+            onnx.checker.check_model(str(final))
+            return [final.name]
         model = onnx.load(str(raw))
         if precision == "fp16":
             model = _toposort(_convert_fp16(model, module.spec("float16")))
@@ -148,6 +154,8 @@ def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
             _quantize_int8(raw, Path(scratch) / "q.onnx")
             model = onnx.load(str(Path(scratch) / "q.onnx"))
         files = save_onnx(model, final)
+        del model
+        gc.collect()
     onnx.checker.check_model(str(final))
     return files
 
