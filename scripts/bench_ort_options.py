@@ -5,12 +5,13 @@
 1. Session options (each in a fresh child process, so RSS figures do not mix): the default
    options of runtime/backends/ort.py, with weight prepacking disabled
    (``session.disable_prepacking``), and with spin-waiting disabled
-   (``session.intra_op.allow_spinning``). Per variant: RSS after loading, decoder step p50 at
+   (``session.intra_op.allow_spinning``), without the CPU memory arena (``enable_cpu_mem_arena``),
+   and without both prepacking and arena. Per variant: RSS after loading, decoder step p50 at
    beam 5 x batch 1 and beam 5 x batch 32, peak RSS.
-2. The end of the step graph: the current tail (log_softmax over the vocabulary, fairseq's rules
-   as masked full-vocabulary ops, top-k; export/graphs.py exported as is) against the least a tail
-   must do (one log-sum-exp pass and one top-(k + 3) pass over the logits, the rules applied to the
-   few candidates), on [rows, vocab] logits in ONNX Runtime.
+2. The end of the step graph on [rows, vocab] logits in ONNX Runtime: ``full_rules`` (log_softmax,
+   fairseq's rules as masked full-vocabulary ops, top-k: the step graph before commit 7314d87),
+   ``candidate_rules`` (log_softmax, top-(k + 3), the rules on the candidates:
+   ``export.graphs.topk_with_rules``) and ``minimal`` (ReduceLogSumExp and TopK(k + 3) only).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ VARIANTS = {
     "default": {},
     "no_prepacking": {"session.disable_prepacking": "1"},
     "no_spinning": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+    "no_arena": {"enable_cpu_mem_arena": False},  # a SessionOptions attribute, not a config entry
+    "no_prepacking_no_arena": {"session.disable_prepacking": "1", "enable_cpu_mem_arena": False},
 }
 
 
@@ -45,7 +48,10 @@ def measure_variant(artifact: str, variant: str, steps: int, threads: int) -> di
     def patched(threads=None):
         so = plain(threads)
         for key, value in VARIANTS[variant].items():
-            so.add_session_config_entry(key, value)
+            if key.startswith("session."):
+                so.add_session_config_entry(key, value)
+            else:
+                setattr(so, key, value)
         return so
 
     ort_backend.session_options = patched
@@ -63,30 +69,38 @@ def measure_variant(artifact: str, variant: str, steps: int, threads: int) -> di
     return out
 
 
-def tail_graphs(vocab: int, k: int, tmp: Path) -> tuple[Path, Path]:
-    """(current tail as exported from export/graphs.py, minimal tail) as ONNX files."""
+def tail_graphs(vocab: int, k: int, tmp: Path) -> dict[str, Path]:
+    """The three tails as ONNX files."""
     import onnx
     import torch
     from onnx import TensorProto, helper
 
-    from export.graphs import apply_rules
+    from export.graphs import apply_rules, topk_with_rules
     from runtime.config import ModelConfig
 
     cfg = ModelConfig.from_name("deltalm-base").replace(vocab_size=vocab)
 
-    class CurrentTail(torch.nn.Module):
+    class FullRules(torch.nn.Module):
         def forward(self, logits, forced, ban_eos, only_eos, unk_penalty):
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             ruled = apply_rules(log_probs, cfg, forced, ban_eos, only_eos, unk_penalty)
             scores, ids = torch.topk(ruled, k, dim=-1)
             return scores, ids, log_probs
 
+    class CandidateRules(torch.nn.Module):
+        def forward(self, logits, forced, ban_eos, only_eos, unk_penalty):
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            scores, ids = topk_with_rules(log_probs, k, cfg, forced, ban_eos, only_eos, unk_penalty)
+            return scores, ids, log_probs
+
     args = (torch.randn(4, vocab), torch.full((4,), -1), torch.tensor(False), torch.tensor(False), torch.tensor(0.0))
-    current = tmp / "current_tail.onnx"
+    paths = {}
     warnings.simplefilter("ignore")
-    torch.onnx.export(CurrentTail(), args, str(current), input_names=["logits", "forced", "ban_eos", "only_eos", "unk_penalty"],
-                      output_names=["scores", "ids", "log_probs"], dynamic_axes={"logits": {0: "rows"}, "forced": {0: "rows"}},
-                      opset_version=17, dynamo=False)
+    for name, module in (("full_rules", FullRules()), ("candidate_rules", CandidateRules())):
+        paths[name] = tmp / f"{name}.onnx"
+        torch.onnx.export(module, args, str(paths[name]), input_names=["logits", "forced", "ban_eos", "only_eos", "unk_penalty"],
+                          output_names=["scores", "ids", "log_probs"], dynamic_axes={"logits": {0: "rows"}, "forced": {0: "rows"}},
+                          opset_version=17, dynamo=False)
     nodes = [
         helper.make_node("ReduceLogSumExp", ["logits"], ["lse"], axes=[-1], keepdims=1),
         helper.make_node("Constant", [], ["kk"], value=helper.make_tensor("kk", TensorProto.INT64, [1], [k + 3])),
@@ -96,9 +110,9 @@ def tail_graphs(vocab: int, k: int, tmp: Path) -> tuple[Path, Path]:
     graph = helper.make_graph(nodes, "minimal_tail", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab])],
                               [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", k + 3]),
                                helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", k + 3])])
-    minimal = tmp / "minimal_tail.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(minimal))
-    return current, minimal
+    paths["minimal"] = tmp / "minimal.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(paths["minimal"]))
+    return paths
 
 
 def measure_tails(vocab: int, k: int, threads: int, reps: int = 5) -> list[dict]:
@@ -108,18 +122,17 @@ def measure_tails(vocab: int, k: int, threads: int, reps: int = 5) -> list[dict]
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        current, minimal = tail_graphs(vocab, k, Path(tmp))
+        paths = tail_graphs(vocab, k, Path(tmp))
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
-        sessions = {"current": ort.InferenceSession(str(current), so, providers=["CPUExecutionProvider"]),
-                    "minimal": ort.InferenceSession(str(minimal), so, providers=["CPUExecutionProvider"])}
+        sessions = {name: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
         rng = np.random.default_rng(0)
         for rows in (5, 160):
             logits = rng.standard_normal((rows, vocab), dtype=np.float32)
-            feeds = {"current": {"logits": logits, "forced": np.full(rows, -1, dtype=np.int64), "ban_eos": np.array(True),
-                                 "only_eos": np.array(False), "unk_penalty": np.array(0.0, dtype=np.float32)},
-                     "minimal": {"logits": logits}}
+            full = {"logits": logits, "forced": np.full(rows, -1, dtype=np.int64), "ban_eos": np.array(True),
+                    "only_eos": np.array(False), "unk_penalty": np.array(0.0, dtype=np.float32)}
+            feeds = {"full_rules": full, "candidate_rules": full, "minimal": {"logits": logits}}
             row = {"rows": rows}
             for name, sess in sessions.items():
                 sess.run(None, feeds[name])
@@ -163,8 +176,9 @@ def main() -> int:
     cfg = open_artifact(args.artifact).config
     results["tails"] = measure_tails(cfg.vocab_size, 10, threads)
     for row in results["tails"]:
-        print(f"tail, {row['rows']:3d} rows x {cfg.vocab_size}: current {row['current']['p50_ms']:7.1f} ms, "
-              f"minimal (logsumexp + top-k) {row['minimal']['p50_ms']:7.1f} ms", flush=True)
+        print(f"tail, {row['rows']:3d} rows x {cfg.vocab_size}: full_rules {row['full_rules']['p50_ms']:7.1f} ms, "
+              f"candidate_rules {row['candidate_rules']['p50_ms']:7.1f} ms, minimal {row['minimal']['p50_ms']:7.1f} ms",
+              flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -297,3 +297,36 @@ def test_chart_is_written(tmp_path):
     bench.add_derived(r)
     bench.write_chart(r, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_artifacts_keeps_an_artifact_of_the_current_export_code(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "manifest.json").write_text("{}")
+    record = {"fp32": {"wall_s": 1.0, "peak_rss_mb": 10, "export_code": bench.export_code_fingerprint()}}
+    (tmp_path / "exports.json").write_text(json.dumps(record))
+    monkeypatch.setattr(bench, "run_cli", lambda *a, **k: pytest.fail("exported again"))
+    out = bench.export_artifacts(None, tmp_path, ["fp32"])
+    assert out["fp32"]["reused"] is True and out["fp32"]["wall_s"] == 1.0
+
+
+def test_export_artifacts_redoes_an_artifact_of_other_export_code(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "manifest.json").write_text("{}")
+    (tmp_path / "exports.json").write_text(json.dumps({"fp32": {"wall_s": 1.0, "peak_rss_mb": 10, "export_code": "old"}}))
+    calls = []
+
+    def fake_export(args, record, stdin=None):
+        calls.append(args)
+        (tmp_path / "fp32" / "parity.json").write_text(json.dumps({"timings_s": {"export": 2.0}}))
+        return 123.0, bench.ChildResult(0, 5.0)
+
+    monkeypatch.setattr(bench, "run_cli", fake_export)
+    files = bench.ModelFiles("tiny", tmp_path / "c.pt", tmp_path / "spm.model", tmp_path / "dict.txt")
+    out = bench.export_artifacts(files, tmp_path, ["fp32"])
+    assert calls and calls[0][0] == "export" and "--precision" in calls[0]
+    assert out["fp32"]["peak_rss_mb"] == 123 and out["fp32"]["reused"] is False
+    assert out["fp32"]["export_code"] == bench.export_code_fingerprint()
