@@ -241,7 +241,10 @@ class Decoder(_Embedded):
         # The token rows are read from the same [D, V] (transposed) table the output projection
         # multiplies with, so an exported step graph holds the embedding table once.
         table_t = self.output_projection.weight.t()
-        tok = table_t.index_select(1, tokens).t().unsqueeze(1)  # [N, 1, D]
+        if torch.onnx.is_in_onnx_export():
+            tok = table_t.index_select(1, tokens).t().unsqueeze(1)  # [N, 1, D]
+        else:  # eager: the same rows, without torch copying the transposed table to gather from it
+            tok = self.output_projection.weight.index_select(0, tokens).unsqueeze(1)
         x = tok + self.embed_positions(positions)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
