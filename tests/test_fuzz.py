@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_support import FAST, run_cli, tiny_model
+from cli_support import FAST, run_cli
 from export.toy_data import toy_corpus
 from runtime.errors import InputError, TokenizerError
-from runtime.tokenizer import Dictionary, Tokenizer
+from runtime.tokenizer import Dictionary
 
 EOS = 2
 MAX_POSITIONS = 512  # the tiny model's

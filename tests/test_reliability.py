@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_support import DELTALM, ENV, FAST, ROOT, assert_one_line_error, run_cli, tiny_model
+from cli_support import DELTALM, ENV, FAST, ROOT, assert_one_line_error, run_cli
 from export.toy_data import toy_corpus
 from runtime.artifact import MANIFEST, clean_stale_work_dirs, open_artifact, previous_artifact_of, work_dir_name
 from runtime.errors import ArtifactError, DeltaLMError
-from runtime.tokenizer import Tokenizer
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The search loop against fairseq SequenceGenerator semantics (shared/DELTALM.md section 4)."""
 import itertools
-import math
 
 import numpy as np
 import pytest
