@@ -118,7 +118,7 @@ def run_cli(cli_args: list[str], record: Path, stdin: str | None = None) -> tupl
     """``deltalm CLI_ARGS`` in a child that reports its own peak RSS (MB) into ``record``."""
     record.parent.mkdir(parents=True, exist_ok=True)
     record.unlink(missing_ok=True)
-    res = run_child([sys.executable, "-m", "export.bench", "cli", str(record), *cli_args], stdin=stdin)
+    res = run_child([sys.executable, "-m", "deltalm.bench", "cli", str(record), *cli_args], stdin=stdin)
     peak = json.loads(record.read_text())["peak_rss_mb"] if record.exists() else float("nan")
     record.unlink(missing_ok=True)
     return peak, res
@@ -172,7 +172,7 @@ def prepare_base(model_dir: Path, seed: int = 0, std: float = 0.02) -> ModelFile
         return ModelFiles("base", ckpt, spm, dict_path)
     import torch
 
-    from runtime.config import ModelConfig
+    from deltalm.config import ModelConfig
 
     from .model import DeltaLM
     from .toy_data import build_toy_tokenizer
@@ -282,7 +282,7 @@ def make_sources(vocab_size: int, eos: int, pad: int, batch: int, src_len: int, 
 
 def forced_length_options(beam: int, n: int):
     """Every hypothesis gets exactly n tokens and then </s>: n + 1 decoder steps."""
-    from runtime.search import SearchOptions
+    from deltalm.search import SearchOptions
 
     return SearchOptions(beam=beam, nbest=1, max_len_a=0.0, max_len_b=n, min_len=n)
 
@@ -571,7 +571,7 @@ def _current_rss_mb() -> float:
 
 def generate_timed(timed: TimedBackend, src: np.ndarray, beam: int, n: int) -> dict:
     """One forced-length generation: total, encode and per-step times (seconds)."""
-    from runtime.search import generate
+    from deltalm.search import generate
 
     timed.reset()
     t0 = time.perf_counter()
@@ -619,7 +619,7 @@ def measure_cell(timed: TimedBackend, wl: Workload, src: np.ndarray, n_target: i
 
 def load_bench_backend(kind: str, artifact: str, threads: int):
     """kind: torch | ort-fp32 | ort-fp16 | ort-int8 | ort-cuda | trt."""
-    from runtime.backends import load_backend
+    from deltalm.backends import load_backend
 
     if kind == "torch":
         return load_backend("torch", artifact, threads=threads)
@@ -672,7 +672,7 @@ def worker(spec: dict) -> dict:
 def step_agreement(reference, other, src: np.ndarray, n: int) -> dict:
     """Greedy, teacher-forced by ``reference``: both backends get the same source and, at every
     step, the token the reference chose; the fraction of (row, step) whose top-1 ids agree."""
-    from runtime.search import step_rules
+    from deltalm.search import step_rules
 
     opts = forced_length_options(1, n)
     rows = src.shape[0]
@@ -733,7 +733,7 @@ def profile_decoder_step(artifact_dir: str, cases: list[tuple[int, int, int]], n
     session (and one profile file) per case (beam, batch, src_len)."""
     import onnxruntime as ort
 
-    from runtime.backends.ort import OrtBackend, session_options
+    from deltalm.backends.ort import OrtBackend, session_options
 
     backend = OrtBackend.from_artifact(artifact_dir, threads=threads)
     path = backend.artifact.graph_path("decoder_step")
@@ -774,7 +774,7 @@ def _child_main(argv: list[str]) -> int:
     """``python -m export.bench worker|profile SPEC.json OUT.json``, or
     ``python -m export.bench cli OUT.json DELTALM_ARGS...`` (the command, then its peak RSS)."""
     if argv[0] == "cli":
-        from runtime.cli import main
+        from deltalm.cli import main
 
         try:
             rc = main(argv[2:])
@@ -874,7 +874,7 @@ def graph_bytes(artifact_dir: Path) -> int:
 def add_derived(results: dict) -> None:
     """Per cell: speed-up over the torch cell of the same workload, and the step's roofline floor
     (average past length n / 2, source width as padded) with floor / measured p50."""
-    from runtime.config import ModelConfig
+    from deltalm.config import ModelConfig
 
     cfg = ModelConfig.from_dict(results["model"]["config"])
     floors = results["floors"]
@@ -1122,7 +1122,7 @@ def _run_task(task: str, spec: dict, work: Path, tag: str, echo: bool = True) ->
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     out_path.unlink(missing_ok=True)
-    res = run_child([sys.executable, "-m", "export.bench", task, str(spec_path), str(out_path)], echo=echo)
+    res = run_child([sys.executable, "-m", "deltalm.bench", task, str(spec_path), str(out_path)], echo=echo)
     if res.returncode != 0 or not out_path.exists():
         return None, res
     return json.loads(out_path.read_text()), res
@@ -1159,8 +1159,8 @@ def memory_check(artifact_dir: Path, lines: int, n: int, threads: int) -> dict:
 def measure_agreement(art_root: Path, files: ModelFiles, threads: int) -> dict:
     """int8 / fp16 against fp32 on corpus sentences (meaningful for the demo model only: a random
     model's distributions are nearly flat)."""
-    from runtime.backends.ort import OrtBackend
-    from runtime.tokenizer import Tokenizer
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.tokenizer import Tokenizer
 
     from .toy_data import toy_corpus
 
@@ -1176,7 +1176,7 @@ def measure_agreement(art_root: Path, files: ModelFiles, threads: int) -> dict:
 
 def bench_command(args) -> int:
     """``deltalm bench --model tiny|base --out DIR [--quick]``."""
-    from runtime.errors import InputError
+    from deltalm.errors import InputError
 
     t_start = time.perf_counter()
     # OpenMP threads (torch) sleep instead of spinning while they wait: on a machine other

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from export.model import build_model as _build_canonical
-from export.safe_load import load_safetensors, safe_torch_load, to_plain
-from runtime.config import ConfigError, ModelConfig
-from runtime.errors import CheckpointError, DeltaLMError
+from deltalm.export.model import build_model as _build_canonical
+from deltalm.export.safe_load import load_safetensors, safe_torch_load, to_plain
+from deltalm.config import ConfigError, ModelConfig
+from deltalm.errors import CheckpointError, DeltaLMError
 
 __all__ = [
     "FORMATS",

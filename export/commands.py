@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.artifact import (
+from deltalm.artifact import (
     FORMAT_VERSION,
     MANIFEST,
     clean_stale_work_dirs,
@@ -20,8 +20,8 @@ from runtime.artifact import (
     work_dir_name,
     write_json_atomic,
 )
-from runtime.config import config_overrides
-from runtime.errors import ArtifactError, DeltaLMError, InputError
+from deltalm.config import config_overrides
+from deltalm.errors import ArtifactError, DeltaLMError, InputError
 
 
 class ExportError(DeltaLMError):
@@ -35,7 +35,7 @@ def _log(msg: str) -> None:
 def _dictionary_size(dict_path) -> int | None:
     if not dict_path:
         return None
-    from runtime.tokenizer import Dictionary
+    from deltalm.tokenizer import Dictionary
 
     return len(Dictionary.load(dict_path))
 
@@ -144,7 +144,7 @@ def export_command(args) -> int:
     if args.dict and not Path(args.dict).exists():
         raise InputError(f"{args.dict}: no such dictionary")
     if spm and args.dict:  # fail on a bad tokenizer before the long part
-        from runtime.tokenizer import Tokenizer
+        from deltalm.tokenizer import Tokenizer
 
         Tokenizer(spm, args.dict)
 

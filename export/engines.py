@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.artifact import MANIFEST, hash_files, open_artifact, read_manifest, write_json_atomic
-from runtime.backends.trt import (
+from deltalm.artifact import MANIFEST, hash_files, open_artifact, read_manifest, write_json_atomic
+from deltalm.backends.trt import (
     ENGINE_GRAPHS,
     check_engine_compat,
     device_allocations,
@@ -40,9 +40,9 @@ from runtime.backends.trt import (
     profile_axes,
     profile_to_json,
 )
-from runtime.config import ModelConfig
-from runtime.errors import DeltaLMError, InputError
-from runtime.graphs import GraphSpec, decoder_step_spec, encoder_spec
+from deltalm.config import ModelConfig
+from deltalm.errors import DeltaLMError, InputError
+from deltalm.graphs import GraphSpec, decoder_step_spec, encoder_spec
 
 from .commands import ExportError, atomic_directory
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from runtime.config import ModelConfig
-from runtime.graphs import GraphSpec, decoder_step_spec, encoder_spec
+from deltalm.config import ModelConfig
+from deltalm.graphs import GraphSpec, decoder_step_spec, encoder_spec
 
 NEG_INF = float("-inf")
 

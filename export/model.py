@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime.config import ModelConfig
+from deltalm.config import ModelConfig
 
 
 def make_positions(tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

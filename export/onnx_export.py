@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.graphs import GraphSpec
+from deltalm.graphs import GraphSpec
 
 from .graphs import DecoderStepGraph, EncoderGraph
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runtime.graphs import GraphSpec
+from deltalm.graphs import GraphSpec
 
 from .graphs import DecoderStepGraph, EncoderGraph
 
@@ -86,7 +86,7 @@ def compare(name: str, got: np.ndarray, want: np.ndarray) -> dict:
 def _ort_session(path):
     import onnxruntime as ort
 
-    from runtime.backends.ort import session_options
+    from deltalm.backends.ort import session_options
 
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
@@ -151,8 +151,8 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
 def end_to_end(model, artifact, sources: list[np.ndarray] | None = None, seed: int = 0) -> list[dict]:
     """Translate the same sources with --backend torch and --backend ort (greedy and beam 5):
     fraction of sentences with identical ids, and the largest score difference."""
-    from runtime.backends.ort import OrtBackend
-    from runtime.search import SearchOptions, generate
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.search import SearchOptions, generate
 
     from .torch_backend import TorchBackend
 

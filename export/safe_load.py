@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import CheckpointError
+from deltalm.errors import CheckpointError
 
 __all__ = [
     "safe_torch_load",

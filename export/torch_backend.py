@@ -21,7 +21,7 @@ class TorchState:
 class TorchBackend:
     def __init__(self, model: torch.nn.Module, topk: int = DEFAULT_TOPK, threads: int | None = None):
         if not model.cfg.is_encoder_decoder:
-            from runtime.errors import InputError
+            from deltalm.errors import InputError
 
             raise InputError(f"an encoder-only model ({model.cfg.kind}) cannot translate")
         self.cfg = model.cfg
@@ -41,7 +41,7 @@ class TorchBackend:
         from .checkpoints import LoadedCheckpoint, build_model
 
         if device != "cpu":
-            from runtime.errors import InputError
+            from deltalm.errors import InputError
 
             raise InputError("--backend torch runs on the CPU here; use --backend ort --device cuda for a GPU")
         if isinstance(source, torch.nn.Module):
@@ -50,8 +50,8 @@ class TorchBackend:
             return cls(build_model(source), threads=threads)
         path = Path(source)
         if path.is_dir() and (path / "manifest.json").exists():
-            from runtime.artifact import open_artifact
-            from runtime.errors import InputError
+            from deltalm.artifact import open_artifact
+            from deltalm.errors import InputError
 
             artifact = open_artifact(path)
             src = artifact.manifest.get("source", {})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
+from deltalm.config import ModelConfig
 
 from .model import DeltaLM
 
@@ -98,7 +98,7 @@ def train_copy_model(tokenizer, cfg: ModelConfig, steps: int = 300, batch_size: 
 
 def build_demo_checkpoint(workdir: Path, steps: int = 300, log=None) -> tuple[Path, Path, Path]:
     """workdir/{spm.model, dict.txt, checkpoint_best.pt}; returns their paths."""
-    from runtime.tokenizer import Tokenizer
+    from deltalm.tokenizer import Tokenizer
 
     from .toy_data import build_toy_tokenizer
 

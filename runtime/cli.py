@@ -13,25 +13,25 @@ from .errors import DeltaLMError
 
 
 def _cmd_inspect(args) -> int:
-    from export.commands import inspect_command
+    from deltalm.export.commands import inspect_command
 
     return inspect_command(args)
 
 
 def _cmd_export(args) -> int:
-    from export.commands import export_command
+    from deltalm.export.commands import export_command
 
     return export_command(args)
 
 
 def _cmd_parity(args) -> int:
-    from export.commands import parity_command
+    from deltalm.export.commands import parity_command
 
     return parity_command(args)
 
 
 def _cmd_engines(args) -> int:
-    from export.commands import engines_command
+    from deltalm.export.commands import engines_command
 
     return engines_command(args)
 
@@ -43,7 +43,7 @@ def _cmd_translate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from export.bench import bench_command
+    from deltalm.export.bench import bench_command
 
     return bench_command(args)
 

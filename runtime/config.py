@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
 from .errors import DeltaLMError
+
+# configs/ in the source tree, deltalm/configs/ in an installed wheel: the same package either way.
+CONFIG_DIR = Path(str(resources.files("deltalm.configs")))
 
 
 class ConfigError(DeltaLMError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-from runtime.errors import InputError, TokenizerError
+from deltalm.errors import InputError, TokenizerError
 
 SPM_SPACE = "\u2581"  # sentencepiece's visible space, "▁"
 _OVERWRITE_FLAG = "#fairseq:overwrite"

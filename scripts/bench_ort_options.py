@@ -40,8 +40,8 @@ VARIANTS = {
 
 def measure_variant(artifact: str, variant: str, steps: int, threads: int) -> dict:
     """In this process: load OrtBackend with the variant's session config entries, time steps."""
-    import runtime.backends.ort as ort_backend
-    from export.bench import TimedBackend, _current_rss_mb, _peak_rss_mb, generate_timed, make_sources, time_stats
+    import deltalm.backends.ort as ort_backend
+    from deltalm.export.bench import TimedBackend, _current_rss_mb, _peak_rss_mb, generate_timed, make_sources, time_stats
 
     plain = ort_backend.session_options
 
@@ -75,8 +75,8 @@ def tail_graphs(vocab: int, k: int, tmp: Path) -> dict[str, Path]:
     import torch
     from onnx import TensorProto, helper
 
-    from export.graphs import apply_rules, topk_with_rules
-    from runtime.config import ModelConfig
+    from deltalm.export.graphs import apply_rules, topk_with_rules
+    from deltalm.config import ModelConfig
 
     cfg = ModelConfig.from_name("deltalm-base").replace(vocab_size=vocab)
 
@@ -118,7 +118,7 @@ def tail_graphs(vocab: int, k: int, tmp: Path) -> dict[str, Path]:
 def measure_tails(vocab: int, k: int, threads: int, reps: int = 5) -> list[dict]:
     import onnxruntime as ort
 
-    from export.bench import time_stats
+    from deltalm.export.bench import time_stats
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +159,7 @@ def main() -> int:
         return 0
     import subprocess
 
-    from runtime.artifact import open_artifact
+    from deltalm.artifact import open_artifact
 
     results = {"variants": [], "tails": None}
     for variant in VARIANTS:

@@ -43,7 +43,7 @@ def main() -> None:
     if args.rebuild or not ckpt.exists():
         import torch
 
-        from export.toy_model import build_demo_checkpoint
+        from deltalm.export.toy_model import build_demo_checkpoint
 
         torch.set_num_threads(2)
         print(f"building the tiny DeltaLM in {work}/ (copy task, {args.steps} steps)", flush=True)

@@ -2,7 +2,7 @@
 
 fairseq runs the PyTorch DeltaLM through a thin FairseqEncoderDecoderModel adapter that recomputes
 the whole (teacher-forced) decoder at every step, so it shares no search code and no cache code
-with us; our side runs ``runtime.search.generate`` over the cached ``TorchBackend``. Both must give
+with us; our side runs ``deltalm.search.generate`` over the cached ``TorchBackend``. Both must give
 the same n-best token ids, scores and positional scores.
 
 Run: ``make test-fairseq`` (builds .venv-fairseq with fairseq-fixed 0.12.3.1, ~5 min once).
@@ -24,10 +24,10 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
-from export.model import DeltaLM  # noqa: E402
-from export.torch_backend import TorchBackend  # noqa: E402
-from runtime.config import ModelConfig  # noqa: E402
-from runtime.search import SearchOptions, generate  # noqa: E402
+from deltalm.export.model import DeltaLM  # noqa: E402
+from deltalm.export.torch_backend import TorchBackend  # noqa: E402
+from deltalm.config import ModelConfig  # noqa: E402
+from deltalm.search import SearchOptions, generate  # noqa: E402
 
 
 class _Encoder(FairseqEncoder):

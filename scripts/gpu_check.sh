@@ -159,7 +159,7 @@ def versions():
 def demo_checkpoint():
     import torch
 
-    from export.toy_model import build_demo_checkpoint
+    from deltalm.export.toy_model import build_demo_checkpoint
 
     d = WORK / "demo"
     if not (d / "checkpoint_best.pt").exists():
@@ -174,11 +174,11 @@ def base_checkpoint():
     checks the dictionary size against the embedding rows; nothing else needs a real vocabulary)."""
     import torch
 
-    from export.model import DeltaLM
-    from export.toy_data import build_toy_tokenizer
-    from export.toy_model import save_fairseq_checkpoint
-    from runtime.config import ModelConfig
-    from runtime.tokenizer import Dictionary
+    from deltalm.export.model import DeltaLM
+    from deltalm.export.toy_data import build_toy_tokenizer
+    from deltalm.export.toy_model import save_fairseq_checkpoint
+    from deltalm.config import ModelConfig
+    from deltalm.tokenizer import Dictionary
 
     d = WORK / "base"
     if (d / "checkpoint.pt").exists():
@@ -201,7 +201,7 @@ def base_checkpoint():
 
 
 def export(model_dir, ckpt, precision):
-    from runtime.cli import main
+    from deltalm.cli import main
 
     out = WORK / f"{Path(model_dir).name}-{precision}"
     if (out / "manifest.json").exists():
@@ -221,7 +221,7 @@ def export(model_dir, ckpt, precision):
 def sessions(artifact, graph):
     import onnxruntime as ort
 
-    from runtime.backends.ort import providers_for, session_options
+    from deltalm.backends.ort import providers_for, session_options
 
     path = str(artifact.graph_path(graph))
     dev = ort.InferenceSession(path, session_options(), providers=providers_for(DEVICE))
@@ -236,7 +236,7 @@ def on_device(session):
 
 
 def compare_outputs(names, ref, got):
-    from export.parity import compare
+    from deltalm.export.parity import compare
 
     rows = {}
     for name, r, g in zip(names, ref, got):
@@ -245,8 +245,8 @@ def compare_outputs(names, ref, got):
 
 
 def ort_graph_parity(artifact_dir):
-    from export.parity import make_sources
-    from runtime.artifact import open_artifact
+    from deltalm.export.parity import make_sources
+    from deltalm.artifact import open_artifact
 
     artifact = open_artifact(artifact_dir)
     cfg = artifact.config
@@ -289,8 +289,8 @@ def summarize_parity(result):
 # -- end to end -----------------------------------------------------------------------------
 
 def demo_sources():
-    from export.toy_data import toy_corpus
-    from runtime.tokenizer import Tokenizer
+    from deltalm.export.toy_data import toy_corpus
+    from deltalm.tokenizer import Tokenizer
 
     tok = Tokenizer(WORK / "demo" / "spm.model", WORK / "demo" / "dict.txt")
     lines = toy_corpus()[::25]  # 16 sentences, all four languages
@@ -298,7 +298,7 @@ def demo_sources():
 
 
 def agreement(backend_a, backend_b, sources):
-    from runtime.search import SearchOptions, generate
+    from deltalm.search import SearchOptions, generate
 
     out = {}
     for beam in (1, 5):
@@ -316,7 +316,7 @@ def agreement(backend_a, backend_b, sources):
 
 
 def ort_end_to_end(artifact_dir):
-    from runtime.backends.ort import OrtBackend
+    from deltalm.backends.ort import OrtBackend
 
     dev = OrtBackend.from_artifact(artifact_dir, device=DEVICE)
     on_device(dev.decoder)
@@ -330,7 +330,7 @@ PAST_LEN, SRC_LEN, WARMUP, RUNS = 32, 32, 10, 60
 
 
 def step_inputs(cfg, batch, beam):
-    from runtime.search import StepRules
+    from deltalm.search import StepRules
 
     rows = batch * beam
     rng = np.random.default_rng(0)
@@ -354,7 +354,7 @@ def timed(step_once):
 
 
 def ort_latency(artifact_dir):
-    from runtime.backends.ort import OrtBackend
+    from deltalm.backends.ort import OrtBackend
 
     backend = OrtBackend.from_artifact(artifact_dir, device=DEVICE)
     on_device(backend.decoder)
@@ -378,7 +378,7 @@ def ort_latency(artifact_dir):
 # -- TensorRT -------------------------------------------------------------------------------
 
 def trt_engines(artifact_dir, precision):
-    from runtime.cli import main
+    from deltalm.cli import main
 
     rc = main(["engines", str(artifact_dir), "--precision", precision, "--max-batch", "8", "--max-beam", "5",
                "--max-src-len", "64", "--max-tgt-len", "72"])
@@ -390,10 +390,10 @@ def trt_engines(artifact_dir, precision):
 def trt_parity(artifact_dir):
     """TRT vs ORT CPU over the first 4 greedy steps of a batch of 3 x beam 2: log-probs max abs and
     top-1 agreement (both backends are fed the same tokens: ORT CPU's argmax)."""
-    from export.parity import make_sources
-    from runtime.backends.ort import OrtBackend
-    from runtime.backends.trt import TrtBackend
-    from runtime.search import SearchOptions, step_rules
+    from deltalm.export.parity import make_sources
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.backends.trt import TrtBackend
+    from deltalm.search import SearchOptions, step_rules
 
     ref, trt = OrtBackend.from_artifact(artifact_dir, device="cpu"), TrtBackend.from_artifact(artifact_dir)
     cfg = ref.cfg
@@ -414,8 +414,8 @@ def trt_parity(artifact_dir):
 
 
 def trt_end_to_end(artifact_dir):
-    from runtime.backends.ort import OrtBackend
-    from runtime.backends.trt import TrtBackend
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.backends.trt import TrtBackend
 
     trt = TrtBackend.from_artifact(artifact_dir)
     try:
@@ -425,7 +425,7 @@ def trt_end_to_end(artifact_dir):
 
 
 def trt_latency(artifact_dir):
-    from runtime.backends.trt import TrtBackend
+    from deltalm.backends.trt import TrtBackend
 
     backend = TrtBackend.from_artifact(artifact_dir)
     out = {}

@@ -32,8 +32,8 @@ def prepare(workdir: Path, steps: int) -> Path:
     """Fit the tiny demo model and export it (in this process: run as the child)."""
     import torch
 
-    from export.toy_model import build_demo_checkpoint
-    from runtime.cli import main
+    from deltalm.export.toy_model import build_demo_checkpoint
+    from deltalm.cli import main
 
     torch.set_num_threads(1)  # threads waiting on each other on a busy machine cost more than they give
     spm, dict_path, ckpt = build_demo_checkpoint(workdir, steps=steps)
@@ -46,7 +46,7 @@ def prepare(workdir: Path, steps: int) -> Path:
 
 def longest_line() -> str:
     """The longest line ``soak_lines`` can make: its four longest corpus sentences."""
-    from export.toy_data import toy_corpus
+    from deltalm.export.toy_data import toy_corpus
 
     return " ".join(sorted(toy_corpus(), key=len)[-4:])
 
@@ -54,7 +54,7 @@ def longest_line() -> str:
 def soak_lines(count: int, seed: int = 0):
     """``count`` input lines: corpus sentences alone and in runs of up to four, blank lines, and
     sentences with odd characters (control characters, other scripts, <unk> material)."""
-    from export.toy_data import toy_corpus
+    from deltalm.export.toy_data import toy_corpus
 
     corpus = toy_corpus()
     odd = ["\t", "\x00", "\u00a0", "\u3000", "ﬁ", "\U0001f600", "漢字", "«»", "\x85"]
@@ -104,10 +104,10 @@ def main() -> int:
 
 
 def soak(artifact: Path, args) -> int:
-    from runtime.backends import load_backend
-    from runtime.search import SearchOptions
-    from runtime.tokenizer import Tokenizer
-    from runtime.translate import StreamOptions, translate_stream
+    from deltalm.backends import load_backend
+    from deltalm.search import SearchOptions
+    from deltalm.tokenizer import Tokenizer
+    from deltalm.translate import StreamOptions, translate_stream
 
     assert "torch" not in sys.modules
     rss_start = rss_bytes()

@@ -1,4 +1,4 @@
-"""The real ``deltalm`` command in tests: ``run_cli`` calls ``runtime.cli.main`` in-process with its
+"""The real ``deltalm`` command in tests: ``run_cli`` calls ``deltalm.cli.main`` in-process with its
 own stdin / stdout / stderr; ``DELTALM`` is the installed command for tests that need a process of
 their own (to kill it). ``tiny_model`` builds the one small model (checkpoint, tokenizer files and
 an exported artifact) that every reliability test shares, once per test session."""
@@ -34,7 +34,7 @@ class Result:
 
 def run_cli(argv: list[str], stdin: bytes | io.IOBase = b"") -> Result:
     """``deltalm ARGV`` in this process; ``stdin`` is bytes or a binary stream read lazily."""
-    from runtime.cli import main
+    from deltalm.cli import main
 
     raw = io.BytesIO(stdin) if isinstance(stdin, bytes) else stdin
     out = io.BytesIO()
@@ -82,7 +82,7 @@ def tiny_model(root: Path) -> TinyModel:
     if "model" not in _BUILT:
         import torch
 
-        from export.toy_model import build_demo_checkpoint
+        from deltalm.export.toy_model import build_demo_checkpoint
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # see FAST

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from runtime.config import ModelConfig
+    from deltalm.config import ModelConfig
 
     return ModelConfig.from_name("tiny").replace(vocab_size=97)
 
@@ -32,7 +31,7 @@ def randomize(model, seed: int = 0, std: float = 0.2):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
-    from export.model import DeltaLM
+    from deltalm.export.model import DeltaLM
 
     return randomize(DeltaLM(tiny_cfg), seed=1)
 
@@ -43,7 +42,7 @@ class FakeBackend:
     backend tracks its caches."""
 
     def __init__(self, vocab=6, seed=0, max_positions=512, topk=0, temperature_scale=2.0):
-        from runtime.config import ModelConfig
+        from deltalm.config import ModelConfig
 
         self.cfg = ModelConfig(kind="deltalm", embed_dim=8, ffn_dim=8, encoder_layers=1, decoder_layers=1,
                                heads=2, vocab_size=vocab, max_positions=max_positions)
@@ -71,7 +70,7 @@ class FakeBackend:
         lp = np.stack([self.log_probs(sent_index[i // group], hist[i]) for i in range(rows)])
         if want == "logprobs":
             return lp
-        from runtime.search import apply_rules
+        from deltalm.search import apply_rules
 
         ruled = apply_rules(lp, rules, self.cfg.pad, self.cfg.unk, self.cfg.eos)
         ids = np.argsort(-ruled, axis=1, kind="stable")[:, : self.topk]
@@ -93,6 +92,6 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(tiny):
-    from runtime.tokenizer import Tokenizer
+    from deltalm.tokenizer import Tokenizer
 
     return Tokenizer(tiny.spm, tiny.dict)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export import bench
+from deltalm.export import bench
 
 
 def test_time_stats_gives_milliseconds_median_and_p90():
@@ -61,7 +61,7 @@ def test_make_sources_is_left_padded_deterministic_and_near_the_asked_length():
 
 
 def test_write_filler_dictionary_reaches_the_exact_vocabulary(tmp_path):
-    from runtime.tokenizer import Dictionary
+    from deltalm.tokenizer import Dictionary
 
     path = tmp_path / "dict.txt"
     path.write_text("▁a 10\n▁b 5\n", encoding="utf-8")
@@ -75,7 +75,7 @@ def test_write_filler_dictionary_reaches_the_exact_vocabulary(tmp_path):
 
 
 def _base_cfg():
-    from runtime.config import ModelConfig
+    from deltalm.config import ModelConfig
 
     return ModelConfig.from_name("deltalm-base")
 
@@ -158,7 +158,7 @@ def test_step_graph_cost_of_an_exported_tiny_step_graph(tmp_path, tiny_model):
     import onnx
     import torch
 
-    from export.onnx_export import export_graphs
+    from deltalm.export.onnx_export import export_graphs
 
     export_graphs(tiny_model, tmp_path, "fp32", topk=10)
     cost = bench.step_graph_cost(onnx.load(str(tmp_path / "decoder_step.onnx")))
@@ -212,7 +212,7 @@ def _cell(beam, batch, src, total_s, step_ms, extrapolated=False):
 
 
 def _results():
-    from runtime.config import ModelConfig
+    from deltalm.config import ModelConfig
 
     cfg = ModelConfig.from_name("tiny")
     wls = [[5, 1, 30], [5, 32, 30]]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint_writers as W
-from export.checkpoints import (
+from deltalm.export.checkpoints import (
     UNILM_DELTALM,
     apply_table,
     build_model,
@@ -23,10 +23,10 @@ from export.checkpoints import (
     detect_format,
     load_checkpoint,
 )
-from export.model import build_model as build_canonical
-from export.safe_load import safe_torch_load, to_plain
-from runtime.config import ModelConfig
-from runtime.errors import CheckpointError
+from deltalm.export.model import build_model as build_canonical
+from deltalm.export.safe_load import safe_torch_load, to_plain
+from deltalm.config import ModelConfig
+from deltalm.errors import CheckpointError
 
 V = 96  # dictionary size (dict.txt) in these tests
 DELTALM = ModelConfig(kind="deltalm", embed_dim=128, ffn_dim=96, encoder_layers=2, decoder_layers=2, heads=2,

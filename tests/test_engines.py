@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.engines import (
+from deltalm.export.engines import (
     apply_profile_override,
     check_precision,
     derive_profiles,
@@ -24,8 +24,8 @@ from export.engines import (
     load_profile_override,
     trtexec_command,
 )
-from runtime.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact, write_json_atomic
-from runtime.backends.trt import (
+from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact, write_json_atomic
+from deltalm.backends.trt import (
     check_engine_compat,
     check_within_profile,
     device_allocations,
@@ -34,10 +34,10 @@ from runtime.backends.trt import (
     plan_buffers,
     profile_axes,
 )
-from runtime.cli import main
-from runtime.config import ModelConfig
-from runtime.errors import ArtifactError, InputError
-from runtime.graphs import decoder_step_spec, encoder_spec
+from deltalm.cli import main
+from deltalm.config import ModelConfig
+from deltalm.errors import ArtifactError, InputError
+from deltalm.graphs import decoder_step_spec, encoder_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 H, HD = 4, 16  # tiny: 4 heads of 16
@@ -46,7 +46,7 @@ H, HD = 4, 16  # tiny: 4 heads of 16
 @pytest.fixture(scope="module")
 def artifact_dir(tmp_path_factory, tiny_model) -> Path:
     """A real fp32 artifact of the tiny model (graphs + manifest; no tokenizer, engines need none)."""
-    from export.onnx_export import export_graphs
+    from deltalm.export.onnx_export import export_graphs
 
     d = tmp_path_factory.mktemp("engines") / "artifact"
     d.mkdir()
@@ -384,7 +384,7 @@ def test_engine_dtypes_map_to_numpy():
 
 
 def test_modules_import_without_tensorrt():
-    code = ("import sys; import export.engines, runtime.backends.trt; "
+    code = ("import sys; import deltalm.export.engines, deltalm.backends.trt; "
             "print(any(m.split('.')[0] in ('tensorrt', 'polygraphy') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -429,14 +429,14 @@ def test_building_without_tensorrt_says_so(artifact_dir, capsys):
 
 
 def test_trt_backend_needs_engines(artifact_dir):
-    from runtime.backends import load_backend
+    from deltalm.backends import load_backend
 
     with pytest.raises(ArtifactError, match="no TensorRT engines; build them with `deltalm engines"):
         load_backend("trt", artifact_dir, device="cuda", threads=None)
 
 
 def test_trt_backend_is_cuda_only(artifact_dir):
-    from runtime.backends.trt import TrtBackend
+    from deltalm.backends.trt import TrtBackend
 
     with pytest.raises(InputError, match="runs on --device cuda only"):
         TrtBackend.from_artifact(artifact_dir, device="cpu")
@@ -452,7 +452,7 @@ def fake_build(onnx_path, engine_path, profile, precision, timing_cache_path):
 
 @pytest.fixture
 def fake_tensorrt(monkeypatch):
-    import export.engines as engines
+    import deltalm.export.engines as engines
 
     trt = types.SimpleNamespace(__version__="10.9.0.34")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -496,7 +496,7 @@ def test_another_tensorrt_major_version_is_refused(artifact_copy, fake_tensorrt,
 
 
 def test_a_failed_build_leaves_the_previous_engines(artifact_copy, fake_tensorrt, monkeypatch, capsys):
-    import export.engines as engines
+    import deltalm.export.engines as engines
 
     assert main(["engines", str(artifact_copy)]) == 0
     before = (artifact_copy / MANIFEST).read_text()
@@ -628,7 +628,7 @@ FAKE_TRT = types.SimpleNamespace(
 
 
 def fake_engine_build(onnx_path, engine_path, profile, precision, timing_cache_path):
-    from runtime.backends.trt import profile_to_json
+    from deltalm.backends.trt import profile_to_json
 
     Path(engine_path).write_text(json.dumps({"onnx": str(Path(onnx_path).resolve()), "profile": profile_to_json(profile)}))
     return {"build_seconds": 0.1, "fp32_layers": 0, "layers": 1}
@@ -636,8 +636,8 @@ def fake_engine_build(onnx_path, engine_path, profile, precision, timing_cache_p
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    import export.engines as engines
-    import runtime.backends.trt as trt_backend
+    import deltalm.export.engines as engines
+    import deltalm.backends.trt as trt_backend
 
     monkeypatch.setitem(sys.modules, "tensorrt", FAKE_TRT)
     monkeypatch.setattr(engines, "gpu_identity", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
@@ -650,8 +650,8 @@ def fake_gpu(monkeypatch):
 
 @pytest.fixture
 def trt_and_ort(artifact_copy, fake_gpu, capsys):
-    from runtime.backends.ort import OrtBackend
-    from runtime.backends.trt import TrtBackend
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.backends.trt import TrtBackend
 
     assert main(["engines", str(artifact_copy), "--max-batch", "3", "--max-beam", "4", "--max-src-len", "16",
                  "--max-tgt-len", "12"]) == 0
@@ -659,14 +659,14 @@ def trt_and_ort(artifact_copy, fake_gpu, capsys):
 
 
 def sources(cfg, lengths, seed=0):
-    from export.parity import make_sources
+    from deltalm.export.parity import make_sources
 
     return make_sources(cfg, lengths, np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_trt_backend_searches_exactly_like_the_ort_backend(trt_and_ort, beam):
-    from runtime.search import SearchOptions, generate
+    from deltalm.search import SearchOptions, generate
 
     trt, ort = trt_and_ort
     src = sources(ort.cfg, (5, 9, 3))
@@ -677,7 +677,7 @@ def test_trt_backend_searches_exactly_like_the_ort_backend(trt_and_ort, beam):
 
 
 def test_trt_backend_log_probs_follow_reorder_and_dropped_sentences(trt_and_ort):
-    from runtime.search import SearchOptions, step_rules
+    from deltalm.search import SearchOptions, step_rules
 
     trt, ort = trt_and_ort
     cfg = ort.cfg
@@ -700,7 +700,7 @@ def test_trt_backend_log_probs_follow_reorder_and_dropped_sentences(trt_and_ort)
 
 
 def test_trt_backend_copies_only_topk_back_per_step(trt_and_ort):
-    from runtime.search import SearchOptions, step_rules
+    from deltalm.search import SearchOptions, step_rules
 
     trt, _ = trt_and_ort
     state = trt.encode(sources(trt.cfg, (4, 4)))
@@ -711,7 +711,7 @@ def test_trt_backend_copies_only_topk_back_per_step(trt_and_ort):
 
 
 def test_trt_backend_refuses_shapes_outside_the_profile(trt_and_ort):
-    from runtime.search import SearchOptions, generate
+    from deltalm.search import SearchOptions, generate
 
     trt, _ = trt_and_ort
     with pytest.raises(InputError, match="a batch of 4 sentences exceeds the engine profile maximum 3"):
@@ -726,7 +726,7 @@ def test_trt_backend_refuses_shapes_outside_the_profile(trt_and_ort):
 
 
 def test_trt_backend_holds_one_batch_at_a_time(trt_and_ort):
-    from runtime.search import SearchOptions, step_rules
+    from deltalm.search import SearchOptions, step_rules
 
     trt, _ = trt_and_ort
     old = trt.encode(sources(trt.cfg, (3,)))
@@ -736,12 +736,12 @@ def test_trt_backend_holds_one_batch_at_a_time(trt_and_ort):
 
 
 def test_trt_backend_refuses_engines_of_another_onnx_export(trt_and_ort, artifact_copy):
-    from runtime.backends.trt import TrtBackend
+    from deltalm.backends.trt import TrtBackend
 
     manifest = json.loads((artifact_copy / MANIFEST).read_text())
     manifest["files"]["decoder_step.onnx"] = "0" * 64  # as if the graph had been re-exported
     write_json_atomic(artifact_copy / MANIFEST, manifest)
-    from runtime.artifact import Artifact
+    from deltalm.artifact import Artifact
 
     with pytest.raises(ArtifactError, match="engine engines/decoder_step.plan: it was built from another decoder_step.onnx"):
         TrtBackend(Artifact(artifact_copy, manifest))
@@ -753,7 +753,7 @@ def test_trt_backend_refuses_engines_of_another_onnx_export(trt_and_ort, artifac
 def _tensorrt_and_gpu() -> bool:
     if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("polygraphy") is None:
         return False
-    from runtime.backends.trt import gpu_identity
+    from deltalm.backends.trt import gpu_identity
 
     try:
         gpu_identity()
@@ -764,10 +764,10 @@ def _tensorrt_and_gpu() -> bool:
 
 @pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT 10, Polygraphy and a CUDA GPU")
 def test_trt_engines_translate_like_onnx_runtime(artifact_copy):
-    from export.parity import make_sources
-    from runtime.backends.ort import OrtBackend
-    from runtime.backends.trt import TrtBackend
-    from runtime.search import SearchOptions, generate, step_rules
+    from deltalm.export.parity import make_sources
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.backends.trt import TrtBackend
+    from deltalm.search import SearchOptions, generate, step_rules
 
     assert main(["engines", str(artifact_copy), "--precision", "fp32", "--max-batch", "3", "--max-beam", "4",
                  "--max-src-len", "32", "--max-tgt-len", "24"]) == 0

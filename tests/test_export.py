@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import checkpoint_writers as W
-from runtime.artifact import open_artifact
-from runtime.cli import main as cli
-from runtime.config import ModelConfig
-from runtime.search import SearchOptions, generate
+from deltalm.artifact import open_artifact
+from deltalm.cli import main as cli
+from deltalm.config import ModelConfig
+from deltalm.search import SearchOptions, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_ckpt(tmp_path_factory):
     """A random tiny DeltaLM as a real fairseq checkpoint (cfg as an omegaconf DictConfig), with the
     toy tokenizer. Returns (checkpoint, spm, dict, model)."""
-    from export.model import DeltaLM
-    from export.toy_data import build_toy_tokenizer
-    from runtime.tokenizer import Dictionary
+    from deltalm.export.model import DeltaLM
+    from deltalm.export.toy_data import build_toy_tokenizer
+    from deltalm.tokenizer import Dictionary
 
     work = tmp_path_factory.mktemp("tiny")
     spm, dct = build_toy_tokenizer(work)
@@ -67,15 +67,15 @@ def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
 
 
 def sources(cfg, rng, lengths):
-    from export.parity import make_sources
+    from deltalm.export.parity import make_sources
 
     return make_sources(cfg, lengths, rng)
 
 
 @pytest.mark.parametrize("beam,nbest", [(1, 1), (5, 3)])
 def test_ort_backend_gives_the_same_ids_and_scores_as_torch(artifact, tiny_ckpt, beam, nbest):
-    from export.torch_backend import TorchBackend
-    from runtime.backends.ort import OrtBackend
+    from deltalm.export.torch_backend import TorchBackend
+    from deltalm.backends.ort import OrtBackend
 
     model = tiny_ckpt[3]
     torch_b, ort_b = TorchBackend(model), OrtBackend.from_artifact(artifact)
@@ -91,7 +91,7 @@ def test_ort_backend_gives_the_same_ids_and_scores_as_torch(artifact, tiny_ckpt,
 
 
 def test_ort_full_log_probs_path_equals_in_graph_topk(artifact, tiny_ckpt):
-    from runtime.backends.ort import OrtBackend
+    from deltalm.backends.ort import OrtBackend
 
     fast = OrtBackend.from_artifact(artifact)
     full = OrtBackend.from_artifact(artifact)
@@ -123,7 +123,7 @@ def test_translate_cli_ort_equals_torch_jsonl(artifact, tiny_ckpt, tmp_path, cap
 
 
 def test_sampling_and_ngram_blocking_run_on_ort(artifact):
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", "translate", str(artifact), "--sampling", "--topk", "5",
+    out = subprocess.run([sys.executable, "-m", "deltalm.cli", "translate", str(artifact), "--sampling", "--topk", "5",
                           "--seed", "3", "--beam", "2", "--no-repeat-ngram-size", "2", "--max-len-b", "8"],
                          input="a b c\nhello\n", capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -134,10 +134,10 @@ def test_runtime_never_imports_torch(artifact):
     """`deltalm translate DIR --backend ort` with torch made unimportable."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import pkgutil, importlib, runtime, runtime.backends\n"
-        "for m in pkgutil.walk_packages(runtime.__path__, 'runtime.'):\n"
+        "import pkgutil, importlib, deltalm, deltalm.backends\n"
+        "for m in pkgutil.walk_packages(deltalm.__path__, 'deltalm.'):\n"
         "    importlib.import_module(m.name)\n"
-        "from runtime.cli import main\n"
+        "from deltalm.cli import main\n"
         f"sys.exit(main(['translate', {str(artifact)!r}, '--beam', '3']))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], input="Die Katze sieht den roten Apfel.\n",
@@ -157,13 +157,13 @@ def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_pat
     top1 = [r["top1_agreement"] for r in parity["graphs"] if r["output"] == "topk_ids"]
     assert top1 and min(top1) >= 0.5
     assert {r["beam"] for r in parity["end_to_end"]} == {1, 5}
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", "translate", str(art)], input="hello world\n",
+    out = subprocess.run([sys.executable, "-m", "deltalm.cli", "translate", str(art)], input="hello world\n",
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
 
 
 def test_large_models_use_external_data_and_load_back(tiny_ckpt, tmp_path, monkeypatch):
-    import export.onnx_export as ox
+    import deltalm.export.onnx_export as ox
 
     monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1000)
     art = export(tiny_ckpt, tmp_path / "ext")
@@ -184,7 +184,7 @@ def test_export_refuses_to_overwrite_without_force(artifact, tiny_ckpt, capsys):
 def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
     import torch
 
-    from export.model import EncoderModel
+    from deltalm.export.model import EncoderModel
 
     cfg = ModelConfig(kind="xlmr", embed_dim=32, ffn_dim=64, encoder_layers=2, decoder_layers=0, heads=4,
                       vocab_size=120, mlm_head="roberta", layernorm_embedding=True)

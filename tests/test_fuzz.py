@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli_support import FAST, run_cli
-from export.toy_data import toy_corpus
-from runtime.errors import InputError, TokenizerError
-from runtime.tokenizer import Dictionary
+from deltalm.export.toy_data import toy_corpus
+from deltalm.errors import InputError, TokenizerError
+from deltalm.tokenizer import Dictionary
 
 EOS = 2
 MAX_POSITIONS = 512  # the tiny model's

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.graphs import DecoderStepGraph, EncoderGraph
-from export.model import make_positions
-from runtime.search import StepRules
+from deltalm.export.graphs import DecoderStepGraph, EncoderGraph
+from deltalm.export.model import make_positions
+from deltalm.search import StepRules
 
 
 def left_padded(rows, pad=1):
@@ -92,8 +92,8 @@ def test_in_graph_reorder_and_sentence_selection_equal_recomputation(tiny_model)
 
 
 def test_graph_rules_equal_numpy_rules(tiny_cfg):
-    from export.graphs import apply_rules as graph_rules
-    from runtime.search import apply_rules as numpy_rules
+    from deltalm.export.graphs import apply_rules as graph_rules
+    from deltalm.search import apply_rules as numpy_rules
 
     rng = np.random.default_rng(0)
     lp = rng.normal(size=(4, tiny_cfg.vocab_size)).astype(np.float32)
@@ -118,8 +118,8 @@ def test_tied_output_projection_shares_the_embedding(tiny_model):
 def test_in_graph_topk_with_rules_equals_rules_then_topk_on_the_full_vocabulary(tiny_cfg, seed):
     """The fast path (top-(k+3), rules on the candidates) against the definition (rules on every
     column, then top-k), with the special tokens placed among the best logits."""
-    from export.graphs import apply_rules as graph_rules
-    from export.graphs import topk_with_rules
+    from deltalm.export.graphs import apply_rules as graph_rules
+    from deltalm.export.graphs import topk_with_rules
 
     g = torch.Generator().manual_seed(seed)
     rows, V, k = 6, tiny_cfg.vocab_size, 4

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from cli_support import DELTALM, ENV, FAST, ROOT, assert_one_line_error, run_cli
-from export.toy_data import toy_corpus
-from runtime.artifact import MANIFEST, clean_stale_work_dirs, open_artifact, previous_artifact_of, work_dir_name
-from runtime.errors import ArtifactError, DeltaLMError
+from deltalm.export.toy_data import toy_corpus
+from deltalm.artifact import MANIFEST, clean_stale_work_dirs, open_artifact, previous_artifact_of, work_dir_name
+from deltalm.errors import ArtifactError, DeltaLMError
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_damaged_bytes_anywhere_in_a_checkpoint_give_one_line(tiny, tmp_path):
     only tensor values were hit, a load), never a traceback."""
     import random
 
-    from export.checkpoints import load_checkpoint
+    from deltalm.export.checkpoints import load_checkpoint
 
     rng = random.Random(0)
     whole = tmp_path / "legacy.pt"
@@ -323,7 +323,7 @@ def test_missing_artifact_directory(tmp_path):
 
 
 def test_engine_built_for_another_gpu_or_another_onnx_is_refused():
-    trt = pytest.importorskip("runtime.backends.trt")
+    trt = pytest.importorskip("deltalm.backends.trt")
     if not hasattr(trt, "check_engine_compat"):
         pytest.skip("no check_engine_compat in runtime/backends/trt.py yet")
     meta = {"graph": "decoder_step", "file": "engines/decoder_step.plan", "onnx": "decoder_step.onnx",
@@ -490,7 +490,7 @@ def lines_named(message: str) -> set[int]:
 
 
 def test_a_failing_batch_names_its_input_lines_and_writes_nothing(tiny, tok, tmp_path, monkeypatch):
-    from runtime.backends.ort import OrtBackend
+    from deltalm.backends.ort import OrtBackend
 
     real_encode = OrtBackend.encode
     batches = []

@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from runtime.errors import InputError
-from runtime.search import SearchOptions, apply_rules, block_repeated_ngrams, generate, step_rules
+from deltalm.errors import InputError
+from deltalm.search import SearchOptions, apply_rules, block_repeated_ngrams, generate, step_rules
 
 EOS, PAD, UNK = 2, 1, 3
 
@@ -199,7 +199,7 @@ def test_sampling_is_seeded_and_respects_topk(fake_backend):
 
 
 def test_sampling_topp_keeps_the_nucleus(fake_backend):
-    from runtime.search import _sample
+    from deltalm.search import _sample
 
     lp = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     ids, _ = _sample(lp, 400, SearchOptions(sampling_topp=0.7), np.random.default_rng(0))

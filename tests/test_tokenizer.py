@@ -10,9 +10,9 @@ import sentencepiece
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.toy_data import TOY_LANG_TAGS, build_toy_tokenizer, toy_corpus, toy_pairs
-from runtime.errors import InputError, TokenizerError
-from runtime.tokenizer import SPM_SPACE, Dictionary, Tokenizer, collate
+from deltalm.export.toy_data import TOY_LANG_TAGS, build_toy_tokenizer, toy_corpus, toy_pairs
+from deltalm.errors import InputError, TokenizerError
+from deltalm.tokenizer import SPM_SPACE, Dictionary, Tokenizer, collate
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +317,6 @@ def test_tokenizer_and_toy_data_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, runtime.tokenizer, export.toy_data; sys.exit('torch' in sys.modules)"
+    code = "import sys, deltalm.tokenizer, deltalm.export.toy_data; sys.exit('torch' in sys.modules)"
     repo = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0

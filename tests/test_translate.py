@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.toy_data import build_toy_tokenizer, toy_corpus
-from runtime import translate
-from runtime.config import ModelConfig
-from runtime.errors import DeltaLMError, InputError
-from runtime.search import SearchOptions
-from runtime.tokenizer import Tokenizer
-from runtime.translate import (
+from deltalm.export.toy_data import build_toy_tokenizer, toy_corpus
+from deltalm import translate
+from deltalm.config import ModelConfig
+from deltalm.errors import DeltaLMError, InputError
+from deltalm.search import SearchOptions
+from deltalm.tokenizer import Tokenizer
+from deltalm.translate import (
     StreamOptions,
     add_translate_arguments,
     format_translation,

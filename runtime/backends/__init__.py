@@ -25,7 +25,7 @@ BACKENDS = ("torch", "ort", "trt")
 def load_backend(name: str, source, **options):
     """source: a checkpoint spec (torch) or an artifact directory (ort, trt)."""
     if name == "torch":
-        from export.torch_backend import TorchBackend
+        from deltalm.export.torch_backend import TorchBackend
 
         return TorchBackend.from_source(source, **options)
     if name == "ort":

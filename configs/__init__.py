@@ -1,0 +1,1 @@
+"""Architecture presets (``ModelConfig.from_name``), shipped as package data."""
