@@ -196,7 +196,7 @@ def export_command(args) -> int:
         t2 = time.perf_counter()
         rows = graph_parity(model, artifact)
         e2e = end_to_end(model, artifact) if cfg.is_encoder_decoder and spm else []
-        ok, failures = summarize(rows, precision, args.tolerance)
+        ok, failures = summarize(rows, precision, args.tolerance, e2e)
         report = {"precision": precision, "tolerance": args.tolerance, "passed": ok, "failures": failures,
                   "graphs": rows, "end_to_end": e2e,
                   "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2), "parity": round(time.perf_counter() - t2, 2)}}
@@ -233,7 +233,7 @@ def parity_command(args) -> int:
     tolerance = args.tolerance if args.tolerance is not None else artifact.manifest["export_options"]["tolerance"]
     rows = graph_parity(model, artifact)
     e2e = end_to_end(model, artifact) if artifact.config.is_encoder_decoder else []
-    ok, failures = summarize(rows, artifact.precision, tolerance)
+    ok, failures = summarize(rows, artifact.precision, tolerance, e2e)
     print(format_table(rows))
     for r in e2e:
         print(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences")

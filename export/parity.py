@@ -7,12 +7,12 @@ For top-k outputs: the fraction of equal ids, and of rows whose top-1 id agrees.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from deltalm.compare import Thresholds, compare_arrays, compare_translations
 from deltalm.graphs import GraphSpec
 
 from .graphs import DecoderStepGraph, EncoderGraph
@@ -62,25 +62,7 @@ def make_sources(cfg, lengths, rng) -> np.ndarray:
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray) -> dict:
-    if got.shape != want.shape:
-        return {"output": name, "shape_ok": False, "got_shape": list(got.shape), "want_shape": list(want.shape)}
-    if np.issubdtype(want.dtype, np.integer):
-        agree = float(np.mean(got == want)) if want.size else 1.0
-        top1 = float(np.mean(got[:, 0] == want[:, 0])) if want.ndim == 2 and want.size else agree
-        return {"output": name, "shape_ok": True, "agreement": agree, "top1_agreement": top1}
-    got = got.astype(np.float64)
-    want = want.astype(np.float64)
-    both_inf = np.isinf(got) & np.isinf(want) & (np.sign(got) == np.sign(want))
-    with np.errstate(invalid="ignore"):
-        diff = np.where(both_inf, 0.0, np.abs(got - want))
-    diff = np.nan_to_num(diff, nan=np.inf)
-    big = np.abs(want) >= 1e-3
-    return {
-        "output": name,
-        "shape_ok": True,
-        "max_abs": float(diff.max()) if diff.size else 0.0,
-        "max_rel": float((diff[big] / np.abs(want[big])).max()) if big.any() else 0.0,
-    }
+    return {"output": name} | compare_arrays(got, want)
 
 
 def _ort_session(path):
@@ -152,7 +134,6 @@ def end_to_end(model, artifact, sources: list[np.ndarray] | None = None, seed: i
     """Translate the same sources with --backend torch and --backend ort (greedy and beam 5):
     fraction of sentences with identical ids, and the largest score difference."""
     from deltalm.backends.ort import OrtBackend
-    from deltalm.search import SearchOptions, generate
 
     from .torch_backend import TorchBackend
 
@@ -163,39 +144,27 @@ def end_to_end(model, artifact, sources: list[np.ndarray] | None = None, seed: i
         # is slow on full-size models (it is the baseline, after all)
         sources = [make_sources(cfg, lengths, rng) for lengths in [(5, 9, 3), (12,)]]
     ref = TorchBackend(model, topk=artifact.graph_spec("decoder_step").outputs[0].shape[1])
-    ort_backend = OrtBackend(artifact)
-    results = []
-    for beam in (1, 5):
-        opts = SearchOptions(beam=beam, nbest=1, max_len_b=16)
-        same = total = 0
-        worst = 0.0
-        t_ref = t_ort = 0.0
-        for src in sources:
-            t0 = time.perf_counter()
-            a = generate(ref, src, opts)
-            t1 = time.perf_counter()
-            b = generate(ort_backend, src, opts)
-            t_ort += time.perf_counter() - t1
-            t_ref += t1 - t0
-            for ha, hb in zip(a, b):
-                total += 1
-                if ha[0].tokens == hb[0].tokens:
-                    same += 1
-                    worst = max(worst, abs(ha[0].score - hb[0].score))
-        results.append({"beam": beam, "sentences": total, "identical_ids": same / total,
-                        "max_score_diff": worst, "torch_s": round(t_ref, 3), "ort_s": round(t_ort, 3)})
-    return results
+    return compare_translations(ref, OrtBackend(artifact), sources, beams=(1, 5), max_len_b=16)
 
 
-def summarize(rows: list[dict], precision: str, tolerance: float) -> tuple[bool, list[str]]:
-    """fp32: every float output within ``tolerance`` (max abs) and every shape right.
-    fp16 / int8: shapes right; errors and top-1 agreement reported, not enforced."""
+FLOAT_OUTPUTS = ("log_probs", "topk_scores", "encoder_out", "mlm_logits")
+
+
+def summarize(rows: list[dict], precision: str, tolerance: float | None, end_to_end_rows: list[dict] = ()) -> tuple[bool, list[str]]:
+    """The verdict (``deltalm.compare.Thresholds.for_precision``). Every shape must be right.
+    fp32: every float output within ``tolerance`` (max abs) and identical end-to-end ids.
+    fp16 / int8: top-1 agreement of the in-graph top-k ids and the share of identical
+    end-to-end sentences, at the thresholds stated there."""
+    limits = Thresholds.for_precision(precision, tolerance)
     failures = []
     for r in rows:
+        what = f"{r['graph']} {r['output']} [{r['case']}]"
         if not r.get("shape_ok", False):
-            failures.append(f"{r['graph']} {r['output']} [{r['case']}]: shape {r.get('got_shape')} != {r.get('want_shape')}")
-        elif precision == "fp32" and "max_abs" in r and r["output"] in ("log_probs", "topk_scores", "encoder_out", "mlm_logits") and r["max_abs"] > tolerance:
-            failures.append(f"{r['graph']} {r['output']} [{r['case']}]: max abs error {r['max_abs']:.2e} > {tolerance:.0e}")
+            failures += limits.failures(what, r)
+        elif (r["output"] in FLOAT_OUTPUTS and "max_abs" in r) or r["output"] == "topk_ids":
+            failures += limits.failures(what, r)
+    for r in end_to_end_rows:
+        failures += limits.failures(f"end to end, beam {r['beam']}", r)
     return not failures, failures
 
 

@@ -1,0 +1,139 @@
+"""The one comparator: how far one computation is from another, and whether that is acceptable.
+
+Used by export parity (exported graphs against the PyTorch model), the benchmark's agreement
+columns (reduced precisions against fp32) and the GPU check (ORT CUDA / TensorRT against ORT CPU),
+so that "agreement" means the same thing everywhere. Three levels, each over any two backends of
+the common interface (``encode`` / ``step``, see ``backends/__init__.py``):
+
+- ``compare_arrays``: one output tensor against a reference (max abs / max rel error for floats,
+  fraction of equal ids and of equal top-1 ids for integer top-k outputs);
+- ``compare_steps``: teacher-forced greedy decoding, both backends fed the reference's tokens:
+  top-1 agreement of every (row, step) and the largest log-prob difference;
+- ``compare_translations``: full searches (greedy and beam), the fraction of sentences with
+  identical token ids and the largest score difference among them.
+
+``Thresholds`` turns those numbers into a verdict. numpy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Relative errors are taken only where the reference is at least this large in magnitude.
+REL_FLOOR = 1e-3
+
+
+def compare_arrays(got: np.ndarray, want: np.ndarray) -> dict:
+    """``got`` against ``want``. Float tensors: ``max_abs`` = max |got - want| (equal infinities
+    count as no error, NaN as infinite error) and ``max_rel`` over elements with |want| >=
+    REL_FLOOR. Integer tensors (top-k ids): ``agreement`` (equal elements) and ``top1_agreement``
+    (equal first column). A shape mismatch gives ``shape_ok`` False and both shapes."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return {"shape_ok": False, "got_shape": list(got.shape), "want_shape": list(want.shape)}
+    if np.issubdtype(want.dtype, np.integer) or want.dtype == np.bool_:
+        agree = float(np.mean(got == want)) if want.size else 1.0
+        top1 = float(np.mean(got[:, 0] == want[:, 0])) if want.ndim == 2 and want.size else agree
+        return {"shape_ok": True, "agreement": agree, "top1_agreement": top1}
+    g = got.astype(np.float64)
+    w = want.astype(np.float64)
+    both_inf = np.isinf(g) & np.isinf(w) & (np.sign(g) == np.sign(w))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(both_inf, 0.0, np.abs(g - w))
+    diff = np.nan_to_num(diff, nan=np.inf)
+    big = np.abs(w) >= REL_FLOOR
+    return {
+        "shape_ok": True,
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "max_rel": float((diff[big] / np.abs(w[big])).max()) if big.any() else 0.0,
+    }
+
+
+def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
+    """Greedy decoding of ``src`` [batch, src_len] (left-padded) teacher-forced by ``reference``:
+    at every step both backends get the token the reference chose, so one early disagreement does
+    not make every later step differ. ``top1_agreement``: fraction of (row, step) whose top-1 ids
+    agree (rows whose reference score is -inf excluded: their ids are arbitrary ties);
+    ``log_probs_max_abs``: the largest difference of the raw log-probs."""
+    from .search import SearchOptions, apply_rules, step_rules
+
+    opts = SearchOptions(beam=1, max_len_b=steps, min_len=steps)  # no </s> before the last step
+    rows = src.shape[0]
+    state_a, state_b = reference.encode(src), candidate.encode(src)
+    tokens = np.full(rows, reference.cfg.eos, dtype=np.int64)
+    keep = np.arange(rows, dtype=np.int64)
+    same = total = 0
+    worst = 0.0
+    for step in range(steps + 1):
+        rules = step_rules(opts, step, steps, rows)
+        lp_a = reference.step(state_a, tokens, step, keep, keep, rules, want="logprobs")
+        lp_b = candidate.step(state_b, tokens, step, keep, keep, rules, want="logprobs")
+        worst = max(worst, compare_arrays(np.asarray(lp_b, np.float32), np.asarray(lp_a, np.float32))["max_abs"])
+        cfg = reference.cfg
+        ruled_a = apply_rules(np.asarray(lp_a, np.float32), rules, cfg.pad, cfg.unk, cfg.eos)
+        ruled_b = apply_rules(np.asarray(lp_b, np.float32), rules, cfg.pad, cfg.unk, cfg.eos)
+        top_a, top_b = ruled_a.argmax(axis=1), ruled_b.argmax(axis=1)
+        finite = np.isfinite(ruled_a.max(axis=1))
+        same += int(np.sum((top_a == top_b) & finite))
+        total += int(finite.sum())
+        tokens = top_a.astype(np.int64)
+    return {"rows": rows, "steps": steps + 1, "top1_agreement": same / max(total, 1), "log_probs_max_abs": worst}
+
+
+def compare_translations(reference, candidate, sources: list[np.ndarray], beams=(1, 5), max_len_b: int = 16) -> list[dict]:
+    """Full searches with both backends over ``sources`` (a list of left-padded [batch, src_len]
+    batches), one row per beam size: ``sentences``, ``identical_ids`` (fraction of sentences whose
+    best hypotheses have the same ids), ``max_score_diff`` (over those identical sentences)."""
+    from .search import SearchOptions, generate
+
+    rows = []
+    for beam in beams:
+        opts = SearchOptions(beam=beam, nbest=1, max_len_b=max_len_b)
+        same = total = 0
+        worst = 0.0
+        for src in sources:
+            for ha, hb in zip(generate(reference, src, opts), generate(candidate, src, opts)):
+                total += 1
+                if ha[0].tokens == hb[0].tokens:
+                    same += 1
+                    worst = max(worst, abs(ha[0].score - hb[0].score))
+        rows.append({"beam": beam, "sentences": total, "identical_ids": same / max(total, 1), "max_score_diff": worst})
+    return rows
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What counts as agreement. fp32 is held to ``max_abs`` on float outputs; reduced precisions
+    (fp16, int8) cannot be, so they are held to top-1 agreement of the step and to the share of
+    sentences translated identically instead."""
+
+    max_abs: float | None = 1e-4  # float outputs (fp32); None: not enforced
+    min_top1: float | None = None  # top-1 agreement of top-k ids / teacher-forced steps
+    min_identical: float | None = None  # share of sentences with identical ids (end to end)
+
+    @classmethod
+    def for_precision(cls, precision: str, tolerance: float | None = None) -> "Thresholds":
+        """fp32: ``tolerance`` (default 1e-4) on float outputs, and identical translations.
+        fp16: top-1 agreement >= 0.9 and >= 75% identical sentences; int8: >= 0.75 and >= 50%.
+        The reduced-precision limits are set for the export's small checks (a handful of random
+        sources, where near-ties are common on random or barely trained weights); a trained model
+        does far better. ``tolerance`` applies to fp32 only."""
+        if precision == "fp32":
+            return cls(max_abs=1e-4 if tolerance is None else tolerance, min_top1=None, min_identical=1.0)
+        if precision == "fp16":
+            return cls(max_abs=None, min_top1=0.9, min_identical=0.75)
+        return cls(max_abs=None, min_top1=0.75, min_identical=0.5)
+
+    def failures(self, what: str, result: dict) -> list[str]:
+        """One line per threshold that ``result`` (from one of the compare functions) misses."""
+        out = []
+        if not result.get("shape_ok", True):
+            return [f"{what}: shape {result.get('got_shape')} != {result.get('want_shape')}"]
+        if self.max_abs is not None and "max_abs" in result and result["max_abs"] > self.max_abs:
+            out.append(f"{what}: max abs error {result['max_abs']:.2e} > {self.max_abs:.0e}")
+        if self.min_top1 is not None and "top1_agreement" in result and result["top1_agreement"] < self.min_top1:
+            out.append(f"{what}: top-1 agreement {result['top1_agreement']:.3f} < {self.min_top1}")
+        if self.min_identical is not None and "identical_ids" in result and result["identical_ids"] < self.min_identical:
+            out.append(f"{what}: identical sentences {result['identical_ids']:.0%} < {self.min_identical:.0%}")
+        return out
