@@ -1,31 +1,17 @@
 """``deltalm inspect | export | parity | engines``: the export side of the CLI."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import platform
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
-from deltalm.artifact import (
-    FORMAT_VERSION,
-    MANIFEST,
-    clean_stale_work_dirs,
-    hash_files,
-    open_artifact,
-    work_dir_name,
-    write_json_atomic,
-)
+from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact
+from deltalm.atomic import atomic_directory, write_json_atomic
 from deltalm.config import config_overrides
-from deltalm.errors import ArtifactError, DeltaLMError, InputError
-
-
-class ExportError(DeltaLMError):
-    """The export ran but its result is not acceptable (parity failed...)."""
+from deltalm.errors import ArtifactError, ExportError, InputError
 
 
 def _log(msg: str) -> None:
@@ -70,48 +56,6 @@ def inspect_command(args) -> int:
         else:
             print(f"{key}: {value}")
     return 0
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, force: bool):
-    """Yield a hidden sibling directory to write into; on success it replaces ``out`` in one
-    rename, on any failure (Ctrl-C included) it is deleted. A killed process leaves only a hidden
-    ``.NAME.partial-PID`` directory, never something that looks like a complete artifact."""
-    out = out.resolve()
-    if out.parent.exists():
-        for line in clean_stale_work_dirs(out):
-            _log(line)
-    if out.exists() and not force:
-        raise InputError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = work_dir_name(out, "partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # SIGTERM becomes KeyboardInterrupt so the cleanup below runs
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
-    try:
-        yield tmp
-        if out.exists():
-            # set the previous artifact aside, move the new one in; a kill between the two renames
-            # leaves .NAME.old-PID, which the next export (or open_artifact's message) restores
-            old = work_dir_name(out, "old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _versions() -> dict:
@@ -251,4 +195,4 @@ def engines_command(args) -> int:
     return run(args)
 
 
-__all__ = ["inspect_command", "export_command", "parity_command", "engines_command", "atomic_directory"]
+__all__ = ["inspect_command", "export_command", "parity_command", "engines_command"]

@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from deltalm.artifact import MANIFEST, hash_files, open_artifact, read_manifest, write_json_atomic
+from deltalm.artifact import MANIFEST, hash_files, open_artifact, read_manifest
+from deltalm.atomic import atomic_directory, write_json_atomic
 from deltalm.backends.trt import (
     ENGINE_GRAPHS,
     check_engine_compat,
@@ -41,10 +42,8 @@ from deltalm.backends.trt import (
     profile_to_json,
 )
 from deltalm.config import ModelConfig
-from deltalm.errors import DeltaLMError, InputError
+from deltalm.errors import DeltaLMError, ExportError, InputError
 from deltalm.graphs import GraphSpec, decoder_step_spec, encoder_spec
-
-from .commands import ExportError, atomic_directory
 
 ENGINES_DIR = "engines"
 METADATA = "engines.json"

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .atomic import _stale_work_dir
 from .config import ModelConfig
 from .errors import ArtifactError, DeltaLMError
 from .graphs import GraphSpec
@@ -35,16 +34,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -82,81 +71,6 @@ class Artifact:
     @property
     def dict_path(self) -> Path:
         return self.path / self.manifest["tokenizer"]["dict"]
-
-
-# --- work directories of an export ---------------------------------------------------------------
-
-_WORK_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
-
-
-def work_dir_name(out: Path, kind: str, pid: int | None = None) -> Path:
-    """The hidden sibling an export of ``out`` writes into (``kind="partial"``) or sets the
-    previous artifact aside in (``kind="old"``)."""
-    return out.parent / f".{out.name}.{kind}-{os.getpid() if pid is None else pid}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (this one always does)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OverflowError:
-        return False
-    return True
-
-
-def _stale_work_dir(path: Path) -> tuple[str, str, int] | None:
-    """(artifact name, "partial" | "old", pid) when ``path`` is a work directory of a process that
-    no longer runs, else None."""
-    m = _WORK_DIR.match(path.name)
-    if not m or pid_alive(int(m["pid"])):
-        return None
-    return m["name"], m["kind"], int(m["pid"])
-
-
-def stale_work_dirs(out: str | Path) -> list[Path]:
-    """Work directories of ``out`` (``.NAME.partial-PID`` / ``.NAME.old-PID``) left by exports
-    that are no longer running, oldest first."""
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for p in out.parent.iterdir():
-        stale = _stale_work_dir(p)
-        if stale and stale[0] == out.name and p.is_dir():
-            found.append(p)
-    return sorted(found, key=lambda p: p.stat().st_mtime)
-
-
-def previous_artifact_of(out: str | Path) -> Path | None:
-    """The complete artifact an interrupted replace of ``out`` set aside (``.NAME.old-PID``), when
-    ``out`` itself is missing; else None."""
-    out = Path(out).absolute()
-    if out.exists():
-        return None
-    old = [p for p in stale_work_dirs(out) if _WORK_DIR.match(p.name)["kind"] == "old"]
-    return old[-1] if old else None
-
-
-def clean_stale_work_dirs(out: str | Path) -> list[str]:
-    """Tidy up after exports of ``out`` that were killed: a set-aside previous artifact goes back
-    to ``out`` when ``out`` is missing (its replacement never arrived), every other stale work
-    directory is deleted. Returns one line per action, for the log."""
-    out = Path(out).absolute()
-    done = []
-    restore = previous_artifact_of(out)
-    if restore is not None:
-        os.rename(restore, out)
-        done.append(f"restored {out} from {restore.name}, left by an interrupted export")
-    for p in stale_work_dirs(out):
-        shutil.rmtree(p, ignore_errors=True)
-        done.append(f"removed {p.name}, left by an interrupted export")
-    return done
 
 
 # --- reading --------------------------------------------------------------------------------------

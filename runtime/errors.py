@@ -20,3 +20,7 @@ class CheckpointError(DeltaLMError):
 
 class ArtifactError(DeltaLMError):
     """An artifact directory that is incomplete, corrupt, or built for something else."""
+
+
+class ExportError(DeltaLMError):
+    """The export ran but its result is not acceptable (parity failed...)."""

@@ -15,16 +15,14 @@ import itertools
 import json
 import math
 import os
-import re
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-from .artifact import MANIFEST, pid_alive, previous_artifact_of, read_manifest, verify_files
+from .artifact import MANIFEST, read_manifest, verify_files
+from .atomic import atomic_output, previous_artifact_of
 from .backends import BACKENDS, load_backend
 from .errors import DeltaLMError, InputError
 from .search import Hypothesis, SearchOptions, generate
@@ -459,47 +457,6 @@ def _check_paths(args) -> None:
             raise InputError(f"--output {out} is a directory")
         if not path.absolute().parent.is_dir():
             raise InputError(f"directory of --output {out} does not exist")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only complete: written to a temporary file in the
-    same directory, fsynced, then renamed over ``path``. On any failure (Ctrl-C included) the
-    temporary file is removed and ``path`` is left as it was; the hidden temporary file of a
-    killed run is removed by the next run writing ``path``."""
-    path = Path(path)
-    _remove_stale_temporaries(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
-    except OSError as e:
-        raise InputError(f"cannot write --output {path}: {e.strerror or e}") from None
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of ``path`` left by translations that were killed (their process is gone)."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp$")
-    with contextlib.suppress(OSError):
-        for p in path.parent.iterdir():
-            m = pattern.match(p.name)
-            if m and not pid_alive(int(m[1])):
-                p.unlink(missing_ok=True)
 
 
 class _Progress:

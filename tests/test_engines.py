@@ -24,7 +24,8 @@ from deltalm.export.engines import (
     load_profile_override,
     trtexec_command,
 )
-from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact, write_json_atomic
+from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact
+from deltalm.atomic import write_json_atomic
 from deltalm.backends.trt import (
     check_engine_compat,
     check_within_profile,
