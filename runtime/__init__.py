@@ -1,3 +1,35 @@
-"""Thin DeltaLM inference runtime: tokenizer, fairseq-exact search, ONNX Runtime / TensorRT backends.
+"""DeltaLM deployment: fairseq-exact translation with ONNX Runtime / TensorRT, no torch needed.
 
-Nothing under this package imports torch (tests/test_runtime_no_torch.py proves it)."""
+    import deltalm
+
+    with deltalm.Translator("model_dir") as translator:
+        print(translator.translate_batch(["Hallo Welt!"], beam=5)[0].text)
+
+The export side (``export_checkpoint``, ``inspect_checkpoint``, ``check_parity``) needs the
+``export`` extra (torch, onnx) and is imported only when used.
+"""
+from importlib import metadata as _metadata
+
+from .artifact import Artifact, open_artifact
+from .errors import ArtifactError, CheckpointError, DeltaLMError, ExportError, InputError, TokenizerError
+from .translator import Hypothesis, OptionError, TranslateOptions, Translation, Translator
+
+try:
+    __version__ = _metadata.version("deltalm-deploy")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+_EXPORT_NAMES = ("export_checkpoint", "inspect_checkpoint", "check_parity")
+
+
+def __getattr__(name: str):
+    if name in _EXPORT_NAMES:  # lazily: they need torch
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'deltalm' has no attribute {name!r}")
+
+
+__all__ = ["Translator", "Translation", "Hypothesis", "TranslateOptions", "Artifact", "open_artifact",
+           "DeltaLMError", "InputError", "OptionError", "ArtifactError", "CheckpointError", "TokenizerError",
+           "ExportError", "__version__", *_EXPORT_NAMES]

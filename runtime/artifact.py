@@ -182,3 +182,37 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
 
 def hash_files(root: Path, names: list[str]) -> dict[str, str]:
     return {n: sha256_file(root / n) for n in sorted(names)}
+
+
+def describe_artifact(artifact: Artifact) -> dict:
+    """What ``deltalm inspect DIR`` shows: model, precision, graphs, in-graph k, engines, parity."""
+    m = artifact.manifest
+    cfg = artifact.config
+    info = {
+        "artifact": str(artifact.path),
+        "format_version": m.get("format_version"),
+        "created": m.get("created"),
+        "model": f"{cfg.kind}, {cfg.embed_dim}d, {cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} "
+                 f"layers, {cfg.heads} heads, vocab {cfg.vocab_size}, {cfg.max_positions} positions",
+        "precision": artifact.precision,
+        "topk": (m.get("export_options") or {}).get("topk"),
+        "graphs": {name: ", ".join(entry.get("files", [entry.get("file")])) for name, entry in m.get("graphs", {}).items()},
+        "size_mb": round(sum((artifact.path / f).stat().st_size for f in m.get("files", {})
+                             if (artifact.path / f).is_file()) / 2**20, 1),
+        "source": (m.get("source") or {}).get("checkpoint"),
+        "engines": "none" if not m.get("engines") else
+                   f"{m['engines'].get('precision')} (TensorRT {m['engines'].get('tensorrt')}, {m['engines'].get('gpu')})",
+    }
+    parity_path = artifact.path / "parity.json"
+    if parity_path.is_file():
+        try:
+            report = json.loads(parity_path.read_text())
+            info["parity"] = "passed" if report.get("passed") else f"FAILED ({len(report.get('failures', []))} failures)"
+            e2e = report.get("end_to_end") or []
+            if e2e:
+                info["parity"] += "; " + ", ".join(f"beam {r['beam']}: {r['identical_ids']:.0%} identical" for r in e2e)
+        except (OSError, ValueError, KeyError, TypeError):
+            info["parity"] = "unreadable parity.json"
+    else:
+        info["parity"] = "no parity.json"
+    return info

@@ -7,39 +7,14 @@ Errors derived from DeltaLMError print as one line (``deltalm: error: ...``) wit
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
+from . import __version__
+from .commands import export as cmd_export
+from .commands import translate as cmd_translate
 from .errors import DeltaLMError
-
-
-def _cmd_inspect(args) -> int:
-    from deltalm.export.commands import inspect_command
-
-    return inspect_command(args)
-
-
-def _cmd_export(args) -> int:
-    from deltalm.export.commands import export_command
-
-    return export_command(args)
-
-
-def _cmd_parity(args) -> int:
-    from deltalm.export.commands import parity_command
-
-    return parity_command(args)
-
-
-def _cmd_engines(args) -> int:
-    from deltalm.export.commands import engines_command
-
-    return engines_command(args)
-
-
-def _cmd_translate(args) -> int:
-    from .translate import run_translate
-
-    return run_translate(args)
+from .translator import OptionError
 
 
 def _cmd_bench(args) -> int:
@@ -51,34 +26,20 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltalm", description="DeltaLM export (ONNX / TensorRT) and inference.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"deltalm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="describe a checkpoint: format, architecture, parameters, key problems")
-    s.add_argument("checkpoint")
-    s.add_argument("--config", help="preset name or JSON file overriding the architecture")
-    s.add_argument("--dict", help="dict.txt (checks the vocabulary size)")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(func=_cmd_inspect)
+    s = sub.add_parser("inspect", help="describe a checkpoint, an artifact directory or a preset")
+    cmd_export.add_inspect_arguments(s)
+    s.set_defaults(func=cmd_export.run_inspect)
 
     s = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX + manifest)")
-    s.add_argument("checkpoint")
-    s.add_argument("--spm", help="sentencepiece model (spm.model)")
-    s.add_argument("--dict", help="fairseq dict.txt")
-    s.add_argument("--out", required=True, help="artifact directory to write")
-    s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
-    s.add_argument("--config", help="preset name or JSON file overriding the architecture")
-    s.add_argument("--topk", type=int, default=10, help="k of the in-graph top-k (>= 2 x the largest beam)")
-    s.add_argument("--tolerance", type=float, default=1e-4, help="fp32 parity limit on log-probs (max abs)")
-    s.add_argument("--as-deltalm", action="store_true", help="seed a DeltaLM from an XLM-R checkpoint")
-    s.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
-    s.add_argument("--force", action="store_true", help="replace an existing artifact directory")
-    s.set_defaults(func=_cmd_export)
+    cmd_export.add_export_arguments(s)
+    s.set_defaults(func=cmd_export.run_export)
 
     s = sub.add_parser("parity", help="re-run the parity checks of an artifact against its checkpoint")
-    s.add_argument("dir")
-    s.add_argument("--checkpoint", help="checkpoint to compare with (default: the one recorded in the manifest)")
-    s.add_argument("--tolerance", type=float, default=None)
-    s.set_defaults(func=_cmd_parity)
+    cmd_export.add_parity_arguments(s)
+    s.set_defaults(func=cmd_export.run_parity)
 
     s = sub.add_parser("engines", help="build TensorRT engines for an artifact directory")
     s.add_argument("dir")
@@ -89,13 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-src-len", type=int, default=256)
     s.add_argument("--max-tgt-len", type=int, default=256)
     s.add_argument("--print-only", action="store_true", help="print the plan and trtexec commands, build nothing")
-    s.set_defaults(func=_cmd_engines)
+    s.set_defaults(func=cmd_export.run_engines)
 
     s = sub.add_parser("translate", help="translate text (stdin or --input) with a backend")
-    from .translate import add_translate_arguments
-
-    add_translate_arguments(s)
-    s.set_defaults(func=_cmd_translate)
+    cmd_translate.add_arguments(s)
+    s.set_defaults(func=cmd_translate.run)
 
     s = sub.add_parser("bench", help="benchmark every available backend on one checkpoint")
     s.add_argument("--model", default="tiny", help="tiny | base | path to an artifact directory")
@@ -113,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeltaLMError as e:
         if args.debug:
             raise
-        print(f"deltalm: error: {e}", file=sys.stderr)
+        print(f"deltalm: error: {_as_command_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deltalm: interrupted", file=sys.stderr)
@@ -127,6 +86,28 @@ def main(argv: list[str] | None = None) -> int:
             print("deltalm: interrupted", file=sys.stderr)
             return 130
         raise
+
+
+# keyword names of the library whose command-line flag is not simply --name-with-dashes
+_FLAGS = {"dictionary": "--dict"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _as_command_line(e: DeltaLMError) -> str:
+    """An OptionError speaks of keyword names (``max_len_b``); the command line of flags."""
+    if not isinstance(e, OptionError):
+        return str(e)
+    from dataclasses import fields
+
+    from .translator import TranslateOptions
+
+    names = sorted({f.name for f in fields(TranslateOptions)} | {"batch_size", "max_tokens", "chunk_lines"},
+                   key=len, reverse=True)
+    reason = re.sub(r"(?<![\w-])(" + "|".join(names) + r")(?![\w-])", lambda m: _flag(m[1]), e.reason)
+    return f"{_flag(e.option)} {reason}"
 
 
 def _caused_by_interrupt(e: BaseException) -> bool:

@@ -194,11 +194,16 @@ class Tokenizer:
             ) from None
         return " ".join(self.sp.encode(line, out_type=str)).split()
 
-    def encode(self, line: str) -> list[int]:
-        """Source ids: the source prefix, then one dict id per piece (``unk`` if not in dict.txt),
-        then ``</s>``; no ``<s>``."""
+    def encode(self, line: str, src_prefix: Sequence[int] | None = None) -> list[int]:
+        """Source ids: the source prefix (``src_prefix`` ids, by default the tokenizer's), then one
+        dict id per piece (``unk`` if not in dict.txt), then ``</s>``; no ``<s>``."""
         index = self.dictionary.index
-        return [*self.src_prefix, *(index(p) for p in self.pieces(line)), self.eos]
+        prefix = self.src_prefix if src_prefix is None else src_prefix
+        return [*prefix, *(index(p) for p in self.pieces(line)), self.eos]
+
+    def encode_source_prefix(self, symbols: Sequence[str]) -> list[int]:
+        """Ids of forced source tokens (e.g. a language tag); each must be in dict.txt."""
+        return self._lookup_all(symbols, "source prefix")
 
     def encode_target_prefix(self, symbols: Sequence[str]) -> list[int]:
         """Ids of forced target tokens (e.g. a language tag); each must be in dict.txt."""

@@ -449,7 +449,7 @@ def test_a_long_input_is_streamed_in_constant_memory(tiny):
     (["--beam", "0"], "--beam must be >= 1, got 0"),
     (["--beam", "265"], "--beam 265 must be smaller than the vocabulary (265)"),
     (["--max-len-b", "-1"], "--max-len-b must be >= 0, got -1"),
-    (["--max-len-a", "-0.5"], "--max-len-a and --max-len-b must be >= 0"),
+    (["--max-len-a", "-0.5"], "--max-len-a must be >= 0, got -0.5"),
     (["--max-len-a", "inf"], "--max-len-a must be a finite number, got inf"),
     (["--min-len", "600", "--max-len-b", "700"], "--min-len 600 exceeds the model's maximum length 511"),
     (["--lenpen", "nan"], "--lenpen must be a finite number, got nan"),

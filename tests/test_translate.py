@@ -15,21 +15,15 @@ import numpy as np
 import pytest
 
 from deltalm.export.toy_data import build_toy_tokenizer, toy_corpus
-from deltalm import translate
+from deltalm import translator as translator_module
+from deltalm.cli import _as_command_line
 from deltalm.config import ModelConfig
 from deltalm.errors import DeltaLMError, InputError
-from deltalm.search import SearchOptions
 from deltalm.tokenizer import Tokenizer
-from deltalm.translate import (
-    StreamOptions,
-    add_translate_arguments,
-    format_translation,
-    make_batches,
-    open_model,
-    options_from_args,
-    run_translate,
-    translate_stream,
-)
+from deltalm.commands.translate import add_arguments as add_translate_arguments
+from deltalm.commands.translate import open_translator, translate_options
+from deltalm.commands.translate import run as run_translate
+from deltalm.translator import Translator, format_translation, make_batches
 
 EOS, PAD = 2, 1
 
@@ -87,10 +81,11 @@ def backend(tok):
     return CopyBackend(len(tok))
 
 
-def run(backend, tok, lines, search=None, **stream):
-    """All translations of ``lines``, flattened."""
-    search = search or SearchOptions(beam=2)
-    return [t for chunk in translate_stream(backend, tok, lines, search, StreamOptions(**stream)) for t in chunk]
+def run(backend, tok, lines, search=None, warn=None, tgt_prefix=None, **stream):
+    """All translations of ``lines`` through a Translator over ``backend``."""
+    extra = {"warn": warn} if warn else {}
+    translator = Translator.from_backend(backend, tok, tgt_prefix=tgt_prefix, **extra)
+    return list(translator.translate_iterable(lines, **stream, **(search or {"beam": 2})))
 
 
 def mixed_lines(n=23):
@@ -162,7 +157,7 @@ def test_line_endings_and_a_byte_order_mark_are_not_text(backend, tok):
 
 def test_jsonl_holds_the_nbest_with_eos_terminated_tokens_and_positional_scores(backend, tok):
     lines = [toy_corpus()[3], "", toy_corpus()[200]]
-    search = SearchOptions(beam=4, nbest=3, lenpen=1.0, max_len_b=60)
+    search = {"beam": 4, "nbest": 3, "lenpen": 1.0, "max_len_b": 60}
     records = [json.loads(format_translation(t, "jsonl")) for t in run(backend, tok, lines, search)]
     assert [r["id"] for r in records] == [0, 1, 2]
     assert records[1] == {"id": 1, "nbest": []}
@@ -184,7 +179,7 @@ def test_target_prefix_is_forced_in_tokens_and_removed_from_text(tok):
     tag = tok.encode_target_prefix(["__de__"])
     backend = CopyBackend(len(tok), tgt_skip=1)
     line = toy_corpus()[10]
-    (t,) = run(backend, tok, [line], SearchOptions(beam=2, max_len_b=60, prefix_tokens=tag))
+    (t,) = run(backend, tok, [line], {"beam": 2, "max_len_b": 60}, tgt_prefix=["__de__"])
     assert t.hypotheses[0].tokens[0] == tag[0]
     assert t.text == line
     assert json.loads(format_translation(t, "jsonl"))["nbest"][0]["text"] == line
@@ -267,12 +262,12 @@ def test_input_is_read_chunk_by_chunk(backend, tok):
 
     seen_at_first_batch = []
     backend.on_encode = lambda: seen_at_first_batch.append(len(consumed))
-    stream = translate_stream(backend, tok, lines(), SearchOptions(beam=1, max_len_b=60), StreamOptions(chunk_lines=10))
-    assert consumed == []  # nothing is read before the first chunk is asked for
-    first = next(stream)
+    stream = Translator.from_backend(backend, tok).translate_iterable(lines(), beam=1, max_len_b=60, chunk_lines=10)
+    assert consumed == []  # nothing is read before the first translation is asked for
+    first = [next(stream) for _ in range(10)]
     assert [t.text for t in first] == corpus[:10]
     assert len(consumed) == 10 and seen_at_first_batch[0] == 10
-    rest = [t for chunk in stream for t in chunk]
+    rest = list(stream)
     assert [t.index for t in rest] == list(range(10, 50))
 
 
@@ -311,7 +306,7 @@ def fake_load(monkeypatch, tok):
 
     load.backend = CopyBackend(len(tok))
     load.calls = calls
-    monkeypatch.setattr(translate, "load_backend", load)
+    monkeypatch.setattr(translator_module, "load_backend", load)
     return load
 
 
@@ -395,15 +390,16 @@ def test_progress_bar_only_on_a_terminal_for_a_file_input(artifact, fake_load, m
         stderr = TerminalStderr()
         monkeypatch.setattr(sys, "stderr", stderr)
         run_translate(parse([str(artifact), "--input", str(src), "--output", str(out), *extra]))
-        assert ("100.0%" in stderr.getvalue() and stderr.getvalue().endswith("\n")) == shown
+        shown_text = stderr.getvalue()
+        assert ("100%" in shown_text and "4 lines" in shown_text and shown_text.endswith("\n")) == shown
         assert stderr.getvalue() == "" or shown
 
 
 def test_open_model_passes_directory_options_to_the_backend(artifact, fake_load):
-    backend, tok = open_model(parse([str(artifact), "--threads", "3", "--src-prefix", "__de__"]))
+    tok = open_translator(parse([str(artifact), "--threads", "3", "--src-prefix", "__de__"])).tokenizer
     assert fake_load.calls == [("ort", artifact, {"device": "cpu", "threads": 3})]
     assert tok.src_prefix == [tok.dictionary.index("__de__")]
-    open_model(parse([str(artifact), "--backend", "trt"]))
+    open_translator(parse([str(artifact), "--backend", "trt"]))
     assert fake_load.calls[-1][2]["device"] == "cuda"
 
 
@@ -411,13 +407,13 @@ def test_open_model_passes_checkpoint_options_to_the_torch_backend(artifact, fak
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"")
     dict_path = str(artifact / "dict.txt")
-    open_model(parse(["--checkpoint", str(ckpt), "--spm", str(artifact / "spm.model"), "--dict", dict_path, "--config", "tiny"]))
+    open_translator(parse(["--checkpoint", str(ckpt), "--spm", str(artifact / "spm.model"), "--dict", dict_path, "--config", "tiny"]))
     assert fake_load.calls == [("torch", str(ckpt), {"config": "tiny", "dict_path": dict_path, "threads": None})]
 
 
 def test_unknown_prefix_token_fails_before_the_backend_loads(artifact, fake_load):
     with pytest.raises(DeltaLMError, match="__xx__"):
-        open_model(parse([str(artifact), "--tgt-prefix", "__xx__"]))
+        open_translator(parse([str(artifact), "--tgt-prefix", "__xx__"]))
     assert fake_load.calls == []
 
 
@@ -425,19 +421,20 @@ def test_unknown_prefix_token_fails_before_the_backend_loads(artifact, fake_load
     "argv, message",
     [
         (["--beam", "0"], "--beam must be >= 1"),
-        (["--beam", "2", "--nbest", "3", "--format", "jsonl"], "--nbest must be between 1 and --beam"),
+        (["--beam", "2", "--nbest", "3", "--format", "jsonl"], r"--nbest must be between 1 and --beam \(2\), got 3"),
         (["--nbest", "2"], "--nbest > 1 needs --format jsonl"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
         (["--chunk-lines", "0"], "--chunk-lines must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--temperature", "0"], "--temperature must be > 0"),
-        (["--topk", "5"], "only with --sampling"),
+        (["--topk", "5"], "--sampling-topk applies only with --sampling"),
+        (["--sampling-topp", "0.5"], "--sampling-topp applies only with --sampling"),
         (["--sampling", "--topk", "5", "--topp", "0.9"], "not both"),
-        (["--sampling", "--topp", "0"], r"--topp must be in \(0, 1\]"),
+        (["--sampling", "--topp", "0"], r"--sampling-topp must be in \(0, 1\]"),
         (["--min-len", "10", "--max-len-b", "5"], "--min-len 10 exceeds --max-len-b 5"),
         (["--spm", "x.model"], "--spm go with --checkpoint"),
-        (["--backend", "torch"], "--backend torch runs a checkpoint"),
+        (["--backend", "torch", "--device", "cuda"], "the torch backend runs on the CPU"),
         (["--backend", "trt", "--device", "cpu"], "trt runs on --device cuda only"),
         (["--checkpoint", "c.pt"], "--checkpoint needs --spm and --dict"),
         (["--checkpoint", "c.pt", "--spm", "s", "--dict", "d", "--device", "cuda"], "--device applies to the ort and trt"),
@@ -449,8 +446,9 @@ def test_unknown_prefix_token_fails_before_the_backend_loads(artifact, fake_load
 def test_bad_options_fail_before_any_model_is_loaded(artifact, fake_load, argv, message):
     # argv without --checkpoint gets the artifact directory in front
     full = argv if "--checkpoint" in argv else [str(artifact), *argv]
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError) as err:
         run_translate(parse(full))
+    assert re.search(message, _as_command_line(err.value)), _as_command_line(err.value)
     assert fake_load.calls == []
 
 
@@ -463,18 +461,18 @@ def test_artifact_directory_and_checkpoint_are_exclusive(artifact, fake_load):
 
 
 def test_max_tokens_alone_lifts_the_sentence_limit():
-    _, stream = options_from_args(parse(["d", "--max-tokens", "4096"]))
-    assert (stream.batch_size, stream.max_tokens) == (None, 4096)
-    _, stream = options_from_args(parse(["d"]))
-    assert (stream.batch_size, stream.max_tokens) == (32, None)
+    from deltalm.commands.translate import _batching
+
+    assert _batching(parse(["d", "--max-tokens", "4096"])) == {"batch_size": None, "max_tokens": 4096}
+    assert _batching(parse(["d"])) == {"batch_size": 32, "max_tokens": None}
 
 
 def test_a_dictionary_larger_than_the_model_vocabulary_is_refused(tok):
     with pytest.raises(InputError, match="does not belong to this model"):
-        translate_stream(CopyBackend(len(tok) - 1), tok, [], SearchOptions())
+        Translator.from_backend(CopyBackend(len(tok) - 1), tok)
 
 
 def test_importing_translate_does_not_import_torch():
-    code = "import sys, runtime.translate; sys.exit('torch' in sys.modules)"
+    code = "import sys, deltalm, deltalm.commands.translate; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -1,0 +1,245 @@
+"""The export side as a library: inspect a checkpoint, export it to an artifact directory, re-check
+an artifact's parity. Plain arguments in, typed results out; the ``deltalm`` command's
+``inspect`` / ``export`` / ``parity`` are thin shells over these functions.
+
+    from deltalm.export import export_checkpoint
+
+    artifact = export_checkpoint("checkpoint_best.pt", "model_dir", spm="spm.model", dictionary="dict.txt")
+    print(artifact.precision, artifact.parity["passed"])
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from deltalm.artifact import FORMAT_VERSION, MANIFEST, Artifact, hash_files, open_artifact
+from deltalm.atomic import atomic_directory, write_json_atomic
+from deltalm.compare import Thresholds
+from deltalm.config import config_overrides
+from deltalm.errors import ArtifactError, ExportError, InputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_TOPK = 10
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _dictionary_size(dict_path) -> int | None:
+    if not dict_path:
+        return None
+    from deltalm.tokenizer import Dictionary
+
+    return len(Dictionary.load(dict_path))
+
+
+def load_for_export(checkpoint: str | Path, config: str | None = None, dict_path: str | Path | None = None,
+                    as_deltalm: bool = False):
+    """The checkpoint as a ``LoadedCheckpoint`` (canonical tensors + config), its vocabulary
+    checked against ``dict_path`` when given."""
+    from .checkpoints import load_checkpoint
+
+    if not Path(checkpoint).exists():
+        raise InputError(f"{checkpoint}: no such checkpoint file or directory")
+    overrides = config_overrides(config) if config else None
+    return load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=_dictionary_size(dict_path),
+                           as_deltalm=as_deltalm, vocab_source=str(dict_path) if dict_path else None)
+
+
+def inspect_checkpoint(checkpoint: str | Path, config: str | None = None, dictionary: str | Path | None = None) -> dict:
+    """Format, architecture, parameter counts and key problems of a checkpoint."""
+    from .checkpoints import describe
+
+    return describe(load_for_export(checkpoint, config, dictionary))
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    spm: str | Path | None = None,
+    dictionary: str | Path | None = None,
+    precision: str = "fp32",
+    config: str | None = None,
+    topk: int = DEFAULT_TOPK,
+    tolerance: float | None = None,
+    as_deltalm: bool = False,
+    optimize: bool = True,
+    force: bool = False,
+    log: Callable[[str], None] = _stderr,
+) -> Artifact:
+    """Export ``checkpoint`` to the artifact directory ``out`` (ONNX graphs, tokenizer, manifest,
+    parity report) and return it opened. The directory appears only complete and only when the
+    parity verdict passes (``ExportError`` otherwise, nothing written); an existing ``out`` is
+    replaced only with ``force``. ``topk``: k of the in-graph top-k (>= 2 x the largest beam for
+    the fast path). ``tolerance``: fp32 parity limit on log-probs (max abs, default 1e-4); reduced
+    precisions have a verdict of their own (``deltalm.compare.Thresholds``) and refuse it.
+    ``log`` receives one line per stage, with its time."""
+    out = Path(out)
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if topk < 2:
+        raise InputError(f"--topk must be >= 2, got {topk}")
+    if tolerance is not None and precision != "fp32":
+        raise InputError(f"--tolerance applies to fp32 exports; {precision} has its own verdict "
+                         "(top-1 agreement and identical sentences, see the README)")
+    if out.exists() and not force:  # before the slow load
+        raise InputError(f"{out} already exists (use --force to replace it)")
+    t0 = time.perf_counter()
+    loaded = load_for_export(checkpoint, config, dictionary, as_deltalm)
+    cfg = loaded.config
+    if cfg.is_encoder_decoder and not (spm and dictionary):
+        raise InputError("exporting a DeltaLM needs --spm and --dict (the tokenizer travels with the artifact)")
+    if not spm and loaded.format == "hf-xlmr":
+        candidate = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        if (candidate / "sentencepiece.bpe.model").exists():
+            spm = candidate / "sentencepiece.bpe.model"
+    if spm and not Path(spm).exists():
+        raise InputError(f"{spm}: no such sentencepiece model")
+    if dictionary and not Path(dictionary).exists():
+        raise InputError(f"{dictionary}: no such dictionary")
+    if spm and dictionary:  # fail on a bad tokenizer before the long part
+        from deltalm.tokenizer import Tokenizer
+
+        Tokenizer(spm, dictionary)
+
+    from .checkpoints import build_model
+    from .onnx_export import export_graphs, ort_fusions
+    from .parity import end_to_end, format_table, graph_parity, summarize
+
+    model = build_model(loaded)
+    versions = _versions()  # imports onnxruntime before any file is written
+    t_load = time.perf_counter() - t0
+    log(f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
+        f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) "
+        f"in {t_load:.1f}s")
+    limits = Thresholds.for_precision(precision, tolerance)
+    with atomic_directory(out, force) as tmp:
+        t1 = time.perf_counter()
+        graphs = export_graphs(model, tmp, precision, topk)
+        t_export = time.perf_counter() - t1
+        log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s")
+        files = [f for g in graphs.values() for f in g["files"]]
+        tokenizer = {}
+        if spm:
+            shutil.copyfile(spm, tmp / "spm.model")
+            files.append("spm.model")
+            tokenizer["spm"] = "spm.model"
+        if dictionary:
+            shutil.copyfile(dictionary, tmp / "dict.txt")
+            files.append("dict.txt")
+            tokenizer["dict"] = "dict.txt"
+        fusions = {name: ort_fusions(tmp / g["file"]) for name, g in graphs.items()} if optimize else {}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": cfg.to_dict(),
+            "vocab": {"size": cfg.vocab_size, "bos": cfg.bos, "pad": cfg.pad, "eos": cfg.eos, "unk": cfg.unk},
+            "precision": precision,
+            "export_options": {"topk": topk, "opset": 17, "exporter": "torch.onnx (dynamo=False)",
+                               "tolerance": limits.max_abs, "ort_graph_optimization": "ORT_ENABLE_ALL at session creation",
+                               "ort_fusions": fusions},
+            "graphs": graphs,
+            "tokenizer": tokenizer,
+            "source": {"checkpoint": str(Path(checkpoint).resolve()), "format": loaded.format,
+                       "dtype": loaded.source_dtype, "config": config, "as_deltalm": bool(as_deltalm)},
+            "versions": versions,
+            "files": {},
+        }
+        manifest["files"] = hash_files(tmp, files)
+        write_json_atomic(tmp / MANIFEST, manifest)
+        artifact = open_artifact(tmp, verify=False)  # hashes were computed just above
+        t2 = time.perf_counter()
+        rows = graph_parity(model, artifact)
+        e2e = end_to_end(model, artifact) if cfg.is_encoder_decoder and spm else []
+        ok, failures = summarize(rows, precision, tolerance, e2e)
+        report = {"precision": precision, "tolerance": limits.max_abs, "thresholds": limits.__dict__, "passed": ok,
+                  "failures": failures, "graphs": rows, "end_to_end": e2e,
+                  "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2),
+                                "parity": round(time.perf_counter() - t2, 2)}}
+        write_json_atomic(tmp / "parity.json", report)
+        manifest["files"] |= hash_files(tmp, ["parity.json"])  # the other files have not changed
+        write_json_atomic(tmp / MANIFEST, manifest)
+        log(format_table(rows))
+        for r in e2e:
+            log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences, "
+                f"max score diff {r['max_score_diff']:.1e}")
+        if not ok:
+            for line in failures:
+                log(f"  {line}")
+            raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]}); "
+                              "nothing written")
+        log(f"parity: passed ({_verdict_text(limits)}) in {time.perf_counter() - t2:.1f}s")
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return open_artifact(out, verify=False)
+
+
+def _verdict_text(limits: Thresholds) -> str:
+    parts = []
+    if limits.max_abs is not None:
+        parts.append(f"float outputs within {limits.max_abs:.0e}")
+    if limits.min_top1 is not None:
+        parts.append(f"top-1 agreement >= {limits.min_top1}")
+    if limits.min_identical is not None:
+        parts.append(f"identical sentences >= {limits.min_identical:.0%}")
+    return ", ".join(parts)
+
+
+def check_parity(
+    artifact_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    tolerance: float | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Re-run the parity checks of an artifact against its checkpoint (by default the one its
+    manifest records). Returns the report (``passed``, ``failures``, ``graphs``, ``end_to_end``);
+    raises ``ExportError`` when the verdict fails."""
+    from .checkpoints import build_model, load_checkpoint
+    from .parity import end_to_end, format_table, graph_parity, summarize
+
+    artifact = open_artifact(artifact_dir)
+    if tolerance is not None and artifact.precision != "fp32":
+        raise InputError(f"--tolerance applies to fp32 artifacts; this one is {artifact.precision}, whose verdict is "
+                         "top-1 agreement and identical sentences (see the README)")
+    src = artifact.manifest.get("source", {})
+    checkpoint = checkpoint or src.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).exists():
+        raise InputError(f"the checkpoint {str(checkpoint)!r} recorded in the manifest is not available; pass --checkpoint")
+    overrides = config_overrides(src["config"]) if src.get("config") else None
+    loaded = load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=artifact.config.vocab_size,
+                             as_deltalm=src.get("as_deltalm", False))
+    if loaded.config.to_dict() != artifact.config.to_dict():
+        raise ArtifactError(f"{checkpoint} does not describe the model in {artifact_dir} (architecture differs)")
+    model = build_model(loaded)
+    if tolerance is None and artifact.precision == "fp32":
+        tolerance = artifact.manifest["export_options"].get("tolerance")
+    limits = Thresholds.for_precision(artifact.precision, tolerance)
+    rows = graph_parity(model, artifact)
+    e2e = end_to_end(model, artifact) if artifact.config.is_encoder_decoder else []
+    ok, failures = summarize(rows, artifact.precision, tolerance, e2e)
+    log(format_table(rows))
+    for r in e2e:
+        log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences")
+    if not ok:
+        for line in failures:
+            log(f"  {line}")
+        raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]})")
+    log(f"parity: passed ({artifact.precision}: {_verdict_text(limits)})")
+    return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e}
+
+
+__all__ = ["export_checkpoint", "inspect_checkpoint", "check_parity", "load_for_export", "PRECISIONS"]
