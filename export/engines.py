@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from deltalm.artifact import MANIFEST, hash_files, open_artifact, read_manifest
+from deltalm.artifact import hash_files, open_artifact, read_manifest
+from deltalm.manifest import Engines
 from deltalm.atomic import atomic_directory, write_json_atomic
 from deltalm.backends.trt import (
     ENGINE_GRAPHS,
@@ -75,8 +76,8 @@ def _specs_of(manifest_or_cfg) -> tuple[ModelConfig, dict[str, GraphSpec]]:
         if manifest.is_encoder_decoder:
             specs["decoder_step"] = decoder_step_spec(manifest)
         return manifest, specs
-    cfg = ModelConfig.from_dict(manifest["model"])
-    specs = {g: GraphSpec.from_dict(manifest["graphs"][g]["spec"]) for g in ENGINE_GRAPHS if g in manifest.get("graphs", {})}
+    cfg = manifest.model
+    specs = {g: manifest.graphs[g].spec for g in ENGINE_GRAPHS if g in manifest.graphs}
     return cfg, specs
 
 
@@ -364,9 +365,9 @@ def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, Gra
     return "\n".join(lines)
 
 
-def _forget_engines(manifest: dict) -> None:
-    manifest.pop("engines", None)
-    manifest["files"] = {n: d for n, d in manifest.get("files", {}).items() if not n.startswith(ENGINES_DIR + "/")}
+def _forget_engines(manifest) -> None:
+    manifest.engines = None
+    manifest.files = {n: d for n, d in manifest.files.items() if not n.startswith(ENGINES_DIR + "/")}
 
 
 def engines_command(args) -> int:
@@ -406,7 +407,7 @@ def engines_command(args) -> int:
             _log(f"building the {g} engine ({precision}) ...")
             build = build_engine(artifact.graph_path(g), tmp / f"{g}.plan", profiles[g], precision, tmp / TIMING_CACHE)
             _log(f"  {g}: {build['build_seconds']:.1f}s, {build['fp32_layers']} of {build['layers']} layers pinned to fp32")
-            metas[g] = engine_metadata(g, f"{ENGINES_DIR}/{g}.plan", artifact.manifest["graphs"][g]["file"],
+            metas[g] = engine_metadata(g, f"{ENGINES_DIR}/{g}.plan", artifact.manifest.graphs[g].file,
                                        graph_source_digest(artifact.manifest, g), precision, profiles[g],
                                        trt.__version__, gpu_name, capability, build)
         write_json_atomic(tmp / METADATA, {"tensorrt": trt.__version__, "gpu": gpu_name,
@@ -415,12 +416,12 @@ def engines_command(args) -> int:
         # the manifest stops listing the old engines before they are replaced
         manifest = read_manifest(artifact.path)
         _forget_engines(manifest)
-        write_json_atomic(artifact.path / MANIFEST, manifest)
+        manifest.write(artifact.path)
     files = [f"{ENGINES_DIR}/{g}.plan" for g in graphs] + [f"{ENGINES_DIR}/{METADATA}"]
-    manifest["engines"] = {"metadata": f"{ENGINES_DIR}/{METADATA}", "precision": precision, "tensorrt": trt.__version__,
-                           "gpu": gpu_name, "compute_capability": capability,
-                           "files": {g: f"{ENGINES_DIR}/{g}.plan" for g in graphs}}
-    manifest["files"].update(hash_files(artifact.path, files))
-    write_json_atomic(artifact.path / MANIFEST, manifest)
+    manifest.engines = Engines(metadata=f"{ENGINES_DIR}/{METADATA}", precision=precision, tensorrt=trt.__version__,
+                               gpu=gpu_name, compute_capability=str(capability),
+                               files={g: f"{ENGINES_DIR}/{g}.plan" for g in graphs})
+    manifest.files.update(hash_files(artifact.path, files))
+    manifest.write(artifact.path)
     _log(f"wrote {engines_dir}")
     return 0

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from deltalm.artifact import FORMAT_VERSION, MANIFEST, Artifact, hash_files, open_artifact
+from deltalm.artifact import Artifact, hash_files, open_artifact
 from deltalm.atomic import atomic_directory, write_json_atomic
+from deltalm.manifest import ExportOptions, GraphEntry, Manifest, Source
 from deltalm.compare import Thresholds
 from deltalm.config import config_overrides
 from deltalm.errors import ArtifactError, ExportError, InputError
@@ -144,24 +145,22 @@ def export_checkpoint(
             files.append("dict.txt")
             tokenizer["dict"] = "dict.txt"
         fusions = {name: ort_fusions(tmp / g["file"]) for name, g in graphs.items()} if optimize else {}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": cfg.to_dict(),
-            "vocab": {"size": cfg.vocab_size, "bos": cfg.bos, "pad": cfg.pad, "eos": cfg.eos, "unk": cfg.unk},
-            "precision": precision,
-            "export_options": {"topk": topk, "opset": 17, "exporter": "torch.onnx (dynamo=False)",
-                               "tolerance": limits.max_abs, "ort_graph_optimization": "ORT_ENABLE_ALL at session creation",
-                               "ort_fusions": fusions},
-            "graphs": graphs,
-            "tokenizer": tokenizer,
-            "source": {"checkpoint": str(Path(checkpoint).resolve()), "format": loaded.format,
-                       "dtype": loaded.source_dtype, "config": config, "as_deltalm": bool(as_deltalm)},
-            "versions": versions,
-            "files": {},
-        }
-        manifest["files"] = hash_files(tmp, files)
-        write_json_atomic(tmp / MANIFEST, manifest)
+        manifest = Manifest(
+            model=cfg,
+            precision=precision,
+            graphs={name: GraphEntry.from_dict(g) for name, g in graphs.items()},
+            tokenizer=tokenizer,
+            export_options=ExportOptions(topk=topk, opset=17, exporter="torch.onnx (dynamo=False)",
+                                         tolerance=limits.max_abs,
+                                         ort_graph_optimization="ORT_ENABLE_ALL at session creation",
+                                         ort_fusions=fusions),
+            files=hash_files(tmp, files),
+            source=Source(checkpoint=str(Path(checkpoint).resolve()), format=loaded.format,
+                          dtype=loaded.source_dtype, config=config, as_deltalm=bool(as_deltalm)),
+            versions=versions,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        manifest.write(tmp)
         artifact = open_artifact(tmp, verify=False)  # hashes were computed just above
         t2 = time.perf_counter()
         rows = graph_parity(model, artifact)
@@ -172,8 +171,8 @@ def export_checkpoint(
                   "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2),
                                 "parity": round(time.perf_counter() - t2, 2)}}
         write_json_atomic(tmp / "parity.json", report)
-        manifest["files"] |= hash_files(tmp, ["parity.json"])  # the other files have not changed
-        write_json_atomic(tmp / MANIFEST, manifest)
+        manifest.files |= hash_files(tmp, ["parity.json"])  # the other files have not changed
+        manifest.write(tmp)
         log(format_table(rows))
         for r in e2e:
             log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences, "
@@ -215,18 +214,18 @@ def check_parity(
     if tolerance is not None and artifact.precision != "fp32":
         raise InputError(f"--tolerance applies to fp32 artifacts; this one is {artifact.precision}, whose verdict is "
                          "top-1 agreement and identical sentences (see the README)")
-    src = artifact.manifest.get("source", {})
-    checkpoint = checkpoint or src.get("checkpoint")
+    src = artifact.manifest.source
+    checkpoint = checkpoint or src.checkpoint
     if not checkpoint or not Path(checkpoint).exists():
         raise InputError(f"the checkpoint {str(checkpoint)!r} recorded in the manifest is not available; pass --checkpoint")
-    overrides = config_overrides(src["config"]) if src.get("config") else None
+    overrides = config_overrides(src.config) if src.config else None
     loaded = load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=artifact.config.vocab_size,
-                             as_deltalm=src.get("as_deltalm", False))
+                             as_deltalm=src.as_deltalm)
     if loaded.config.to_dict() != artifact.config.to_dict():
         raise ArtifactError(f"{checkpoint} does not describe the model in {artifact_dir} (architecture differs)")
     model = build_model(loaded)
     if tolerance is None and artifact.precision == "fp32":
-        tolerance = artifact.manifest["export_options"].get("tolerance")
+        tolerance = artifact.manifest.export_options.tolerance
     limits = Thresholds.for_precision(artifact.precision, tolerance)
     rows = graph_parity(model, artifact)
     e2e = end_to_end(model, artifact) if artifact.config.is_encoder_decoder else []

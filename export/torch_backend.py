@@ -54,11 +54,11 @@ class TorchBackend:
             from deltalm.errors import InputError
 
             artifact = open_artifact(path)
-            src = artifact.manifest.get("source", {})
-            path = Path(src.get("checkpoint", ""))
+            src = artifact.manifest.source
+            path = Path(src.checkpoint or "")
             if not path.exists():
                 raise InputError(f"the checkpoint {str(path)!r} recorded in {source}/manifest.json is not available")
-            config, dict_path = src.get("config"), artifact.dict_path
+            config, dict_path = src.config, artifact.dict_path
         from .pipeline import load_for_export
 
         return cls(build_model(load_for_export(str(path), config, str(dict_path) if dict_path else None)), threads=threads)

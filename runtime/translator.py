@@ -274,7 +274,7 @@ class Translator:
             spm_path, dict_path = directory / "spm.model", directory / "dict.txt"
             if (directory / MANIFEST).exists() or not spm_path.exists():
                 manifest = read_manifest(directory)
-                names = manifest.get("tokenizer") or {}
+                names = manifest.tokenizer
                 spm_path, dict_path = directory / names.get("spm", "spm.model"), directory / names.get("dict", "dict.txt")
                 verify_files(directory, manifest, [spm_path.name, dict_path.name])
             self.tokenizer = Tokenizer(spm_path, dict_path, list(src_prefix or []))

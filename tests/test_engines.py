@@ -26,6 +26,7 @@ from deltalm.export.engines import (
 )
 from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact
 from deltalm.atomic import write_json_atomic
+from deltalm.manifest import Manifest
 from deltalm.backends.trt import (
     check_engine_compat,
     check_within_profile,
@@ -115,7 +116,7 @@ def test_batch_of_one_has_opt_one(tiny_cfg):
 
 def test_profiles_from_a_manifest_equal_those_from_its_config(artifact_dir):
     manifest = open_artifact(artifact_dir).manifest
-    assert derive_profiles(manifest, 4, 2, 64, 32) == derive_profiles(ModelConfig.from_dict(manifest["model"]), 4, 2, 64, 32)
+    assert derive_profiles(manifest, 4, 2, 64, 32) == derive_profiles(manifest.model, 4, 2, 64, 32)
 
 
 def test_encoder_only_models_get_an_encoder_profile_only():
@@ -364,12 +365,12 @@ def test_profile_axes_adds_total_len(tiny_cfg):
 
 
 def test_source_digest_is_the_onnx_hash_or_covers_external_data():
-    single = {"graphs": {"encoder": {"file": "encoder.onnx", "files": ["encoder.onnx"]}}, "files": {"encoder.onnx": "11"}}
-    assert graph_source_digest(single, "encoder") == "11"
-    split = {"graphs": {"encoder": {"file": "encoder.onnx", "files": ["encoder.onnx", "encoder.onnx.data"]}},
-             "files": {"encoder.onnx": "11", "encoder.onnx.data": "22"}}
-    other = json.loads(json.dumps(split))
-    other["files"]["encoder.onnx.data"] = "33"
+    def manifest(files: dict):
+        return types.SimpleNamespace(graphs={"encoder": types.SimpleNamespace(files=tuple(files))}, files=files)
+
+    assert graph_source_digest(manifest({"encoder.onnx": "11"}), "encoder") == "11"
+    split = manifest({"encoder.onnx": "11", "encoder.onnx.data": "22"})
+    other = manifest({"encoder.onnx": "11", "encoder.onnx.data": "33"})
     assert graph_source_digest(split, "encoder") != graph_source_digest(other, "encoder")
     assert len(graph_source_digest(split, "encoder")) == 64
 
@@ -468,7 +469,7 @@ def test_engines_are_written_atomically_and_recorded_in_the_manifest(artifact_co
     assert (engines / "encoder.plan").read_bytes() == b"engine of encoder.onnx fp16"
     assert not [p.name for p in artifact_copy.iterdir() if p.name.startswith(".")]  # no work directories left
     artifact = open_artifact(artifact_copy)  # every hash checks out, engines included
-    m = artifact.manifest
+    m = artifact.manifest.to_dict()
     assert m["engines"]["files"] == {"encoder": "engines/encoder.plan", "decoder_step": "engines/decoder_step.plan"}
     assert {"engines/encoder.plan", "engines/decoder_step.plan", "engines/engines.json"} <= set(m["files"])
     assert "engines/timing.cache" not in m["files"]  # a build aid, not part of the artifact
@@ -476,7 +477,7 @@ def test_engines_are_written_atomically_and_recorded_in_the_manifest(artifact_co
     assert meta["decoder_step"]["profile"]["tokens"] == {"min": [1], "opt": [3], "max": [6]}
     assert meta["encoder"]["onnx_sha256"] == m["files"]["encoder.onnx"]
     for g in ("encoder", "decoder_step"):
-        check_engine_compat(meta[g], graph_source_digest(m, g), "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
+        check_engine_compat(meta[g], graph_source_digest(artifact.manifest, g), "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
 
 
 def test_rebuilding_replaces_the_engines_and_keeps_the_timing_cache(artifact_copy, fake_tensorrt, capsys):
@@ -486,7 +487,7 @@ def test_rebuilding_replaces_the_engines_and_keeps_the_timing_cache(artifact_cop
     assert (engines / "decoder_step.plan").read_bytes() == b"engine of decoder_step.onnx fp32"
     assert (engines / "timing.cache").read_bytes() == b"++++"  # two builds per run, both runs
     artifact = open_artifact(artifact_copy)
-    assert artifact.manifest["engines"]["precision"] == "fp32"
+    assert artifact.manifest.engines.precision == "fp32"
 
 
 def test_another_tensorrt_major_version_is_refused(artifact_copy, fake_tensorrt, monkeypatch, capsys):
@@ -745,7 +746,7 @@ def test_trt_backend_refuses_engines_of_another_onnx_export(trt_and_ort, artifac
     from deltalm.artifact import Artifact
 
     with pytest.raises(ArtifactError, match="engine engines/decoder_step.plan: it was built from another decoder_step.onnx"):
-        TrtBackend(Artifact(artifact_copy, manifest))
+        TrtBackend(Artifact(artifact_copy, Manifest.from_dict(manifest)))
 
 
 # -- on a GPU with TensorRT ------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
     names = sorted(p.name for p in artifact.iterdir())
     assert names == ["decoder_step.onnx", "dict.txt", "encoder.onnx", "manifest.json", "parity.json", "spm.model"]
     art = open_artifact(artifact)  # hash-checks every file
-    m = art.manifest
+    m = art.manifest.to_dict()
     assert set(m["files"]) == set(names) - {"manifest.json"}
     assert art.config == tiny_ckpt[3].cfg.replace(name="")
     assert m["precision"] == "fp32" and m["vocab"]["size"] == tiny_ckpt[3].cfg.vocab_size
@@ -149,7 +149,7 @@ def test_runtime_never_imports_torch(artifact):
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_path, precision):
     art = export(tiny_ckpt, tmp_path / precision, "--precision", precision)
-    m = open_artifact(art).manifest
+    m = open_artifact(art).manifest.to_dict()
     assert m["precision"] == precision
     dtypes = {t["name"]: t["dtype"] for t in m["graphs"]["decoder_step"]["spec"]["inputs"]}
     assert dtypes["past_key_0"] == ("float16" if precision == "fp16" else "float32")
@@ -169,7 +169,7 @@ def test_large_models_use_external_data_and_load_back(tiny_ckpt, tmp_path, monke
     art = export(tiny_ckpt, tmp_path / "ext")
     names = {p.name for p in art.iterdir()}
     assert {"encoder.onnx.data", "decoder_step.onnx.data"} <= names
-    assert "decoder_step.onnx.data" in open_artifact(art).manifest["files"]
+    assert "decoder_step.onnx.data" in open_artifact(art).manifest.files
     assert (art / "decoder_step.onnx").stat().st_size < 200_000  # weights are not inline
     assert json.loads((art / "parity.json").read_text())["passed"]
 

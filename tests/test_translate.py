@@ -21,7 +21,7 @@ from deltalm.config import ModelConfig
 from deltalm.errors import DeltaLMError, InputError
 from deltalm.tokenizer import Tokenizer
 from deltalm.commands.translate import add_arguments as add_translate_arguments
-from deltalm.commands.translate import open_translator, translate_options
+from deltalm.commands.translate import open_translator
 from deltalm.commands.translate import run as run_translate
 from deltalm.translator import Translator, format_translation, make_batches
 

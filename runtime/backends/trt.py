@@ -149,16 +149,14 @@ def check_within_profile(axes: dict[str, tuple[int, int, int]], shapes: dict[str
                              f"rebuild engines with a --profile that allows it")
 
 
-def graph_source_digest(manifest: dict, graph: str) -> str:
+def graph_source_digest(manifest, graph: str) -> str:
     """The sha256 an engine of ``graph`` records for its source: the .onnx file's sha256 from the
     manifest, or, for a graph with external weights (.onnx + .data), the sha256 of its files'
     ``name sha256`` lines, so that new weights in the .data file count as another source."""
     import hashlib
 
     try:
-        entry = manifest["graphs"][graph]
-        files = entry.get("files", [entry["file"]])
-        digests = {f: manifest["files"][f] for f in files}
+        digests = {f: manifest.files[f] for f in manifest.graphs[graph].files}
     except KeyError as e:
         raise ArtifactError(f"the manifest does not hash the files of graph {graph!r} ({e})") from None
     if len(digests) == 1:
@@ -255,10 +253,10 @@ def _import_cuda():
 
 def read_engine_metadata(artifact: Artifact) -> dict:
     """engines/engines.json of an artifact (hash-checked by open_artifact with the other files)."""
-    section = artifact.manifest.get("engines")
-    if not section:
+    section = artifact.manifest.engines
+    if section is None:
         raise ArtifactError(f"{artifact.path}: no TensorRT engines; build them with `deltalm engines {artifact.path}`")
-    path = artifact.path / section["metadata"]
+    path = artifact.path / section.metadata
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
