@@ -118,7 +118,7 @@ def run_cli(cli_args: list[str], record: Path, stdin: str | None = None) -> tupl
     """``deltalm CLI_ARGS`` in a child that reports its own peak RSS (MB) into ``record``."""
     record.parent.mkdir(parents=True, exist_ok=True)
     record.unlink(missing_ok=True)
-    res = run_child([sys.executable, "-m", "deltalm.bench", "cli", str(record), *cli_args], stdin=stdin)
+    res = run_child([sys.executable, "-m", "deltalm.export.bench", "cli", str(record), *cli_args], stdin=stdin)
     peak = json.loads(record.read_text())["peak_rss_mb"] if record.exists() else float("nan")
     record.unlink(missing_ok=True)
     return peak, res
@@ -203,9 +203,12 @@ def export_code_fingerprint() -> str:
     every backend of a run measures graphs of the same version."""
     import hashlib
 
+    import deltalm.config
+    import deltalm.graphs
+
     root = Path(__file__).resolve().parent
     paths = sorted(p for p in root.glob("*.py") if p.name != "bench.py")
-    paths += [root.parent / "runtime" / "config.py", root.parent / "runtime" / "graphs.py"]
+    paths += [Path(deltalm.config.__file__), Path(deltalm.graphs.__file__)]
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -774,10 +777,13 @@ def _child_main(argv: list[str]) -> int:
     """``python -m export.bench worker|profile SPEC.json OUT.json``, or
     ``python -m export.bench cli OUT.json DELTALM_ARGS...`` (the command, then its peak RSS)."""
     if argv[0] == "cli":
-        from deltalm.cli import main
+        import runpy
 
+        sys.argv = ["deltalm", *argv[2:]]
         try:
-            rc = main(argv[2:])
+            runpy.run_module("deltalm", run_name="__main__")  # the command, as `python -m deltalm` runs it
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
             Path(argv[1]).write_text(json.dumps({"peak_rss_mb": _peak_rss_mb()}))
         return rc
@@ -1122,7 +1128,7 @@ def _run_task(task: str, spec: dict, work: Path, tag: str, echo: bool = True) ->
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     out_path.unlink(missing_ok=True)
-    res = run_child([sys.executable, "-m", "deltalm.bench", task, str(spec_path), str(out_path)], echo=echo)
+    res = run_child([sys.executable, "-m", "deltalm.export.bench", task, str(spec_path), str(out_path)], echo=echo)
     if res.returncode != 0 or not out_path.exists():
         return None, res
     return json.loads(out_path.read_text()), res

@@ -31,14 +31,15 @@ import torch
 
 from deltalm.export.model import build_model as _build_canonical
 from deltalm.export.safe_load import load_safetensors, safe_torch_load, to_plain
-from deltalm.config import ConfigError, ModelConfig
-from deltalm.errors import CheckpointError, DeltaLMError
+from deltalm.config import ConfigError, ModelConfig, config_overrides
+from deltalm.errors import CheckpointError, DeltaLMError, InputError
 
 __all__ = [
     "FORMATS",
     "LoadedCheckpoint",
     "detect_format",
     "load_checkpoint",
+    "load_for_export",
     "build_model",
     "describe",
     "Skip",
@@ -821,3 +822,22 @@ def describe(loaded: LoadedCheckpoint) -> dict:
         "dtype": loaded.source_dtype,
         "notes": list(loaded.notes),
     }
+
+
+def _dictionary_size(dict_path) -> int | None:
+    if not dict_path:
+        return None
+    from deltalm.tokenizer import Dictionary
+
+    return len(Dictionary.load(dict_path))
+
+
+def load_for_export(checkpoint: str | Path, config: str | None = None, dict_path: str | Path | None = None,
+                    as_deltalm: bool = False):
+    """The checkpoint as a ``LoadedCheckpoint`` (canonical tensors + config), its vocabulary
+    checked against ``dict_path`` when given."""
+    if not Path(checkpoint).exists():
+        raise InputError(f"{checkpoint}: no such checkpoint file or directory")
+    overrides = config_overrides(config) if config else None
+    return load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=_dictionary_size(dict_path),
+                           as_deltalm=as_deltalm, vocab_source=str(dict_path) if dict_path else None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deltalm.compare import Thresholds, compare_arrays, compare_translations
+from deltalm.compare import Thresholds, compare_arrays, compare_translations, decisive_top1
 from deltalm.graphs import GraphSpec
 
 from .graphs import DecoderStepGraph, EncoderGraph
@@ -124,9 +124,12 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
             got = step_sess.run(spec.output_names, feeds)
             finite = np.isfinite(want[0])  # ids of -inf scores (banned tokens) are arbitrary ties
             for name, g, w in zip(spec.output_names, got, want):
+                row = compare(name, g, w)
                 if name == "topk_ids":
-                    g, w = np.where(finite, g, -1), np.where(finite, w, -1)
-                rows.append({"graph": "decoder_step", "case": case.name} | compare(name, g, w))
+                    row = compare(name, np.where(finite, g, -1), np.where(finite, w, -1))
+                    if row.get("shape_ok"):
+                        row |= decisive_top1(g, w, want[0])
+                rows.append({"graph": "decoder_step", "case": case.name} | row)
     return rows
 
 

@@ -31,30 +31,9 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _dictionary_size(dict_path) -> int | None:
-    if not dict_path:
-        return None
-    from deltalm.tokenizer import Dictionary
-
-    return len(Dictionary.load(dict_path))
-
-
-def load_for_export(checkpoint: str | Path, config: str | None = None, dict_path: str | Path | None = None,
-                    as_deltalm: bool = False):
-    """The checkpoint as a ``LoadedCheckpoint`` (canonical tensors + config), its vocabulary
-    checked against ``dict_path`` when given."""
-    from .checkpoints import load_checkpoint
-
-    if not Path(checkpoint).exists():
-        raise InputError(f"{checkpoint}: no such checkpoint file or directory")
-    overrides = config_overrides(config) if config else None
-    return load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=_dictionary_size(dict_path),
-                           as_deltalm=as_deltalm, vocab_source=str(dict_path) if dict_path else None)
-
-
 def inspect_checkpoint(checkpoint: str | Path, config: str | None = None, dictionary: str | Path | None = None) -> dict:
     """Format, architecture, parameter counts and key problems of a checkpoint."""
-    from .checkpoints import describe
+    from .checkpoints import describe, load_for_export
 
     return describe(load_for_export(checkpoint, config, dictionary))
 
@@ -100,6 +79,8 @@ def export_checkpoint(
                          "(top-1 agreement and identical sentences, see the README)")
     if out.exists() and not force:  # before the slow load
         raise InputError(f"{out} already exists (use --force to replace it)")
+    from .checkpoints import load_for_export
+
     t0 = time.perf_counter()
     loaded = load_for_export(checkpoint, config, dictionary, as_deltalm)
     cfg = loaded.config
@@ -241,4 +222,4 @@ def check_parity(
     return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e}
 
 
-__all__ = ["export_checkpoint", "inspect_checkpoint", "check_parity", "load_for_export", "PRECISIONS"]
+__all__ = ["export_checkpoint", "inspect_checkpoint", "check_parity", "PRECISIONS"]

@@ -59,7 +59,7 @@ class TorchBackend:
             if not path.exists():
                 raise InputError(f"the checkpoint {str(path)!r} recorded in {source}/manifest.json is not available")
             config, dict_path = src.config, artifact.dict_path
-        from .pipeline import load_for_export
+        from .checkpoints import load_for_export
 
         return cls(build_model(load_for_export(str(path), config, str(dict_path) if dict_path else None)), threads=threads)
 

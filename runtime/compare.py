@@ -50,6 +50,22 @@ def compare_arrays(got: np.ndarray, want: np.ndarray) -> dict:
     }
 
 
+DECISIVE_MARGIN = 0.1  # nats between the reference's best and second-best token
+
+
+def decisive_top1(got_ids: np.ndarray, want_ids: np.ndarray, want_scores: np.ndarray,
+                  margin: float = DECISIVE_MARGIN) -> dict:
+    """Top-1 agreement over the rows where the reference's choice is decisive: its best score
+    leads the second by at least ``margin``. A near-tie can flip under any rounding (fp16, int8)
+    without the model being wrong; a decisive choice must not. [rows, k] ids and scores, best first."""
+    want_scores = np.asarray(want_scores, np.float64)
+    lead = want_scores[:, 0] - want_scores[:, 1] if want_scores.shape[1] > 1 else np.full(len(want_scores), np.inf)
+    rows = np.isfinite(want_scores[:, 0]) & (np.nan_to_num(lead, nan=0.0, posinf=np.inf) >= margin)
+    n = int(rows.sum())
+    agree = float(np.mean(np.asarray(got_ids)[rows, 0] == np.asarray(want_ids)[rows, 0])) if n else 1.0
+    return {"decisive_rows": n, "decisive_top1_agreement": agree}
+
+
 def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
     """Greedy decoding of ``src`` [batch, src_len] (left-padded) teacher-forced by ``reference``:
     at every step both backends get the token the reference chose, so one early disagreement does
@@ -115,15 +131,16 @@ class Thresholds:
     @classmethod
     def for_precision(cls, precision: str, tolerance: float | None = None) -> "Thresholds":
         """fp32: ``tolerance`` (default 1e-4) on float outputs, and identical translations.
-        fp16: top-1 agreement >= 0.9 and >= 75% identical sentences; int8: >= 0.75 and >= 50%.
-        The reduced-precision limits are set for the export's small checks (a handful of random
-        sources, where near-ties are common on random or barely trained weights); a trained model
-        does far better. ``tolerance`` applies to fp32 only."""
+        fp16 / int8: the step's top-1 must agree wherever the fp32 choice is decisive (leads by
+        >= DECISIVE_MARGIN nats): >= 0.99 for fp16, >= 0.95 for int8; fp16 must also translate
+        >= 50% of the check's sentences identically (its sources are random ids, where near-ties
+        abound; a trained model on real text does far better). int8's sentence identity is reported,
+        not enforced: on such sources it is mostly near-ties. ``tolerance`` applies to fp32 only."""
         if precision == "fp32":
             return cls(max_abs=1e-4 if tolerance is None else tolerance, min_top1=None, min_identical=1.0)
         if precision == "fp16":
-            return cls(max_abs=None, min_top1=0.9, min_identical=0.75)
-        return cls(max_abs=None, min_top1=0.75, min_identical=0.5)
+            return cls(max_abs=None, min_top1=0.99, min_identical=0.5)
+        return cls(max_abs=None, min_top1=0.95, min_identical=None)
 
     def failures(self, what: str, result: dict) -> list[str]:
         """One line per threshold that ``result`` (from one of the compare functions) misses."""
@@ -132,8 +149,10 @@ class Thresholds:
             return [f"{what}: shape {result.get('got_shape')} != {result.get('want_shape')}"]
         if self.max_abs is not None and "max_abs" in result and result["max_abs"] > self.max_abs:
             out.append(f"{what}: max abs error {result['max_abs']:.2e} > {self.max_abs:.0e}")
-        if self.min_top1 is not None and "top1_agreement" in result and result["top1_agreement"] < self.min_top1:
-            out.append(f"{what}: top-1 agreement {result['top1_agreement']:.3f} < {self.min_top1}")
+        top1 = result.get("decisive_top1_agreement", result.get("top1_agreement"))
+        if self.min_top1 is not None and top1 is not None and top1 < self.min_top1:
+            kind = "decisive top-1" if "decisive_top1_agreement" in result else "top-1"
+            out.append(f"{what}: {kind} agreement {top1:.3f} < {self.min_top1}")
         if self.min_identical is not None and "identical_ids" in result and result["identical_ids"] < self.min_identical:
             out.append(f"{what}: identical sentences {result['identical_ids']:.0%} < {self.min_identical:.0%}")
         return out
