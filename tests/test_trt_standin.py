@@ -429,3 +429,61 @@ def test_fp16_engines_are_built_from_the_fp16_export_and_translate_like_it(expor
         opts = SearchOptions(beam=beam, max_len_b=10)
         assert [h[0].tokens for h in generate(backend, src, opts)] == [h[0].tokens for h in generate(ort, src, opts)]
     assert_no_removed_api(trt)
+
+
+# -- the GPU check: the one comparator, and a CPU-only machine -------------------------------
+
+
+def test_gpu_check_holds_trt_engines_to_the_device_thresholds(trt_and_ort):
+    from deltalm.export.gpu_check import parity
+
+    trt, ort = trt_and_ort
+    batches = [sources(ort.cfg, (5, 9)), sources(ort.cfg, (3,), seed=2), sources(ort.cfg, (2, 7), seed=1)]
+    result = parity(ort, trt, batches, "fp32", max_len_b=10)  # beam 5 x 2 sentences fit the profile
+    assert result["failures"] == []
+    assert result["steps"]["top1_agreement"] == 1.0 and result["steps"]["log_probs_max_abs"] < 1e-5
+    assert [(r["beam"], r["sentences"], r["identical_ids"]) for r in result["translations"]] == [(1, 5, 1.0), (5, 5, 1.0)]
+
+
+class Shifted:
+    """A backend whose log-probs are all ``shift`` higher: same choices, another max abs."""
+
+    def __init__(self, backend, shift):
+        self.backend, self.cfg, self.shift = backend, backend.cfg, shift
+
+    def encode(self, src):
+        return self.backend.encode(src)
+
+    def step(self, *args, want="topk"):
+        out = self.backend.step(*args, want=want)
+        return out + self.shift if want == "logprobs" else out
+
+
+def test_gpu_check_names_the_threshold_a_device_misses(artifact_dir):
+    from deltalm.backends.ort import OrtBackend
+    from deltalm.export.gpu_check import parity
+
+    ort = OrtBackend.from_artifact(artifact_dir)
+    result = parity(ort, Shifted(OrtBackend.from_artifact(artifact_dir), 0.01), [sources(ort.cfg, (4, 6))], "fp32",
+                    translations=False)
+    assert result["failures"] == ["teacher-forced steps: max abs error 1.00e-02 > 1e-03"]
+    assert parity(ort, Shifted(ort, 0.01), [sources(ort.cfg, (4, 6))], "fp16", translations=False)["failures"] == []
+
+
+def test_gpu_check_on_a_machine_without_a_gpu_reports_it_and_exits_0(tmp_path):
+    import subprocess
+
+    from deltalm.export.gpu_check import detect_gpu
+
+    if detect_gpu() is not None:
+        pytest.skip("this machine has a GPU")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GPU_CHECK_")}
+    out = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env={**env, "OUT": str(tmp_path / "r")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "no GPU found: GPU checks skipped"
+    report = json.loads((tmp_path / "r" / "gpu_report.json").read_text())
+    assert report["gpu"] is None and report["status"] == "skipped (no GPU)"
+    assert "CPUExecutionProvider" in report["onnxruntime_providers"]
+    assert (tmp_path / "r" / "gpu_report.md").read_text().startswith("# GPU check: skipped (no GPU)")
