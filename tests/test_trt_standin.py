@@ -487,3 +487,11 @@ def test_gpu_check_on_a_machine_without_a_gpu_reports_it_and_exits_0(tmp_path):
     assert report["gpu"] is None and report["status"] == "skipped (no GPU)"
     assert "CPUExecutionProvider" in report["onnxruntime_providers"]
     assert (tmp_path / "r" / "gpu_report.md").read_text().startswith("# GPU check: skipped (no GPU)")
+
+
+def test_building_without_polygraphy_says_so_in_one_line(artifact_copy, trt11, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "polygraphy.backend.trt", None)  # as if not installed
+    assert main(["engines", str(artifact_copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "builds through Polygraphy, which is not installed" in err[0]
+    assert "no engines were built" in err[0] and not (artifact_copy / "engines").exists()

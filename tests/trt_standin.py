@@ -461,7 +461,7 @@ def reset_polygraphy_tensorrt() -> None:
     """Make Polygraphy import ``tensorrt`` again on next use: its lazy modules keep the module
     they imported first, and its TensorRT logger subclasses that module's ILogger."""
     for name, module in list(sys.modules.items()):
-        if not name.startswith("polygraphy"):
+        if not name.startswith("polygraphy") or not isinstance(module, types.ModuleType):
             continue
         for value in list(vars(module).values()):
             if type(value).__name__ == "LazyModule" and getattr(value, "module", None) is not None:
