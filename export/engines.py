@@ -1,26 +1,39 @@
 """``deltalm engines DIR``: TensorRT engines for an artifact's encoder and decoder_step graphs.
 
-The plan (optimization profiles, equivalent ``trtexec`` command lines) is pure logic and prints
-without TensorRT (``--print-only``). Building needs TensorRT 10 and a GPU; it writes
-``DIR/engines/{encoder,decoder_step}.plan`` and ``engines.json`` (what each engine was built
-from and for) into a hidden sibling directory that replaces ``DIR/engines`` in one rename, keeps
-a persistent timing cache there (``timing.cache``: later builds of the same shapes are much
-faster), and records the engines in ``manifest.json`` (``manifest["engines"]`` and the files'
-sha256) through a temp file + rename.
+Engines are built STRONGLY TYPED from the artifact's own ONNX graphs: every tensor keeps the type
+the graph gives it, so the precision of the engines is the precision of the export. An fp32
+export gives fp32 engines (TF32 off: Polygraphy's default); an fp16 export gives fp16 engines
+whose fp32 islands (LayerNormalization, Softmax, LogSoftmax, TopK, chosen by the exporter and
+checked by the export's own parity verdict) are the precision decisions. This is the only way
+TensorRT 11 builds (weak typing, ``BuilderFlag.FP16`` and layer precision pins are gone) and the
+recommended one since 10.12: ``TENSORRT_SUPPORTED`` in ``deltalm.backends.trt``.
+
+The build goes through Polygraphy's TensorRT loaders (``NetworkFromOnnxPath(strongly_typed=True)``,
+``CreateConfig(profiles=..., load_timing_cache=...)``, ``EngineBytesFromNetwork(save_timing_cache=...)``)
+so that differences between TensorRT versions are NVIDIA's tool's problem. The engine bytes are
+written into the work directory by ``deltalm.atomic`` (Polygraphy's ``SaveEngine`` wants a
+deserialized engine, which would cost device memory for nothing).
+
+The plan (optimization profiles, equivalent ``trtexec --stronglyTyped`` command lines) is pure
+logic and prints without TensorRT (``--print-only``). Building needs TensorRT, Polygraphy and a
+GPU; it writes ``DIR/engines/{encoder,decoder_step}.plan`` and ``engines.json`` (what each engine
+was built from and for) into a hidden sibling directory that replaces ``DIR/engines`` in one
+rename, keeps a persistent timing cache there (``timing.cache``, reused only by the same TensorRT
+version on the same GPU model), and records the engines in ``manifest.json`` (``_unlist_engines``
+and ``_list_engines`` are the only places that write it).
 
 Profiles come from the symbolic axes of ``runtime/graphs.py``: ``batch`` (sentences given to the
 encoder), ``src_len``, ``rows`` = sentences x beam, ``past_rows`` (rows of the previous step),
-``sents`` (live sentences), ``past_len`` (0 on the first step). In fp16 / bf16 engines the
-normalization and softmax layers are kept in fp32 (layer precision and output type, with
-precision constraints obeyed): the log-softmax over 250k logits and LayerNorm's variance are where
-half precision loses the top-k.
+``sents`` (live sentences), ``past_len`` (0 on the first step).
 
-Not implemented: INT8 / FP8 engines (an int8 artifact holds ONNX Runtime's dynamic quantization,
-which TensorRT does not parse), several optimization profiles per engine, TensorRT 11's strongly
-typed networks.
+Not built: bf16 engines (a bf16 export could not be parity-checked here: ONNX Runtime's CPU
+provider has no bf16 MatMul / Add / Mul kernels), INT8 / FP8 engines (TensorRT 11 builds them only
+from explicit Q/DQ graphs; an int8 artifact holds ONNX Runtime's dynamic quantization instead),
+several optimization profiles per engine.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import shutil
@@ -38,6 +51,7 @@ from deltalm.backends.trt import (
     gpu_identity,
     graph_source_digest,
     import_tensorrt,
+    numpy_dtype,
     plan_buffers,
     profile_axes,
     profile_to_json,
@@ -49,15 +63,10 @@ from deltalm.graphs import GraphSpec, decoder_step_spec, encoder_spec
 ENGINES_DIR = "engines"
 METADATA = "engines.json"
 TIMING_CACHE = "timing.cache"
-PRECISIONS = ("fp32", "fp16", "bf16")
-FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
-# layers of a LayerNorm / (log-)softmax that the parser decomposed, recognized by their ONNX node name
-FP32_DECOMPOSED_TYPES = ("REDUCE", "ELEMENTWISE", "UNARY")
-FP32_NAME_MARKS = ("LayerNormalization", "Softmax")  # "Softmax" also matches "LogSoftmax"
-FP32_ONNX_OPS = ("LayerNormalization", "Softmax", "LogSoftmax")
+PRECISIONS = ("fp32", "fp16")  # the artifact precisions engines are built from
 
-__all__ = ["derive_profiles", "load_profile_override", "apply_profile_override", "trtexec_command", "build_engine",
-           "engine_metadata", "check_engine_compat", "engines_command", "fp32_layer", "axis_bounds"]
+__all__ = ["build_engines", "derive_profiles", "load_profile_override", "apply_profile_override", "trtexec_command",
+           "build_engine", "engine_metadata", "engine_precision", "check_engine_compat", "engines_command", "axis_bounds"]
 
 
 def _log(msg: str) -> None:
@@ -203,123 +212,107 @@ def validate_profiles(profiles: dict, specs: dict[str, GraphSpec], cfg: ModelCon
 
 
 # ---------------------------------------------------------------------------------------------
-# precision
+# precision: the artifact's
 
 
-def check_precision(artifact_precision: str, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if artifact_precision == "int8":
-        raise InputError("an int8 artifact holds ONNX Runtime's dynamic quantization, which TensorRT cannot parse; "
-                         "build engines from an fp32 export (deltalm export --precision fp32)")
-    if artifact_precision == "fp16" and precision == "bf16":
-        raise InputError("bf16 engines need an fp32 artifact (this one's graphs are float16)")
-
-
-def fp32_layer(type_name: str, layer_name: str) -> bool:
-    """Whether a TensorRT layer stays fp32 in an fp16 / bf16 engine: every normalization and
-    softmax layer, and the layers the ONNX parser made of a LayerNormalization / (Log)Softmax
-    node when it decomposed one (they carry the node's name)."""
-    if type_name in FP32_LAYER_TYPES:
-        return True
-    return type_name in FP32_DECOMPOSED_TYPES and any(mark in layer_name for mark in FP32_NAME_MARKS)
-
-
-def onnx_fp32_nodes(onnx_path: Path) -> list[str]:
-    """Names of the ONNX nodes that should stay fp32 (for trtexec's --layerPrecisions: the parser
-    names a node's layer after the node; the Python build selects by layer type instead)."""
-    try:
-        import onnx
-    except ImportError:
-        return []
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type in FP32_ONNX_OPS and n.name]
+def engine_precision(artifact_precision: str, requested: str | None = None) -> str:
+    """The precision of an artifact's engines: the artifact's own (strongly typed, the ONNX
+    graphs carry every type). ``requested`` (``--precision``), when given, must agree; otherwise
+    InputError in one line saying which export to make first. A conversion in a work directory
+    is not offered: the fp16 graph is only trusted after the export's parity verdict against
+    PyTorch (``Thresholds.for_precision("fp16")``), which an engine-side conversion would skip."""
+    if requested == "bf16":
+        raise InputError("bf16 engines are not built: a bf16 export cannot be parity-checked here (ONNX Runtime's "
+                         "CPU provider has no bf16 MatMul / Add kernels); build fp16 engines from an fp16 export")
+    if requested is not None and requested not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if artifact_precision not in PRECISIONS:
+        raise InputError(f"an {artifact_precision} artifact holds ONNX Runtime's dynamic quantization, not the Q/DQ "
+                         "graph TensorRT builds int8 engines from; build engines from an fp32 or fp16 export")
+    if requested is not None and requested != artifact_precision:
+        raise InputError(f"this artifact is {artifact_precision}, and engines are built in the precision of its ONNX "
+                         f"graphs (strongly typed): export {requested} first (`deltalm export CKPT --precision "
+                         f"{requested} --out DIR`) and build the engines from that artifact")
+    return artifact_precision
 
 
 def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def trtexec_command(onnx_path, engine_path, profile: dict, precision: str, timing_cache,
-                    fp32_layers: list[str] | tuple = ()) -> str:
+def trtexec_command(onnx_path, engine_path, profile: dict, timing_cache) -> str:
     """The trtexec command line that builds the same engine (for users with trtexec but not the
-    Python bindings). Scalar inputs need no shapes."""
+    Python bindings): strongly typed, no precision flags (the graph has the types). Scalar
+    inputs need no shapes."""
     shaped = [(name, b) for name, b in profile.items() if len(b[0])]
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--stronglyTyped"]
     for flag, i in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
         if shaped:
             args.append(f"{flag}=" + ",".join(f"{name}:{_dims(b[i])}" for name, b in shaped))
-    if precision in ("fp16", "bf16"):
-        args.append(f"--{precision}")
-        if fp32_layers:
-            spec = ",".join(f"{name}:fp32" for name in fp32_layers)
-            args += ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
     args.append(f"--timingCacheFile={timing_cache}")
     return " ".join(shlex.quote(a) for a in args)
 
 
 # ---------------------------------------------------------------------------------------------
-# the TensorRT build (needs TensorRT and a GPU)
+# the TensorRT build through Polygraphy (needs TensorRT and a GPU)
 
 
-def _keep_fp32(trt, network) -> int:
-    """Pin the fp32 layers (``fp32_layer``) of a parsed network; returns how many."""
-    floats = {trt.float32, trt.float16}
-    if hasattr(trt, "bfloat16"):
-        floats.add(trt.bfloat16)
-    kept = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if not fp32_layer(layer.type.name, layer.name):
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in floats:
-                layer.set_output_type(j, trt.float32)
-        kept += 1
-    return kept
+def _polygraphy():
+    """Polygraphy's TensorRT loaders, logger and exception (imported lazily: they import tensorrt)."""
+    try:
+        from polygraphy.backend import trt as loaders
+        from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise DeltaLMError("`deltalm engines` builds through Polygraphy, which is not installed "
+                           "(pip install polygraphy==0.53.6, or the package's `trt` extra)") from None
+    return loaders, PolygraphyException, G_LOGGER
 
 
-def build_engine(onnx_path, engine_path, profile: dict, precision: str, timing_cache_path) -> dict:
-    """Parse ``onnx_path``, build one engine with one optimization profile ``{input: (min, opt,
-    max)}`` in ``precision`` (fp32 / fp16 / bf16; normalization and softmax stay fp32), write it to
-    ``engine_path``; the timing cache at ``timing_cache_path`` is read if present and written
-    back. Returns {"build_seconds", "fp32_layers", "layers"}. TensorRT 10 API."""
-    trt = import_tensorrt()
-    onnx_path, engine_path, timing_cache_path = Path(onnx_path), Path(engine_path), Path(timing_cache_path)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: " + " | ".join(errors[:5]))
-    config = builder.create_builder_config()
-    kept = 0
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    if precision != "fp32":
-        kept = _keep_fp32(trt, network)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
-        if len(lo):
-            opt_profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path.exists() else b"")
-    config.set_timing_cache(cache, True)  # a cache from another GPU / version is ignored, not fatal
+def _check_input_types(network, spec: GraphSpec | None, onnx_path: Path) -> None:
+    """The parsed network's inputs have the types the artifact declares (a strongly typed
+    engine keeps them, and the runtime sizes its buffers from them)."""
+    if spec is None:
+        return
+    want = {t.name: t.dtype for t in spec.inputs}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.name in want and str(numpy_dtype(t.dtype.name)) != want[t.name]:
+            raise ExportError(f"{onnx_path}: TensorRT parsed input {t.name} as {t.dtype.name}, "
+                              f"the artifact declares {want[t.name]}")
+
+
+def build_engine(onnx_path, engine_path, profile: dict, timing_cache_path, spec: GraphSpec | None = None) -> dict:
+    """Parse ``onnx_path`` into a strongly typed network, build one engine with one optimization
+    profile ``{input: (min, opt, max)}``, write it to ``engine_path``. The timing cache at
+    ``timing_cache_path`` is read if present and written back (merged). ``spec``: the graph's
+    declaration, whose input types the parsed network must have. Returns {"build_seconds",
+    "layers"}. TensorRT ``TENSORRT_SUPPORTED``, through Polygraphy."""
+    import_tensorrt()
+    loaders, PolygraphyException, G_LOGGER = _polygraphy()
+    onnx_path, engine_path, cache = Path(onnx_path), Path(engine_path), Path(timing_cache_path)
+    shapes = loaders.Profile()
+    for name, (lo, opt, hi) in profile.items():  # scalars too: () for min, opt and max
+        shapes.add(name, lo, opt, hi)
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        # Polygraphy logs on stdout, where the plan goes: its warnings and TensorRT's go to stderr
+        with contextlib.redirect_stdout(sys.stderr), G_LOGGER.verbosity(G_LOGGER.WARNING):
+            builder, network, parser = loaders.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+            _check_input_types(network, spec, onnx_path)
+            config = loaders.CreateConfig(profiles=[shapes], load_timing_cache=str(cache) if cache.exists() else None)
+            serialized = loaders.EngineBytesFromNetwork((builder, network, parser), config=config,
+                                                        save_timing_cache=str(cache))()
+            layers = network.num_layers
+    except PolygraphyException as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{onnx_path}: the TensorRT build failed: {reason} (see the log above)") from None
+    finally:
+        Path(f"{cache}.lock").unlink(missing_ok=True)  # Polygraphy's lock file for the cache
     seconds = time.perf_counter() - t0
-    if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
     with open(engine_path, "wb") as f:
         f.write(serialized)
-    with open(timing_cache_path, "wb") as f:
-        f.write(config.get_timing_cache().serialize())
-    return {"build_seconds": round(seconds, 2), "fp32_layers": kept, "layers": network.num_layers}
+    return {"build_seconds": round(seconds, 2), "layers": layers}
 
 
 def engine_metadata(graph: str, engine_file: str, onnx_file: str, onnx_sha256: str, precision: str, profile: dict,
@@ -341,14 +334,14 @@ def engine_metadata(graph: str, engine_file: str, onnx_file: str, onnx_sha256: s
 
 
 # ---------------------------------------------------------------------------------------------
-# the command
+# the library function and the command
 
 
 def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, GraphSpec], decoder_layers: int) -> str:
     """What will be built: per graph the axis bounds and each input's min/opt/max shapes, and the
     device memory ``--backend trt`` allocates for these profiles."""
-    kept = "; normalization and softmax in fp32" if precision != "fp32" else ""
-    lines = [f"TensorRT engines for {path} ({precision}{kept})"]
+    islands = "; LayerNorm, Softmax, LogSoftmax and TopK in fp32, as exported" if precision == "fp16" else ""
+    lines = [f"TensorRT engines for {path} ({precision}, strongly typed{islands})"]
     plans = {}
     for graph, profile in profiles.items():
         axes = profile_axes(specs[graph], profile)
@@ -365,63 +358,103 @@ def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, Gra
     return "\n".join(lines)
 
 
-def _forget_engines(manifest) -> None:
+def _graph_sources(artifact, graphs) -> dict[str, tuple[str, str]]:
+    """{graph: (onnx file, source digest)} read from the manifest."""
+    return {g: (artifact.manifest.graphs[g].file, graph_source_digest(artifact.manifest, g)) for g in graphs}
+
+
+def _unlist_engines(artifact_path: Path):
+    """Remove the engines from manifest.json (before they are replaced); returns the manifest."""
+    manifest = read_manifest(artifact_path)
     manifest.engines = None
     manifest.files = {n: d for n, d in manifest.files.items() if not n.startswith(ENGINES_DIR + "/")}
+    manifest.write(artifact_path)
+    return manifest
 
 
-def engines_command(args) -> int:
-    artifact = open_artifact(args.dir)
+def _list_engines(artifact_path: Path, manifest, section: Engines, files: list[str]) -> None:
+    """Record the engines (``section``) and the sha256 of their ``files`` in manifest.json."""
+    manifest.engines = section
+    manifest.files.update(hash_files(artifact_path, files))
+    manifest.write(artifact_path)
+
+
+def _reusable_timing_cache(engines_dir: Path, trt_version: str, gpu_name: str) -> Path | None:
+    """The previous build's timing cache, if the same TensorRT version built it on the same GPU
+    model (per its engines.json); a cache from elsewhere only costs a warning and time."""
+    cache, meta = engines_dir / TIMING_CACHE, engines_dir / METADATA
+    if not cache.exists():
+        return None
+    try:
+        previous = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("tensorrt") == trt_version and previous.get("gpu") == gpu_name:
+        return cache
+    _log(f"not reusing {cache}: it was written by TensorRT {previous.get('tensorrt')} on {previous.get('gpu')}")
+    return None
+
+
+def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8, max_beam: int = 5,
+                  max_src_len: int = 256, max_tgt_len: int = 256, profile=None, print_only: bool = False) -> dict | None:
+    """Plan and build the TensorRT engines of the artifact at ``artifact_dir``. Prints the plan
+    and the equivalent trtexec command lines on stdout. ``precision``: None or the artifact's
+    own (``engine_precision``); ``profile``: a ``--profile`` JSON file overriding the derived
+    shapes. Returns the engines.json metadata written, or None with ``print_only``. Raises
+    DeltaLMError subclasses (one line each); on failure the previous engines stay."""
+    artifact = open_artifact(artifact_dir)
     cfg = artifact.config
-    precision = getattr(args, "precision", "fp16")
-    check_precision(artifact.precision, precision)
+    precision = engine_precision(artifact.precision, precision)
     graphs = [g for g in ENGINE_GRAPHS if artifact.has_graph(g)]
     specs = {g: artifact.graph_spec(g) for g in graphs}
-    profiles = derive_profiles(artifact.manifest, args.max_batch, args.max_beam, args.max_src_len, args.max_tgt_len)
-    if getattr(args, "profile", None):
-        profiles = apply_profile_override(profiles, load_profile_override(args.profile), artifact.manifest)
+    profiles = derive_profiles(artifact, max_batch, max_beam, max_src_len, max_tgt_len)
+    if profile:
+        profiles = apply_profile_override(profiles, load_profile_override(profile), artifact)
     engines_dir = artifact.path / ENGINES_DIR
-    commands = []
-    for g in graphs:
-        fp32_nodes = onnx_fp32_nodes(artifact.graph_path(g)) if precision != "fp32" else []
-        commands.append(trtexec_command(artifact.graph_path(g), engines_dir / f"{g}.plan", profiles[g], precision,
-                                        engines_dir / TIMING_CACHE, fp32_nodes))
+    commands = [trtexec_command(artifact.graph_path(g), engines_dir / f"{g}.plan", profiles[g], engines_dir / TIMING_CACHE)
+                for g in graphs]
     print(format_plan(artifact.path, precision, profiles, specs, cfg.decoder_layers))
     print("equivalent trtexec commands:")
     for c in commands:
         print("  " + c)
     sys.stdout.flush()
-    if getattr(args, "print_only", False):
-        return 0
+    if print_only:
+        return None
     try:
         trt = import_tensorrt()
+        _polygraphy()
     except DeltaLMError as e:
         raise DeltaLMError(f"{e}; no engines were built (the trtexec commands above build them by hand)") from None
     gpu_name, capability = gpu_identity()
-    _log(f"building on {gpu_name} (compute capability {capability}) with TensorRT {trt.__version__}")
+    _log(f"building on {gpu_name} (compute capability {capability}) with TensorRT {trt.__version__}, strongly typed")
+    sources = _graph_sources(artifact, graphs)
+    previous_cache = _reusable_timing_cache(engines_dir, trt.__version__, gpu_name)
     metas = {}
     with atomic_directory(engines_dir, force=True) as tmp:
-        if (engines_dir / TIMING_CACHE).exists():
-            shutil.copyfile(engines_dir / TIMING_CACHE, tmp / TIMING_CACHE)
+        if previous_cache is not None:
+            shutil.copyfile(previous_cache, tmp / TIMING_CACHE)
         for g in graphs:
             _log(f"building the {g} engine ({precision}) ...")
-            build = build_engine(artifact.graph_path(g), tmp / f"{g}.plan", profiles[g], precision, tmp / TIMING_CACHE)
-            _log(f"  {g}: {build['build_seconds']:.1f}s, {build['fp32_layers']} of {build['layers']} layers pinned to fp32")
-            metas[g] = engine_metadata(g, f"{ENGINES_DIR}/{g}.plan", artifact.manifest.graphs[g].file,
-                                       graph_source_digest(artifact.manifest, g), precision, profiles[g],
+            build = build_engine(artifact.graph_path(g), tmp / f"{g}.plan", profiles[g], tmp / TIMING_CACHE, specs[g])
+            _log(f"  {g}: {build['build_seconds']:.1f}s, {build['layers']} layers")
+            metas[g] = engine_metadata(g, f"{ENGINES_DIR}/{g}.plan", sources[g][0], sources[g][1], precision, profiles[g],
                                        trt.__version__, gpu_name, capability, build)
-        write_json_atomic(tmp / METADATA, {"tensorrt": trt.__version__, "gpu": gpu_name,
-                                           "compute_capability": capability, "precision": precision,
-                                           "timing_cache": TIMING_CACHE, "engines": metas})
-        # the manifest stops listing the old engines before they are replaced
-        manifest = read_manifest(artifact.path)
-        _forget_engines(manifest)
-        manifest.write(artifact.path)
-    files = [f"{ENGINES_DIR}/{g}.plan" for g in graphs] + [f"{ENGINES_DIR}/{METADATA}"]
-    manifest.engines = Engines(metadata=f"{ENGINES_DIR}/{METADATA}", precision=precision, tensorrt=trt.__version__,
-                               gpu=gpu_name, compute_capability=str(capability),
-                               files={g: f"{ENGINES_DIR}/{g}.plan" for g in graphs})
-    manifest.files.update(hash_files(artifact.path, files))
-    manifest.write(artifact.path)
+        metadata = {"tensorrt": trt.__version__, "gpu": gpu_name, "compute_capability": capability,
+                    "precision": precision, "strongly_typed": True, "timing_cache": TIMING_CACHE, "engines": metas}
+        write_json_atomic(tmp / METADATA, metadata)
+        manifest = _unlist_engines(artifact.path)  # the manifest stops listing the old engines before they go
+    _list_engines(artifact.path, manifest,
+                  Engines(metadata=f"{ENGINES_DIR}/{METADATA}", precision=precision, tensorrt=trt.__version__,
+                          gpu=gpu_name, compute_capability=str(capability),
+                          files={g: f"{ENGINES_DIR}/{g}.plan" for g in graphs}),
+                  [f"{ENGINES_DIR}/{g}.plan" for g in graphs] + [f"{ENGINES_DIR}/{METADATA}"])
     _log(f"wrote {engines_dir}")
+    return metadata
+
+
+def engines_command(args) -> int:
+    """``deltalm engines``: the argparse namespace onto ``build_engines``."""
+    build_engines(args.dir, precision=args.precision, max_batch=args.max_batch, max_beam=args.max_beam,
+                  max_src_len=args.max_src_len, max_tgt_len=args.max_tgt_len, profile=args.profile,
+                  print_only=args.print_only)
     return 0

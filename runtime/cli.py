@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("engines", help="build TensorRT engines for an artifact directory")
     s.add_argument("dir")
     s.add_argument("--profile", help="JSON file with min/opt/max shapes (default: derived from the manifest)")
-    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: the artifact's (engines are strongly typed: export the precision you want)")
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-beam", type=int, default=5)
     s.add_argument("--max-src-len", type=int, default=256)

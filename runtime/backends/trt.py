@@ -1,12 +1,17 @@
 """TensorRT backend: the engines ``deltalm engines DIR`` built from the artifact's ONNX graphs.
 
-Same interface as the ONNX Runtime backend (``cfg``, ``topk``, ``encode``, ``step``). TensorRT 10
-API: ``Runtime.deserialize_cuda_engine``, ``create_execution_context``, ``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``. Device memory comes from Polygraphy's CUDA wrapper
-(``polygraphy.cuda``: plain ``cudaMalloc``, never managed memory) and is allocated ONCE, at
-construction, for the largest shapes of the engines' optimization profile (``plan_buffers``,
-``device_allocations``): nothing is allocated per batch or per step. GPU 0 only; ``threads`` is
-accepted for interface parity and ignored.
+Same interface as the ONNX Runtime backend (``cfg``, ``topk``, ``encode``, ``step``). Supported
+TensorRT: ``TENSORRT_SUPPORTED`` (10.12 up to 11.x: the versions that build strongly typed
+networks). The runtime uses only calls that TensorRT 11 kept (checked against NVIDIA's list of
+removed Python APIs, docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
+tensorrt-10x-to-11x-python-api-reference.html): ``Runtime.deserialize_cuda_engine``,
+``create_execution_context``, ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_dtype`` /
+``get_tensor_profile_shape``, ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``;
+never ``device_memory_size*``, builder flags or calibrators. Device memory comes from Polygraphy's
+CUDA wrapper (``polygraphy.cuda``: plain ``cudaMalloc``, never managed memory) and is allocated
+ONCE, at construction, for the largest shapes of the engines' optimization profile
+(``plan_buffers``, ``device_allocations``): nothing is allocated per batch or per step. GPU 0
+only; ``threads`` is accepted for interface parity and ignored.
 
 Where the data lives:
 - the encoder writes the cross-attention K/V into device buffers that the decoder step reads
@@ -21,7 +26,7 @@ Where the data lives:
 Not implemented: CUDA-graph capture of the step; pinned (page-locked) host buffers for the
 per-step copies; several optimization profiles (one profile, index 0, serves every shape); more
 than one batch in flight per backend (``encode`` reuses the buffers, so a state from an earlier
-``encode`` is refused); TensorRT versions other than 10.x.
+``encode`` is refused); bf16 engine I/O (numpy has no bf16).
 
 Importing this module needs neither TensorRT nor CUDA: everything that touches them is imported
 inside the functions that use it. The pure functions (profiles, buffer plans, compatibility
@@ -40,6 +45,10 @@ from ..errors import ArtifactError, DeltaLMError, InputError
 from ..graphs import GraphSpec, cross_names, past_names, present_names
 
 ENGINE_GRAPHS = ("encoder", "decoder_step")
+# The one statement of the supported TensorRT versions: first supported, first unsupported.
+# 10.12 is the first with strongly typed networks as the way to build (weak typing deprecated);
+# 11.x builds nothing else. 12 is refused until someone has checked its removals.
+TENSORRT_SUPPORTED = ((10, 12), (12, 0))
 MIN_ALLOCATION = 256  # bytes: never hand TensorRT a null pointer, even for an empty tensor
 
 # TensorRT DataType names -> numpy (bf16 has no numpy dtype: such I/O is refused)
@@ -231,14 +240,34 @@ def gpu_identity(device: int = 0) -> tuple[str, str]:
     return name.value.decode(errors="replace"), f"{major.value}.{minor.value}"
 
 
+def supported_tensorrt() -> str:
+    """``TENSORRT_SUPPORTED`` in words: "10.12 or newer (up to 11.x)"."""
+    (lo_major, lo_minor), (hi_major, _) = TENSORRT_SUPPORTED
+    return f"{lo_major}.{lo_minor} or newer (up to {hi_major - 1}.x)"
+
+
+def check_tensorrt_version(version: str) -> None:
+    """DeltaLMError in one line when TensorRT ``version`` is outside ``TENSORRT_SUPPORTED``."""
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        raise DeltaLMError(f"cannot read the TensorRT version {version!r}; deltalm needs TensorRT {supported_tensorrt()}") from None
+    lo, hi = TENSORRT_SUPPORTED
+    if (major, minor) < lo:
+        raise DeltaLMError(f"TensorRT {version} is too old: deltalm needs TensorRT {lo[0]}.{lo[1]} or newer "
+                           f"(strongly typed networks); `pip install -U tensorrt`")
+    if (major, minor) >= hi:
+        raise DeltaLMError(f"TensorRT {version} is not supported yet: deltalm is written for TensorRT {supported_tensorrt()}")
+
+
 def import_tensorrt():
+    """The ``tensorrt`` module, if its version is supported (else DeltaLMError in one line)."""
     try:
         import tensorrt as trt
     except ImportError:
         raise DeltaLMError("TensorRT is not installed (no `tensorrt` Python module); --backend trt and "
-                           "`deltalm engines` need TensorRT 10") from None
-    if not trt.__version__.startswith("10."):
-        raise DeltaLMError(f"TensorRT {trt.__version__} is not supported: this code is written for the TensorRT 10 API")
+                           f"`deltalm engines` need TensorRT {supported_tensorrt()}") from None
+    check_tensorrt_version(str(trt.__version__))
     return trt
 
 
