@@ -235,9 +235,11 @@ class _Mapped:
     notes: list = field(default_factory=list)
 
 
-def apply_table(table: list, raw: dict[str, torch.Tensor]) -> _Mapped:
+def apply_table(table: list, raw: dict[str, torch.Tensor], kept_rows: int | None = None) -> _Mapped:
     """Map ``raw`` (source key -> tensor) through ``table``. Direct rows first, then ``Tied`` rows
-    (checked for equality, or used when the canonical tensor is absent), then ``FoldInto``."""
+    (checked for equality, or used when the canonical tensor is absent), then ``FoldInto``.
+    ``kept_rows``: token tables are cut to this many rows later (the dictionary's), so tied tables
+    only need to agree on those rows."""
     rules = [(_compile(src), dst) for src, dst in table]
     out = _Mapped()
     tied, folds, skipped, unexpected = [], [], [], []
@@ -266,7 +268,11 @@ def apply_table(table: list, raw: dict[str, torch.Tensor]) -> _Mapped:
         have = out.tensors.get(name)
         if have is None:
             out.tensors[name], out.source[name] = tensor, key
-        elif have.shape != tensor.shape or not torch.equal(have, tensor.to(have.dtype)):
+            continue
+        a, b = have, tensor
+        if kept_rows is not None and a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1] and min(len(a), len(b)) >= kept_rows:
+            a, b = a[:kept_rows], b[:kept_rows]  # rows past the dictionary are cut off anyway
+        if a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
             out.problems.append(
                 f"{key} differs from {out.source[name]} (untied embeddings are not supported: "
                 "the model shares one table)"
@@ -754,12 +760,12 @@ def _interpret(source: _Source, overrides, vocab_size, as_deltalm, unilm_ffn_ord
     except CheckpointError as e:
         raise CheckpointError(f"{source.path}: {e}") from None
     raw, table, declared, metadata, notes = _extract(fmt, source, unilm_ffn_order)
-    mapped = apply_table(table, raw)
+    dict_rows = vocab_size if vocab_size is not None else (overrides or {}).get("vocab_size")
+    mapped = apply_table(table, raw, kept_rows=int(dict_rows) if fmt == "unilm-deltalm" and dict_rows else None)
     base = dict(_FORMAT_BASE[fmt])
     if fmt == "hf-xlmr" and source.hf_config is not None and "pad_token_id" in source.hf_config:
         pad = int(source.hf_config["pad_token_id"])
         base.update(first_position=pad + 1, pad_position=pad)
-    dict_rows = vocab_size if vocab_size is not None else (overrides or {}).get("vocab_size")
     seeding = as_deltalm and fmt == "hf-xlmr"
     if as_deltalm and fmt == "xlm":
         raise CheckpointError(f"{source.path}: an XLM checkpoint cannot seed a DeltaLM (only XLM-R can)")

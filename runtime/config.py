@@ -83,20 +83,25 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value, default = data[f.name], f.default
+            ok = (isinstance(value, bool) if isinstance(default, bool)
+                  else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+                  else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+                  else isinstance(value, str))
+            if not ok:
+                raise ConfigError(f"config field {f.name} must be a {type(default).__name__}, got {value!r}")
         return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
+        data = _read_json_object(Path(path))
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
@@ -116,15 +121,31 @@ def resolve_config(spec: str | Path) -> ModelConfig:
     return ModelConfig.from_name(str(spec))
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def config_overrides(spec: str | Path) -> dict:
     """The fields a config file sets (used to override what a checkpoint says)."""
     p = Path(spec)
     if p.suffix == ".json" or p.exists():
-        data = json.loads(p.read_text())
-    else:
-        data = ModelConfig.from_name(str(spec)).to_dict()
-    ModelConfig.from_dict({**ModelConfig().to_dict(), **data})  # validate
-    return data
+        data = _read_json_object(p)
+        try:
+            ModelConfig.from_dict({**ModelConfig().to_dict(), **data})  # validate
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        return data
+    return ModelConfig.from_name(str(spec)).to_dict()
 
 
 __all__ = ["ModelConfig", "ConfigError", "resolve_config", "config_overrides", "CONFIG_DIR"]

@@ -358,6 +358,18 @@ def test_unilm_legacy_ffn_order_swaps_the_two_decoder_ffns(files):
     assert torch.equal(legacy["encoder.layers.0.fc1.weight"], current["encoder.layers.0.fc1.weight"])
 
 
+def test_unilm_tables_may_differ_in_rows_beyond_the_dictionary(deltalm, tmp_path):
+    """The pretrained tables are longer than a fine-tuning dictionary; the rows past it are cut off,
+    so a difference there is no reason to refuse the checkpoint."""
+    ckpt = W.unilm_checkpoint(deltalm, extra_rows=7)
+    ckpt["weights"]["tgt_embedding.embed_tokens.weight"][-1] += 1.0  # a row past the dictionary
+    path = W.save(ckpt, tmp_path / "tail.pt")
+    loaded = load_checkpoint(path, vocab_size=V)
+    assert torch.equal(loaded.state_dict["encoder.embed_tokens.weight"], W.canonical(deltalm)["encoder.embed_tokens.weight"])
+    with pytest.raises(CheckpointError, match="differs from"):
+        load_checkpoint(path)  # without a dictionary every row is kept, so every row must agree
+
+
 def test_unilm_source_and_target_tables_must_be_equal(deltalm, tmp_path):
     ckpt = W.unilm_checkpoint(deltalm)
     ckpt["weights"]["tgt_embedding.embed_tokens.weight"][5] += 1.0
