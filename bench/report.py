@@ -208,9 +208,11 @@ def format_markdown(results: dict) -> str:
                      f"{_fmt(b.get('peak_rss_mb'), '.0f')} | {_fmt(b.get('others_cpu_share'), '.0%')} |")
     if results.get("exports"):
         lines += ["", "## Export (`deltalm export`, parity checks included)", "",
-                  "| precision | wall s | peak RSS MB | note |", "|---|---:|---:|---|"]
+                  "| precision | wall s | peak RSS MB | parity verdict | note |", "|---|---:|---:|---|---|"]
         for p, r in results["exports"].items():
-            lines.append(f"| {p} | {r['wall_s']:.1f} | {r['peak_rss_mb']} | {'from an earlier run' if r.get('reused') else ''} |")
+            verdict = {True: "passed", False: "failed: " + "; ".join(r.get("parity_failures", [])[:2]), None: "-"}[r.get("parity_passed")]
+            lines.append(f"| {p} | {r['wall_s']:.1f} | {r['peak_rss_mb']} | {verdict} | "
+                         f"{'from an earlier run' if r.get('reused') else ''} |")
     mem = results.get("memory_check")
     if mem:
         lines += ["", "## Memory check", "", mem.get("summary", "")]
