@@ -274,8 +274,15 @@ def write_chart(results: dict, path: Path) -> None:
 
 # --- side by side with CTranslate2 ------------------------------------------------------------------
 
-_COMPARE_FIGURES = (("model files, MB", "model_files_mb", ".0f"), ("RSS after load, MB", "rss_after_load_mb", ".0f"),
-                    ("peak RSS while translating, MB", "peak_rss_translating_mb", ".0f"), ("load, s", "load_s", ".2f"))
+_COMPARE_FIGURES = (("model files, MB", "model_files_mb"), ("RSS after load, MB", "rss_after_load_mb"),
+                    ("peak RSS while translating, MB", "peak_rss_translating_mb"), ("load, s", "load_s"))
+
+
+def format_amount(x) -> str:
+    """About 3 significant digits without exponent: 1384.2 -> '1384', 6.51 -> '6.51', 0.0042 -> '0.0042'."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format_rate(x) if x >= 1 else f"{x:.2g}"
 
 
 def compare_table(cmp: dict) -> str:
@@ -303,11 +310,11 @@ def compare_table(cmp: dict) -> str:
                 text += f" ({cell['tokens_per_s'] / oc['tokens_per_s']:.2f}x)"
             row.append(text)
         lines.append(f"| {Workload(beam, batch, src).search} batch {batch}, tok/s | " + " | ".join(row) + " |")
-    for title, key, spec in _COMPARE_FIGURES:
+    for title, key in _COMPARE_FIGURES:
         row = []
         for lbl in labels:
             value = engines[lbl].get(key)
-            text = _fmt(value, spec)
+            text = format_amount(value)
             other = rival(lbl)
             if other and value is not None and other.get(key):
                 text += f" ({value / other[key]:.2f}x)"

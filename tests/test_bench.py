@@ -330,3 +330,158 @@ def test_export_artifacts_redoes_an_artifact_of_other_export_code(tmp_path, monk
     assert calls and calls[0][0] == "export" and "--precision" in calls[0]
     assert out["fp32"]["peak_rss_mb"] == 123 and out["fp32"]["reused"] is False
     assert out["fp32"]["export_code"] == models.export_code_fingerprint()
+
+
+# --- a tool of its own: installed files, a given artifact, progress ---------------------------------
+
+
+def test_export_code_fingerprint_reads_the_imported_modules_not_the_working_directory(tmp_path, monkeypatch):
+    import hashlib
+    from pathlib import Path
+
+    import deltalm.config
+    import deltalm.export
+    import deltalm.graphs
+
+    paths = sorted(Path(deltalm.export.__file__).parent.glob("*.py"))
+    paths += [Path(deltalm.config.__file__), Path(deltalm.graphs.__file__)]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    monkeypatch.chdir(tmp_path)  # another directory: nothing is read by a repository-relative path
+    assert models.export_code_fingerprint() == h.hexdigest()[:16]
+
+
+def test_progress_bar_only_on_a_terminal():
+    import fcntl
+    import io
+    import os
+    import select
+    import struct
+    import termios
+
+    from deltalm.bench.progress import Progress
+
+    plain = io.StringIO()
+    with Progress(total=2, stream=plain) as p:
+        p.stage("export")
+        p.done()
+    assert not p.shown and plain.getvalue() == ""
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            with Progress(total=2, stream=tty) as p:
+                assert p.shown
+                p.stage("export")
+                p.done(2)
+            tty.flush()
+        chunks = []
+        while select.select([master], [], [], 1.0)[0]:  # everything written, with a timeout
+            chunks.append(os.read(master, 65536))
+        shown = b"".join(chunks).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "2/2 stages" in shown and "export" in shown
+
+
+def test_bench_refuses_a_missing_model_or_a_file_in_one_line(tmp_path):
+    from cli_support import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli(["bench", "--model", tmp_path / "nowhere", "--out", tmp_path / "out"]),
+                          "no such artifact directory", "tiny | base")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert_one_line_error(run_cli(["bench", "--model", tmp_path / "model.pt", "--out", tmp_path / "out"]),
+                          "a file, not an artifact directory")
+
+
+def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
+    """``--model DIR``: the artifact's own precision through ort, torch from the checkpoint its
+    manifest names, the other precisions reported missing; run from another directory."""
+    import json
+
+    from cli_support import run_cli
+
+    from deltalm.artifact import read_manifest
+
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--out", "out"])
+    assert res.rc == 0, res.err
+    assert "stages |" not in res.err  # stderr is not a terminal: no progress bar
+    r = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert r["model"]["name"] == tiny.artifact.name and r["model"]["artifact"] == str(tiny.artifact.resolve())
+    assert r["model"]["config"] == read_manifest(tiny.artifact)["model"]
+    assert r["exports"] == {}  # nothing exported: the artifact is used as given
+    b = r["backends"]
+    assert b["ort-int8"] == {"reason": "artifact missing", "cells": []} and b["ort-fp16"]["reason"] == "artifact missing"
+    for kind in ("ort-fp32", "torch"):
+        assert len(b[kind]["cells"]) == len(r["settings"]["workloads"]) == 8
+        assert all(c["tokens_per_s"] > 0 for c in b[kind]["cells"])
+        assert b[kind]["rss_after_load_mb"] > 0 and b[kind]["load_s"] > 0
+        assert b[kind]["peak_rss_mb"] >= b[kind]["peak_rss_translating_mb"] > 0
+    manifest = read_manifest(tiny.artifact)
+    graphs = sum((tiny.artifact / f).stat().st_size for g in ("encoder", "decoder_step") for f in manifest["graphs"][g]["files"])
+    tokenizer = (tiny.artifact / manifest["tokenizer"]["spm"]).stat().st_size + (tiny.artifact / manifest["tokenizer"]["dict"]).stat().st_size
+    assert b["ort-fp32"]["model_files_mb"] == pytest.approx((graphs + tokenizer) / 2**20)
+    assert b["torch"]["model_files_mb"] == pytest.approx((tiny.checkpoint.stat().st_size + tokenizer) / 2**20)
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert f"| ort-fp32 | measured | {b['ort-fp32']['model_files_mb']:.1f} |" in md
+    assert r["memory_check"]["precision"] == "fp32" and r["memory_check"]["peak_rss_mb"] > 0
+    assert (tmp_path / "out" / "profile.md").exists() and (tmp_path / "out" / "bench.png").exists()
+
+
+# --- side by side with CTranslate2 -------------------------------------------------------------------
+
+
+def test_ct2_model_has_the_flops_of_deltalm_with_one_decoder_ffn_of_twice_the_width():
+    pytest.importorskip("ctranslate2")
+    from deltalm.bench.ct2_model import build_ct2_spec, ct2_step_flops_per_token
+    from deltalm.config import ModelConfig
+
+    cfg = ModelConfig.from_name("tiny")
+    spec = build_ct2_spec(cfg, seed=3)
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    assert len(spec.encoder.layer) == cfg.encoder_layers and len(spec.decoder.layer) == cfg.decoder_layers
+    assert spec.decoder.layer[0].ffn.linear_0.weight.shape == (2 * f, d)
+    assert spec.decoder.layer[0].ffn.linear_1.weight.shape == (d, 2 * f)
+    assert spec.encoder.layer[0].ffn.linear_0.weight.shape == (f, d)
+    assert spec.decoder.projection.weight.shape == (cfg.vocab_size, d)
+    assert spec.decoder.projection.weight is spec.encoder.embeddings[0].weight  # tied, as in DeltaLM
+    # the decoder's matrix products: the same multiply-adds per token as DeltaLM's decoder step graph
+    flops = ct2_step_flops_per_token(cfg)
+    assert flops["standard"] == flops["deltalm"]
+    layer = spec.decoder.layer[0]
+    per_layer = sum(int(np.prod(x.weight.shape)) for x in
+                    (*layer.self_attention.linear, layer.attention.linear[0], layer.attention.linear[2],
+                     layer.ffn.linear_0, layer.ffn.linear_1))
+    assert cfg.decoder_layers * per_layer + cfg.vocab_size * d == flops["standard"]
+    again = build_ct2_spec(cfg, seed=3)
+    np.testing.assert_array_equal(again.decoder.layer[1].ffn.linear_0.weight, spec.decoder.layer[1].ffn.linear_0.weight)
+
+
+def test_compare_ctranslate2_runs_both_engines_interleaved_on_the_tiny_model(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("ctranslate2")
+    import json
+
+    from cli_support import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--compare", "ctranslate2", "--out", "out"])
+    assert res.rc == 0, res.err
+    r = json.loads((tmp_path / "out" / "compare.json").read_text())["ctranslate2"]
+    assert set(r["engines"]) == {"ctranslate2 fp32", "ours fp32"}  # the artifact is fp32: one pair
+    assert r["workloads"] == [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]]
+    for label, e in r["engines"].items():
+        assert [(c["beam"], c["batch"]) for c in e["cells"]] == [(1, 1), (1, 32), (5, 1), (5, 32)]
+        for c in e["cells"]:
+            assert len(c["runs_s"]) == r["reps"] == 2
+            assert c["tokens_per_s"] == pytest.approx(c["batch"] * (r["n"] + 1) / float(np.median(c["runs_s"])))
+        assert e["load_s"] > 0 and e["rss_after_load_mb"] > 0 and e["peak_rss_translating_mb"] > 0
+    ct2_dir = tmp_path / "out" / "ctranslate2" / "fp32"
+    ct2_files = sum(p.stat().st_size for p in ct2_dir.iterdir() if p.name != "bench_record.json")
+    assert r["engines"]["ctranslate2 fp32"]["model_files_mb"] == pytest.approx(ct2_files / 2**20)
+    assert r["flops_per_token"]["standard"] == r["flops_per_token"]["deltalm"]
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| | ctranslate2 fp32 | ours fp32 |" in md and "| greedy batch 32, tok/s |" in md and "| load, s |" in md
