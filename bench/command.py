@@ -78,7 +78,7 @@ def bench_command(args) -> int:
         _require("matplotlib", "bench", "deltalm bench (its chart)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with Progress(total=3, desc="bench") as progress:
+    with Progress(total=2, desc="bench") as progress:  # model, export; the run adds its own stages
         if args.compare:
             return _compare_run(args, out, progress)
         return _full_run(args, out, progress)

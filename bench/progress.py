@@ -2,6 +2,7 @@
 only when stderr is a terminal (tqdm), so that logs and pipes get plain lines."""
 from __future__ import annotations
 
+import os
 import sys
 
 _active = None  # the bar on screen, if any: log lines are written above it
@@ -25,10 +26,18 @@ class Progress:
         self.bar = None
         self.stream = stream
         if hasattr(stream, "isatty") and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, file=stream, unit="stage", dynamic_ncols=True, leave=True,
-                            bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}<{remaining} {postfix}")
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the bench extra is not installed: log lines only
+                return
+            try:
+                size = os.get_terminal_size(stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                size = os.terminal_size((0, 0))
+            # a terminal that reports no size (0 x 0) gets 80 x 24: tqdm would draw nothing there
+            self.bar = tqdm(total=total, desc=desc, file=stream, unit="stage", ncols=size.columns or 80,
+                            nrows=size.lines or 24, leave=True,
+                            bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}<{remaining}{postfix}")
             _active = self
 
     @property

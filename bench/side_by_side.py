@@ -162,6 +162,8 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
             results = {p.label: {"engine": p.label.split()[0], "precision": precision, **p.figures, "cells": []}
                        for p in procs}
             for wl in cells:
+                if progress is not None:
+                    progress.stage(f"{wl.name} ({precision})")
                 quiet = wait_for_quiet(quiet_wait_s) if quiet_wait_s else None
                 seed = 1000 * wl.batch + wl.src_len
                 for p in procs:  # warm-up: shapes, allocations, thread pools

@@ -368,23 +368,24 @@ def test_progress_bar_only_on_a_terminal():
         p.done()
     assert not p.shown and plain.getvalue() == ""
 
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
-    try:
-        with open(slave, "w", closefd=False) as tty:
-            with Progress(total=2, stream=tty) as p:
-                assert p.shown
-                p.stage("export")
-                p.done(2)
-            tty.flush()
-        chunks = []
-        while select.select([master], [], [], 1.0)[0]:  # everything written, with a timeout
-            chunks.append(os.read(master, 65536))
-        shown = b"".join(chunks).decode()
-    finally:
-        os.close(master)
-        os.close(slave)
-    assert "2/2 stages" in shown and "export" in shown
+    for columns in (120, 0):  # a terminal that reports no size (0 x 0) still gets a bar
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+        try:
+            with open(slave, "w", closefd=False) as tty:
+                with Progress(total=2, stream=tty) as p:
+                    assert p.shown
+                    p.stage("export")
+                    p.done(2)
+                tty.flush()
+            chunks = []
+            while select.select([master], [], [], 1.0)[0]:  # everything written, with a timeout
+                chunks.append(os.read(master, 65536))
+            shown = b"".join(chunks).decode()
+        finally:
+            os.close(master)
+            os.close(slave)
+        assert "2/2 stages" in shown and "export" in shown
 
 
 def test_bench_refuses_a_missing_model_or_a_file_in_one_line(tmp_path):
