@@ -76,6 +76,7 @@ def bench_command(args) -> int:
         _require("ctranslate2", "bench", "--compare ctranslate2")
     else:
         _require("matplotlib", "bench", "deltalm bench (its chart)")
+        _require("onnx", "export", "deltalm bench (counting the step graph's weights)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with Progress(total=2, desc="bench") as progress:  # model, export; the run adds its own stages
@@ -105,8 +106,8 @@ def _full_run(args, out: Path, progress) -> int:
     phases["model_and_export"] = time.perf_counter() - t
     ref_dir = artifact_for("ort-fp32", artifacts)
     manifest = json.loads((ref_dir / "manifest.json").read_text())
-    model = described["name"]
-    size = model if model in ("tiny", "base") else size_of(manifest["model"])
+    preset = args.model if args.model in ("tiny", "base") else None
+    size = preset or size_of(manifest["model"])
     st = settings_for(size, args.quick)
     wls = workloads(st.src_lens)
     available = {kind: backend_availability(kind, artifacts) for kind in BACKEND_KINDS}
@@ -161,8 +162,8 @@ def _full_run(args, out: Path, progress) -> int:
     t = time.perf_counter()
     progress.stage("memory check")
     log(f"memory check: deltalm translate through ort {ref_dir.name}")
-    results["memory_check"] = memory_check(ref_dir, st.memory_lines, st.memory_len, threads)
-    if model == "tiny" and "fp32" in artifacts:
+    results["memory_check"] = memory_check(ref_dir, st.memory_lines, st.memory_len, threads, work)
+    if preset == "tiny" and "fp32" in artifacts:
         progress.stage("agreement")
         results["agreement"] = measure_agreement(artifacts, Path(described["spm"]), Path(described["dict"]), threads)
     progress.done()
@@ -227,8 +228,7 @@ def _compare_run(args, out: Path, progress) -> int:
                          f"{', '.join(artifacts)}")
     manifest = json.loads((artifacts[precisions[0]] / "manifest.json").read_text())
     cfg = ModelConfig.from_dict(manifest["model"])
-    model = described["name"]
-    size = model if model in ("tiny", "base") else size_of(manifest["model"])
+    size = args.model if args.model in ("tiny", "base") else size_of(manifest["model"])
     st = settings_for(size, args.quick)
     src = 30 if 30 in st.src_lens else st.src_lens[0]
     cells = workloads(src_lens=(src,))

@@ -175,15 +175,16 @@ def worker(spec: dict) -> dict:
 # --- checks run from the parent --------------------------------------------------------------------
 
 
-def memory_check(artifact_dir: Path, lines: int, n: int, threads: int) -> dict:
+def memory_check(artifact_dir: Path, lines: int, n: int, threads: int, work: Path) -> dict:
     """``deltalm translate`` (ort, beam 5, batch 32) of ``lines`` corpus sentences forced to n
-    tokens, in a child: its peak RSS against the bytes of the graphs it loads."""
+    tokens, in a child (its record under ``work``): its peak RSS against the bytes of the graphs
+    it loads."""
     from deltalm.export.toy_data import toy_corpus
 
     text = "\n".join(toy_corpus()[:lines]) + "\n"
     cmd = ["translate", str(artifact_dir), "--backend", "ort", "--beam", "5", "--batch-size", "32",
            "--max-len-b", str(n), "--min-len", str(n), "--no-progress", "--threads", str(threads)]
-    peak, res = run_cli(cmd, artifact_dir.parent / f".memory-check-{artifact_dir.name}.json", stdin=text)
+    peak, res = run_cli(cmd, work / "memory-check.json", stdin=text)
     if res.returncode != 0:
         return {"error": res.stderr[-2000:]}
     weights = graph_bytes(artifact_dir)

@@ -407,9 +407,14 @@ def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
 
     from deltalm.artifact import read_manifest
 
+    def listing():
+        return sorted(str(p) for p in tiny.artifact.parent.rglob("*"))
+
+    before = listing()
     monkeypatch.chdir(tmp_path)
     res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--out", "out"])
     assert res.rc == 0, res.err
+    assert listing() == before  # everything is written under --out
     assert "stages |" not in res.err  # stderr is not a terminal: no progress bar
     r = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert r["model"]["name"] == tiny.artifact.name and r["model"]["artifact"] == str(tiny.artifact.resolve())
