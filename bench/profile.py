@@ -8,6 +8,7 @@ from pathlib import Path
 from .measure import TimedBackend, generate_timed
 from .workloads import make_sources, time_stats
 
+
 def summarize_profile(events: list[dict], skip_runs: int = 1, top: int = 10) -> dict:
     """ORT profile events -> time per op type and per node, over the runs after the first
     ``skip_runs`` (warm-up). Node events are ``cat == "Node"`` named ``NODE_kernel_time``."""
