@@ -303,7 +303,7 @@ def compare_table(cmp: dict) -> str:
             if cell is None:
                 row.append("-")
                 continue
-            text = format_rate(cell["tokens_per_s"])
+            text = format_rate(cell["tokens_per_s"]) + ("†" if (cell.get("quiet_gate") or {}).get("quiet") is False else "")
             other = rival(lbl)
             oc = next((c for c in other["cells"] if (c["beam"], c["batch"]) == (beam, batch)), None) if other else None
             if oc:
@@ -333,7 +333,9 @@ def compare_section(cmp: dict) -> str:
              + f"). Every sentence forced to {cmp['n'] + 1} decoder steps (ours: {cmp['n']} tokens and </s>; CTranslate2: "
              f"min = max decoding length {cmp['n'] + 1}); src ~{cmp['workloads'][0][2]} pieces; {cmp['threads']} threads each; "
              f"medians of {cmp['reps']} repetitions, the engines taking turns (each in its own process, loaded one after the "
-             "other). In parentheses: ours / CTranslate2 at the same precision.", "", compare_table(cmp)]
+             "other). In parentheses: ours / CTranslate2 at the same precision. `†`: the machine was not quiet before the "
+             "cell (other processes kept it busy through the wait): both engines ran slower, their ratio is what to read.",
+             "", compare_table(cmp)]
     return "\n".join(lines)
 
 

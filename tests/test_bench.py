@@ -491,3 +491,20 @@ def test_compare_ctranslate2_runs_both_engines_interleaved_on_the_tiny_model(tin
     assert r["flops_per_token"]["standard"] == r["flops_per_token"]["deltalm"]
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "| | ctranslate2 fp32 | ours fp32 |" in md and "| greedy batch 32, tok/s |" in md and "| load, s |" in md
+
+
+def test_compare_table_puts_ours_next_to_ctranslate2_with_ratios_and_marks_busy_cells():
+    def engine(tps, files, rss, peak, load, quiet=True):
+        cells = [{"beam": b, "batch": n, "tokens_per_s": tps * n * b, "quiet_gate": {"quiet": quiet}} for b in (1, 5) for n in (1, 32)]
+        return {"cells": cells, "model_files_mb": files, "rss_after_load_mb": rss, "peak_rss_translating_mb": peak, "load_s": load}
+
+    cmp = {"workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]], "n": 50, "reps": 5, "threads": 2,
+           "engines": {"ctranslate2 fp32": engine(10.0, 1384.0, 1474.0, 2252.0, 1.0),
+                       "ours fp32": engine(20.0, 2116.0, 3097.0, 4661.0, 6.5, quiet=False)}}
+    lines = report.compare_table(cmp).splitlines()
+    assert lines[0] == "| | ctranslate2 fp32 | ours fp32 |"
+    assert lines[2] == "| greedy batch 1, tok/s | 10.0 | 20.0† (2.00x) |"
+    assert lines[5] == "| beam 5 batch 32, tok/s | 1600 | 3200† (2.00x) |"
+    assert lines[6] == "| model files, MB | 1384 | 2116 (1.53x) |"
+    assert lines[8] == "| peak RSS while translating, MB | 2252 | 4661 (2.07x) |"
+    assert lines[9] == "| load, s | 1.00 | 6.50 (6.50x) |"
