@@ -15,6 +15,8 @@ INPUT     ?=
 BACKEND   ?= ort
 BEAM      ?= 5
 MODEL     ?= tiny
+COMPARE   ?=
+QUICK     ?=
 
 .PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean
 
@@ -56,8 +58,10 @@ translate: $(STAMP)
 engines: $(STAMP)
 	$(VENV)/bin/deltalm engines $(DIR)
 
+# MODEL=tiny | base | an artifact directory; COMPARE=ctranslate2 runs only the side-by-side comparison; QUICK=1.
 bench: $(STAMP)
-	$(VENV)/bin/deltalm bench --model $(MODEL) --out bench_out/$(MODEL)
+	$(VENV)/bin/deltalm bench --model $(MODEL) --out bench_out/$(notdir $(MODEL))$(if $(COMPARE),-$(COMPARE)) \
+		$(if $(COMPARE),--compare $(COMPARE)) $(if $(QUICK),--quick)
 
 soak: $(STAMP)
 	$(PY) scripts/soak.py

@@ -18,7 +18,7 @@ from .translator import OptionError
 
 
 def _cmd_bench(args) -> int:
-    from deltalm.export.bench import bench_command
+    from deltalm.bench.command import bench_command
 
     return bench_command(args)
 
@@ -57,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_translate.add_arguments(s)
     s.set_defaults(func=cmd_translate.run)
 
-    s = sub.add_parser("bench", help="benchmark every available backend on one checkpoint")
-    s.add_argument("--model", default="tiny", help="tiny | base | path to an artifact directory")
-    s.add_argument("--out", default="bench_out")
-    s.add_argument("--quick", action="store_true")
+    s = sub.add_parser("bench", help="benchmark every available backend on one model (or against CTranslate2)")
+    from deltalm.bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(s)
     s.set_defaults(func=_cmd_bench)
     return p
 

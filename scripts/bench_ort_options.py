@@ -41,7 +41,9 @@ VARIANTS = {
 def measure_variant(artifact: str, variant: str, steps: int, threads: int) -> dict:
     """In this process: load OrtBackend with the variant's session config entries, time steps."""
     import deltalm.backends.ort as ort_backend
-    from deltalm.export.bench import TimedBackend, _current_rss_mb, _peak_rss_mb, generate_timed, make_sources, time_stats
+    from deltalm.bench.children import current_rss_mb as _current_rss_mb, peak_rss_mb as _peak_rss_mb
+    from deltalm.bench.measure import TimedBackend, generate_timed
+    from deltalm.bench.workloads import make_sources, time_stats
 
     plain = ort_backend.session_options
 
@@ -118,7 +120,7 @@ def tail_graphs(vocab: int, k: int, tmp: Path) -> dict[str, Path]:
 def measure_tails(vocab: int, k: int, threads: int, reps: int = 5) -> list[dict]:
     import onnxruntime as ort
 
-    from deltalm.export.bench import time_stats
+    from deltalm.bench.workloads import time_stats
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deltalm.export import bench
+from deltalm.bench import children, measure, models, profile, report, step_cost, workloads
 
 
 def test_time_stats_gives_milliseconds_median_and_p90():
-    s = bench.time_stats([0.001, 0.002, 0.003, 0.004, 0.005])
+    s = workloads.time_stats([0.001, 0.002, 0.003, 0.004, 0.005])
     assert s["n"] == 5
     assert s["p50_ms"] == pytest.approx(3.0)
     assert s["p90_ms"] == pytest.approx(4.6)  # linear interpolation between 4 and 5
@@ -18,45 +18,45 @@ def test_time_stats_gives_milliseconds_median_and_p90():
 
 
 def test_time_stats_of_nothing_is_empty():
-    assert bench.time_stats([]) == {"n": 0}
+    assert workloads.time_stats([]) == {"n": 0}
 
 
 def test_plan_cell_runs_the_full_length_when_it_fits():
     # a run: 0.1 + 51 x 0.01 = 0.61 s; 10 s fits 16 runs, capped at max_reps
-    assert bench.plan_cell(50, 0.1, 0.01, 10.0, max_reps=5) == (50, 5)
+    assert workloads.plan_cell(50, 0.1, 0.01, 10.0, max_reps=5) == (50, 5)
     # exactly three runs fit
-    assert bench.plan_cell(50, 0.1, 0.01, 1.83, max_reps=5) == (50, 3)
+    assert workloads.plan_cell(50, 0.1, 0.01, 1.83, max_reps=5) == (50, 3)
 
 
 def test_plan_cell_measures_fewer_steps_when_the_full_length_does_not_fit():
     # a step of 1 s, 60 s for 3 runs: 20 s a run -> 19 steps -> generate 18 tokens
-    steps, reps = bench.plan_cell(50, 0.5, 1.0, 60.0, max_reps=3)
+    steps, reps = workloads.plan_cell(50, 0.5, 1.0, 60.0, max_reps=3)
     assert (steps, reps) == (18, 3)
     assert 0.5 + (steps + 1) * 1.0 <= 20.0
     # never fewer than min_steps
-    assert bench.plan_cell(50, 0.5, 100.0, 60.0, max_reps=3) == (4, 3)
+    assert workloads.plan_cell(50, 0.5, 100.0, 60.0, max_reps=3) == (4, 3)
 
 
 def test_forced_length_options_pin_every_hypothesis_to_n_tokens_and_eos(fake_backend):
     backend = fake_backend(vocab=8, topk=10)
-    timed = bench.TimedBackend(backend)
+    timed = measure.TimedBackend(backend)
     src = np.array([[4, 5, 2], [1, 6, 2]], dtype=np.int64)
-    run = bench.generate_timed(timed, src, beam=2, n=5)
+    run = measure.generate_timed(timed, src, beam=2, n=5)
     assert len(run["step_s"]) == 6  # 5 tokens and </s>
     assert run["total_s"] >= run["encode_s"] + sum(run["step_s"])
     assert [c[0] for c in backend.calls] == list(range(6))
 
 
 def test_make_sources_is_left_padded_deterministic_and_near_the_asked_length():
-    a = bench.make_sources(1000, eos=2, pad=1, batch=32, src_len=30, seed=3)
-    b = bench.make_sources(1000, eos=2, pad=1, batch=32, src_len=30, seed=3)
+    a = workloads.make_sources(1000, eos=2, pad=1, batch=32, src_len=30, seed=3)
+    b = workloads.make_sources(1000, eos=2, pad=1, batch=32, src_len=30, seed=3)
     np.testing.assert_array_equal(a, b)
     assert (a[:, -1] == 2).all()
     lengths = (a != 1).sum(axis=1)
     assert lengths.min() >= 24 and lengths.max() <= 36 and a.shape[1] == lengths.max()
     for row, n in zip(a, lengths):  # pads only on the left
         assert (row[: a.shape[1] - n] == 1).all() and (row[a.shape[1] - n:] >= 2).all()
-    one = bench.make_sources(1000, eos=2, pad=1, batch=1, src_len=10, seed=0)
+    one = workloads.make_sources(1000, eos=2, pad=1, batch=1, src_len=10, seed=0)
     assert one.shape == (1, 10)
 
 
@@ -65,7 +65,7 @@ def test_write_filler_dictionary_reaches_the_exact_vocabulary(tmp_path):
 
     path = tmp_path / "dict.txt"
     path.write_text("▁a 10\n▁b 5\n", encoding="utf-8")
-    assert bench.write_filler_dictionary(path, 1000) == 996
+    assert models.write_filler_dictionary(path, 1000) == 996
     d = Dictionary.load(path)
     assert len(d) == 1000
     assert d.symbols[4:6] == ["▁a", "▁b"]
@@ -83,8 +83,8 @@ def _base_cfg():
 def test_step_flops_counts_two_per_weight_per_row_plus_attention():
     cfg = _base_cfg()
     # 1 row, no past, no source: Q.K and P.V over the one new key, per layer: 4 x D
-    assert bench.step_flops(1000, cfg, rows=1, past_len=0, src_len=0) == 2 * 1000 + 6 * 4 * 768
-    two = bench.step_flops(1000, cfg, rows=2, past_len=9, src_len=20)
+    assert step_cost.step_flops(1000, cfg, rows=1, past_len=0, src_len=0) == 2 * 1000 + 6 * 4 * 768
+    two = step_cost.step_flops(1000, cfg, rows=2, past_len=9, src_len=20)
     assert two == 2 * 1000 * 2 + 2 * 6 * 4 * 768 * (10 + 20)
 
 
@@ -93,22 +93,22 @@ def test_step_flops_of_base_at_batch_32_beam_5_matches_the_issue():
     # the step's matmul weights: 6 decoder layers without cross K/V projections + the output projection
     per_layer = 4 * 768 * 768 + 2 * 2 * 768 * 3072 + 2 * 768 * 768
     weights = 6 * per_layer + 250001 * 768
-    flops = bench.step_flops(weights, cfg, rows=160, past_len=25, src_len=30)
+    flops = step_cost.step_flops(weights, cfg, rows=160, past_len=25, src_len=30)
     assert flops == pytest.approx(86e9, rel=0.02)  # issue 5: "~86 GFLOP"
 
 
 def test_step_bytes_adds_caches_of_rows_and_cross_kv_of_sentences():
     cfg = _base_cfg()
-    assert bench.step_bytes(10**9, cfg, rows=5, sents=1, past_len=0, src_len=0, kv_itemsize=4) == 10**9
-    kv = bench.step_bytes(0, cfg, rows=5, sents=1, past_len=10, src_len=30, kv_itemsize=2)
+    assert step_cost.step_bytes(10**9, cfg, rows=5, sents=1, past_len=0, src_len=0, kv_itemsize=4) == 10**9
+    kv = step_cost.step_bytes(0, cfg, rows=5, sents=1, past_len=10, src_len=30, kv_itemsize=2)
     assert kv == 6 * 2 * 768 * 2 * (5 * 10 + 1 * 30)
 
 
 def test_step_floor_is_the_larger_bound():
-    f = bench.step_floor(flops=100e9, nbytes=1e9, gflops=100.0, gbs=10.0)
+    f = step_cost.step_floor(flops=100e9, nbytes=1e9, gflops=100.0, gbs=10.0)
     assert f["compute_ms"] == pytest.approx(1000.0) and f["memory_ms"] == pytest.approx(100.0)
     assert (f["floor_ms"], f["bound"]) == (pytest.approx(1000.0), "compute")
-    g = bench.step_floor(flops=1e9, nbytes=1.08e9, gflops=100.0, gbs=29.0)
+    g = step_cost.step_floor(flops=1e9, nbytes=1.08e9, gflops=100.0, gbs=29.0)
     assert g["bound"] == "bandwidth" and g["floor_ms"] == pytest.approx(37.2, rel=0.01)
 
 
@@ -146,7 +146,7 @@ def test_step_graph_cost_counts_matmul_weights_and_separates_gathered_tables():
         helper.make_node("Gather", ["table", "ids"], ["t"], axis=1),
         helper.make_node("MatMul", ["x", "table"], ["y"]),
     ]
-    cost = bench.step_graph_cost(_graph(nodes, inits))
+    cost = step_cost.step_graph_cost(_graph(nodes, inits))
     assert cost.matmul_weights == 12 + 20 + 28
     assert cost.gathered_bytes == 10 * 4 * 4
     assert cost.weight_bytes == 12 * 4 + 20 * 2 + 28 * 4 + 3 * 4
@@ -161,7 +161,7 @@ def test_step_graph_cost_of_an_exported_tiny_step_graph(tmp_path, tiny_model):
     from deltalm.export.onnx_export import export_graphs
 
     export_graphs(tiny_model, tmp_path, "fp32", topk=10)
-    cost = bench.step_graph_cost(onnx.load(str(tmp_path / "decoder_step.onnx")))
+    cost = step_cost.step_graph_cost(onnx.load(str(tmp_path / "decoder_step.onnx")))
     cfg = tiny_model.cfg
     # every decoder Linear except the cross-attention K/V projections (those run in the encoder
     # graph), plus the tied output projection
@@ -190,7 +190,7 @@ def test_summarize_profile_skips_warm_up_runs_and_ranks_op_types():
               run(200, 100), node("mm0", "MatMul", 210, 60), node("ls", "LogSoftmax", 280, 20),
               run(400, 100), node("mm0", "MatMul", 410, 40), node("ls", "LogSoftmax", 460, 40),
               {"cat": "Session", "name": "model_loading_uri", "ts": 0, "dur": 5000}]
-    s = bench.summarize_profile(events, skip_runs=1)
+    s = profile.summarize_profile(events, skip_runs=1)
     assert s["runs"] == 2
     assert s["run_ms_per_step"] == pytest.approx(0.1)
     assert s["node_ms_per_step"] == pytest.approx(0.08)
@@ -204,7 +204,7 @@ def test_summarize_profile_skips_warm_up_runs_and_ranks_op_types():
 
 
 def _cell(beam, batch, src, total_s, step_ms, extrapolated=False):
-    return {"workload": bench.Workload(beam, batch, src).key, "beam": beam, "batch": batch, "src_len": src,
+    return {"workload": workloads.Workload(beam, batch, src).key, "beam": beam, "batch": batch, "src_len": src,
             "src_width": src, "n_target": 50, "steps_measured": 51, "reps": 3, "extrapolated": extrapolated,
             "total_s": total_s, "tokens_per_s": batch * 51 / total_s, "sentences_per_s": batch / total_s,
             "encoder": {"p50_ms": 5.0}, "step": {"p50_ms": step_ms, "p90_ms": step_ms * 1.1},
@@ -237,8 +237,8 @@ def _results():
 
 def test_summary_table_shows_rates_speedups_extrapolation_and_missing_backends():
     r = _results()
-    bench.add_derived(r)
-    table = bench.summary_table(r)
+    report.add_derived(r)
+    table = report.summary_table(r)
     lines = table.splitlines()
     assert lines[0] == "| workload | torch | ort-fp32 | ort-int8 | ort-cuda |"
     assert lines[2] == "| beam 5, batch 1, src ~30 | 5.10 | 25.5 (5.00x) | 51.0 (10.00x) | not available here |"
@@ -247,22 +247,22 @@ def test_summary_table_shows_rates_speedups_extrapolation_and_missing_backends()
 
 def test_add_derived_gives_each_cell_its_floor_and_efficiency():
     r = _results()
-    bench.add_derived(r)
-    c = bench._cell(r, "ort-fp32", 5, 32, 30)
+    report.add_derived(r)
+    c = report._cell(r, "ort-fp32", 5, 32, 30)
     cfg_layers, d = 2, 64
     flops = 2 * 10**6 * 160 + 160 * cfg_layers * 4 * d * (26 + 30)
     assert c["floor"]["flops"] == flops
     assert c["floor"]["compute_ms"] == pytest.approx(flops / 100e9 * 1e3)
     assert c["floor"]["efficiency"] == pytest.approx(c["floor"]["floor_ms"] / 4.0)
-    i8 = bench._cell(r, "ort-int8", 5, 1, 30)
+    i8 = report._cell(r, "ort-int8", 5, 1, 30)
     assert i8["floor"]["bytes"] >= 10**6 and i8["floor"]["bytes"] < 4 * 10**6  # the int8 graph's bytes
 
 
 def test_targets_report_met_and_missed_with_measured_values():
     r = _results()
     r["model"]["name"] = "base"
-    bench.add_derived(r)
-    targets = {t["target"]: t for t in bench.evaluate_targets(r)}
+    report.add_derived(r)
+    targets = {t["target"]: t for t in report.evaluate_targets(r)}
     assert targets["beam 5 x batch 32: ort int8 speed-up over fp32 (step)"]["met"] is True  # 4x
     assert targets["beam 5 x batch 1: ort int8 speed-up over fp32 (step)"]["measured"] == "2.50x"
     assert targets["beam 5 x batch 1: ort int8 speed-up over fp32 (step)"]["met"] is True
@@ -274,8 +274,8 @@ def test_targets_report_met_and_missed_with_measured_values():
 
 def test_speed_targets_are_not_judged_on_the_tiny_model():
     r = _results()
-    bench.add_derived(r)
-    targets = {t["target"]: t for t in bench.evaluate_targets(r)}
+    report.add_derived(r)
+    targets = {t["target"]: t for t in report.evaluate_targets(r)}
     t = targets["beam 5 x batch 32: ort int8 speed-up over fp32 (step)"]
     assert t["met"] is None and t["note"] == "targets are set for deltalm-base"
     assert targets["export peak RSS (largest of fp32 / fp16 / int8)"]["met"] is False
@@ -283,9 +283,9 @@ def test_speed_targets_are_not_judged_on_the_tiny_model():
 
 def test_markdown_report_has_every_section():
     r = _results()
-    bench.add_derived(r)
-    r["targets"] = bench.evaluate_targets(r)
-    md = bench.format_markdown(r)
+    report.add_derived(r)
+    r["targets"] = report.evaluate_targets(r)
+    md = report.format_markdown(r)
     for heading in ("## Target tokens/s", "## Every figure", "## Step graph", "## Backends", "## Targets (issue 5)"):
         assert heading in md
     assert "| beam 5, batch 32, src ~30 | torch | 40.8 |" in md
@@ -294,8 +294,8 @@ def test_markdown_report_has_every_section():
 
 def test_chart_is_written(tmp_path):
     r = _results()
-    bench.add_derived(r)
-    bench.write_chart(r, tmp_path / "bench.png")
+    report.add_derived(r)
+    report.write_chart(r, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -304,10 +304,10 @@ def test_export_artifacts_keeps_an_artifact_of_the_current_export_code(tmp_path,
 
     (tmp_path / "fp32").mkdir()
     (tmp_path / "fp32" / "manifest.json").write_text("{}")
-    record = {"fp32": {"wall_s": 1.0, "peak_rss_mb": 10, "export_code": bench.export_code_fingerprint()}}
+    record = {"fp32": {"wall_s": 1.0, "peak_rss_mb": 10, "export_code": models.export_code_fingerprint()}}
     (tmp_path / "exports.json").write_text(json.dumps(record))
-    monkeypatch.setattr(bench, "run_cli", lambda *a, **k: pytest.fail("exported again"))
-    out = bench.export_artifacts(None, tmp_path, ["fp32"])
+    monkeypatch.setattr(models, "run_cli", lambda *a, **k: pytest.fail("exported again"))
+    out = models.export_artifacts(None, tmp_path, ["fp32"])
     assert out["fp32"]["reused"] is True and out["fp32"]["wall_s"] == 1.0
 
 
@@ -322,11 +322,190 @@ def test_export_artifacts_redoes_an_artifact_of_other_export_code(tmp_path, monk
     def fake_export(args, record, stdin=None):
         calls.append(args)
         (tmp_path / "fp32" / "parity.json").write_text(json.dumps({"timings_s": {"export": 2.0}}))
-        return 123.0, bench.ChildResult(0, 5.0)
+        return 123.0, children.ChildResult(0, 5.0)
 
-    monkeypatch.setattr(bench, "run_cli", fake_export)
-    files = bench.ModelFiles("tiny", tmp_path / "c.pt", tmp_path / "spm.model", tmp_path / "dict.txt")
-    out = bench.export_artifacts(files, tmp_path, ["fp32"])
+    monkeypatch.setattr(models, "run_cli", fake_export)
+    files = models.ModelFiles("tiny", tmp_path / "c.pt", tmp_path / "spm.model", tmp_path / "dict.txt")
+    out = models.export_artifacts(files, tmp_path, ["fp32"])
     assert calls and calls[0][0] == "export" and "--precision" in calls[0]
     assert out["fp32"]["peak_rss_mb"] == 123 and out["fp32"]["reused"] is False
-    assert out["fp32"]["export_code"] == bench.export_code_fingerprint()
+    assert out["fp32"]["export_code"] == models.export_code_fingerprint()
+
+
+# --- a tool of its own: installed files, a given artifact, progress ---------------------------------
+
+
+def test_export_code_fingerprint_reads_the_imported_modules_not_the_working_directory(tmp_path, monkeypatch):
+    import hashlib
+    from pathlib import Path
+
+    import deltalm.config
+    import deltalm.export
+    import deltalm.graphs
+
+    paths = sorted(Path(deltalm.export.__file__).parent.glob("*.py"))
+    paths += [Path(deltalm.config.__file__), Path(deltalm.graphs.__file__)]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    monkeypatch.chdir(tmp_path)  # another directory: nothing is read by a repository-relative path
+    assert models.export_code_fingerprint() == h.hexdigest()[:16]
+
+
+def test_progress_bar_only_on_a_terminal():
+    import fcntl
+    import io
+    import os
+    import select
+    import struct
+    import termios
+
+    from deltalm.bench.progress import Progress
+
+    plain = io.StringIO()
+    with Progress(total=2, stream=plain) as p:
+        p.stage("export")
+        p.done()
+    assert not p.shown and plain.getvalue() == ""
+
+    for columns in (120, 0):  # a terminal that reports no size (0 x 0) still gets a bar
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+        try:
+            with open(slave, "w", closefd=False) as tty:
+                with Progress(total=2, stream=tty) as p:
+                    assert p.shown
+                    p.stage("export")
+                    p.done(2)
+                tty.flush()
+            chunks = []
+            while select.select([master], [], [], 1.0)[0]:  # everything written, with a timeout
+                chunks.append(os.read(master, 65536))
+            shown = b"".join(chunks).decode()
+        finally:
+            os.close(master)
+            os.close(slave)
+        assert "2/2 stages" in shown and "export" in shown
+
+
+def test_bench_refuses_a_missing_model_or_a_file_in_one_line(tmp_path):
+    from cli_support import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli(["bench", "--model", tmp_path / "nowhere", "--out", tmp_path / "out"]),
+                          "no such artifact directory", "tiny | base")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert_one_line_error(run_cli(["bench", "--model", tmp_path / "model.pt", "--out", tmp_path / "out"]),
+                          "a file, not an artifact directory")
+
+
+def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
+    """``--model DIR``: the artifact's own precision through ort, torch from the checkpoint its
+    manifest names, the other precisions reported missing; run from another directory."""
+    import json
+
+    from cli_support import run_cli
+
+    from deltalm.artifact import read_manifest
+
+    def listing():
+        return sorted(str(p) for p in tiny.artifact.parent.rglob("*"))
+
+    before = listing()
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--out", "out"])
+    assert res.rc == 0, res.err
+    assert listing() == before  # everything is written under --out
+    assert "stages |" not in res.err  # stderr is not a terminal: no progress bar
+    r = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert r["model"]["name"] == tiny.artifact.name and r["model"]["artifact"] == str(tiny.artifact.resolve())
+    assert r["model"]["config"] == read_manifest(tiny.artifact).model.to_dict()
+    assert r["exports"] == {}  # nothing exported: the artifact is used as given
+    b = r["backends"]
+    assert b["ort-int8"] == {"reason": "artifact missing", "cells": []} and b["ort-fp16"]["reason"] == "artifact missing"
+    for kind in ("ort-fp32", "torch"):
+        assert len(b[kind]["cells"]) == len(r["settings"]["workloads"]) == 8
+        assert all(c["tokens_per_s"] > 0 for c in b[kind]["cells"])
+        assert b[kind]["rss_after_load_mb"] > 0 and b[kind]["load_s"] > 0
+        assert b[kind]["peak_rss_mb"] >= b[kind]["peak_rss_translating_mb"] > 0
+    manifest = read_manifest(tiny.artifact)
+    graphs = sum((tiny.artifact / f).stat().st_size for f in {f for g in ("encoder", "decoder_step")
+                                                               for f in manifest.graphs[g].files})
+    tokenizer = (tiny.artifact / manifest.tokenizer["spm"]).stat().st_size + (tiny.artifact / manifest.tokenizer["dict"]).stat().st_size
+    assert b["ort-fp32"]["model_files_mb"] == pytest.approx((graphs + tokenizer) / 2**20)
+    assert b["torch"]["model_files_mb"] == pytest.approx((tiny.checkpoint.stat().st_size + tokenizer) / 2**20)
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert f"| ort-fp32 | measured | {b['ort-fp32']['model_files_mb']:.1f} |" in md
+    assert r["memory_check"]["precision"] == "fp32" and r["memory_check"]["peak_rss_mb"] > 0
+    assert (tmp_path / "out" / "profile.md").exists() and (tmp_path / "out" / "bench.png").exists()
+
+
+# --- side by side with CTranslate2 -------------------------------------------------------------------
+
+
+def test_ct2_model_has_the_flops_of_deltalm_with_one_decoder_ffn_of_twice_the_width():
+    pytest.importorskip("ctranslate2")
+    from deltalm.bench.ct2_model import build_ct2_spec, ct2_step_flops_per_token
+    from deltalm.config import ModelConfig
+
+    cfg = ModelConfig.from_name("tiny")
+    spec = build_ct2_spec(cfg, seed=3)
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    assert len(spec.encoder.layer) == cfg.encoder_layers and len(spec.decoder.layer) == cfg.decoder_layers
+    assert spec.decoder.layer[0].ffn.linear_0.weight.shape == (2 * f, d)
+    assert spec.decoder.layer[0].ffn.linear_1.weight.shape == (d, 2 * f)
+    assert spec.encoder.layer[0].ffn.linear_0.weight.shape == (f, d)
+    assert spec.decoder.projection.weight.shape == (cfg.vocab_size, d)
+    assert spec.decoder.projection.weight is spec.encoder.embeddings[0].weight  # tied, as in DeltaLM
+    # the decoder's matrix products: the same multiply-adds per token as DeltaLM's decoder step graph
+    flops = ct2_step_flops_per_token(cfg)
+    assert flops["standard"] == flops["deltalm"]
+    layer = spec.decoder.layer[0]
+    per_layer = sum(int(np.prod(x.weight.shape)) for x in
+                    (*layer.self_attention.linear, layer.attention.linear[0], layer.attention.linear[2],
+                     layer.ffn.linear_0, layer.ffn.linear_1))
+    assert cfg.decoder_layers * per_layer + cfg.vocab_size * d == flops["standard"]
+    again = build_ct2_spec(cfg, seed=3)
+    np.testing.assert_array_equal(again.decoder.layer[1].ffn.linear_0.weight, spec.decoder.layer[1].ffn.linear_0.weight)
+
+
+def test_compare_ctranslate2_runs_both_engines_interleaved_on_the_tiny_model(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("ctranslate2")
+    import json
+
+    from cli_support import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--compare", "ctranslate2", "--out", "out"])
+    assert res.rc == 0, res.err
+    r = json.loads((tmp_path / "out" / "compare.json").read_text())["ctranslate2"]
+    assert set(r["engines"]) == {"ctranslate2 fp32", "ours fp32"}  # the artifact is fp32: one pair
+    assert r["workloads"] == [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]]
+    for label, e in r["engines"].items():
+        assert [(c["beam"], c["batch"]) for c in e["cells"]] == [(1, 1), (1, 32), (5, 1), (5, 32)]
+        for c in e["cells"]:
+            assert len(c["runs_s"]) == r["reps"] == 2
+            assert c["tokens_per_s"] == pytest.approx(c["batch"] * (r["n"] + 1) / float(np.median(c["runs_s"])))
+        assert e["load_s"] > 0 and e["rss_after_load_mb"] > 0 and e["peak_rss_translating_mb"] > 0
+    ct2_dir = tmp_path / "out" / "ctranslate2" / "fp32"
+    ct2_files = sum(p.stat().st_size for p in ct2_dir.iterdir() if p.name != "bench_record.json")
+    assert r["engines"]["ctranslate2 fp32"]["model_files_mb"] == pytest.approx(ct2_files / 2**20)
+    assert r["flops_per_token"]["standard"] == r["flops_per_token"]["deltalm"]
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| | ctranslate2 fp32 | ours fp32 |" in md and "| greedy batch 32, tok/s |" in md and "| load, s |" in md
+
+
+def test_compare_table_puts_ours_next_to_ctranslate2_with_ratios_and_marks_busy_cells():
+    def engine(tps, files, rss, peak, load, quiet=True):
+        cells = [{"beam": b, "batch": n, "tokens_per_s": tps * n * b, "quiet_gate": {"quiet": quiet}} for b in (1, 5) for n in (1, 32)]
+        return {"cells": cells, "model_files_mb": files, "rss_after_load_mb": rss, "peak_rss_translating_mb": peak, "load_s": load}
+
+    cmp = {"workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]], "n": 50, "reps": 5, "threads": 2,
+           "engines": {"ctranslate2 fp32": engine(10.0, 1384.0, 1474.0, 2252.0, 1.0),
+                       "ours fp32": engine(20.0, 2116.0, 3097.0, 4661.0, 6.5, quiet=False)}}
+    lines = report.compare_table(cmp).splitlines()
+    assert lines[0] == "| | ctranslate2 fp32 | ours fp32 |"
+    assert lines[2] == "| greedy batch 1, tok/s | 10.0 | 20.0† (2.00x) |"
+    assert lines[5] == "| beam 5 batch 32, tok/s | 1600 | 3200† (2.00x) |"
+    assert lines[6] == "| model files, MB | 1384 | 2116 (1.53x) |"
+    assert lines[8] == "| peak RSS while translating, MB | 2252 | 4661 (2.07x) |"
+    assert lines[9] == "| load, s | 1.00 | 6.50 (6.50x) |"

@@ -1,0 +1,152 @@
+"""Child processes of the benchmark: each backend, export and check runs in a process of its
+own, so that its wall time, CPU time and peak RSS are its own. Also this machine's load (other
+sessions share it) and a process's RSS from /proc."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .progress import log
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    wall_s: float
+    cpu_s: float = 0.0  # the child's user + system CPU time
+    others_cpu_share: float = 0.0  # CPU used by every other process meanwhile / (wall x cores)
+    stdout: str = ""
+    stderr: str = ""
+
+
+# --- this process's memory ------------------------------------------------------------------------
+
+
+def _proc_status_mb(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec or the last ``reset_peak_rss`` (VmHWM; ru_maxrss
+    also holds the parent's at fork)."""
+    return _proc_status_mb("VmHWM")
+
+
+def current_rss_mb() -> float:
+    return _proc_status_mb("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (VmHWM) back to its current RSS (Linux: ``5`` into
+    /proc/self/clear_refs), so that a later ``peak_rss_mb`` is the peak of what came after.
+    False where the kernel does not allow it (the peak then includes what came before)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+# --- the machine's load ---------------------------------------------------------------------------
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process of the machine has used since boot (/proc/stat), 0 if unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.10, sample_s: float = 1.0) -> dict:
+    """Wait (at most ``max_wait_s``) until the machine's busy share over ``sample_s`` is at most
+    ``threshold`` (call it while this process is idle: its own share counts as busy). Other
+    sessions share this machine; a cell measured while they run is slower by their load."""
+    t0 = time.perf_counter()
+    while True:
+        b0 = machine_busy_s()
+        time.sleep(sample_s)
+        share = (machine_busy_s() - b0) / (sample_s * (os.cpu_count() or 1))
+        waited = time.perf_counter() - t0
+        if share <= threshold or waited >= max_wait_s:
+            return {"waited_s": round(waited, 1), "busy_share": round(share, 3), "quiet": share <= threshold}
+
+
+# --- running children -----------------------------------------------------------------------------
+
+
+def bench_child_command(*args: str) -> list[str]:
+    """The command line of a benchmark child: ``python -m deltalm.bench ARGS`` (see __main__)."""
+    return [sys.executable, "-m", "deltalm.bench", *args]
+
+
+def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False) -> ChildResult:
+    """Run ``cmd`` and return its exit code, wall time, CPU time and the share of the machine other
+    processes used meanwhile. ``echo``: copy the child's stderr lines to our log as they come.
+
+    Peak RSS is not taken from here: Linux folds the parent's high-water mark into a
+    (v)forked child's ru_maxrss at exec, so the children report their own ``VmHWM``."""
+    t0 = time.perf_counter()
+    busy0 = machine_busy_s()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # threads drain the pipes; the child is reaped by wait4 below, not by Popen
+    out_chunks, err_chunks = [], []
+
+    def drain(stream, sink, tee):
+        for line in stream:
+            sink.append(line)
+            if tee:
+                log(line.rstrip("\n"))
+
+    threads = [threading.Thread(target=drain, args=(proc.stdout, out_chunks, False), daemon=True),
+               threading.Thread(target=drain, args=(proc.stderr, err_chunks, echo), daemon=True)]
+    for t in threads:
+        t.start()
+    if stdin is not None:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    cpu = usage.ru_utime + usage.ru_stime
+    others = max(0.0, machine_busy_s() - busy0 - cpu) / (wall * (os.cpu_count() or 1))
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for t in threads:
+        t.join()
+    return ChildResult(proc.returncode, wall, cpu, others, "".join(out_chunks), "".join(err_chunks))
+
+
+def run_cli(cli_args: list[str], record: Path, stdin: str | None = None) -> tuple[float, ChildResult]:
+    """``deltalm CLI_ARGS`` in a child that reports its own peak RSS (MB) into ``record``."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)
+    res = run_child(bench_child_command("cli", str(record), *cli_args), stdin=stdin)
+    peak = json.loads(record.read_text())["peak_rss_mb"] if record.exists() else float("nan")
+    record.unlink(missing_ok=True)
+    return peak, res
+
+
+def run_task(task: str, spec: dict, work: Path, tag: str, echo: bool = True) -> tuple[dict | None, ChildResult]:
+    """``python -m deltalm.bench TASK SPEC.json OUT.json`` in a child; its result, or None."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    out_path.unlink(missing_ok=True)
+    res = run_child(bench_child_command(task, str(spec_path), str(out_path)), echo=echo)
+    if res.returncode != 0 or not out_path.exists():
+        return None, res
+    return json.loads(out_path.read_text()), res
