@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,9 +209,10 @@ def _settings(model: Path, fmt, options, errors, backend, src_prefix, tgt_prefix
     return settings
 
 
-def _dataset(ray, shards: list[Shard]):
-    """Rows (shard, line, n_lines, text) of the shards, read by Ray Data (one filesystem group
-    at a time, unioned)."""
+def _dataset(ray, shards: list[Shard], chunk_lines: int):
+    """Rows (shard, start, n_lines, lines) of the shards: each a chunk of ``chunk_lines`` lines
+    of one file, as ``deltalm translate`` reads it; read by Ray Data (one filesystem at a time,
+    unioned)."""
     import pyarrow as pa
 
     groups: list[tuple[object, list[Shard]]] = []
@@ -226,18 +228,20 @@ def _dataset(ray, shards: list[Shard]):
     for fs, members in groups:
         index = {s.path: s.index for s in members}
 
-        def split(batch, index=index):
-            cols = {"shard": [], "line": [], "n_lines": [], "text": []}
+        def split(batch, index=index, chunk_lines=chunk_lines):
+            cols = {"shard": [], "start": [], "n_lines": [], "lines": []}
             for data, path in zip(batch["bytes"], batch["path"]):
                 if path not in index:
                     raise RuntimeError(f"Ray read {path!r}, which is none of the inputs {sorted(index)}")
                 lines = split_lines(bytes(data))
-                cols["shard"] += [index[path]] * len(lines)
-                cols["line"] += range(len(lines))
-                cols["n_lines"] += [len(lines)] * len(lines)
-                cols["text"] += lines
-            return pa.table({"shard": pa.array(cols["shard"], pa.int32()), "line": pa.array(cols["line"], pa.int64()),
-                             "n_lines": pa.array(cols["n_lines"], pa.int64()), "text": pa.array(cols["text"], pa.binary())})
+                for start in range(0, len(lines), chunk_lines):
+                    cols["shard"].append(index[path])
+                    cols["start"].append(start)
+                    cols["n_lines"].append(len(lines))
+                    cols["lines"].append(lines[start : start + chunk_lines])
+            return pa.table({"shard": pa.array(cols["shard"], pa.int32()), "start": pa.array(cols["start"], pa.int64()),
+                             "n_lines": pa.array(cols["n_lines"], pa.int64()),
+                             "lines": pa.array(cols["lines"], pa.list_(pa.binary()))})
 
         ds = ray.data.read_binary_files([s.path for s in members], filesystem=fs, include_paths=True,
                                         num_cpus=0)
@@ -255,18 +259,11 @@ def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, opt
     device = "cuda" if cluster.gpus_per_actor > 0 else None
     option_kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     names = {s.index: s.uri for s in todo}
-    translated = _dataset(ray, todo).map_batches(
-        TranslateActor,
-        fn_constructor_kwargs=dict(
-            model=str(model.resolve()), backend=backend, device=device, threads=cluster.threads_per_actor,
-            src_prefix=src_prefix, tgt_prefix=tgt_prefix, fmt=fmt, options=option_kwargs,
-            batching={"batch_size": batch_size, "max_tokens": max_tokens}, errors=errors,
-            shard_names=[names.get(i, "") for i in range(max(names) + 1)],
-        ),
-        compute=ray.data.ActorPoolStrategy(size=cluster.actors), batch_size=chunk_lines, batch_format="numpy",
-        num_cpus=cluster.threads_per_actor, num_gpus=cluster.gpus_per_actor or None,
-        max_restarts=cluster.max_restarts, max_task_retries=cluster.max_restarts,
-    )
+    with warnings.catch_warnings():  # max_restarts / max_task_retries are only taken as **ray_remote_args
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        translated = _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines,
+                                      errors, backend, src_prefix, tgt_prefix, cluster, device, names)
+
     pending: dict[int, dict[int, str]] = defaultdict(dict)
     expected: dict[int, int] = {}
     by_index = {s.index: s for s in todo}
@@ -307,6 +304,22 @@ def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, opt
     missing = [s.uri for s in todo if s.output not in summary.written]
     if missing:  # Ray finished without delivering every line: never commit a short file
         raise DeltaLMError(f"the cluster returned incomplete results for {', '.join(missing)}; rerun to redo them")
+
+
+def _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines, errors, backend,
+                     src_prefix, tgt_prefix, cluster, device, names):
+    return _dataset(ray, todo, chunk_lines).map_batches(
+        TranslateActor,
+        fn_constructor_kwargs=dict(
+            model=str(model.resolve()), backend=backend, device=device, threads=cluster.threads_per_actor,
+            src_prefix=src_prefix, tgt_prefix=tgt_prefix, fmt=fmt, options=option_kwargs,
+            batching={"batch_size": batch_size, "max_tokens": max_tokens}, errors=errors,
+            shard_names=names,
+        ),
+        compute=ray.data.ActorPoolStrategy(size=cluster.actors), batch_size=1, batch_format="numpy",
+        num_cpus=cluster.threads_per_actor, num_gpus=cluster.gpus_per_actor or None,
+        max_restarts=cluster.max_restarts, max_task_retries=cluster.max_restarts,
+    )
 
 
 def _deltalm_error_in(e: BaseException) -> DeltaLMError | None:
