@@ -248,7 +248,16 @@ def _dataset(ray, shards: list[Shard], chunk_lines: int):
         # no CPU reserved for reading: the actors may hold every CPU of the cluster, and a read
         # that waits for one would never run
         datasets.append(ds.map_batches(split, batch_size=1, batch_format="numpy", num_cpus=0))
-    return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+    ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+    # one chunk a block (streaming, no shuffle): a block goes to one actor, and a file read as one
+    # block would otherwise be translated by one actor however many are waiting
+    ds = ds.repartition(target_num_rows_per_block=1)
+    # its tasks take no CPU either (Ray Data has no parameter for it: set on the logical operator;
+    # without it they wait for a CPU the actors hold and the run never ends)
+    op = ds._logical_plan.dag
+    if hasattr(op, "ray_remote_args"):
+        object.__setattr__(op, "ray_remote_args", {**(op.ray_remote_args or {}), "num_cpus": 0})
+    return ds
 
 
 def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size, max_tokens,
