@@ -332,14 +332,15 @@ def _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_token
 
 
 def _deltalm_error_in(e: BaseException) -> DeltaLMError | None:
-    """The DeltaLMError an actor raised, out of Ray's wrappers (RayTaskError, UserCodeException)."""
+    """The DeltaLMError an actor raised, out of Ray's wrappers (UserCodeException from a
+    RayTaskError whose ``cause`` is the original exception; ``str`` of those is a traceback)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         cause = getattr(e, "cause", None)
-        if isinstance(e, DeltaLMError) or isinstance(cause, DeltaLMError):
-            found = cause if isinstance(cause, DeltaLMError) else e
-            return InputError(str(found).splitlines()[-1] if isinstance(found, DeltaLMError) and "Traceback" in str(found)
-                              else str(found))
+        if isinstance(cause, DeltaLMError):
+            return InputError(str(cause))
+        if isinstance(e, DeltaLMError) and cause is None:
+            return InputError(str(e))
         e = e.__cause__ or e.__context__ or (cause if isinstance(cause, BaseException) else None)
     return None
