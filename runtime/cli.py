@@ -11,6 +11,7 @@ import re
 import sys
 
 from . import __version__
+from .commands import corpus as cmd_corpus
 from .commands import export as cmd_export
 from .commands import translate as cmd_translate
 from .errors import DeltaLMError
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("translate", help="translate text (stdin or --input) with a backend")
     cmd_translate.add_arguments(s)
     s.set_defaults(func=cmd_translate.run)
+
+    s = sub.add_parser("translate-corpus", help="translate text files on a Ray cluster (the ray extra)")
+    cmd_corpus.add_arguments(s)
+    s.set_defaults(func=cmd_corpus.run)
 
     s = sub.add_parser("bench", help="benchmark every available backend on one model (or against CTranslate2)")
     from deltalm.bench.command import add_arguments as add_bench_arguments

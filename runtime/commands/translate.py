@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "whatever lines are waiting as soon as they arrive")
     io_.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
+    add_search_arguments(parser)
+    add_batching_arguments(parser)
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The search options (also those of ``deltalm translate-corpus``), read by ``translate_options``."""
     s = parser.add_argument_group("search (fairseq SequenceGenerator semantics)")
     d = " (default %(default)s)"
     s.add_argument("--beam", type=int, default=5, help="beam size; with --sampling, samples per line" + d)
@@ -75,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--topp", type=float, dest="sampling_topp", help=argparse.SUPPRESS)
     s.add_argument("--seed", type=int, help="random seed of --sampling")
 
+
+def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group("batching")
     b.add_argument("--batch-size", type=int,
                    help=f"sentences per batch (default {DEFAULT_BATCH_SIZE}; no limit when only --max-tokens is given)")

@@ -1,0 +1,82 @@
+"""The Ray Data actor: one ``deltalm.Translator`` per actor, opened once, mapping batches of lines.
+
+A plain class (Ray Data makes the actor of it), so it imports no Ray and can be tried without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import time
+
+import numpy as np
+
+from ..errors import DeltaLMError, InputError
+from ..translator import Translator, format_translation
+from .shards import BOM
+
+
+class TranslateActor:
+    """``__call__`` takes a batch of chunks (numpy columns ``shard``, ``start``: line number of the
+    chunk's first line in its file, ``n_lines``: lines of the file, ``lines``: the chunk's lines
+    as bytes, without newlines) and returns one row per line: ``shard``, ``line``, ``n_lines``,
+    ``out`` (the output line of ``deltalm translate`` for that input line, ``id`` = line number
+    in its file), ``tokens`` (target tokens of the best hypothesis), ``actor`` (host:pid),
+    ``call`` (the actor's call counter) and ``seconds`` (the call's wall time, shared out over
+    its lines).
+
+    A chunk is sorted by length and cut into backend batches exactly as ``deltalm translate``
+    cuts the same ``--chunk-lines`` lines of the file, so the scores agree to the bit, not only
+    the texts."""
+
+    def __init__(self, model: str, backend: str | None, device: str | None, threads: int | None,
+                 src_prefix: list[str] | None, tgt_prefix: list[str] | None, fmt: str, options: dict,
+                 batching: dict, errors: str, shard_names: dict[int, str]) -> None:
+        self.translator = Translator(model, backend=backend, device=device, threads=threads,
+                                     src_prefix=src_prefix, tgt_prefix=tgt_prefix)
+        self.fmt, self.options, self.batching, self.errors = fmt, options, batching, errors
+        self.shard_names = shard_names
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        began = time.perf_counter()
+        cols: dict[str, list] = {"shard": [], "line": [], "n_lines": [], "out": [], "tokens": []}
+        for shard, start, n_lines, chunk in zip(batch["shard"], batch["start"], batch["n_lines"], batch["lines"]):
+            shard, start = int(shard), int(start)
+            lines = [bytes(x) for x in chunk]
+            for k, t in enumerate(self._translate(lines, shard, start)):
+                cols["shard"].append(shard)
+                cols["line"].append(start + k)
+                cols["n_lines"].append(int(n_lines))
+                cols["out"].append(format_translation(dataclasses.replace(t, index=start + k), self.fmt))
+                cols["tokens"].append(len(t.hypotheses[0].tokens) if t.hypotheses else 0)
+        self.calls += 1
+        n = len(cols["line"])
+        return {
+            "shard": np.array(cols["shard"], dtype=np.int32), "line": np.array(cols["line"], dtype=np.int64),
+            "n_lines": np.array(cols["n_lines"], dtype=np.int64), "out": np.array(cols["out"], dtype=object),
+            "tokens": np.array(cols["tokens"], dtype=np.int64),
+            "actor": np.array([self.name] * n, dtype=object), "call": np.full(n, self.calls, dtype=np.int64),
+            "seconds": np.full(n, (time.perf_counter() - began) / max(n, 1), dtype=np.float64),
+        }
+
+    def _translate(self, lines: list[bytes], shard: int, start: int) -> list:
+        # Translator strips a byte order mark from the first sentence of a call (the start of a
+        # file for ``deltalm translate``); here a chunk may start anywhere in a file, where a mark
+        # is text: an empty first sentence (no decoding) keeps it. The file's own mark is removed
+        # when it is read (shards.split_lines).
+        pad = [b""] if lines and lines[0].startswith(BOM) else []
+        try:
+            return list(self.translator.translate_chunks(
+                [pad + lines], errors=self.errors, **self.batching, **self.options))[len(pad):]
+        except DeltaLMError as e:
+            # the translator numbers lines within the call; the user knows files and their lines
+            def where(m: re.Match) -> str:
+                return f"{self.shard_names.get(shard, '?')} line {start + int(m[1]) - len(pad)}"
+
+            message = re.sub(r"input line (\d+)", where, str(e))
+            if message == str(e):
+                message = f"{self.shard_names.get(shard, '?')} (lines {start + 1}-{start + len(lines)}): {e}"
+            raise InputError(message) from None

@@ -1,0 +1,345 @@
+"""``translate_corpus``: text files through a pool of Ray Data actors, one output file per input.
+
+    read_binary_files (one row per input file) -> split into (shard, line, text) rows
+      -> map_batches(TranslateActor, concurrency=actors)   # one Translator per actor, retried by Ray
+      -> the driver: rows of a shard gathered by line id, the shard committed atomically when whole
+
+Every row carries its shard and line number, so output order never depends on the order in which
+Ray returns batches. The driver holds the translated lines of the shards in flight (at most their
+outputs), and writes the output directory (a local or shared path).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DeltaLMError, InputError
+from ..translator import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LINES, BatchOptions, TranslateOptions
+from .actor import TranslateActor
+from .shards import Manifest, Shard, fingerprint, resolve_shards, split_lines
+
+RAY_EXTRA = "translate-corpus needs Ray: pip install 'deltalm-deploy[ray]'"
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where and how wide to run. ``address``: a running cluster (``ray start --head``), or
+    None for ``RAY_ADDRESS`` / a local Ray runtime; a Ray already initialized in this process is
+    used as it is."""
+
+    address: str | None = None
+    actors: int = 1
+    threads_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    max_restarts: int = 3  # an actor that dies is restarted this often, its batches retried on it
+
+    def validate(self) -> None:
+        if self.actors < 1:
+            raise InputError(f"--actors must be >= 1, got {self.actors}")
+        if self.threads_per_actor < 1:
+            raise InputError(f"--threads-per-actor must be >= 1, got {self.threads_per_actor}")
+        if self.gpus_per_actor < 0:
+            raise InputError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.max_restarts < 0:
+            raise InputError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+
+
+@dataclass
+class ActorStats:
+    lines: int = 0
+    tokens: int = 0
+    busy_seconds: float = 0.0
+    calls: set = field(default_factory=set)
+
+
+@dataclass
+class CorpusSummary:
+    """What a run did. ``seconds``: from the call to the last commit; ``ray_init_seconds``:
+    joining / starting Ray; ``first_result_seconds``: from the start of the pipeline to the first
+    translated batch (actor start-up and model load included)."""
+
+    shards: int = 0
+    skipped: list[str] = field(default_factory=list)  # complete already (manifest verified)
+    written: list[str] = field(default_factory=list)  # committed by this run, in commit order
+    lines: int = 0  # translated by this run
+    tokens: int = 0  # target tokens of the best hypotheses
+    duplicates: int = 0  # rows Ray delivered twice (a retried batch), dropped
+    seconds: float = 0.0
+    ray_init_seconds: float = 0.0
+    first_result_seconds: float | None = None
+    pipeline_seconds: float = 0.0
+    actors: dict[str, ActorStats] = field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        return sum(len(a.calls) for a in self.actors.values())
+
+    def lines_report(self) -> list[str]:
+        rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
+        out = [f"translate-corpus: {len(self.written)} shard(s) written, {len(self.skipped)} already complete; "
+               f"{self.lines} lines, {self.tokens} target tokens in {self.seconds:.1f} s "
+               f"({rate(self.lines, self.seconds):.1f} lines/s, {rate(self.tokens, self.seconds):.0f} tok/s)"]
+        if self.actors:
+            out.append(f"  ray: init {self.ray_init_seconds:.1f} s, first batch after "
+                       f"{self.first_result_seconds or 0:.1f} s, pipeline {self.pipeline_seconds:.1f} s, "
+                       f"{self.calls} actor calls")
+        for name, a in sorted(self.actors.items()):
+            out.append(f"  actor {name}: {a.lines} lines, {a.tokens} tokens, {len(a.calls)} calls, busy "
+                       f"{a.busy_seconds:.1f} s ({rate(a.lines, a.busy_seconds):.1f} lines/s, "
+                       f"{rate(a.tokens, a.busy_seconds):.0f} tok/s)")
+        return out
+
+
+def import_ray():
+    """``ray`` and ``ray.data``, or the one-line error naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise InputError(RAY_EXTRA) from None
+    return ray
+
+
+def translate_corpus(
+    model: str | Path,
+    inputs: list[str],
+    output_dir: str | Path,
+    *,
+    fmt: str = "text",
+    options: TranslateOptions | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+    max_tokens: int | None = None,
+    chunk_lines: int = DEFAULT_CHUNK_LINES,
+    errors: str = "strict",
+    backend: str | None = None,
+    src_prefix: list[str] | None = None,
+    tgt_prefix: list[str] | None = None,
+    cluster: ClusterOptions = ClusterOptions(),
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_commit: Callable[[str], None] | None = None,
+) -> CorpusSummary:
+    """Translates every input file into ``output_dir`` (``NAME.txt`` -> ``NAME.txt`` or
+    ``NAME.jsonl``), each output line for the input line of the same number, exactly as
+    ``deltalm translate --input NAME.txt`` would write it (beam search and greedy; with sampling
+    the batches, and so the samples, differ). Shards complete from an earlier run with the same
+    settings are skipped; the others are (re)done and committed one by one (``on_commit`` is
+    called with each output name once its file and manifest entry are written)."""
+    started = time.perf_counter()
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    options = options or TranslateOptions()
+    options.validate()
+    BatchOptions(batch_size, max_tokens).validate()
+    cluster.validate()
+    if fmt not in ("text", "jsonl"):
+        raise InputError(f"--format must be text or jsonl, got {fmt!r}")
+    if options.nbest > 1 and fmt != "jsonl":
+        raise InputError("--nbest > 1 needs --format jsonl (text output has one line per input line)")
+    if not isinstance(chunk_lines, int) or chunk_lines < 1:
+        raise InputError(f"--chunk-lines must be >= 1, got {chunk_lines}")
+    model = Path(model)
+    if not model.is_dir():
+        raise InputError(f"artifact directory {model} does not exist" if not model.exists()
+                         else f"{model} is not an artifact directory")
+    ray = import_ray()
+
+    out_dir = Path(output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --output {out_dir}: {e.strerror or e}") from None
+    shards = resolve_shards(list(inputs), fmt, out_dir)
+    config = fingerprint(_settings(model, fmt, options, errors, backend, src_prefix, tgt_prefix,
+                                   batch_size, max_tokens, chunk_lines))
+    manifest = Manifest(out_dir)
+    summary = CorpusSummary(shards=len(shards))
+    todo = []
+    for shard in shards:
+        if manifest.is_complete(shard, config, out_dir):
+            summary.skipped.append(shard.output)
+        elif shard.size == 0:  # nothing to translate: no Ray needed
+            manifest.commit(shard, config, [], out_dir)
+            summary.written.append(shard.output)
+            if on_commit:
+                on_commit(shard.output)
+        else:
+            todo.append(shard)
+    if summary.skipped:
+        log(f"translate-corpus: {len(summary.skipped)} shard(s) complete already, skipped: {', '.join(summary.skipped)}")
+    if todo:
+        own_runtime = not ray.is_initialized()
+        t0 = time.perf_counter()
+        if own_runtime:
+            # address None: RAY_ADDRESS if set, else a local runtime of this machine's cores
+            ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+        summary.ray_init_seconds = time.perf_counter() - t0
+        try:
+            _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size,
+                          max_tokens, chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster, progress, on_commit)
+        finally:
+            if own_runtime:
+                ray.shutdown()
+    summary.seconds = time.perf_counter() - started
+    for line in summary.lines_report():
+        log(line)
+    return summary
+
+
+def _settings(model: Path, fmt, options, errors, backend, src_prefix, tgt_prefix, batch_size, max_tokens,
+              chunk_lines) -> dict:
+    """What decides the output of a shard (batching only with sampling, where it changes the samples)."""
+    from ..artifact import MANIFEST
+
+    manifest = model / MANIFEST
+    settings = {
+        "model": str(model.resolve()),
+        "model_manifest": fingerprint({"m": manifest.read_text()}) if manifest.is_file() else None,
+        "format": fmt, "options": dataclasses.asdict(options), "errors": errors, "backend": backend,
+        "src_prefix": src_prefix, "tgt_prefix": tgt_prefix,
+    }
+    if options.sampling:
+        settings["batching"] = [batch_size, max_tokens, chunk_lines]
+    return settings
+
+
+def _dataset(ray, shards: list[Shard], chunk_lines: int):
+    """Rows (shard, start, n_lines, lines) of the shards: each a chunk of ``chunk_lines`` lines
+    of one file, as ``deltalm translate`` reads it; read by Ray Data (one filesystem at a time,
+    unioned)."""
+    import pyarrow as pa
+
+    groups: list[tuple[object, list[Shard]]] = []
+    for shard in shards:
+        for fs, members in groups:
+            if fs.equals(shard.fs):
+                members.append(shard)
+                break
+        else:
+            groups.append((shard.fs, [shard]))
+
+    datasets = []
+    for fs, members in groups:
+        index = {s.path: s.index for s in members}
+
+        def split(batch, index=index, chunk_lines=chunk_lines):
+            cols = {"shard": [], "start": [], "n_lines": [], "lines": []}
+            for data, path in zip(batch["bytes"], batch["path"]):
+                if path not in index:
+                    raise RuntimeError(f"Ray read {path!r}, which is none of the inputs {sorted(index)}")
+                lines = split_lines(bytes(data))
+                for start in range(0, len(lines), chunk_lines):
+                    cols["shard"].append(index[path])
+                    cols["start"].append(start)
+                    cols["n_lines"].append(len(lines))
+                    cols["lines"].append(lines[start : start + chunk_lines])
+            return pa.table({"shard": pa.array(cols["shard"], pa.int32()), "start": pa.array(cols["start"], pa.int64()),
+                             "n_lines": pa.array(cols["n_lines"], pa.int64()),
+                             "lines": pa.array(cols["lines"], pa.list_(pa.binary()))})
+
+        ds = ray.data.read_binary_files([s.path for s in members], filesystem=fs, include_paths=True,
+                                        num_cpus=0)
+        # no CPU reserved for reading: the actors may hold every CPU of the cluster, and a read
+        # that waits for one would never run
+        datasets.append(ds.map_batches(split, batch_size=1, batch_format="numpy", num_cpus=0))
+    ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+    # one chunk a block (streaming, no shuffle): a block goes to one actor, and a file read as one
+    # block would otherwise be translated by one actor however many are waiting
+    ds = ds.repartition(target_num_rows_per_block=1)
+    # its tasks take no CPU either (Ray Data has no parameter for it: set on the logical operator;
+    # without it they wait for a CPU the actors hold and the run never ends)
+    op = ds._logical_plan.dag
+    if hasattr(op, "ray_remote_args"):
+        object.__setattr__(op, "ray_remote_args", {**(op.ray_remote_args or {}), "num_cpus": 0})
+    return ds
+
+
+def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size, max_tokens,
+                  chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster: ClusterOptions, progress,
+                  on_commit) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    device = "cuda" if cluster.gpus_per_actor > 0 else None
+    option_kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    names = {s.index: s.uri for s in todo}
+    with warnings.catch_warnings():  # max_restarts / max_task_retries are only taken as **ray_remote_args
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        translated = _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines,
+                                      errors, backend, src_prefix, tgt_prefix, cluster, device, names)
+
+    pending: dict[int, dict[int, str]] = defaultdict(dict)
+    expected: dict[int, int] = {}
+    by_index = {s.index: s for s in todo}
+    t0 = time.perf_counter()
+    try:
+        for batch in translated.iter_batches(batch_size=None, batch_format="numpy"):
+            if summary.first_result_seconds is None:
+                summary.first_result_seconds = time.perf_counter() - t0
+            for shard, line, n_lines, out, tokens, actor, call, seconds in zip(
+                    batch["shard"], batch["line"], batch["n_lines"], batch["out"], batch["tokens"], batch["actor"],
+                    batch["call"], batch["seconds"]):
+                shard, line = int(shard), int(line)
+                rows = pending[shard]
+                if line in rows:
+                    summary.duplicates += 1
+                    continue
+                rows[line] = str(out)
+                expected[shard] = int(n_lines)
+                summary.lines += 1
+                summary.tokens += int(tokens)
+                stats = summary.actors.setdefault(str(actor), ActorStats())
+                stats.lines += 1
+                stats.tokens += int(tokens)
+                stats.busy_seconds += float(seconds)
+                stats.calls.add(int(call))
+                if len(rows) == expected[shard]:
+                    manifest.commit(by_index[shard], config, [rows[i] for i in range(expected[shard])], out_dir)
+                    summary.written.append(by_index[shard].output)
+                    del pending[shard]
+                    if on_commit:
+                        on_commit(by_index[shard].output)
+    except Exception as e:
+        user_error = _deltalm_error_in(e)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    summary.pipeline_seconds = time.perf_counter() - t0
+    missing = [s.uri for s in todo if s.output not in summary.written]
+    if missing:  # Ray finished without delivering every line: never commit a short file
+        raise DeltaLMError(f"the cluster returned incomplete results for {', '.join(missing)}; rerun to redo them")
+
+
+def _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines, errors, backend,
+                     src_prefix, tgt_prefix, cluster, device, names):
+    return _dataset(ray, todo, chunk_lines).map_batches(
+        TranslateActor,
+        fn_constructor_kwargs=dict(
+            model=str(model.resolve()), backend=backend, device=device, threads=cluster.threads_per_actor,
+            src_prefix=src_prefix, tgt_prefix=tgt_prefix, fmt=fmt, options=option_kwargs,
+            batching={"batch_size": batch_size, "max_tokens": max_tokens}, errors=errors,
+            shard_names=names,
+        ),
+        compute=ray.data.ActorPoolStrategy(size=cluster.actors), batch_size=1, batch_format="numpy",
+        num_cpus=cluster.threads_per_actor, num_gpus=cluster.gpus_per_actor or None,
+        max_restarts=cluster.max_restarts, max_task_retries=cluster.max_restarts,
+    )
+
+
+def _deltalm_error_in(e: BaseException) -> DeltaLMError | None:
+    """The DeltaLMError an actor raised, out of Ray's wrappers (UserCodeException from a
+    RayTaskError whose ``cause`` is the original exception; ``str`` of those is a traceback)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, DeltaLMError):
+            return InputError(str(cause))
+        if isinstance(e, DeltaLMError) and cause is None:
+            return InputError(str(e))
+        e = e.__cause__ or e.__context__ or (cause if isinstance(cause, BaseException) else None)
+    return None
