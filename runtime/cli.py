@@ -12,6 +12,7 @@ import sys
 
 from . import __version__
 from .commands import export as cmd_export
+from .commands import serve as cmd_serve
 from .commands import translate as cmd_translate
 from .errors import DeltaLMError
 from .translator import OptionError
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("translate", help="translate text (stdin or --input) with a backend")
     cmd_translate.add_arguments(s)
     s.set_defaults(func=cmd_translate.run)
+
+    s = sub.add_parser("serve", help="HTTP translation service with dynamic batching (needs the serve extra)")
+    cmd_serve.add_arguments(s)
+    s.set_defaults(func=cmd_serve.run)
 
     s = sub.add_parser("bench", help="benchmark every available backend on one checkpoint")
     s.add_argument("--model", default="tiny", help="tiny | base | path to an artifact directory")
