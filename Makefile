@@ -15,8 +15,10 @@ INPUT     ?=
 BACKEND   ?= ort
 BEAM      ?= 5
 MODEL     ?= tiny
+PORT      ?= 8000
+HOST      ?= 127.0.0.1
 
-.PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean
+.PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean serve bench-serve
 
 venv: $(STAMP)
 
@@ -55,6 +57,13 @@ translate: $(STAMP)
 
 engines: $(STAMP)
 	$(VENV)/bin/deltalm engines $(DIR)
+
+serve: $(STAMP)
+	@test -d "$(DIR)" || (echo "usage: make serve DIR=artifact_dir [PORT=8000] [HOST=127.0.0.1]"; exit 2)
+	$(VENV)/bin/deltalm serve $(DIR) --host $(HOST) --port $(PORT)
+
+bench-serve: $(STAMP)
+	$(VENV)/bin/deltalm bench-serve --model $(MODEL) --out bench_out/serve-$(MODEL)
 
 bench: $(STAMP)
 	$(VENV)/bin/deltalm bench --model $(MODEL) --out bench_out/$(MODEL)

@@ -216,27 +216,28 @@ class Batcher:
             self._queue = deque(item for item in self._queue if not item.request.cancelled)
 
     def _next_batch(self) -> list[_Item] | None:
-        """The batch to decode now, or None to wait for more sentences."""
+        """The batch to decode now, or None to wait for more sentences: the first group (in order
+        of its oldest sentence) that is full or whose oldest sentence has waited ``max_wait_s``."""
         lim = self.limits
-        group = self._queue[0].group
-        chosen: list[_Item] = []
-        width = 0
-        full = False
+        groups: dict[tuple, list[_Item]] = {}
         for item in self._queue:
-            if item.group != group:
-                continue
-            w = max(width, item.length)
-            if len(chosen) + 1 > lim.max_batch_sentences or w * (len(chosen) + 1) > lim.max_batch_tokens:
-                full = True
-                break
-            chosen.append(item)
-            width = w
-        waited = time.monotonic() - self._queue[0].request.arrived
-        if not full and not self._flushing and waited < lim.max_wait_s:
-            return None
-        taken = set(map(id, chosen))
-        self._queue = deque(item for item in self._queue if id(item) not in taken)
-        return chosen
+            groups.setdefault(item.group, []).append(item)
+        now = time.monotonic()
+        for items in groups.values():
+            chosen: list[_Item] = []
+            width = 0
+            for item in items:
+                w = max(width, item.length)
+                if len(chosen) + 1 > lim.max_batch_sentences or w * (len(chosen) + 1) > lim.max_batch_tokens:
+                    break
+                chosen.append(item)
+                width = w
+            full = len(chosen) < len(items) or len(chosen) == lim.max_batch_sentences
+            if full or self._flushing or now - items[0].request.arrived >= lim.max_wait_s:
+                taken = set(map(id, chosen))
+                self._queue = deque(item for item in self._queue if id(item) not in taken)
+                return chosen
+        return None
 
     def _decode(self, batch: list[_Item]):
         """On the worker thread: the translations of ``batch`` (a list) or the exception."""
