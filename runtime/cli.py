@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_serve.add_arguments(s)
     s.set_defaults(func=cmd_serve.run)
 
+    s = sub.add_parser("bench-serve", help="benchmark deltalm serve under concurrent HTTP load (batched vs not)")
+    cmd_serve.add_bench_arguments(s)
+    s.set_defaults(func=cmd_serve.run_bench)
+
     s = sub.add_parser("bench", help="benchmark every available backend on one checkpoint")
     s.add_argument("--model", default="tiny", help="tiny | base | path to an artifact directory")
     s.add_argument("--out", default="bench_out")

@@ -81,3 +81,48 @@ def run(args) -> int:
         translator.close()
     print("deltalm serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (the demo model, exported here) | base (a random deltalm-base, exported here: "
+                             "~7 GB of memory) | an artifact directory")
+    parser.add_argument("--out", default="bench_out/serve", help="where bench.json / bench.md / bench.png go")
+    parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients per cell (default %(default)s)")
+    parser.add_argument("--duration-s", type=float, default=10.0, help="per cell (default %(default)s)")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--length", type=int, default=20, help="target tokens forced per sentence (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the server's backend (default %(default)s)")
+    parser.add_argument("--max-batch-sentences", type=int, default=32, help="of the batched server (default %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="of the batched server (default %(default)s)")
+
+
+def run_bench(args) -> int:
+    from pathlib import Path
+
+    try:
+        from deltalm.serve.bench import BenchPlan, run_bench as bench
+    except ImportError as e:
+        raise InputError(f"deltalm bench-serve needs the serve and bench extras: {e}") from None
+    try:
+        clients = tuple(int(c) for c in args.clients.split(","))
+    except ValueError:
+        raise InputError(f"--clients takes numbers separated by commas, got {args.clients!r}") from None
+    if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1:
+        raise InputError("--clients, --duration-s, --length and --beam must be positive")
+    out = Path(args.out)
+    if args.model in ("tiny", "base"):
+        from deltalm.export.bench import export_artifacts, prepare_base, prepare_tiny
+
+        prepare = prepare_tiny if args.model == "tiny" else prepare_base
+        files = prepare(out / "model")
+        export_artifacts(files, out / "artifacts", ("fp32",))
+        artifact, name = out / "artifacts" / "fp32", args.model
+    else:
+        artifact, name = Path(args.model), Path(args.model).name
+        if not (artifact / "manifest.json").exists():
+            raise InputError(f"--model {args.model}: not tiny, base or an artifact directory")
+    plan = BenchPlan(clients, args.beam, args.length, args.duration_s, args.threads,
+                     max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms)
+    bench(artifact, name, out, plan)
+    return 0
