@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +51,9 @@ class RequestLimits:
 
 def _option_model() -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {"text": (list[str], pydantic.Field(description="sentences to translate"))}
+    hints = typing.get_type_hints(TranslateOptions)
     for f in dataclasses.fields(TranslateOptions):
-        kind = {"src_prefix": list[str] | None, "tgt_prefix": list[str] | None}.get(f.name, f.type)
-        if isinstance(kind, str):
-            kind = eval(kind, {"tuple": tuple, "str": str})  # noqa: S307 - our own annotations
+        kind = {"src_prefix": list[str] | None, "tgt_prefix": list[str] | None}.get(f.name, hints[f.name])
         fields[f.name] = (kind, f.default)
     return pydantic.create_model("TranslateRequest", __config__=pydantic.ConfigDict(extra="forbid"), **fields)
 
@@ -272,7 +272,7 @@ def create_app(translator: Translator, batching: BatchLimits = BatchLimits(),
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = "not_found" if e.status_code in (404, 405) else "invalid_request"
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request")
         metrics.errors.labels(kind).inc()
         return error_response(e.status_code, kind, str(e.detail), getattr(e, "headers", None))
 

@@ -9,7 +9,8 @@ disable_created_metrics()
 # Every kind of error the API answers with (the ``type`` of its JSON error body).
 ERROR_KINDS = (
     "malformed_json",  # 400
-    "not_found",  # 404 / 405
+    "not_found",  # 404
+    "method_not_allowed",  # 405
     "body_too_large",  # 413
     "too_many_sentences",  # 413
     "invalid_request",  # 422: not {"text": [str, ...], ...}

@@ -266,9 +266,11 @@ def test_a_body_that_is_not_a_translate_request_is_422(server, payload):
     assert_error(status, body, 422, "invalid_request", "text")
 
 
-def test_unknown_path_has_the_same_error_shape(server):
+def test_unknown_path_and_method_have_the_same_error_shape(server):
     status, _, body = request(server.port, "GET", "/v2/nothing")
     assert_error(status, body, 404, "not_found")
+    status, _, body = request(server.port, "GET", "/v1/translate")
+    assert_error(status, body, 405, "method_not_allowed")
 
 
 def test_metrics_parse_as_prometheus_text_and_count_errors(server):
