@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltalm import OptionError, TranslateOptions, Translator, __version__
-from deltalm.errors import DeltaLMError
+from deltalm.errors import DeltaLMError, InputError, TokenizerError
 
 from .batcher import Batcher, BatchLimits, BatchReport, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
@@ -215,7 +215,7 @@ class TranslationService:
                 return future.result()
             if isinstance(error, OptionError):
                 raise ApiError(422, "invalid_option", str(error), option=error.option)
-            if isinstance(error, DeltaLMError):
+            if isinstance(error, (InputError, TokenizerError)):  # the request's text or options
                 raise ApiError(422, "invalid_sentence", str(error))
             raise ApiError(500, "internal", f"translation failed: {type(error).__name__}: {error}")
         self.batcher.cancel(request)

@@ -377,3 +377,66 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny, cli
     finally:
         s.stop()
     assert "Traceback" not in "".join(s.stderr)
+
+
+# --- the batcher in-process (real Translator), for what HTTP timing cannot pin down ----------------
+
+
+def _run_batcher(tiny, submissions, max_wait_s=0.0, max_batch_sentences=32):
+    """Submit every (texts, options) at once (before the schedule runs), wait for all; returns
+    (results per submission, batch reports)."""
+    import asyncio
+
+    from deltalm import TranslateOptions, Translator
+    from deltalm.serve.batcher import Batcher, BatchLimits
+
+    reports = []
+
+    async def main(translator):
+        batcher = Batcher(translator, BatchLimits(max_batch_sentences, 4096, max_wait_s, 100), reports.append)
+        batcher.start()
+        tok = translator.tokenizer
+        futures = []
+        for texts, options in submissions:
+            lengths = [len(tok.encode(t, tok.src_prefix)) for t in texts]
+            futures.append(batcher.submit(texts, lengths, TranslateOptions.from_mapping(options))[1])
+        results = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+        await asyncio.wait_for(batcher.drain(), WAIT_S)
+        return results
+
+    with Translator(tiny.artifact, threads=1) as translator:
+        results = asyncio.run(main(translator))
+        alone = [[translator.translate_batch([t], **options)[0] for t in texts] for texts, options in submissions]
+    return results, reports, alone
+
+
+def test_batcher_groups_requests_by_options_in_arrival_order(tiny):
+    a, b = {"beam": 2, "max_len_b": 5}, {"beam": 3, "max_len_b": 5}
+    submissions = [(SENTENCES[:2], a), (SENTENCES[2:3], b), (SENTENCES[3:5], a)]
+    results, reports, alone = _run_batcher(tiny, submissions)
+    assert [(r.sentences, r.requests) for r in reports] == [(4, 2), (1, 1)]
+    for got, want in zip(results, alone):
+        assert [t.index for t in got] == list(range(len(want)))
+        assert [t.hypotheses[0].tokens for t in got] == [t.hypotheses[0].tokens for t in want]
+
+
+def test_batcher_splits_a_request_over_batches_of_the_size_limit(tiny):
+    results, reports, alone = _run_batcher(tiny, [(SENTENCES[:5], {"beam": 1, "max_len_b": 4})],
+                                           max_batch_sentences=2)
+    assert [r.sentences for r in reports] == [2, 2, 1]
+    assert [t.hypotheses[0].tokens for t in results[0]] == [t.hypotheses[0].tokens for t in alone[0]]
+
+
+def test_batcher_with_max_len_a_batches_only_equal_source_lengths(tiny):
+    # the maximum length is max_len_a x padded source width: batched with a longer sentence, a
+    # short one could grow longer than when translated alone
+    options = {"beam": 2, "max_len_a": 1.0, "max_len_b": 0, "min_len": 0}
+    texts = ["Ja.", "Die Katze sieht den roten Apfel im Garten.", "Nein."]
+    results, reports, alone = _run_batcher(tiny, [(texts, options)])
+    from deltalm import Translator
+
+    with Translator(tiny.artifact, threads=1) as translator:
+        lengths = [len(translator.tokenizer.encode(t)) for t in texts]
+    assert sorted(r.sentences for r in reports) == sorted([lengths.count(n) for n in set(lengths)])
+    for got, want in zip(results[0], alone[0]):
+        assert got.hypotheses[0].tokens == want.hypotheses[0].tokens
