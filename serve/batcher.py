@@ -7,12 +7,12 @@ The event loop owns the queue and the schedule (no locks); one worker thread own
        ▲                                                                                    │
        └─────────────── future resolved with the request's translations ◄──────────────────┘
 
-A batch is formed when the worker is free: it takes the oldest waiting sentence's group (its
-``TranslateOptions``; with ``max_len_a`` > 0 also its source length, because fairseq's maximum
-length then depends on the padded source width) and, in arrival order, every sentence of that group
-that fits ``max_batch_sentences`` / ``max_batch_tokens`` (rows x longest source). When the worker is
-idle, it waits up to ``max_wait_s`` after the oldest sentence arrived for others to join, unless
-the batch is already full. Requests are split across batches when they do not fit in one.
+A batch is formed when the worker is free: sentences are grouped by their ``TranslateOptions``
+(with ``max_len_a`` > 0 also by source length, because fairseq's maximum length then depends on the
+padded source width); the first group, in order of its oldest sentence, that is full
+(``max_batch_sentences`` / ``max_batch_tokens``, rows x longest source) or whose oldest sentence
+has waited ``max_wait_s`` (counted from when the worker became free, if later) goes, as many of its
+sentences as fit, in arrival order. Requests are split across batches when they do not fit in one.
 
 Beam search and greedy decoding do not depend on what a sentence is batched with, so a result
 equals ``deltalm translate`` on that sentence alone; sampling draws from one generator per batch
@@ -53,7 +53,7 @@ class ShuttingDown(Exception):
 class BatchLimits:
     max_batch_sentences: int = 32
     max_batch_tokens: int = 4096  # rows x longest source (tokens, prefix and </s> included)
-    max_wait_s: float = 0.005
+    max_wait_s: float = 0.010
     max_queue_sentences: int = 1024
 
 
@@ -113,6 +113,7 @@ class Batcher:
         self._closing = False
         self._flushing = False
         self._busy = False
+        self._free_since = 0.0  # when the last batch ended (time.monotonic)
         self._checked: set[TranslateOptions] = set()  # option sets the model accepted
         self._recent_decode_s = 0.0  # moving average of a batch's decode time (for Retry-After)
 
@@ -197,7 +198,7 @@ class Batcher:
                 continue
             batch = self._next_batch()
             if batch is None:  # not full yet: wait for more, at most until the oldest's deadline
-                deadline = self._queue[0].request.arrived + self.limits.max_wait_s
+                deadline = self._deadline(self._queue[0])
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), max(0.0, deadline - time.monotonic()))
@@ -209,11 +210,19 @@ class Batcher:
                 outcome = await loop.run_in_executor(self._executor, self._decode, batch)
             finally:
                 self._busy = False
+                self._free_since = time.monotonic()
             self._deliver(batch, outcome)
 
     def _drop_cancelled(self) -> None:
         if any(item.request.cancelled for item in self._queue):
             self._queue = deque(item for item in self._queue if not item.request.cancelled)
+
+    def _deadline(self, item: _Item) -> float:
+        """When ``item``'s group goes, full or not: ``max_wait_s`` after it arrived or after the
+        worker became free, whichever is later. So the clients a batch has just answered get
+        ``max_wait_s`` to send their next sentences, which then join those that waited meanwhile
+        (without it, a steady load splits into alternating part-full batches)."""
+        return max(item.request.arrived, self._free_since) + self.limits.max_wait_s
 
     def _next_batch(self) -> list[_Item] | None:
         """The batch to decode now, or None to wait for more sentences: the first group (in order
@@ -233,7 +242,7 @@ class Batcher:
                 chosen.append(item)
                 width = w
             full = len(chosen) < len(items) or len(chosen) == lim.max_batch_sentences
-            if full or self._flushing or now - items[0].request.arrived >= lim.max_wait_s:
+            if full or self._flushing or now >= self._deadline(items[0]):
                 taken = set(map(id, chosen))
                 self._queue = deque(item for item in self._queue if id(item) not in taken)
                 return chosen

@@ -37,7 +37,7 @@ class BenchPlan:
     threads: int = 2
     cli_lines: int = 10  # lines timed through the `deltalm translate` pipe
     max_batch_sentences: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 10.0
 
 
 def sentences() -> list[str]:

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--max-batch-sentences", type=int, default=32, help="sentences per decoded batch (default %(default)s)")
     b.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="padded source tokens per batch, rows x longest (default %(default)s)")
-    b.add_argument("--max-wait-ms", type=float, default=5.0,
+    b.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long an idle worker waits for more sentences to join a batch (default %(default)s)")
     b.add_argument("--max-queue-sentences", type=int, default=1024,
                    help="sentences waiting at most; beyond, requests get 503 with Retry-After (default %(default)s)")
@@ -94,7 +94,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=20, help="target tokens forced per sentence (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the server's backend (default %(default)s)")
     parser.add_argument("--max-batch-sentences", type=int, default=32, help="of the batched server (default %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="of the batched server (default %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="of the batched server (default %(default)s)")
 
 
 def run_bench(args) -> int:
