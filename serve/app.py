@@ -110,7 +110,8 @@ class TranslationService:
         self.metrics = ServeMetrics()
         self.batcher = Batcher(translator, batching, self._on_batch)
         max_src = translator.config.max_positions
-        self.max_sentence_tokens = min(limits.max_sentence_tokens or max_src, max_src)
+        # a sentence must fit a batch on its own
+        self.max_sentence_tokens = min(limits.max_sentence_tokens or max_src, max_src, batching.max_batch_tokens)
         self.limits = limits
         self.warmup = warmup
         self.ready = asyncio.Event()

@@ -237,7 +237,7 @@ class Batcher:
             width = 0
             for item in items:
                 w = max(width, item.length)
-                if len(chosen) + 1 > lim.max_batch_sentences or w * (len(chosen) + 1) > lim.max_batch_tokens:
+                if chosen and (len(chosen) + 1 > lim.max_batch_sentences or w * (len(chosen) + 1) > lim.max_batch_tokens):
                     break
                 chosen.append(item)
                 width = w
