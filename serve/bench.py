@@ -58,6 +58,20 @@ def child_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
+def prepare_artifact(model: str, out: Path) -> Path:
+    """The fp32 artifact of ``deltalm bench``'s tiny or base model under ``out`` (built and
+    exported once; base needs ~7 GB of memory: run it under the machine's big-job lock)."""
+    from deltalm.export.bench import prepare_base, prepare_tiny
+
+    files = (prepare_tiny if model == "tiny" else prepare_base)(out / "model")
+    artifact = out / "artifact"
+    if not (artifact / "manifest.json").exists():
+        _log(f"exporting {model} -> {artifact}")
+        subprocess.run([deltalm_command(), "export", str(files.checkpoint), "--spm", str(files.spm), "--dict",
+                        str(files.dict), "--out", str(artifact), "--precision", "fp32", "--force"], check=True)
+    return artifact
+
+
 # --- the reference: deltalm translate, one line at a time -------------------------------------
 
 

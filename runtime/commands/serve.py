@@ -112,12 +112,9 @@ def run_bench(args) -> int:
         raise InputError("--clients, --duration-s, --length and --beam must be positive")
     out = Path(args.out)
     if args.model in ("tiny", "base"):
-        from deltalm.export.bench import export_artifacts, prepare_base, prepare_tiny
+        from deltalm.serve.bench import prepare_artifact
 
-        prepare = prepare_tiny if args.model == "tiny" else prepare_base
-        files = prepare(out / "model")
-        export_artifacts(files, out / "artifacts", ("fp32",))
-        artifact, name = out / "artifacts" / "fp32", args.model
+        artifact, name = prepare_artifact(args.model, out), args.model
     else:
         artifact, name = Path(args.model), Path(args.model).name
         if not (artifact / "manifest.json").exists():
