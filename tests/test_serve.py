@@ -47,7 +47,8 @@ class Server:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
         self.stderr: list[str] = []
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        self._stderr_reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
+        self._stderr_reader.start()
         self.stdout = lines
         try:
             line = lines.get(timeout=WAIT_S)
@@ -66,6 +67,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=WAIT_S)
+        self._stderr_reader.join(timeout=WAIT_S)
         return self.proc.returncode
 
 
@@ -148,6 +150,7 @@ def server(tiny):
                "--max-batch-tokens", "512")
     yield s
     assert s.stop() == 0
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +160,7 @@ def held_server(tiny):
                "--timeout-s", "2")
     yield s
     assert s.stop() == 0
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
 
 
 # --- outputs -----------------------------------------------------------------------------------
