@@ -11,8 +11,9 @@ A batch is formed when the worker is free: sentences are grouped by their ``Tran
 (with ``max_len_a`` > 0 also by source length, because fairseq's maximum length then depends on the
 padded source width); the first group, in order of its oldest sentence, that is full
 (``max_batch_sentences`` / ``max_batch_tokens``, rows x longest source) or whose oldest sentence
-has waited ``max_wait_s`` (counted from when the worker became free, if later) goes, as many of its
-sentences as fit, in arrival order. Requests are split across batches when they do not fit in one.
+has waited ``max_wait_s`` (and, after a batch, the time its clients need to come back: see
+``_deadline``) goes, as many of its sentences as fit, in arrival order. Requests are split across
+batches when they do not fit in one.
 
 Beam search and greedy decoding do not depend on what a sentence is batched with, so a result
 equals ``deltalm translate`` on that sentence alone; sampling draws from one generator per batch
@@ -55,6 +56,9 @@ class BatchLimits:
     max_batch_tokens: int = 4096  # rows x longest source (tokens, prefix and </s> included)
     max_wait_s: float = 0.010
     max_queue_sentences: int = 1024
+    # after a batch, its clients get max(max_wait_s, this share of the batch's decode time) to send
+    # their next sentences (for a model whose batch takes seconds, 10 ms is too short to gather them)
+    rejoin_share: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Batcher:
         self._flushing = False
         self._busy = False
         self._free_since = 0.0  # when the last batch ended (time.monotonic)
+        self._last_decode_s = 0.0
         self._checked: set[TranslateOptions] = set()  # option sets the model accepted
         self._recent_decode_s = 0.0  # moving average of a batch's decode time (for Retry-After)
 
@@ -211,6 +216,7 @@ class Batcher:
             finally:
                 self._busy = False
                 self._free_since = time.monotonic()
+            self._last_decode_s = outcome[1]
             self._deliver(batch, outcome)
 
     def _drop_cancelled(self) -> None:
@@ -218,11 +224,13 @@ class Batcher:
             self._queue = deque(item for item in self._queue if not item.request.cancelled)
 
     def _deadline(self, item: _Item) -> float:
-        """When ``item``'s group goes, full or not: ``max_wait_s`` after it arrived or after the
-        worker became free, whichever is later. So the clients a batch has just answered get
-        ``max_wait_s`` to send their next sentences, which then join those that waited meanwhile
-        (without it, a steady load splits into alternating part-full batches)."""
-        return max(item.request.arrived, self._free_since) + self.limits.max_wait_s
+        """When ``item``'s group goes, full or not: ``max_wait_s`` after it arrived, and not before
+        the clients the last batch answered have had time to send their next sentences (``max_wait_s``
+        or ``rejoin_share`` of that batch's decode time, whichever is longer), which then join those
+        that waited meanwhile; without it a steady load splits into alternating part-full batches."""
+        lim = self.limits
+        rejoin = max(lim.max_wait_s, lim.rejoin_share * self._last_decode_s)
+        return max(item.request.arrived + lim.max_wait_s, self._free_since + rejoin)
 
     def _next_batch(self) -> list[_Item] | None:
         """The batch to decode now, or None to wait for more sentences: the first group (in order

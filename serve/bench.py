@@ -38,6 +38,7 @@ class BenchPlan:
     cli_lines: int = 10  # lines timed through the `deltalm translate` pipe
     max_batch_sentences: int = 32
     max_wait_ms: float = 10.0
+    modes: tuple[str, ...] = ("batched", "unbatched")
 
 
 def sentences() -> list[str]:
@@ -239,7 +240,7 @@ def run_bench(artifact: Path, model_name: str, out: Path, plan: BenchPlan) -> di
     report = {"model": model_name, "artifact": str(artifact), "machine": machine(), "plan": asdict(plan),
               "loadavg_1m_start": round(os.getloadavg()[0], 2), "cli_line": time_cli_lines(artifact, plan), "cells": []}
     _log(f"  deltalm translate line: {report['cli_line']}")
-    for batched in (True, False):
+    for batched in [mode == "batched" for mode in plan.modes]:
         _log(f"bench-serve {model_name}: {'batched' if batched else 'unbatched'} server")
         report["cells"] += measure_mode(artifact, plan, batched)
         (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -95,6 +95,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of the server's backend (default %(default)s)")
     parser.add_argument("--max-batch-sentences", type=int, default=32, help="of the batched server (default %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="of the batched server (default %(default)s)")
+    parser.add_argument("--modes", default="batched,unbatched", help="servers to measure (default %(default)s)")
 
 
 def run_bench(args) -> int:
@@ -120,6 +121,9 @@ def run_bench(args) -> int:
         if not (artifact / "manifest.json").exists():
             raise InputError(f"--model {args.model}: not tiny, base or an artifact directory")
     plan = BenchPlan(clients, args.beam, args.length, args.duration_s, args.threads,
-                     max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms)
+                     max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms,
+                     modes=tuple(args.modes.split(",")))
+    if not set(plan.modes) <= {"batched", "unbatched"}:
+        raise InputError(f"--modes takes batched and / or unbatched, got {args.modes!r}")
     bench(artifact, name, out, plan)
     return 0
