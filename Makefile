@@ -17,8 +17,10 @@ BEAM      ?= 5
 MODEL     ?= tiny
 COMPARE   ?=
 QUICK     ?=
+PORT      ?= 8000
+HOST      ?= 127.0.0.1
 
-.PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean
+.PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean serve bench-serve
 
 venv: $(STAMP)
 
@@ -57,6 +59,13 @@ translate: $(STAMP)
 
 engines: $(STAMP)
 	$(VENV)/bin/deltalm engines $(DIR)
+
+serve: $(STAMP)
+	@test -d "$(DIR)" || (echo "usage: make serve DIR=artifact_dir [PORT=8000] [HOST=127.0.0.1]"; exit 2)
+	$(VENV)/bin/deltalm serve $(DIR) --host $(HOST) --port $(PORT)
+
+bench-serve: $(STAMP)
+	$(VENV)/bin/deltalm bench-serve --model $(MODEL) --out bench_out/serve-$(MODEL)
 
 # MODEL=tiny | base | an artifact directory; COMPARE=ctranslate2 runs only the side-by-side comparison; QUICK=1.
 bench: $(STAMP)

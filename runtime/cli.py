@@ -13,6 +13,7 @@ import sys
 from . import __version__
 from .commands import corpus as cmd_corpus
 from .commands import export as cmd_export
+from .commands import serve as cmd_serve
 from .commands import translate as cmd_translate
 from .errors import DeltaLMError
 from .translator import OptionError
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("translate-corpus", help="translate text files on a Ray cluster (the ray extra)")
     cmd_corpus.add_arguments(s)
     s.set_defaults(func=cmd_corpus.run)
+
+    s = sub.add_parser("serve", help="HTTP translation service with dynamic batching (needs the serve extra)")
+    cmd_serve.add_arguments(s)
+    s.set_defaults(func=cmd_serve.run)
+
+    s = sub.add_parser("bench-serve", help="benchmark deltalm serve under concurrent HTTP load (batched vs not)")
+    cmd_serve.add_bench_arguments(s)
+    s.set_defaults(func=cmd_serve.run_bench)
 
     s = sub.add_parser("bench", help="benchmark every available backend on one model (or against CTranslate2)")
     from deltalm.bench.command import add_arguments as add_bench_arguments

@@ -1,0 +1,446 @@
+"""``deltalm serve``: the real server as a subprocess (``--port 0``: the kernel picks a free port,
+the ready line names it), talked to over real HTTP. Every wait has a timeout; no test asserts a
+duration. Servers that hold requests back use a long ``--max-wait-ms`` so that what is queued is
+known when the test acts (never a race against the clock)."""
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from cli_support import DELTALM, ENV, run_cli  # noqa: E402
+
+SENTENCES = [
+    "Die Katze sieht den roten Apfel.",
+    "Der Hund trinkt Wasser.",
+    "Ich habe ein kleines Haus.",
+    "Wir essen heute Brot.",
+    "Das Kind spielt im Garten.",
+    "Sie liest ein altes Buch.",
+]
+OPTION_SETS = {
+    "beam5": {"beam": 5, "max_len_b": 10},
+    "beam2-nbest2": {"beam": 2, "nbest": 2, "lenpen": 0.5, "max_len_b": 8},
+}
+WAIT_S = 60  # upper bound of any single wait (a loaded machine is slow, never this slow)
+
+
+class Server:
+    """``deltalm serve ARTIFACT --port 0 ARGS`` until ``stop()``."""
+
+    def __init__(self, artifact, *args: str):
+        cmd = [str(DELTALM), "serve", str(artifact), "--port", "0", "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        self.stderr: list[str] = []
+        self._stderr_reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
+        self._stderr_reader.start()
+        self.stdout = lines
+        try:
+            line = lines.get(timeout=WAIT_S)
+        except queue.Empty:
+            self.stop()
+            raise AssertionError(f"no ready line within {WAIT_S} s: {''.join(self.stderr)}") from None
+        assert line.startswith("deltalm serve: ready on http://127.0.0.1:"), (line, self.stderr)
+        self.url = line.split()[-1]
+        self.port = urllib.parse.urlsplit(self.url).port
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=WAIT_S)
+        self._stderr_reader.join(timeout=WAIT_S)
+        return self.proc.returncode
+
+
+def request(port: int, method: str, path: str, body=None, headers=None, timeout: float = WAIT_S):
+    """(status, headers, parsed JSON or text) of one request on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+        ctype = resp.getheader("Content-Type", "")
+        return resp.status, resp.msg, json.loads(raw) if ctype.startswith("application/json") else raw
+    finally:
+        conn.close()
+
+
+def translate(port: int, texts, **options):
+    return request(port, "POST", "/v1/translate", {"text": texts, **options})
+
+
+def metrics(port: int) -> dict:
+    """{(name, labels as a sorted tuple): value}, parsed by prometheus_client's parser."""
+    status, _, text = request(port, "GET", "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def queued(port: int) -> float:
+    return metrics(port)[("deltalm_serve_queue_sentences", ())]
+
+
+def assert_error(status, body, expected_status: int, kind: str, *fragments: str):
+    assert status == expected_status, body
+    assert set(body) == {"error"} and body["error"]["type"] == kind, body
+    assert isinstance(body["error"]["message"], str)
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], (fragment, body)
+
+
+def assert_same_translation(got: dict, want: dict):
+    """Same hypotheses (tokens, text) and scores within 1e-4 (batched numerics may differ in the
+    last bits)."""
+    assert len(got["nbest"]) == len(want["nbest"])
+    for g, w in zip(got["nbest"], want["nbest"]):
+        assert g["tokens"] == w["tokens"] and g["text"] == w["text"]
+        assert abs(g["score"] - w["score"]) <= 1e-4
+        assert len(g["positional_scores"]) == len(w["positional_scores"])
+        assert all(abs(a - b) <= 1e-4 for a, b in zip(g["positional_scores"], w["positional_scores"]))
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tiny):
+    """``deltalm translate --format jsonl`` of SENTENCES, per option set: {name: [record, ...]}."""
+    flags = {"beam": "--beam", "nbest": "--nbest", "lenpen": "--lenpen", "max_len_b": "--max-len-b"}
+    reference = {}
+    for name, options in OPTION_SETS.items():
+        argv = ["translate", tiny.artifact, "--format", "jsonl", "--threads", "1"]
+        for key, value in options.items():
+            argv += [flags[key], str(value)]
+        res = run_cli(argv, stdin="".join(s + "\n" for s in SENTENCES).encode())
+        assert res.rc == 0, res.err
+        reference[name] = [json.loads(line) for line in res.lines]
+    return reference
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """Small limits, so that they are cheap to exceed."""
+    s = Server(tiny.artifact, "--max-body-bytes", "4096", "--max-sentences", "8", "--max-sentence-tokens", "24",
+               "--max-batch-tokens", "512")
+    yield s
+    assert s.stop() == 0
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
+
+
+@pytest.fixture(scope="module")
+def held_server(tiny):
+    """Sentences wait up to 5 s for a batch (unless 64 come); the queue holds 4; timeout 2 s."""
+    s = Server(tiny.artifact, "--max-wait-ms", "5000", "--max-batch-sentences", "64", "--max-queue-sentences", "4",
+               "--timeout-s", "2")
+    yield s
+    assert s.stop() == 0
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_share_batches_and_get_the_cli_outputs(tiny, cli_reference):
+    # 8 clients at once, 2 option sets, 3 sentences each: a batch is decoded only when the 12
+    # sentences of its option set are there (or after 20 s), so each batch holds 4 requests
+    s = Server(tiny.artifact, "--max-wait-ms", "20000", "--max-batch-sentences", "12")
+    try:
+        jobs = []
+        for client in range(8):
+            name = list(OPTION_SETS)[client % 2]
+            picks = [(client + k) % len(SENTENCES) for k in range(3)]
+            jobs.append((name, picks))
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: translate(s.port, [SENTENCES[i] for i in job[1]],
+                                                          **OPTION_SETS[job[0]]), jobs))
+        for (name, picks), (status, _, body) in zip(jobs, answers):
+            assert status == 200, body
+            assert [r["id"] for r in body["results"]] == [0, 1, 2]
+            for result, i in zip(body["results"], picks):
+                assert_same_translation(result, cli_reference[name][i])
+        m = metrics(s.port)
+        assert m[("deltalm_serve_batch_sentences_count", ())] == 2
+        assert m[("deltalm_serve_batch_sentences_sum", ())] == 24
+        assert m[("deltalm_serve_batch_requests_sum", ())] == 8
+        assert m[("deltalm_serve_sentences_total", ())] == 24
+    finally:
+        assert s.stop() == 0
+
+
+def test_result_records_have_the_shape_of_translate_jsonl(server, cli_reference):
+    status, _, body = translate(server.port, [SENTENCES[1], "", SENTENCES[0]], **OPTION_SETS["beam2-nbest2"])
+    assert status == 200
+    assert [r["id"] for r in body["results"]] == [0, 1, 2]
+    assert body["results"][1]["nbest"] == []  # a blank sentence, as a blank line in the CLI
+    for result, i in zip([body["results"][0], body["results"][2]], [1, 0]):
+        assert set(result) == {"id", "nbest"} and len(result["nbest"]) == 2
+        assert all(set(h) == {"tokens", "score", "positional_scores", "text"} for h in result["nbest"])
+        assert_same_translation(result, cli_reference["beam2-nbest2"][i])
+
+
+def test_sampling_with_a_seed_answers_each_sentence(server):
+    status, _, body = translate(server.port, SENTENCES[:2], sampling=True, beam=3, nbest=3, seed=7,
+                                sampling_topk=5, max_len_b=6)
+    assert status == 200
+    assert [len(r["nbest"]) for r in body["results"]] == [3, 3]
+
+
+def test_health_ready_and_openapi(server):
+    assert request(server.port, "GET", "/health")[:3:2] == (200, {"status": "ok"})
+    assert request(server.port, "GET", "/ready")[:3:2] == (200, {"status": "ready"})
+    status, _, spec = request(server.port, "GET", "/openapi.json")
+    assert status == 200
+    schema = spec["paths"]["/v1/translate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    from deltalm import TranslateOptions
+    import dataclasses
+
+    assert set(schema["properties"]) == {"text"} | {f.name for f in dataclasses.fields(TranslateOptions)}
+    assert "sampling_topk" in schema["properties"] and "topk" not in schema["properties"]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_malformed_json_is_400(server):
+    status, _, body = request(server.port, "POST", "/v1/translate", b'{"text": ["a"')
+    assert_error(status, body, 400, "malformed_json", "not JSON")
+
+
+def test_body_over_the_limit_is_413(server):
+    status, _, body = translate(server.port, ["x" * 5000])
+    assert_error(status, body, 413, "body_too_large", "limit is 4096")
+
+
+def test_too_many_sentences_is_413(server):
+    status, _, body = translate(server.port, ["a"] * 9)
+    assert_error(status, body, 413, "too_many_sentences", "9 sentences", "limit is 8")
+
+
+def test_sentence_over_the_token_limit_is_422_naming_it(server):
+    status, _, body = translate(server.port, ["kurz", " ".join(["Katze"] * 40)])
+    assert_error(status, body, 422, "sentence_too_long", "sentence 1 has", "limit is 24")
+    assert body["error"]["sentence"] == 1
+
+
+@pytest.mark.parametrize("options, option, fragment", [
+    ({"beam": 0}, "beam", "must be >= 1"),
+    ({"beam": "5"}, "beam", "must be an integer"),
+    ({"lenpen": True}, "lenpen", "must be a number"),
+    ({"topk": 5}, "topk", "is not an option"),
+    ({"sampling_topk": 5}, "sampling_topk", "applies only with sampling"),
+    ({"nbest": 3, "beam": 2}, "nbest", "between 1 and beam"),
+    ({"beam": 100000}, "beam", "smaller than the vocabulary"),  # known only to the model
+    ({"tgt_prefix": ["<no-such-symbol>"]}, "tgt_prefix", "<no-such-symbol>"),
+])
+def test_bad_options_are_422_naming_the_option(server, options, option, fragment):
+    status, _, body = translate(server.port, ["Hallo"], **options)
+    assert_error(status, body, 422, "invalid_option", fragment)
+    assert body["error"]["option"] == option
+
+
+@pytest.mark.parametrize("payload", [["a"], {"txt": ["a"]}, {"text": "a"}, {"text": [1]}])
+def test_a_body_that_is_not_a_translate_request_is_422(server, payload):
+    status, _, body = request(server.port, "POST", "/v1/translate", payload)
+    assert_error(status, body, 422, "invalid_request", "text")
+
+
+def test_unknown_path_and_method_have_the_same_error_shape(server):
+    status, _, body = request(server.port, "GET", "/v2/nothing")
+    assert_error(status, body, 404, "not_found")
+    status, _, body = request(server.port, "GET", "/v1/translate")
+    assert_error(status, body, 405, "method_not_allowed")
+
+
+def test_metrics_parse_as_prometheus_text_and_count_errors(server):
+    before = metrics(server.port)
+    request(server.port, "POST", "/v1/translate", b"not json")
+    assert translate(server.port, [SENTENCES[2]], beam=1, max_len_b=4)[0] == 200
+    after = metrics(server.port)
+    for name in ("deltalm_serve_request_seconds_bucket", "deltalm_serve_batch_sentences_bucket",
+                 "deltalm_serve_queue_sentences", "deltalm_serve_tokens_per_second", "deltalm_serve_ready"):
+        assert any(key[0] == name for key in after), name
+    assert after[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] == \
+        before[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] + 1
+    assert after[("deltalm_serve_requests_total", (("code", "200"),))] == \
+        before.get(("deltalm_serve_requests_total", (("code", "200"),)), 0) + 1
+    assert after[("deltalm_serve_request_seconds_count", ())] == before[("deltalm_serve_request_seconds_count", ())] + 2
+    assert after[("deltalm_serve_sentences_total", ())] == before[("deltalm_serve_sentences_total", ())] + 1
+    assert after[("deltalm_serve_target_tokens_total", ())] > before[("deltalm_serve_target_tokens_total", ())]
+    assert after[("deltalm_serve_ready", ())] == 1
+
+
+# --- protection ----------------------------------------------------------------------------------
+
+
+def test_full_queue_is_503_with_retry_after(held_server):
+    port = held_server.port
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(translate, port, SENTENCES[:3], beam=1, max_len_b=4)
+        wait_for(lambda: queued(port) == 3, "3 queued sentences")
+        status, headers, body = translate(port, SENTENCES[3:5], beam=1, max_len_b=4)
+        assert_error(status, body, 503, "queue_full", "limit 4")
+        assert int(headers["Retry-After"]) >= 1
+        assert first.result(timeout=WAIT_S)[0] == 504  # held for 5 s, the timeout is 2 s
+
+
+def test_timeout_is_504_and_frees_the_queue(held_server):
+    port = held_server.port
+    status, _, body = translate(port, SENTENCES[:2], beam=1, max_len_b=4)
+    assert_error(status, body, 504, "timeout", "2 s")
+    assert queued(port) == 0
+    # the room is there again
+    with ThreadPoolExecutor(1) as pool:
+        again = pool.submit(translate, port, SENTENCES[:4], beam=1, max_len_b=4)
+        wait_for(lambda: queued(port) == 4, "4 queued sentences")
+        assert again.result(timeout=WAIT_S)[0] == 504
+
+
+def test_a_client_that_disconnects_leaves_the_queue(held_server):
+    port = held_server.port
+    before = metrics(port)[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))]
+    body = json.dumps({"text": SENTENCES[:2], "beam": 1}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    wait_for(lambda: queued(port) == 2, "2 queued sentences")
+    sock.close()
+    wait_for(lambda: queued(port) == 0, "the queue to empty")
+    m = metrics(port)
+    assert m[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))] == before + 1
+
+
+def test_binds_localhost_by_default(server):
+    other = [a for a in _own_addresses() if not a.startswith("127.")]
+    if not other:
+        pytest.skip("no address besides loopback")
+    with pytest.raises(OSError):  # not reachable on the machine's other addresses
+        socket.create_connection((other[0], server.port), timeout=5).close()
+
+
+def _own_addresses() -> list[str]:
+    """This machine's IPv4 addresses: the hostname's, and the one a datagram socket would leave from."""
+    found = set()
+    try:
+        found |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    except OSError:
+        pass
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
+        found.add(probe.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    return sorted(found)
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny, cli_reference):
+    s = Server(tiny.artifact, "--max-wait-ms", "20000", "--max-batch-sentences", "64")
+    try:
+        jobs = [[k % len(SENTENCES), (k + 1) % len(SENTENCES)] for k in range(6)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(translate, s.port, [SENTENCES[i] for i in job], **OPTION_SETS["beam5"])
+                       for job in jobs]
+            wait_for(lambda: queued(s.port) == 12, "12 queued sentences")
+            s.proc.send_signal(signal.SIGTERM)
+            for job, future in zip(jobs, futures):
+                status, _, body = future.result(timeout=WAIT_S)
+                assert status == 200, body
+                for result, i in zip(body["results"], job):
+                    assert_same_translation(result, cli_reference["beam5"][i])
+        assert s.proc.wait(timeout=WAIT_S) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+    finally:
+        s.stop()
+    assert "Traceback" not in "".join(s.stderr)
+
+
+# --- the batcher in-process (real Translator), for what HTTP timing cannot pin down ----------------
+
+
+def _run_batcher(tiny, submissions, max_wait_s=0.0, max_batch_sentences=32):
+    """Submit every (texts, options) at once (before the schedule runs), wait for all; returns
+    (results per submission, batch reports)."""
+    import asyncio
+
+    from deltalm import TranslateOptions, Translator
+    from deltalm.serve.batcher import Batcher, BatchLimits
+
+    reports = []
+
+    async def main(translator):
+        batcher = Batcher(translator, BatchLimits(max_batch_sentences, 4096, max_wait_s, 100), reports.append)
+        batcher.start()
+        tok = translator.tokenizer
+        futures = []
+        for texts, options in submissions:
+            lengths = [len(tok.encode(t, tok.src_prefix)) for t in texts]
+            futures.append(batcher.submit(texts, lengths, TranslateOptions.from_mapping(options))[1])
+        results = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+        await asyncio.wait_for(batcher.drain(), WAIT_S)
+        return results
+
+    with Translator(tiny.artifact, threads=1) as translator:
+        results = asyncio.run(main(translator))
+        alone = [[translator.translate_batch([t], **options)[0] for t in texts] for texts, options in submissions]
+    return results, reports, alone
+
+
+def test_batcher_groups_requests_by_options_in_arrival_order(tiny):
+    a, b = {"beam": 2, "max_len_b": 5}, {"beam": 3, "max_len_b": 5}
+    submissions = [(SENTENCES[:2], a), (SENTENCES[2:3], b), (SENTENCES[3:5], a)]
+    results, reports, alone = _run_batcher(tiny, submissions)
+    assert [(r.sentences, r.requests) for r in reports] == [(4, 2), (1, 1)]
+    for got, want in zip(results, alone):
+        assert [t.index for t in got] == list(range(len(want)))
+        assert [t.hypotheses[0].tokens for t in got] == [t.hypotheses[0].tokens for t in want]
+
+
+def test_batcher_splits_a_request_over_batches_of_the_size_limit(tiny):
+    results, reports, alone = _run_batcher(tiny, [(SENTENCES[:5], {"beam": 1, "max_len_b": 4})],
+                                           max_batch_sentences=2)
+    assert [r.sentences for r in reports] == [2, 2, 1]
+    assert [t.hypotheses[0].tokens for t in results[0]] == [t.hypotheses[0].tokens for t in alone[0]]
+
+
+def test_batcher_with_max_len_a_batches_only_equal_source_lengths(tiny):
+    # the maximum length is max_len_a x padded source width: batched with a longer sentence, a
+    # short one could grow longer than when translated alone
+    options = {"beam": 2, "max_len_a": 1.0, "max_len_b": 0, "min_len": 0}
+    texts = ["Ja.", "Die Katze sieht den roten Apfel im Garten.", "Nein."]
+    results, reports, alone = _run_batcher(tiny, [(texts, options)])
+    from deltalm import Translator
+
+    with Translator(tiny.artifact, threads=1) as translator:
+        lengths = [len(translator.tokenizer.encode(t)) for t in texts]
+    assert sorted(r.sentences for r in reports) == sorted([lengths.count(n) for n in set(lengths)])
+    for got, want in zip(results[0], alone[0]):
+        assert got.hypotheses[0].tokens == want.hypotheses[0].tokens
