@@ -91,3 +91,19 @@ def test_int8_table_is_a_per_row_quantization_of_the_embedding():
     back = q.T.astype(np.float32) * scale[:, None]
     assert np.all(np.abs(back - table) <= scale[:, None] / 2 + 1e-7)
     assert np.abs(q).max() == 127 and not back[7].any()
+
+
+def test_int8_export_fails_when_the_int8_embedding_loses_the_tokens(tiny, tmp_path, monkeypatch, capsys):
+    """The int8 parity verdict covers the embedding: a table that does not represent the tokens
+    (every scale 0: all embeddings zero) fails the export, and nothing is written."""
+    import deltalm.export.onnx_export as ox
+
+    real = ox.quantize_table
+    monkeypatch.setattr(ox, "quantize_table", lambda table: (real(table)[0], np.zeros(table.shape[0], np.float32)))
+    ckpt, spm, dct, _ = tiny
+    out = tmp_path / "int8"
+    assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize",
+                "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "parity check failed" in err and "top-1 agreement" in err
+    assert not out.exists()
