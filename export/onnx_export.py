@@ -99,9 +99,14 @@ class SharedWeights:
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 raise ValueError(f"initializer {t.name} is already external")
-            data = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-            if len(data) < INLINE_LIMIT:
-                continue
+            if t.HasField("raw_data"):
+                if len(t.raw_data) < INLINE_LIMIT:
+                    continue
+                data = t.raw_data
+            else:
+                data = numpy_helper.to_array(t).tobytes()
+                if len(data) < INLINE_LIMIT:
+                    continue
             key = (t.data_type, hashlib.sha256(data).digest(), len(data))
             offset = self._offsets.get(key)
             if offset is None:
@@ -117,6 +122,7 @@ class SharedWeights:
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v
             t.data_location = onnx.TensorProto.EXTERNAL
+            del data
         self._file.flush()
 
     def close(self) -> None:
@@ -142,16 +148,18 @@ def tie_output_projection(model, cfg) -> int:
         weight = inits[node.input[1]]
         if list(weight.dims) != [cfg.embed_dim, cfg.vocab_size]:
             continue
-        table = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), "output_projection.weight")
+        transposed = numpy_helper.to_array(weight)
+        del inits[weight.name]
         graph.initializer.remove(weight)
-        graph.initializer.append(table)
+        del weight
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(transposed.T), "output_projection.weight"))
+        del transposed
+        table = graph.initializer[-1]
         gemm = helper.make_node("Gemm", [node.input[0], table.name], list(node.output), name=node.name or "output_projection",
                                 transB=1)
         graph.node.remove(node)
         graph.node.insert(i, gemm)
         rewritten += 1
-    del inits
-    onnx.checker.check_model(model)
     return rewritten
 
 
