@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from deltalm.config import ModelConfig
-from deltalm.graphs import GraphSpec, decoder_step_spec, encoder_spec
+from deltalm.graphs import GraphSpec, cross_names, decoder_step_spec, encoder_spec, past_names
 
 NEG_INF = float("-inf")
 
@@ -95,7 +95,9 @@ class EncoderGraph(nn.Module):
 
 class DecoderStepGraph(nn.Module):
     """One decoder step with in-graph beam reorder, sentence selection, rules and top-k.
-    Inputs and outputs in the order of ``decoder_step_spec(cfg, k)``."""
+    ``forward`` takes the inputs positionally in the order of ``decoder_step_spec(cfg, k)`` (as
+    the ONNX exporter passes them) and reads them by name from there on; build them by name with
+    ``inputs(feeds)``. Outputs in the order of the spec."""
 
     def __init__(self, model: nn.Module, k: int):
         super().__init__()
@@ -104,21 +106,31 @@ class DecoderStepGraph(nn.Module):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.k = min(k, self.cfg.vocab_size)
+        self.input_names = self.spec().input_names
 
     def spec(self, float_dtype: str = "float32") -> GraphSpec:
         return decoder_step_spec(self.cfg, self.k, float_dtype)
 
-    def forward(self, tokens, step, reorder, sent_index, src_padding, *rest):
-        n = self.cfg.decoder_layers
-        past_flat, cross_flat = rest[: 2 * n], rest[2 * n : 4 * n]
-        forced_tokens, ban_eos, only_eos, unk_penalty = rest[4 * n :]
-        past = [(past_flat[2 * i].index_select(0, reorder), past_flat[2 * i + 1].index_select(0, reorder)) for i in range(n)]
-        cross = [(cross_flat[2 * i].index_select(0, sent_index), cross_flat[2 * i + 1].index_select(0, sent_index)) for i in range(n)]
-        padding = src_padding.index_select(0, sent_index)
-        logits, present = self.model.decoder.step(tokens, step, past, cross, padding)
+    def inputs(self, feeds: dict) -> tuple:
+        """``feeds`` (input name -> tensor) as the positional arguments of ``forward``."""
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = sorted(set(feeds) - set(self.input_names))
+        if missing or extra:
+            raise ValueError(f"decoder_step feeds: missing {missing}, unknown {extra}")
+        return tuple(feeds[n] for n in self.input_names)
+
+    def forward(self, *inputs):
+        f = dict(zip(self.input_names, inputs, strict=True))
+        reorder, sent_index = f["reorder"], f["sent_index"]
+        layers = range(self.cfg.decoder_layers)
+        past = [tuple(f[name].index_select(0, reorder) for name in past_names(i)) for i in layers]
+        cross = [tuple(f[name].index_select(0, sent_index) for name in cross_names(i)) for i in layers]
+        padding = f["src_padding"].index_select(0, sent_index)
+        logits, present = self.model.decoder.step(f["tokens"], f["step"], past, cross, padding)
         # LogSoftmax is one fused kernel in ONNX Runtime (ReduceLogSumExp + Sub was 9x slower)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        scores, ids = topk_with_rules(log_probs, self.k, self.cfg, forced_tokens, ban_eos, only_eos, unk_penalty)
+        scores, ids = topk_with_rules(log_probs, self.k, self.cfg, f["forced_tokens"], f["ban_eos"], f["only_eos"],
+                                      f["unk_penalty"])
         outs = [scores, ids, log_probs]
         for k, v in present:
             outs += [k, v]

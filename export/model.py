@@ -238,18 +238,15 @@ class Decoder(_Embedded):
         cross: per layer (k, v) [B, H, S, hd] with N = B * G, src_padding [B, S] bool.
         Returns logits [N, V] and per layer (k, v) [N, H, P + 1, hd]."""
         positions = (step + self.cfg.first_position).reshape(1, 1).expand(tokens.shape[0], 1)
-        # The token rows are read from the same [D, V] (transposed) table the output projection
-        # multiplies with, so an exported step graph holds the embedding table once.
-        table_t = self.output_projection.weight.t()
-        if torch.onnx.is_in_onnx_export():
-            tok = table_t.index_select(1, tokens).t().unsqueeze(1)  # [N, 1, D]
-        else:  # eager: the same rows, without torch copying the transposed table to gather from it
-            tok = self.output_projection.weight.index_select(0, tokens).unsqueeze(1)
+        # Rows of the [V, D] table, as the encoder reads them: the exporter stores the table once
+        # for both graphs and computes the projection from the same bytes (``onnx_export``).
+        table = self.output_projection.weight
+        tok = table.index_select(0, tokens).unsqueeze(1)  # [N, 1, D]
         x = tok + self.embed_positions(positions)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x, present = self.run_layers(x, past, None, cross, src_padding[:, None, None, :])
-        return torch.matmul(x[:, 0], table_t), present
+        return torch.matmul(x[:, 0], table.t()), present
 
 
 class DeltaLM(nn.Module):

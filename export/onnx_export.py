@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltalm.graphs import GraphSpec
+from deltalm.graphs import GraphSpec, cross_names, past_names
 
 from .graphs import DecoderStepGraph, EncoderGraph
 
 OPSET = 17
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers; protobuf's hard limit is 2 GiB
 FP16_BLOCKED_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "TopK", "IsNaN", "CumSum", "Range"]
 
 
@@ -32,25 +30,28 @@ def encoder_trace_inputs(cfg) -> tuple[torch.Tensor]:
     return (src.clamp(max=cfg.vocab_size - 1),)
 
 
-def step_trace_inputs(model, k_cross: list[torch.Tensor], src: torch.Tensor) -> tuple:
-    """rows = 2 sentences x 2 hypotheses, past_len 3: shapes distinct from every size-1 axis."""
-    cfg = model.cfg
+def step_trace_inputs(step_graph, k_cross: list[torch.Tensor], src: torch.Tensor) -> tuple:
+    """rows = 2 sentences x 2 hypotheses, past_len 3: shapes distinct from every size-1 axis.
+    k_cross: the encoder's cross K/V outputs, in the order of its spec."""
+    cfg = step_graph.cfg
     rows, past_len = 4, 3
     g = torch.Generator().manual_seed(0)
-    past = [torch.randn(rows, cfg.heads, past_len, cfg.head_dim, generator=g) for _ in range(2 * cfg.decoder_layers)]
-    return (
-        torch.tensor([5, 6, 7, 8]).clamp(max=cfg.vocab_size - 1),
-        torch.tensor(3, dtype=torch.int64),
-        torch.tensor([1, 0, 3, 3]),
-        torch.tensor([0, 1]),
-        src.eq(cfg.pad),
-        *past,
-        *k_cross,
-        torch.full((rows,), -1, dtype=torch.int64),
-        torch.tensor(False),
-        torch.tensor(False),
-        torch.tensor(0.0),
-    )
+    feeds = {
+        "tokens": torch.tensor([5, 6, 7, 8]).clamp(max=cfg.vocab_size - 1),
+        "step": torch.tensor(3, dtype=torch.int64),
+        "reorder": torch.tensor([1, 0, 3, 3]),
+        "sent_index": torch.tensor([0, 1]),
+        "src_padding": src.eq(cfg.pad),
+        "forced_tokens": torch.full((rows,), -1, dtype=torch.int64),
+        "ban_eos": torch.tensor(False),
+        "only_eos": torch.tensor(False),
+        "unk_penalty": torch.tensor(0.0),
+    }
+    for i in range(cfg.decoder_layers):
+        for name in past_names(i):
+            feeds[name] = torch.randn(rows, cfg.heads, past_len, cfg.head_dim, generator=g)
+    feeds |= dict(zip([n for i in range(cfg.decoder_layers) for n in cross_names(i)], k_cross, strict=True))
+    return step_graph.inputs(feeds)
 
 
 def _torch_export(module: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path) -> None:
@@ -69,29 +70,156 @@ def _torch_export(module: torch.nn.Module, args: tuple, spec: GraphSpec, path: P
         )
 
 
-def _initializer_bytes(model) -> int:
-    import onnx
-
-    total = 0
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        total += n * {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1,
-                      onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8}.get(t.data_type, 4)
-    return total
+WEIGHTS_FILE = "weights.data"
+INLINE_LIMIT = 1024  # bytes: smaller tensors (shapes, scalars) stay inside the .onnx file
+ALIGN = 4096  # every tensor in weights.data starts on a page: ONNX Runtime maps it from the file
 
 
-def save_onnx(model, path: Path) -> list[str]:
-    """Write one .onnx file, with its weights in ``NAME.data`` when they would pass protobuf's
-    2 GiB limit. Returns the file names written (relative to path's directory)."""
-    import onnx
+class SharedWeights:
+    """Writes the initializers of every graph of an artifact into one file, ``weights.data``, each
+    distinct tensor once: a tensor whose bytes are already in the file (the embedding table, read
+    by the encoder and by the step, and by the step's output projection) is pointed at, not
+    written again. Offsets are page-aligned so that ONNX Runtime maps the file instead of copying
+    it: pages of a table that is only gathered from (the embedding rows) are read from disk when a
+    token needs them, and two sessions mapping the same bytes share the same physical pages."""
 
-    if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        return [path.name, data_name]
-    onnx.save_model(model, str(path))
-    return [path.name]
+    def __init__(self, out_dir: Path, name: str = WEIGHTS_FILE):
+        self.path = out_dir / name
+        self.name = name
+        self._offsets: dict[tuple, int] = {}
+        self._file = open(self.path, "wb")
+
+    def externalize(self, model) -> None:
+        """Move every initializer of ``model`` of at least INLINE_LIMIT bytes into the file."""
+        import hashlib
+
+        import onnx
+        from onnx import numpy_helper
+
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"initializer {t.name} is already external")
+            if t.HasField("raw_data"):
+                if len(t.raw_data) < INLINE_LIMIT:
+                    continue
+                data = t.raw_data
+            else:
+                data = numpy_helper.to_array(t).tobytes()
+                if len(data) < INLINE_LIMIT:
+                    continue
+            key = (t.data_type, hashlib.sha256(data).digest(), len(data))
+            offset = self._offsets.get(key)
+            if offset is None:
+                pos = self._file.tell()
+                offset = -(-pos // ALIGN) * ALIGN
+                self._file.write(b"\0" * (offset - pos))
+                self._file.write(data)
+                self._offsets[key] = offset
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            for k, v in (("location", self.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del data
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def tie_output_projection(model, cfg) -> int:
+    """The step's output projection as ``Gemm(x, table, transB=1)`` on the [V, D] table itself,
+    instead of the MatMul with the [D, V] transposed copy that tracing folds in: the bytes are
+    then those of the embedding table, stored once (``SharedWeights``). The Gemm gets its own
+    initializer name, so ONNX Runtime prepacks it from a mapping of its own and releases that
+    mapping, while the gathers keep reading rows of the table on demand. Returns the MatMuls
+    rewritten (0 or 1)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    rewritten = 0
+    for i, node in enumerate(list(graph.node)):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if list(weight.dims) != [cfg.embed_dim, cfg.vocab_size]:
+            continue
+        transposed = numpy_helper.to_array(weight)
+        del inits[weight.name]
+        graph.initializer.remove(weight)
+        del weight
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(transposed.T), "output_projection.weight"))
+        del transposed
+        table = graph.initializer[-1]
+        gemm = helper.make_node("Gemm", [node.input[0], table.name], list(node.output), name=node.name or "output_projection",
+                                transB=1)
+        graph.node.remove(node)
+        graph.node.insert(i, gemm)
+        rewritten += 1
+    return rewritten
+
+
+def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row of the [V, D] embedding table: ``q`` [D, V] int8 (laid out as the
+    step's quantized output projection reads it: one column per token) and ``scale`` [V] float32,
+    ``table[v] ~= q[:, v] * scale[v]``."""
+    absmax = np.abs(table).max(axis=1)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale
+
+
+INT8_TABLE, INT8_SCALE = "embed_tokens.int8", "embed_tokens.scale"
+
+
+def int8_embeddings(model, cfg) -> int:
+    """int8 artifacts: the token embedding read from the int8 table of ``quantize_table`` instead of
+    the float table. Each ``Gather(table, ids)`` becomes ``Transpose(Cast(Gather(q, ids, axis=1)) *
+    Gather(scale, ids))``; the step's quantized output projection (MatMulInteger on a [D, V]
+    int8 weight, per-column scales) is given the same q and scale, so the artifact stores one int8
+    table for the encoder, the step's embedding and its projection. Returns the gathers rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and list(inits[n.input[0]].dims) == [cfg.vocab_size, cfg.embed_dim]]
+    if not gathers:
+        return 0
+    table = numpy_helper.to_array(inits[gathers[0].input[0]])
+    q, scale = quantize_table(table)
+    for node in gathers:
+        if node.input[1] not in ranks:
+            raise ValueError(f"{node.name}: the embedding is gathered with computed ids, not a graph input")
+        ids, out, rank, stem = node.input[1], node.output[0], ranks[node.input[1]], node.output[0]
+        nodes = [
+            helper.make_node("Gather", [INT8_TABLE, ids], [stem + ".q"], axis=1),  # [D, *ids]
+            helper.make_node("Cast", [stem + ".q"], [stem + ".f"], to=TensorProto.FLOAT),
+            helper.make_node("Gather", [INT8_SCALE, ids], [stem + ".s"], axis=0),  # [*ids]
+            helper.make_node("Mul", [stem + ".f", stem + ".s"], [stem + ".m"]),
+            helper.make_node("Transpose", [stem + ".m"], [out], perm=[*range(1, rank + 1), 0]),
+        ]
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for k, n in enumerate(nodes):
+            graph.node.insert(at + k, n)
+    graph.initializer.remove(inits[gathers[0].input[0]])
+    graph.initializer.extend([numpy_helper.from_array(q, INT8_TABLE), numpy_helper.from_array(scale, INT8_SCALE)])
+    # the quantized output projection: an int8 [D, V] weight, read with the same q and scale
+    for node in graph.node:
+        if node.op_type == "MatMulInteger" and node.input[1] in inits and list(inits[node.input[1]].dims) == [cfg.embed_dim, cfg.vocab_size]:
+            weight, zero = inits[node.input[1]], inits[node.input[3]]
+            scale_name = weight.name[: -len("_quantized")] + "_scale"
+            if scale_name not in inits or list(inits[scale_name].dims) != [cfg.vocab_size]:
+                raise ValueError(f"the quantized output projection {weight.name} has no per-column scale")
+            weight.CopyFrom(numpy_helper.from_array(q, weight.name))
+            zero.CopyFrom(numpy_helper.from_array(np.zeros(cfg.vocab_size, np.int8), zero.name))
+            inits[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
+    return len(gathers)
 
 
 def _convert_fp16(model, spec16: GraphSpec):
@@ -124,40 +252,50 @@ def _toposort(model):
     return model
 
 
-def _quantize_int8(src: Path, dst: Path) -> None:
+def _quantize_int8(model, scratch: Path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # MatMul only: the output projection and every linear layer; the embedding Gather stays fp32.
+    src, dst = scratch / "fp32.onnx", scratch / "q.onnx"
+    _save_for_tool(model, src)
+    # MatMul only: the output projection and every linear layer (the embedding: int8_embeddings).
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8, use_external_data_format=False)
+                     weight_type=QuantType.QInt8, use_external_data_format=True)
+    import onnx
+
+    return onnx.load(str(dst))
 
 
-def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, precision: str) -> list[str]:
-    """Trace ``module`` to ``out_dir/{spec.name}.onnx`` in the given precision; returns the files."""
+def _save_for_tool(model, path: Path) -> None:
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=INLINE_LIMIT)
+
+
+def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, precision: str,
+                 weights: SharedWeights) -> list[str]:
+    """Trace ``module`` to ``out_dir/{spec.name}.onnx`` in the given precision, its weights into
+    ``weights`` (the artifact's shared weights file); returns the files the graph reads."""
     import onnx
 
     final = out_dir / f"{spec.name}.onnx"
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         raw = Path(scratch) / "raw.onnx"
         _torch_export(module, args, spec, raw)
-        if precision == "fp32" and raw.stat().st_size < EXTERNAL_DATA_THRESHOLD and len(list(Path(scratch).iterdir())) == 1:
-            os.replace(raw, final)  # nothing to convert: no second in-memory copy of the weights
-            onnx.checker.check_model(str(final))
-            return [final.name]
         model = onnx.load(str(raw))
+        if spec.name == "decoder_step" and precision != "int8":
+            tie_output_projection(model, module.cfg)
         if precision == "fp16":
             model = _toposort(_convert_fp16(model, module.spec("float16")))
         elif precision == "int8":
-            if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-                raise NotImplementedError("int8 export of models over 2 GB is not supported yet")
-            onnx.save_model(model, str(raw))
-            _quantize_int8(raw, Path(scratch) / "q.onnx")
-            model = onnx.load(str(Path(scratch) / "q.onnx"))
-        files = save_onnx(model, final)
+            model = _quantize_int8(model, Path(scratch))
+            int8_embeddings(model, module.cfg)
+        weights.externalize(model)
+        onnx.save_model(model, str(final))
         del model
         gc.collect()
     onnx.checker.check_model(str(final))
-    return files
+    return [final.name, weights.name]
 
 
 def export_graphs(model: torch.nn.Module, out_dir: Path, precision: str, topk: int) -> dict:
@@ -166,15 +304,20 @@ def export_graphs(model: torch.nn.Module, out_dir: Path, precision: str, topk: i
     float_dtype = "float16" if precision == "fp16" else "float32"
     encoder = EncoderGraph(model).eval()
     graphs = {}
-    with torch.no_grad():
-        enc_args = encoder_trace_inputs(cfg)
-        files = export_graph(encoder, enc_args, encoder.spec(), out_dir, precision)
-        graphs["encoder"] = {"file": files[0], "files": files, "spec": encoder.spec(float_dtype).to_dict()}
-        if cfg.is_encoder_decoder:
-            step = DecoderStepGraph(model, topk).eval()
-            cross = list(encoder(*enc_args)[1:])
-            files = export_graph(step, step_trace_inputs(model, cross, enc_args[0]), step.spec(), out_dir, precision)
-            graphs["decoder_step"] = {"file": files[0], "files": files, "spec": step.spec(float_dtype).to_dict()}
+    weights = SharedWeights(out_dir)
+    try:
+        with torch.no_grad():
+            enc_args = encoder_trace_inputs(cfg)
+            files = export_graph(encoder, enc_args, encoder.spec(), out_dir, precision, weights)
+            graphs["encoder"] = {"file": files[0], "files": files, "spec": encoder.spec(float_dtype).to_dict()}
+            if cfg.is_encoder_decoder:
+                step = DecoderStepGraph(model, topk).eval()
+                cross = list(encoder(*enc_args)[1:])
+                files = export_graph(step, step_trace_inputs(step, cross, enc_args[0]), step.spec(), out_dir, precision,
+                                     weights)
+                graphs["decoder_step"] = {"file": files[0], "files": files, "spec": step.spec(float_dtype).to_dict()}
+    finally:
+        weights.close()
     return graphs
 
 

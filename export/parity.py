@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deltalm.compare import Thresholds, compare_arrays, compare_translations, decisive_top1
-from deltalm.graphs import GraphSpec
+from deltalm.graphs import GraphSpec, cross_names, past_names
 
 from .graphs import DecoderStepGraph, EncoderGraph
 
@@ -100,27 +100,25 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
             cross = [t.numpy() for t in encoder(torch.from_numpy(src))[1:]]
             n = case.sents * case.group
             past_rows = n + 1
-            past = [rng.standard_normal((past_rows, cfg.heads, case.past_len, cfg.head_dim)).astype(np.float32)
-                    for _ in range(2 * cfg.decoder_layers)]
+            feeds = {
+                "tokens": rng.integers(4, cfg.vocab_size, size=n).astype(np.int64),
+                "step": np.array(case.past_len, dtype=np.int64),
+                "reorder": rng.integers(0, past_rows, size=n).astype(np.int64),
+                "sent_index": np.arange(case.sents, dtype=np.int64)[::-1].copy(),
+                "src_padding": src == cfg.pad,
+            }
+            for i in range(cfg.decoder_layers):
+                for name in past_names(i):
+                    feeds[name] = rng.standard_normal((past_rows, cfg.heads, case.past_len, cfg.head_dim)).astype(np.float32)
+            feeds |= dict(zip([name for i in range(cfg.decoder_layers) for name in cross_names(i)], cross, strict=True))
             forced = np.full(n, -1, dtype=np.int64)
             forced[-1] = 5 % cfg.vocab_size
-            inputs = [
-                rng.integers(4, cfg.vocab_size, size=n).astype(np.int64),
-                np.array(case.past_len, dtype=np.int64),
-                rng.integers(0, past_rows, size=n).astype(np.int64),
-                np.arange(case.sents, dtype=np.int64)[::-1].copy(),
-                src == cfg.pad,
-                *past,
-                *cross,
-                forced,
-                np.array(False),
-                np.array(False),
-                np.array(0.5, dtype=np.float32),
-            ]
-            want = [t.numpy() for t in step(*[torch.from_numpy(np.asarray(a)) for a in inputs])]
-            feeds = {}
-            for tspec, a in zip(spec.inputs, inputs):
-                feeds[tspec.name] = a.astype(float_dtype) if tspec.dtype == "float16" else a
+            feeds |= {"forced_tokens": forced, "ban_eos": np.array(False), "only_eos": np.array(False),
+                      "unk_penalty": np.array(0.5, dtype=np.float32)}
+            want = [t.numpy() for t in step(*step.inputs({k: torch.from_numpy(np.asarray(a)) for k, a in feeds.items()}))]
+            for tspec in spec.inputs:
+                if tspec.dtype == "float16":
+                    feeds[tspec.name] = feeds[tspec.name].astype(float_dtype)
             got = step_sess.run(spec.output_names, feeds)
             finite = np.isfinite(want[0])  # ids of -inf scores (banned tokens) are arbitrary ties
             for name, g, w in zip(spec.output_names, got, want):

@@ -118,7 +118,7 @@ def export_checkpoint(
         graphs = export_graphs(model, tmp, precision, topk)
         t_export = time.perf_counter() - t1
         log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s")
-        files = [f for g in graphs.values() for f in g["files"]]
+        files = sorted({f for g in graphs.values() for f in g["files"]})  # weights.data is shared
         tokenizer = {}
         if spm:
             shutil.copyfile(spm, tmp / "spm.model")

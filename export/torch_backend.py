@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deltalm.graphs import cross_names, past_names
+
 from .graphs import DecoderStepGraph, EncoderGraph
 
 DEFAULT_TOPK = 10
@@ -29,6 +31,9 @@ class TorchBackend:
         self.encoder = EncoderGraph(model)
         self.decoder = DecoderStepGraph(model, topk)
         self.topk = self.decoder.k
+        layers = range(self.cfg.decoder_layers)
+        self._past_names = [name for i in layers for name in past_names(i)]
+        self._cross_names = [name for i in layers for name in cross_names(i)]
         if threads:
             torch.set_num_threads(threads)
 
@@ -76,19 +81,19 @@ class TorchBackend:
         if state.past is None:
             empty = torch.zeros(rows, cfg.heads, 0, cfg.head_dim, dtype=state.cross[0].dtype)
             state.past = [empty] * (2 * cfg.decoder_layers)
-        outs = self.decoder(
-            torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
-            torch.tensor(step, dtype=torch.int64),
-            torch.from_numpy(np.asarray(reorder, dtype=np.int64)),
-            torch.from_numpy(np.asarray(sent_index, dtype=np.int64)),
-            state.src_padding,
-            *state.past,
-            *state.cross,
-            torch.from_numpy(np.asarray(rules.forced_tokens, dtype=np.int64)),
-            torch.tensor(bool(rules.ban_eos)),
-            torch.tensor(bool(rules.only_eos)),
-            torch.tensor(float(rules.unk_penalty), dtype=torch.float32),
-        )
+        feeds = {
+            "tokens": torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
+            "step": torch.tensor(step, dtype=torch.int64),
+            "reorder": torch.from_numpy(np.asarray(reorder, dtype=np.int64)),
+            "sent_index": torch.from_numpy(np.asarray(sent_index, dtype=np.int64)),
+            "src_padding": state.src_padding,
+            "forced_tokens": torch.from_numpy(np.asarray(rules.forced_tokens, dtype=np.int64)),
+            "ban_eos": torch.tensor(bool(rules.ban_eos)),
+            "only_eos": torch.tensor(bool(rules.only_eos)),
+            "unk_penalty": torch.tensor(float(rules.unk_penalty), dtype=torch.float32),
+        }
+        feeds |= dict(zip(self._past_names, state.past, strict=True)) | dict(zip(self._cross_names, state.cross, strict=True))
+        outs = self.decoder(*self.decoder.inputs(feeds))
         state.past = list(outs[3:])
         if want == "topk":
             return outs[0].numpy(), outs[1].numpy()

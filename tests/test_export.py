@@ -47,7 +47,8 @@ def artifact(tiny_ckpt, tmp_path_factory):
 
 def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
     names = sorted(p.name for p in artifact.iterdir())
-    assert names == ["decoder_step.onnx", "dict.txt", "encoder.onnx", "manifest.json", "parity.json", "spm.model"]
+    assert names == ["decoder_step.onnx", "dict.txt", "encoder.onnx", "manifest.json", "parity.json", "spm.model",
+                     "weights.data"]
     art = open_artifact(artifact)  # hash-checks every file
     m = art.manifest.to_dict()
     assert set(m["files"]) == set(names) - {"manifest.json"}
@@ -162,16 +163,12 @@ def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_pat
     assert out.returncode == 0, out.stderr
 
 
-def test_large_models_use_external_data_and_load_back(tiny_ckpt, tmp_path, monkeypatch):
-    import deltalm.export.onnx_export as ox
-
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1000)
-    art = export(tiny_ckpt, tmp_path / "ext")
-    names = {p.name for p in art.iterdir()}
-    assert {"encoder.onnx.data", "decoder_step.onnx.data"} <= names
-    assert "decoder_step.onnx.data" in open_artifact(art).manifest.files
-    assert (art / "decoder_step.onnx").stat().st_size < 200_000  # weights are not inline
-    assert json.loads((art / "parity.json").read_text())["passed"]
+def test_weights_live_in_one_shared_file_outside_the_graphs(artifact):
+    art = open_artifact(artifact)
+    assert "weights.data" in art.manifest.files
+    for g in ("encoder", "decoder_step"):
+        assert art.manifest.graphs[g].files == (f"{g}.onnx", "weights.data")
+        assert (artifact / f"{g}.onnx").stat().st_size < 200_000  # weights are not inline
 
 
 def test_export_refuses_to_overwrite_without_force(artifact, tiny_ckpt, capsys):

@@ -7,11 +7,12 @@ come out.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..artifact import Artifact, open_artifact
+from ..artifact import Artifact, open_artifact, verify_files
 from ..errors import ArtifactError, InputError
 from ..graphs import cross_names, past_names, present_names
 
@@ -82,7 +83,32 @@ class OrtBackend:
 
     @classmethod
     def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, **_) -> "OrtBackend":
-        return cls(open_artifact(path), device=device, threads=threads)
+        """Open and hash-check the artifact, and load its graphs. The sha256 check of every file
+        runs in a thread while ONNX Runtime builds the sessions (hashlib releases the GIL), so the
+        start-up costs the longer of the two, not their sum; a mismatch is reported before any
+        loading error, and no backend is returned unless every file matched."""
+        artifact = open_artifact(path, verify=False)  # structure and presence now, hashes below
+        failures: list[ArtifactError] = []
+
+        def check():
+            try:
+                verify_files(artifact.path, artifact.manifest, list(artifact.manifest.files))
+            except ArtifactError as e:
+                failures.append(e)
+
+        checker = threading.Thread(target=check, name="deltalm-verify", daemon=True)
+        checker.start()
+        try:
+            backend = cls(artifact, device=device, threads=threads)
+        except BaseException:
+            checker.join()
+            if failures:
+                raise failures[0] from None
+            raise
+        checker.join()
+        if failures:
+            raise failures[0]
+        return backend
 
     def _value(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
