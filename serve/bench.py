@@ -188,8 +188,9 @@ def format_markdown(report: dict) -> str:
         bs, us = b.get("sentences_per_s"), u.get("sentences_per_s")
         speed = f"{bs / us:.2f}x" if bs and us else "-"
         lat = lambda c: f"{c['latency_ms']['p50']} / {c['latency_ms']['p99']}" if "latency_ms" in c else "-"  # noqa: E731
-        out.append(f"| {n} | {bs} | {us} | {speed} | {lat(b)} | {lat(u)} | {b.get('mean_batch_sentences')} | "
-                   f"{b.get('loadavg_1m')} / {u.get('loadavg_1m')} |")
+        show = lambda x: "not run" if x is None else x  # noqa: E731
+        out.append(f"| {n} | {show(bs)} | {show(us)} | {speed} | {lat(b)} | {lat(u)} | "
+                   f"{show(b.get('mean_batch_sentences'))} | {show(b.get('loadavg_1m'))} / {show(u.get('loadavg_1m'))} |")
     one = cells.get(("batched", 1), {})
     if "latency_ms" in one:
         ratio = one["latency_ms"]["p50"] / cli["p50_ms"]
