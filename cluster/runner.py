@@ -11,6 +11,7 @@ outputs), and writes the output directory (a local or shared path).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 import warnings
@@ -331,8 +332,9 @@ def _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_token
 
 
 def _deltalm_error_in(e: BaseException) -> DeltaLMError | None:
-    """The DeltaLMError an actor raised, out of Ray's wrappers (UserCodeException from a
-    RayTaskError whose ``cause`` is the original exception; ``str`` of those is a traceback)."""
+    """The DeltaLMError an actor raised, out of Ray's wrappers. Ray Data keeps the original
+    exception only as text (the worker's traceback, whose line ``deltalm.errors.NAME: message``
+    names it); a plain RayTaskError keeps it as ``cause``."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -341,5 +343,8 @@ def _deltalm_error_in(e: BaseException) -> DeltaLMError | None:
             return InputError(str(cause))
         if isinstance(e, DeltaLMError) and cause is None:
             return InputError(str(e))
-        e = e.__cause__ or e.__context__ or (cause if isinstance(cause, BaseException) else None)
+        found = re.findall(r"^deltalm\.errors\.\w+: (.+)$", str(e), flags=re.MULTILINE)
+        if found:
+            return InputError(found[-1])
+        e = (cause if isinstance(cause, BaseException) else None) or e.__cause__ or e.__context__
     return None

@@ -197,3 +197,13 @@ def test_the_cli_and_the_runtime_do_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_line_the_model_cannot_take_is_one_error_naming_its_file_and_line(ray_runtime, tiny, tmp_path):
+    (tmp_path / "long.txt").write_text("kurz\n" + "sehr " * 600 + "\n")
+    res = run_cli(["translate-corpus", tiny.artifact, "--input", tmp_path / "long.txt", "--output", tmp_path / "out",
+                   "--no-progress", *SEARCH])
+    assert res.rc == 2
+    last = res.err.splitlines()[-1]
+    assert last.startswith("deltalm: error: ") and "long.txt line 2 has" in last and "--truncate" in last, res.err
+    assert not (tmp_path / "out" / "long.txt").exists()
