@@ -31,17 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deltalm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="describe a checkpoint, an artifact directory or a preset")
-    cmd_export.add_inspect_arguments(s)
-    s.set_defaults(func=cmd_export.run_inspect)
-
-    s = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX + manifest)")
-    cmd_export.add_export_arguments(s)
-    s.set_defaults(func=cmd_export.run_export)
-
-    s = sub.add_parser("parity", help="re-run the parity checks of an artifact against its checkpoint")
-    cmd_export.add_parity_arguments(s)
-    s.set_defaults(func=cmd_export.run_parity)
+    for name, help_, add_arguments, run in (
+        ("inspect", "describe a checkpoint, an artifact directory or a preset", cmd_export.add_inspect_arguments,
+         cmd_export.run_inspect),
+        ("export", "export a checkpoint to an artifact directory (ONNX + manifest)", cmd_export.add_export_arguments,
+         cmd_export.run_export),
+        ("parity", "re-run the parity checks of an artifact against its checkpoint", cmd_export.add_parity_arguments,
+         cmd_export.run_parity),
+    ):
+        s = sub.add_parser(name, help=help_)
+        add_arguments(s)
+        s.set_defaults(func=run)
 
     s = sub.add_parser("engines", help="build TensorRT engines for an artifact directory")
     s.add_argument("dir")
@@ -55,21 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--print-only", action="store_true", help="print the plan and trtexec commands, build nothing")
     s.set_defaults(func=cmd_export.run_engines)
 
-    s = sub.add_parser("translate", help="translate text (stdin or --input) with a backend")
-    cmd_translate.add_arguments(s)
-    s.set_defaults(func=cmd_translate.run)
-
-    s = sub.add_parser("translate-corpus", help="translate text files on a Ray cluster (the ray extra)")
-    cmd_corpus.add_arguments(s)
-    s.set_defaults(func=cmd_corpus.run)
-
-    s = sub.add_parser("serve", help="HTTP translation service with dynamic batching (needs the serve extra)")
-    cmd_serve.add_arguments(s)
-    s.set_defaults(func=cmd_serve.run)
-
-    s = sub.add_parser("bench-serve", help="benchmark deltalm serve under concurrent HTTP load (batched vs not)")
-    cmd_serve.add_bench_arguments(s)
-    s.set_defaults(func=cmd_serve.run_bench)
+    for name, help_, add_arguments, run in (
+        ("translate", "translate text (stdin or --input) with a backend", cmd_translate.add_arguments, cmd_translate.run),
+        ("translate-corpus", "translate text files on a Ray cluster (the ray extra)", cmd_corpus.add_arguments,
+         cmd_corpus.run),
+        ("serve", "HTTP translation service with dynamic batching (needs the serve extra)", cmd_serve.add_arguments,
+         cmd_serve.run),
+        ("bench-serve", "benchmark deltalm serve under concurrent HTTP load (batched vs not)",
+         cmd_serve.add_bench_arguments, cmd_serve.run_bench),
+    ):
+        s = sub.add_parser(name, help=help_)
+        add_arguments(s)
+        s.set_defaults(func=run)
 
     s = sub.add_parser("bench", help="benchmark every available backend on one model (or against CTranslate2)")
     from deltalm.bench.command import add_arguments as add_bench_arguments

@@ -95,3 +95,30 @@ def tok(tiny):
     from deltalm.tokenizer import Tokenizer
 
     return Tokenizer(tiny.spm, tiny.dict)
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory, tiny_model):
+    """A real fp32 artifact of the tiny model: graphs and manifest, no tokenizer (engines need none)."""
+    from deltalm.artifact import hash_files
+    from deltalm.export.onnx_export import export_graphs
+    from deltalm.manifest import FORMAT_VERSION, MANIFEST
+    from deltalm.atomic import write_json_atomic
+
+    d = tmp_path_factory.mktemp("engines") / "artifact"
+    d.mkdir()
+    graphs = export_graphs(tiny_model, d, "fp32", 10)
+    files = sorted({f for g in graphs.values() for f in g["files"]})
+    write_json_atomic(d / MANIFEST, {"format_version": FORMAT_VERSION, "model": tiny_model.cfg.to_dict(),
+                                     "precision": "fp32", "graphs": graphs, "files": hash_files(d, files)})
+    return d
+
+
+@pytest.fixture
+def artifact_copy(artifact_dir, tmp_path):
+    """A copy of ``artifact_dir`` that a test may change."""
+    import shutil
+
+    d = tmp_path / "artifact"
+    shutil.copytree(artifact_dir, d)
+    return d

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import types
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ from deltalm.export.engines import (
     load_profile_override,
     trtexec_command,
 )
-from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact
-from deltalm.atomic import write_json_atomic
+from deltalm.artifact import open_artifact
 from deltalm.backends.trt import (
     check_engine_compat,
     check_within_profile,
@@ -41,28 +39,6 @@ from deltalm.graphs import decoder_step_spec, encoder_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 H, HD = 4, 16  # tiny: 4 heads of 16
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory, tiny_model) -> Path:
-    """A real fp32 artifact of the tiny model (graphs + manifest; no tokenizer, engines need none)."""
-    from deltalm.export.onnx_export import export_graphs
-
-    d = tmp_path_factory.mktemp("engines") / "artifact"
-    d.mkdir()
-    graphs = export_graphs(tiny_model, d, "fp32", 10)
-    files = [f for g in graphs.values() for f in g["files"]]
-    manifest = {"format_version": FORMAT_VERSION, "model": tiny_model.cfg.to_dict(), "precision": "fp32",
-                "graphs": graphs, "files": hash_files(d, files)}
-    write_json_atomic(d / MANIFEST, manifest)
-    return d
-
-
-@pytest.fixture
-def artifact_copy(artifact_dir, tmp_path) -> Path:
-    d = tmp_path / "artifact"
-    shutil.copytree(artifact_dir, d)
-    return d
 
 
 def profiles_for(cfg, **limits):

@@ -17,7 +17,7 @@ import pytest
 import trt_standin
 from trt_standin import FakeCuda, StandInError, make_tensorrt
 
-from deltalm.artifact import FORMAT_VERSION, MANIFEST, hash_files, open_artifact
+from deltalm.artifact import MANIFEST, open_artifact
 from deltalm.atomic import write_json_atomic
 from deltalm.manifest import Manifest
 from deltalm.backends.trt import check_engine_compat, graph_source_digest
@@ -30,27 +30,6 @@ pytest.importorskip("polygraphy")
 TRT11, TRT10 = "11.4.0.106", "10.12.0.36"
 GPU = ("NVIDIA H200", "9.0")
 SMALL = ["--max-batch", "3", "--max-beam", "4", "--max-src-len", "16", "--max-tgt-len", "12"]
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory, tiny_model) -> Path:
-    """A real fp32 artifact of the tiny model (graphs + manifest; engines need no tokenizer)."""
-    from deltalm.export.onnx_export import export_graphs
-
-    d = tmp_path_factory.mktemp("standin") / "artifact"
-    d.mkdir()
-    graphs = export_graphs(tiny_model, d, "fp32", 10)
-    files = [f for g in graphs.values() for f in g["files"]]
-    write_json_atomic(d / MANIFEST, {"format_version": FORMAT_VERSION, "model": tiny_model.cfg.to_dict(),
-                                     "precision": "fp32", "graphs": graphs, "files": hash_files(d, files)})
-    return d
-
-
-@pytest.fixture
-def artifact_copy(artifact_dir, tmp_path) -> Path:
-    d = tmp_path / "artifact"
-    shutil.copytree(artifact_dir, d)
-    return d
 
 
 def install(monkeypatch, version: str):
