@@ -9,6 +9,7 @@ TensorRT's parser are tested against; and it needs no onnxscript. Revisit when i
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import tempfile
 import warnings
@@ -252,14 +253,35 @@ def _toposort(model):
     return model
 
 
+@contextlib.contextmanager
+def _without_log_message(fragment: str):
+    """Drop root-logger records whose message contains ``fragment`` while the block runs."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return fragment not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _quantize_int8(model, scratch: Path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = scratch / "fp32.onnx", scratch / "q.onnx"
     _save_for_tool(model, src)
     # MatMul only: the output projection and every linear layer (the embedding: int8_embeddings).
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8, use_external_data_format=True)
+    # ONNX Runtime's quantizer advises "pre-processing" (symbolic shape inference + its graph
+    # optimizer) on every call. Not done: dynamic quantization of MatMuls with constant weights needs
+    # no shape inference, and the optimizer would bake ORT-only fused ops into the artifact, which
+    # ORT applies at session creation anyway (and TensorRT could not parse). So the advice is dropped.
+    with _without_log_message("pre-processing before quantization"):
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=True)
     import onnx
 
     return onnx.load(str(dst))

@@ -148,13 +148,17 @@ def test_runtime_never_imports_torch(artifact):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_path, precision):
+def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_path, precision, caplog, capsys):
     art = export(tiny_ckpt, tmp_path / precision, "--precision", precision)
+    # the export states its own verdict, and the quantizer's advice is not passed on
+    assert "parity: passed (top-1 agreement >= " in capsys.readouterr().err
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     m = open_artifact(art).manifest.to_dict()
     assert m["precision"] == precision
     dtypes = {t["name"]: t["dtype"] for t in m["graphs"]["decoder_step"]["spec"]["inputs"]}
     assert dtypes["past_key_0"] == ("float16" if precision == "fp16" else "float32")
     parity = json.loads((art / "parity.json").read_text())
+    assert parity["passed"] and parity["thresholds"]["min_top1"] >= 0.95 and parity["thresholds"]["max_abs"] is None
     top1 = [r["top1_agreement"] for r in parity["graphs"] if r["output"] == "topk_ids"]
     assert top1 and min(top1) >= 0.5
     assert {r["beam"] for r in parity["end_to_end"]} == {1, 5}
