@@ -1,7 +1,8 @@
 """Artifact directories: everything a runtime needs, described by ``manifest.json``.
 
-Layout: encoder.onnx, decoder_step.onnx (+ .data external weights for large models), spm.model,
-dict.txt, parity.json, manifest.json, and optionally engines/ (TensorRT). Every file listed in the
+Layout: encoder.onnx, decoder_step.onnx, weights.data (the weights of both graphs, each tensor
+once; artifacts of earlier versions have one .onnx.data per graph, or none), spm.model, dict.txt,
+parity.json, manifest.json, and optionally engines/ (TensorRT). Every file listed in the
 manifest is sha256-checked when the artifact is opened.
 
 An export writes into a hidden sibling ``.NAME.partial-PID`` and renames it to ``NAME`` when
@@ -141,7 +142,8 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
 
 
 def hash_files(root: Path, names: list[str]) -> dict[str, str]:
-    return {n: sha256_file(root / n) for n in sorted(names)}
+    """sha256 of each named file, each file read once (a name listed twice is hashed once)."""
+    return {n: sha256_file(root / n) for n in sorted(set(names))}
 
 
 def describe_artifact(artifact: Artifact) -> dict:
