@@ -477,7 +477,6 @@ def _check_vocabulary(cfg, tokenizer: Tokenizer) -> None:
 def _check_model(backend, tokenizer: Tokenizer, search: SearchOptions, src_prefix: list[int]) -> None:
     """What the model must allow for every sentence of a call."""
     cfg = backend.cfg
-    _check_vocabulary(cfg, tokenizer)
     if search.beam >= cfg.vocab_size:
         raise OptionError("beam", f"{search.beam} must be smaller than the vocabulary ({cfg.vocab_size})")
     if len(src_prefix) + 2 > cfg.max_positions:

@@ -104,23 +104,19 @@ def main() -> int:
 
 
 def soak(artifact: Path, args) -> int:
-    from deltalm.backends import load_backend
-    from deltalm.search import SearchOptions
-    from deltalm.tokenizer import Tokenizer
-    from deltalm.translate import StreamOptions, translate_stream
+    from deltalm import Translator
 
     assert "torch" not in sys.modules
     rss_start = rss_bytes()
-    tokenizer = Tokenizer(artifact / "spm.model", artifact / "dict.txt")
-    backend = load_backend("ort", artifact, device="cpu", threads=args.threads)
+    translator = Translator(artifact, backend="ort", device="cpu", threads=args.threads)
+    tokenizer = translator.tokenizer
     rss_loaded = rss_bytes()
-    search = SearchOptions(beam=args.beam)
-    stream = StreamOptions(batch_size=args.batch_size, chunk_lines=args.chunk_lines)
+    options = {"beam": args.beam, "batch_size": args.batch_size, "chunk_lines": args.chunk_lines}
 
     # Warm-up, part 1: one full batch of the longest input, so that the allocators (ONNX Runtime's
     # arena, malloc) reach the high-water mark of the largest shapes now, not whenever the random
     # input happens to produce its longest batch. Part 2 is the first --warmup lines themselves.
-    for _ in translate_stream(backend, tokenizer, [longest_line()] * args.batch_size, search, stream):
+    for _ in translator.translate_iterable([longest_line()] * args.batch_size, **options):
         pass
     rss_worst = rss_bytes()
 
@@ -137,15 +133,16 @@ def soak(artifact: Path, args) -> int:
     baseline = None
     samples = []  # (lines done, rss) after each chunk past the warm-up
     t0 = time.perf_counter()
-    for chunk in translate_stream(backend, tokenizer, read(), search, stream):
-        for t in chunk:
-            if t.index != done:
-                print(f"soak: FAILED: line {done} answered as {t.index} (order lost)", file=sys.stderr)
-                return 1
-            done += 1
-            if t.hypotheses:
-                answered += 1
-                empty_answers += t.text == ""
+    for t in translator.translate_iterable(read(), **options):
+        if t.index != done:
+            print(f"soak: FAILED: line {done} answered as {t.index} (order lost)", file=sys.stderr)
+            return 1
+        done += 1
+        if t.hypotheses:
+            answered += 1
+            empty_answers += t.text == ""
+        if done % args.chunk_lines and done != args.lines:
+            continue  # RSS is sampled once per chunk, as the chunk's last line comes out
         rss = rss_bytes()
         if baseline is None and done >= args.warmup:
             baseline = rss

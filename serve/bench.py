@@ -62,7 +62,7 @@ def child_env(threads: int) -> dict:
 def prepare_artifact(model: str, out: Path) -> Path:
     """The fp32 artifact of ``deltalm bench``'s tiny or base model under ``out`` (built and
     exported once; base needs ~7 GB of memory: run it under the machine's big-job lock)."""
-    from deltalm.export.bench import prepare_base, prepare_tiny
+    from deltalm.bench.models import prepare_base, prepare_tiny
 
     files = (prepare_tiny if model == "tiny" else prepare_base)(out / "model")
     artifact = out / "artifact"

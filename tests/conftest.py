@@ -122,3 +122,21 @@ def artifact_copy(artifact_dir, tmp_path):
     d = tmp_path / "artifact"
     shutil.copytree(artifact_dir, d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny DeltaLM as a real fairseq checkpoint (cfg as an omegaconf DictConfig), with the
+    toy tokenizer. Returns (checkpoint, spm, dict, model)."""
+    import checkpoint_writers as W
+    from deltalm.config import ModelConfig
+    from deltalm.export.model import DeltaLM
+    from deltalm.export.toy_data import build_toy_tokenizer
+    from deltalm.tokenizer import Dictionary
+
+    work = tmp_path_factory.mktemp("tiny")
+    spm, dct = build_toy_tokenizer(work)
+    cfg = ModelConfig.from_name("tiny").replace(vocab_size=len(Dictionary.load(dct)))
+    model = W.randomize(DeltaLM(cfg), seed=3)
+    ckpt = W.write_fairseq_deltalm(model, work / "checkpoint_best.pt")
+    return ckpt, spm, dct, model

@@ -18,22 +18,6 @@ from deltalm.search import SearchOptions, generate
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A random tiny DeltaLM as a real fairseq checkpoint (cfg as an omegaconf DictConfig), with the
-    toy tokenizer. Returns (checkpoint, spm, dict, model)."""
-    from deltalm.export.model import DeltaLM
-    from deltalm.export.toy_data import build_toy_tokenizer
-    from deltalm.tokenizer import Dictionary
-
-    work = tmp_path_factory.mktemp("tiny")
-    spm, dct = build_toy_tokenizer(work)
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=len(Dictionary.load(dct)))
-    model = W.randomize(DeltaLM(cfg), seed=3)
-    ckpt = W.write_fairseq_deltalm(model, work / "checkpoint_best.pt")
-    return ckpt, spm, dct, model
-
-
 def export(tiny_ckpt, out: Path, *extra: str) -> Path:
     ckpt, spm, dct, _ = tiny_ckpt
     assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), *extra]) == 0

@@ -9,27 +9,11 @@ import pytest
 
 from deltalm.artifact import open_artifact
 from deltalm.cli import main as cli
-from deltalm.config import ModelConfig
-
-import checkpoint_writers as W
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from deltalm.export.model import DeltaLM
-    from deltalm.export.toy_data import build_toy_tokenizer
-    from deltalm.tokenizer import Dictionary
 
-    work = tmp_path_factory.mktemp("shared")
-    spm, dct = build_toy_tokenizer(work)
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=len(Dictionary.load(dct)))
-    model = W.randomize(DeltaLM(cfg), seed=3)
-    ckpt = W.write_fairseq_deltalm(model, work / "checkpoint_best.pt")
-    return ckpt, spm, dct, model
-
-
-def _export(tiny, out: Path, *extra) -> Path:
-    ckpt, spm, dct, _ = tiny
+def _export(tiny_ckpt, out: Path, *extra) -> Path:
+    ckpt, spm, dct, _ = tiny_ckpt
     assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize", *extra]) == 0
     return out
 
@@ -55,11 +39,11 @@ def _count(haystack: bytes, needle: bytes) -> int:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_an_artifact_holds_one_copy_of_the_embedding_table(tiny, tmp_path, precision):
+def test_an_artifact_holds_one_copy_of_the_embedding_table(tiny_ckpt, tmp_path, precision):
     from deltalm.export.onnx_export import quantize_table
 
-    art = open_artifact(_export(tiny, tmp_path / precision, "--precision", precision))
-    table = tiny[3].encoder.embed_tokens.weight.detach().numpy()
+    art = open_artifact(_export(tiny_ckpt, tmp_path / precision, "--precision", precision))
+    table = tiny_ckpt[3].encoder.embed_tokens.weight.detach().numpy()
     if precision == "int8":  # int8 artifacts hold the int8 table (one column per token) and no float one
         stored, others = quantize_table(table)[0], [table, np.ascontiguousarray(table.T), quantize_table(table)[0].T]
     else:
@@ -93,14 +77,14 @@ def test_int8_table_is_a_per_row_quantization_of_the_embedding():
     assert np.abs(q).max() == 127 and not back[7].any()
 
 
-def test_int8_export_fails_when_the_int8_embedding_loses_the_tokens(tiny, tmp_path, monkeypatch, capsys):
+def test_int8_export_fails_when_the_int8_embedding_loses_the_tokens(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """The int8 parity verdict covers the embedding: a table that does not represent the tokens
     (every scale 0: all embeddings zero) fails the export, and nothing is written."""
     import deltalm.export.onnx_export as ox
 
     real = ox.quantize_table
     monkeypatch.setattr(ox, "quantize_table", lambda table: (real(table)[0], np.zeros(table.shape[0], np.float32)))
-    ckpt, spm, dct, _ = tiny
+    ckpt, spm, dct, _ = tiny_ckpt
     out = tmp_path / "int8"
     assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize",
                 "--precision", "int8"]) == 2
