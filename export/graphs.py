@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from deltalm.config import ModelConfig
-from deltalm.graphs import GraphSpec, cross_names, decoder_step_spec, encoder_spec, past_names
+from deltalm.graphs import GraphSpec, cross_names, decoder_step_shortlist_spec, decoder_step_spec, encoder_spec, past_names
 
 NEG_INF = float("-inf")
 
@@ -41,14 +41,20 @@ def topk_with_rules(
     ban_eos: torch.Tensor,
     only_eos: torch.Tensor,
     unk_penalty: torch.Tensor,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``apply_rules(log_probs, ...)`` without touching the full [rows, V] tensor more
     than the top-k itself does: the rules change at most three columns (pad and eos can only drop
     out, unk can only fall), so the ruled top-k lies within the raw top-(k + 3), where the rules are
     applied; rows with a forced token or with only eos allowed have exactly one finite entry, read
-    by a gather. log_probs [rows, V] float32 -> scores [rows, k], ids [rows, k]."""
+    by a gather. log_probs [rows, V] float32 -> scores [rows, k], ids [rows, k].
+
+    ``columns`` [C] (a vocabulary shortlist): log_probs is [rows, C], column j for token
+    ``columns[j]``; at least k + 3 columns; a forced token or eos missing from them scores -inf."""
     wide = min(k + 3, cfg.vocab_size)
     vals, ids = torch.topk(log_probs, wide, dim=-1)
+    if columns is not None:
+        ids = columns[ids]
     vals = vals.masked_fill(torch.isnan(vals), NEG_INF)
     vals = vals.masked_fill(ids == cfg.pad, NEG_INF)
     vals = torch.where(ids == cfg.unk, vals - unk_penalty, vals)
@@ -57,7 +63,12 @@ def topk_with_rules(
     forced = forced_tokens.unsqueeze(1)
     has_forced = forced >= 0
     single_id = torch.where(has_forced, forced, torch.full_like(forced, cfg.eos))
-    single = log_probs.gather(1, single_id)
+    if columns is None:
+        single = log_probs.gather(1, single_id)
+    else:  # the column holding single_id, if any
+        match = columns.unsqueeze(0) == single_id
+        single = log_probs.gather(1, match.to(torch.int64).argmax(dim=1, keepdim=True))
+        single = single.masked_fill(~match.any(dim=1, keepdim=True), NEG_INF)
     single = torch.where(single_id == cfg.unk, single - unk_penalty, single)
     # (the search never combines these rules so; kept equal to apply_rules anyway)
     single = single.masked_fill(
@@ -99,24 +110,26 @@ class DecoderStepGraph(nn.Module):
     the ONNX exporter passes them) and reads them by name from there on; build them by name with
     ``inputs(feeds)``. Outputs in the order of the spec."""
 
-    def __init__(self, model: nn.Module, k: int):
+    def __init__(self, model: nn.Module, k: int, shortlist: bool = False):
         super().__init__()
         if not model.cfg.is_encoder_decoder:
             raise ValueError("encoder-only models have no decoder step")
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.k = min(k, self.cfg.vocab_size)
+        self.shortlist = shortlist
         self.input_names = self.spec().input_names
 
     def spec(self, float_dtype: str = "float32") -> GraphSpec:
-        return decoder_step_spec(self.cfg, self.k, float_dtype)
+        make = decoder_step_shortlist_spec if self.shortlist else decoder_step_spec
+        return make(self.cfg, self.k, float_dtype)
 
     def inputs(self, feeds: dict) -> tuple:
         """``feeds`` (input name -> tensor) as the positional arguments of ``forward``."""
         missing = [n for n in self.input_names if n not in feeds]
         extra = sorted(set(feeds) - set(self.input_names))
         if missing or extra:
-            raise ValueError(f"decoder_step feeds: missing {missing}, unknown {extra}")
+            raise ValueError(f"{self.spec().name} feeds: missing {missing}, unknown {extra}")
         return tuple(feeds[n] for n in self.input_names)
 
     def forward(self, *inputs):
@@ -126,11 +139,12 @@ class DecoderStepGraph(nn.Module):
         past = [tuple(f[name].index_select(0, reorder) for name in past_names(i)) for i in layers]
         cross = [tuple(f[name].index_select(0, sent_index) for name in cross_names(i)) for i in layers]
         padding = f["src_padding"].index_select(0, sent_index)
-        logits, present = self.model.decoder.step(f["tokens"], f["step"], past, cross, padding)
+        candidates = f.get("candidates")
+        logits, present = self.model.decoder.step(f["tokens"], f["step"], past, cross, padding, candidates)
         # LogSoftmax is one fused kernel in ONNX Runtime (ReduceLogSumExp + Sub was 9x slower)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         scores, ids = topk_with_rules(log_probs, self.k, self.cfg, f["forced_tokens"], f["ban_eos"], f["only_eos"],
-                                      f["unk_penalty"])
+                                      f["unk_penalty"], candidates)
         outs = [scores, ids, log_probs]
         for k, v in present:
             outs += [k, v]

@@ -230,13 +230,16 @@ class Decoder(_Embedded):
         past: list[tuple[torch.Tensor, torch.Tensor]],
         cross: list[tuple[torch.Tensor, torch.Tensor]],
         src_padding: torch.Tensor,
+        candidates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """One new token per hypothesis.
 
         tokens [N] int64, step: 0-d int64 (the token fed at step t sits at position
         t + first_position), past: per layer (k, v) [N, H, P, hd] already in the rows' order,
-        cross: per layer (k, v) [B, H, S, hd] with N = B * G, src_padding [B, S] bool.
-        Returns logits [N, V] and per layer (k, v) [N, H, P + 1, hd]."""
+        cross: per layer (k, v) [B, H, S, hd] with N = B * G, src_padding [B, S] bool;
+        candidates [C] int64 (a vocabulary shortlist) or None (the whole vocabulary).
+        Returns logits [N, V] (with candidates: [N, C], column j for token candidates[j]) and per
+        layer (k, v) [N, H, P + 1, hd]."""
         positions = (step + self.cfg.first_position).reshape(1, 1).expand(tokens.shape[0], 1)
         # Rows of the [V, D] table, as the encoder reads them: the exporter stores the table once
         # for both graphs and computes the projection from the same bytes (``onnx_export``).
@@ -246,6 +249,8 @@ class Decoder(_Embedded):
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x, present = self.run_layers(x, past, None, cross, src_padding[:, None, None, :])
+        if candidates is not None:  # the projection computed for the shortlist's rows only
+            table = table.index_select(0, candidates)
         return torch.matmul(x[:, 0], table.t()), present
 
 

@@ -52,6 +52,8 @@ def step_trace_inputs(step_graph, k_cross: list[torch.Tensor], src: torch.Tensor
         for name in past_names(i):
             feeds[name] = torch.randn(rows, cfg.heads, past_len, cfg.head_dim, generator=g)
     feeds |= dict(zip([n for i in range(cfg.decoder_layers) for n in cross_names(i)], k_cross, strict=True))
+    if step_graph.shortlist:  # k + 7 candidates: a length distinct from every other axis
+        feeds["candidates"] = torch.arange(min(cfg.vocab_size, step_graph.k + 7), dtype=torch.int64)
     return step_graph.inputs(feeds)
 
 
@@ -333,11 +335,14 @@ def export_graphs(model: torch.nn.Module, out_dir: Path, precision: str, topk: i
             files = export_graph(encoder, enc_args, encoder.spec(), out_dir, precision, weights)
             graphs["encoder"] = {"file": files[0], "files": files, "spec": encoder.spec(float_dtype).to_dict()}
             if cfg.is_encoder_decoder:
-                step = DecoderStepGraph(model, topk).eval()
                 cross = list(encoder(*enc_args)[1:])
-                files = export_graph(step, step_trace_inputs(step, cross, enc_args[0]), step.spec(), out_dir, precision,
-                                     weights)
-                graphs["decoder_step"] = {"file": files[0], "files": files, "spec": step.spec(float_dtype).to_dict()}
+                # the full step, and the step over a vocabulary shortlist (the same weights: no new bytes)
+                for shortlist in (False, True):
+                    step = DecoderStepGraph(model, topk, shortlist=shortlist).eval()
+                    spec = step.spec()
+                    files = export_graph(step, step_trace_inputs(step, cross, enc_args[0]), spec, out_dir, precision,
+                                         weights)
+                    graphs[spec.name] = {"file": files[0], "files": files, "spec": step.spec(float_dtype).to_dict()}
     finally:
         weights.close()
     return graphs

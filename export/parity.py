@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deltalm.compare import Thresholds, compare_arrays, compare_translations, decisive_top1
-from deltalm.graphs import GraphSpec, cross_names, past_names
+from deltalm.graphs import SHORTLIST_STEP, GraphSpec, cross_names, past_names
 
 from .graphs import DecoderStepGraph, EncoderGraph
 
@@ -91,10 +91,23 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
                 rows.append({"graph": "encoder", "case": case.name} | compare(name, g, w))
         if not cfg.is_encoder_decoder:
             return rows
-        step = DecoderStepGraph(model, artifact.graph_spec("decoder_step").outputs[0].shape[1]).eval()
-        spec: GraphSpec = artifact.graph_spec("decoder_step")
-        step_sess = _ort_session(artifact.graph_path("decoder_step"))
-        float_dtype = np.dtype(spec.outputs[-1].dtype)
+        k = artifact.graph_spec("decoder_step").outputs[0].shape[1]
+        for graph in [g for g in ("decoder_step", SHORTLIST_STEP) if g in artifact.manifest.graphs]:
+            rows += _step_parity(model, encoder, artifact, graph, k, step_cases, rng)
+    return rows
+
+
+def _step_parity(model, encoder, artifact, graph: str, k: int, step_cases, rng) -> list[dict]:
+    """One step graph, ORT against the PyTorch step, per case. The shortlist step gets a random
+    third of the vocabulary as candidates (eos, unk and the forced token among them)."""
+    cfg = model.cfg
+    shortlist = graph == SHORTLIST_STEP
+    step = DecoderStepGraph(model, k, shortlist=shortlist).eval()
+    spec: GraphSpec = artifact.graph_spec(graph)
+    step_sess = _ort_session(artifact.graph_path(graph))
+    float_dtype = np.dtype(spec.outputs[-1].dtype)
+    rows = []
+    with torch.no_grad():
         for case in step_cases:
             src = make_sources(cfg, case.lengths, rng)
             cross = [t.numpy() for t in encoder(torch.from_numpy(src))[1:]]
@@ -115,6 +128,9 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
             forced[-1] = 5 % cfg.vocab_size
             feeds |= {"forced_tokens": forced, "ban_eos": np.array(False), "only_eos": np.array(False),
                       "unk_penalty": np.array(0.5, dtype=np.float32)}
+            if shortlist:
+                third = rng.choice(cfg.vocab_size, size=max(k + 3, cfg.vocab_size // 3), replace=False)
+                feeds["candidates"] = np.union1d(third, [cfg.eos, cfg.unk, forced[-1]]).astype(np.int64)
             want = [t.numpy() for t in step(*step.inputs({k: torch.from_numpy(np.asarray(a)) for k, a in feeds.items()}))]
             for tspec in spec.inputs:
                 if tspec.dtype == "float16":
@@ -127,7 +143,7 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
                     row = compare(name, np.where(finite, g, -1), np.where(finite, w, -1))
                     if row.get("shape_ok"):
                         row |= decisive_top1(g, w, want[0])
-                rows.append({"graph": "decoder_step", "case": case.name} | row)
+                rows.append({"graph": graph, "case": case.name} | row)
     return rows
 
 
@@ -184,7 +200,7 @@ def format_table(rows: list[dict]) -> str:
             folded[key] = prev | {"max_abs": max(prev["max_abs"], r["max_abs"]), "max_rel": max(prev["max_rel"], r["max_rel"])}
         elif key not in folded or not r.get("shape_ok", False):
             folded[key] = r | {"output": out}
-    lines = [f"{'graph':<13} {'output':<22} {'case':<48} {'max_abs':>10} {'max_rel':>10} {'ids/top1':>10}"]
+    lines = [f"{'graph':<22} {'output':<22} {'case':<48} {'max_abs':>10} {'max_rel':>10} {'ids/top1':>10}"]
     for r in folded.values():
         if not r.get("shape_ok", False):
             tail = "SHAPE MISMATCH"
@@ -192,5 +208,5 @@ def format_table(rows: list[dict]) -> str:
             tail = f"{r['max_abs']:>10.2e} {r['max_rel']:>10.2e}"
         else:
             tail = f"{'':>10} {'':>10} {r['agreement']:>4.2f}/{r['top1_agreement']:.2f}"
-        lines.append(f"{r['graph']:<13} {r['output']:<22} {r['case'][:48]:<48} {tail}")
+        lines.append(f"{r['graph']:<22} {r['output']:<22} {r['case'][:48]:<48} {tail}")
     return "\n".join(lines)

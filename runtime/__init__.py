@@ -12,6 +12,7 @@ from importlib import metadata as _metadata
 
 from .artifact import Artifact, open_artifact
 from .errors import ArtifactError, CheckpointError, DeltaLMError, ExportError, InputError, TokenizerError
+from .shortlist import Shortlist, build_shortlist, shortlist_from_corpus
 from .translator import Hypothesis, OptionError, TranslateOptions, Translation, Translator
 
 try:
@@ -31,5 +32,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["Translator", "Translation", "Hypothesis", "TranslateOptions", "Artifact", "open_artifact",
+           "Shortlist", "build_shortlist", "shortlist_from_corpus",
            "DeltaLMError", "InputError", "OptionError", "ArtifactError", "CheckpointError", "TokenizerError",
            "ExportError", "__version__", *_EXPORT_NAMES]

@@ -5,7 +5,8 @@ the manifest (written as JSON) and the runtime backends (feed names). Pure data:
 
 Symbolic axes: ``batch`` (sentences given to the encoder), ``src_len``, ``rows`` (live
 hypotheses, grouped by sentence: ``rows = sents * group``), ``past_rows`` (rows of the previous
-step), ``sents`` (live sentences), ``past_len`` and ``total_len`` (= past_len + 1).
+step), ``sents`` (live sentences), ``past_len`` and ``total_len`` (= past_len + 1), ``cands`` (the
+vocabulary shortlist's candidate ids).
 """
 from __future__ import annotations
 
@@ -126,3 +127,19 @@ def decoder_step_spec(cfg: ModelConfig, k: int = 10, float_dtype: str = "float32
         for name in present_names(i):
             outputs.append(TensorSpec(name, float_dtype, ("rows", h, "total_len", hd)))
     return GraphSpec("decoder_step", tuple(inputs), tuple(outputs))
+
+
+SHORTLIST_STEP = "decoder_step_shortlist"
+
+
+def decoder_step_shortlist_spec(cfg: ModelConfig, k: int = 10, float_dtype: str = "float32") -> GraphSpec:
+    """The decoder step over a vocabulary shortlist: ``decoder_step``'s inputs plus ``candidates``
+    [cands] (token ids, ascending and distinct, at least k + 3 of them, eos and every forced
+    token among them). The output projection and the log-softmax cover the candidates only (the
+    log-probs are normalized over them: an approximation of the full step); ``topk_ids`` are
+    token ids; ``log_probs`` is [rows, cands], column j for token ``candidates[j]``."""
+    full = decoder_step_spec(cfg, k, float_dtype)
+    inputs = full.inputs + (TensorSpec("candidates", "int64", ("cands",)),)
+    outputs = tuple(TensorSpec(t.name, t.dtype, ("rows", "cands")) if t.name == "log_probs" else t
+                    for t in full.outputs)
+    return GraphSpec(SHORTLIST_STEP, inputs, outputs)

@@ -202,9 +202,10 @@ class _Finalized:
         return sorted(self.hyps[sent], key=lambda h: -h.score)[:n]
 
 
-def generate(backend, src_tokens: np.ndarray, opts: SearchOptions) -> list[list[Hypothesis]]:
+def generate(backend, src_tokens: np.ndarray, opts: SearchOptions, shortlist=None) -> list[list[Hypothesis]]:
     """Translate a batch: src_tokens [batch, src_len] int64, left-padded. Returns, per sentence,
-    its n-best hypotheses sorted by score (best first)."""
+    its n-best hypotheses sorted by score (best first). ``shortlist`` (``deltalm.shortlist``):
+    the steps score only the batch's candidates (the backend must have been opened for it)."""
     opts.validate()
     cfg = backend.cfg
     eos, pad, unk = cfg.eos, cfg.pad, cfg.unk
@@ -222,7 +223,11 @@ def generate(backend, src_tokens: np.ndarray, opts: SearchOptions) -> list[list[
     use_topk = not opts.needs_log_probs and getattr(backend, "topk", 0) >= 2 * beam
     rng = np.random.default_rng(opts.seed)
 
-    state = backend.encode(src_tokens)
+    if shortlist is None:
+        state = backend.encode(src_tokens)
+    else:
+        required = [eos, unk, *opts.prefix_tokens]
+        state = backend.encode(src_tokens, candidates=shortlist.candidates(src_tokens, required, backend.topk + 3))
     finalized = _Finalized(batch, beam, opts.lenpen)
     live = np.arange(batch, dtype=np.int64)  # encoder rows of the live sentences
     rows = batch * beam

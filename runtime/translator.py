@@ -36,6 +36,7 @@ from .atomic import previous_artifact_of
 from .backends import BACKENDS, load_backend
 from .errors import DeltaLMError, InputError
 from .search import SearchOptions, generate
+from .shortlist import Shortlist
 from .tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 32
@@ -241,6 +242,9 @@ class Translator:
     ``src_prefix`` / ``tgt_prefix``: source / forced target prefix symbols (e.g. language tags)
     for every sentence, unless a call gives its own; unknown symbols fail here, before the backend
     loads. ``warn``: where warnings go (a truncated sentence...); stderr by default.
+    ``shortlist``: a vocabulary shortlist (a file of ``deltalm shortlist``, or a ``Shortlist``):
+    every step scores only the batch's candidates (faster, approximate; ort backend only, and the
+    artifact's ``decoder_step_shortlist`` graph is loaded instead of the full step).
     """
 
     def __init__(
@@ -256,13 +260,17 @@ class Translator:
         src_prefix: Sequence[str] | None = None,
         tgt_prefix: Sequence[str] | None = None,
         warn: Callable[[str], None] = _warn_stderr,
+        shortlist: str | Path | Shortlist | None = None,
     ) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise OptionError("threads", f"must be >= 1, got {threads}")
+        self.shortlist = Shortlist.load(shortlist) if isinstance(shortlist, (str, Path)) else shortlist
         self._lock = threading.Lock()
         self._warn = warn
         self.backend_name, self.device, kind = _resolve(Path(model), backend, device, spm, dictionary, config)
         self.model_path = Path(model)
+        if self.shortlist is not None and (kind != "artifact" or self.backend_name != "ort"):
+            raise OptionError("shortlist", "runs on an artifact with the ort backend")
         if kind == "checkpoint":
             self.tokenizer = Tokenizer(spm, dictionary, list(src_prefix or []))
             self.tgt_prefix = self.tokenizer.encode_target_prefix(tgt_prefix or [])
@@ -279,7 +287,11 @@ class Translator:
                 verify_files(directory, manifest, [spm_path.name, dict_path.name])
             self.tokenizer = Tokenizer(spm_path, dict_path, list(src_prefix or []))
             self.tgt_prefix = self.tokenizer.encode_target_prefix(tgt_prefix or [])
-            self._backend = load_backend(self.backend_name, directory, device=self.device, threads=threads)
+            if self.shortlist is not None:
+                self.shortlist.check_dictionary(dict_path, len(self.tokenizer))
+                self._backend = load_backend("ort", directory, device=self.device, threads=threads, shortlist=True)
+            else:
+                self._backend = load_backend(self.backend_name, directory, device=self.device, threads=threads)
         self.config = self._backend.cfg
         _check_vocabulary(self.config, self.tokenizer)
 
@@ -294,6 +306,7 @@ class Translator:
         self.backend_name, self.device, self.model_path = type(backend).__name__, None, None
         self.tokenizer, self._backend, self.config = tokenizer, backend, backend.cfg
         self.tgt_prefix = tokenizer.encode_target_prefix(tgt_prefix or [])
+        self.shortlist = None
         _check_vocabulary(self.config, tokenizer)
         return self
 
@@ -411,7 +424,7 @@ class Translator:
             search = opts.search_options(tgt_prefix)
             _check_model(backend, self.tokenizer, search, src_prefix)
             return _translate_chunk(backend, self.tokenizer, chunk, start, search, src_prefix, opts.truncate,
-                                    batching, errors, self._warn)
+                                    batching, errors, self._warn, self.shortlist)
 
 
 def _options(options: dict) -> TranslateOptions:
@@ -516,7 +529,7 @@ def _decode_line(raw: str | bytes, index: int, errors: str) -> str:
 
 def _translate_chunk(backend, tokenizer: Tokenizer, chunk: list, start: int, search: SearchOptions,
                      src_prefix: list[int], truncate: bool, batching: BatchOptions, errors: str,
-                     warn: Callable[[str], None]) -> list[Translation]:
+                     warn: Callable[[str], None], shortlist: Shortlist | None = None) -> list[Translation]:
     max_src = backend.cfg.max_positions  # source tokens, source prefix and </s> included
     bare = len(src_prefix) + 1  # length of a source with no text
     results: list[Translation | None] = [None] * len(chunk)
@@ -550,7 +563,7 @@ def _translate_chunk(backend, tokenizer: Tokenizer, chunk: list, start: int, sea
     by_length = sorted(sources, key=lambda s: (-len(s[1]), s[0]))
     for batch in make_batches(by_length, batching.batch_size, batching.max_tokens):
         try:
-            nbest = generate(backend, tokenizer.collate([ids for _, ids in batch]), search)
+            nbest = generate(backend, tokenizer.collate([ids for _, ids in batch]), search, shortlist)
             for (k, _), hyps in zip(batch, nbest):
                 results[k] = Translation(start + k, [
                     Hypothesis(_hypothesis_text(tokenizer, h.tokens, prefix), list(h.tokens), float(h.score),

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..artifact import Artifact, open_artifact, verify_files
 from ..errors import ArtifactError, InputError
-from ..graphs import cross_names, past_names, present_names
+from ..graphs import SHORTLIST_STEP, cross_names, past_names, present_names
 
 
 def session_options(threads: int | None = None):
@@ -52,10 +52,14 @@ class OrtState:
     cross: dict  # name -> OrtValue [batch, H, S, hd]
     src_padding: object  # OrtValue [batch, S] bool
     past: dict | None  # name -> OrtValue [rows, H, P, hd]
+    candidates: np.ndarray | None = None  # [C] int64: the vocabulary shortlist of this batch
 
 
 class OrtBackend:
-    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
+    """``shortlist=True``: the step graph over a vocabulary shortlist (``decoder_step_shortlist``)
+    is loaded instead of the full one; ``encode`` then takes the batch's candidates."""
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None, shortlist: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -65,15 +69,20 @@ class OrtBackend:
             raise InputError(f"{artifact.path}: an encoder-only model ({self.cfg.kind}) cannot translate")
         self.device = device
         self.device_type = "cuda" if device == "cuda" else "cpu"
+        self.shortlist = shortlist
+        step_graph = SHORTLIST_STEP if shortlist else "decoder_step"
+        if step_graph not in artifact.manifest.graphs:
+            raise InputError(f"{artifact.path} has no {step_graph} graph (exported by an older version): "
+                             "export it again to use a vocabulary shortlist")
         providers = providers_for(device)
         so = session_options(threads)
         try:
             self.encoder = ort.InferenceSession(str(artifact.graph_path("encoder")), so, providers=providers)
-            self.decoder = ort.InferenceSession(str(artifact.graph_path("decoder_step")), so, providers=providers)
+            self.decoder = ort.InferenceSession(str(artifact.graph_path(step_graph)), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ArtifactError(f"{artifact.path}: ONNX Runtime cannot load the graphs: {e}") from None
         self.encoder_spec = artifact.graph_spec("encoder")
-        self.step_spec = artifact.graph_spec("decoder_step")
+        self.step_spec = artifact.graph_spec(step_graph)
         self.topk = int(self.step_spec.outputs[0].shape[1])
         self.float_dtype = np.dtype(self.step_spec.outputs[-1].dtype)
         n = self.cfg.decoder_layers
@@ -82,7 +91,8 @@ class OrtBackend:
         self._present_names = [name for i in range(n) for name in present_names(i)]
 
     @classmethod
-    def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, **_) -> "OrtBackend":
+    def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, shortlist: bool = False,
+                      **_) -> "OrtBackend":
         """Open and hash-check the artifact, and load its graphs. The sha256 check of every file
         runs in a thread while ONNX Runtime builds the sessions (hashlib releases the GIL), so the
         start-up costs the longer of the two, not their sum; a mismatch is reported before any
@@ -99,7 +109,7 @@ class OrtBackend:
         checker = threading.Thread(target=check, name="deltalm-verify", daemon=True)
         checker.start()
         try:
-            backend = cls(artifact, device=device, threads=threads)
+            backend = cls(artifact, device=device, threads=threads, shortlist=shortlist)
         except BaseException:
             checker.join()
             if failures:
@@ -113,7 +123,9 @@ class OrtBackend:
     def _value(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
-    def encode(self, src_tokens: np.ndarray) -> OrtState:
+    def encode(self, src_tokens: np.ndarray, candidates: np.ndarray | None = None) -> OrtState:
+        if candidates is not None and not self.shortlist:
+            raise InputError("candidates given to a backend opened without the shortlist graph")
         src = np.ascontiguousarray(src_tokens, dtype=np.int64)
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("src_tokens", src)
@@ -121,7 +133,10 @@ class OrtBackend:
             binding.bind_output(name, self.device_type)
         self.encoder.run_with_iobinding(binding)
         outs = dict(zip(self._cross_names, binding.get_outputs()))
-        return OrtState(cross=outs, src_padding=self._value(src == self.cfg.pad), past=None)
+        if self.shortlist and candidates is None:  # the shortlist graph over the whole vocabulary
+            candidates = np.arange(self.cfg.vocab_size, dtype=np.int64)
+        return OrtState(cross=outs, src_padding=self._value(src == self.cfg.pad), past=None,
+                        candidates=None if candidates is None else np.ascontiguousarray(candidates, dtype=np.int64))
 
     def step(self, state: OrtState, tokens, step, reorder, sent_index, rules, want="topk"):
         cfg = self.cfg
@@ -145,6 +160,8 @@ class OrtBackend:
         binding.bind_cpu_input("ban_eos", np.array(bool(rules.ban_eos)))
         binding.bind_cpu_input("only_eos", np.array(bool(rules.only_eos)))
         binding.bind_cpu_input("unk_penalty", np.array(rules.unk_penalty, dtype=np.float32))
+        if state.candidates is not None:
+            binding.bind_cpu_input("candidates", state.candidates)
         wanted = ["topk_scores", "topk_ids"] if want == "topk" else ["log_probs"]
         for name in wanted:
             binding.bind_output(name, "cpu")
@@ -155,5 +172,9 @@ class OrtBackend:
         state.past = {p: v for p, v in zip(self._past_names, outs[len(wanted):])}
         if want == "topk":
             return outs[0].numpy(), outs[1].numpy()
-        return outs[0].numpy()
+        if state.candidates is None:
+            return outs[0].numpy()
+        full = np.full((rows, cfg.vocab_size), -np.inf, dtype=np.float32)  # tokens off the shortlist
+        full[:, state.candidates] = outs[0].numpy()
+        return full
 

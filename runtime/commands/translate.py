@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "checkpoint its manifest names")
     m.add_argument("--device", choices=("cpu", "cuda"), help="ort / trt only (default: cpu for ort, cuda for trt)")
     m.add_argument("--threads", type=int, metavar="N", help="CPU threads of the backend")
+    m.add_argument("--shortlist", metavar="FILE",
+                   help="vocabulary shortlist of `deltalm shortlist`: score only its candidates (faster, approximate; ort)")
 
     io_ = parser.add_argument_group("input / output")
     io_.add_argument("--input", metavar="FILE", help="text to translate, one sentence a line (default: stdin)")
@@ -130,6 +132,8 @@ def _check_model_arguments(args) -> None:
             raise InputError("--device applies to the ort and trt backends; the torch backend runs on the CPU")
         if not Path(args.checkpoint).exists():
             raise InputError(f"checkpoint {args.checkpoint} does not exist")
+        if getattr(args, "shortlist", None):
+            raise InputError("--shortlist runs on an artifact directory with --backend ort, not on a checkpoint")
         return
     if not args.source:
         hint = ""
@@ -169,7 +173,7 @@ def open_translator(args) -> Translator:
                           dictionary=args.dict, config=args.config, src_prefix=args.src_prefix,
                           tgt_prefix=args.tgt_prefix)
     return Translator(args.source, backend=args.backend, device=args.device, threads=args.threads,
-                      src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix)
+                      src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist)
 
 
 def _stdio_path(p: str | None) -> str | None:
