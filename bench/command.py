@@ -33,9 +33,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="tiny", help="tiny | base | path to an artifact directory")
     parser.add_argument("--out", default="bench_out", help="directory for the model, artifacts and reports (default bench_out)")
     parser.add_argument("--quick", action="store_true", help="fewer workloads and shorter generations")
-    parser.add_argument("--compare", choices=["ctranslate2"],
-                        help="only ours against a FLOP-identical CTranslate2 model, interleaved in one run "
-                             "(needs the bench extra)")
+    parser.add_argument("--compare", choices=["ctranslate2", "shortlist"],
+                        help="ctranslate2: only ours against a FLOP-identical CTranslate2 model, interleaved in one run "
+                             "(needs the bench extra); shortlist: ours with and without a vocabulary shortlist")
+    parser.add_argument("--shortlist", metavar="FILE",
+                        help="with --compare shortlist: this shortlist (default: built from the toy corpus for tiny, "
+                             "random lists of the default sizes otherwise)")
 
 
 def _require(module: str, extra: str, what: str) -> None:
@@ -74,14 +77,22 @@ def bench_command(args) -> int:
     # processes also load, spinning made a tiny torch step 130x slower here (1000 ms instead of
     # 8 ms at 2 threads). Set before torch is imported; children (exports, workers) inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.compare:
+    if args.compare == "ctranslate2":
         _require("ctranslate2", "bench", "--compare ctranslate2")
+    elif args.compare:
+        pass
+    elif args.shortlist:
+        from deltalm.errors import InputError
+
+        raise InputError("--shortlist goes with --compare shortlist")
     else:
         _require("matplotlib", "bench", "deltalm bench (its chart)")
         _require("onnx", "export", "deltalm bench (counting the step graph's weights)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with Progress(total=2, desc="bench") as progress:  # model, export; the run adds its own stages
+        if args.compare == "shortlist":
+            return _shortlist_run(args, out, progress)
         if args.compare:
             return _compare_run(args, out, progress)
         return _full_run(args, out, progress)
@@ -238,7 +249,8 @@ def _compare_run(args, out: Path, progress) -> int:
     for p in precisions:
         progress.stage(f"ctranslate2 model {p}")
         log(f"compare: building the CTranslate2 model ({p}) in {out / 'ctranslate2' / p}")
-        pairs[p] = {"ctranslate2": build_ct2_model(cfg, out / "ctranslate2" / p, p, seed=0), "ours": artifacts[p]}
+        pairs[p] = {"ctranslate2": {"engine": "ctranslate2", "path": build_ct2_model(cfg, out / "ctranslate2" / p, p, seed=0)},
+                    "ours": {"engine": "ours", "path": artifacts[p]}}
         progress.done()
     cmp = compare_side_by_side(pairs, cells, st.n, st.compare_reps, threads, out / "work", st.quiet_wait_s, progress)
     cmp |= {"ctranslate2_version": ctranslate2.__version__, "seed": 0, "flops_per_token": ct2_step_flops_per_token(cfg)}
@@ -250,6 +262,60 @@ def _compare_run(args, out: Path, progress) -> int:
     progress.close()
     print(md)
     log(f"wrote {out}/compare.json, compare.md in {results['wall_s']:.0f}s")
+    return 0
+
+
+def _shortlist_run(args, out: Path, progress) -> int:
+    """Ours with and without a vocabulary shortlist, interleaved (the engines of --compare), and
+    on the tiny demo model how many corpus sentences the shortlist leaves unchanged."""
+    from deltalm.shortlist import Shortlist
+
+    from .floors import machine_info
+    from .measure import shortlist_agreement
+    from .progress import log
+    from .report import format_shortlist_markdown
+    from .settings import settings_for, size_of
+    from .side_by_side import cell_seed, compare_side_by_side
+    from .workloads import make_sources, random_shortlist, workloads
+
+    t_start = time.perf_counter()
+    threads = os.cpu_count() or 1
+    described, artifacts, exports = _prepare(args.model, out, ("fp32",), progress)
+    precision, artifact = next(iter(artifacts.items()))
+    cfg = read_manifest(artifact).model
+    size = args.model if args.model in ("tiny", "base") else size_of(cfg.to_dict())
+    st = settings_for(size, args.quick)
+    cells = workloads(src_lens=(30 if 30 in st.src_lens else st.src_lens[0],))
+    progress.add(2 + len(cells))
+    progress.stage("shortlist")
+    agreement = None
+    path = Path(args.shortlist) if args.shortlist else out / "shortlist.npz"
+    if args.shortlist:
+        shortlist = Shortlist.load(path)
+    elif args.model == "tiny":
+        shortlist, agreement = shortlist_agreement(artifact, threads)
+        shortlist.save(path)
+    else:
+        shortlist = random_shortlist(cfg.vocab_size)
+        shortlist.save(path)
+    log(f"compare: shortlist {path} ({shortlist.info.get('built_from', '?')})")
+    progress.done()
+    pairs = {precision: {"ours": {"engine": "ours", "path": artifact},
+                         "ours-shortlist": {"engine": "ours", "path": artifact, "shortlist": path}}}
+    cmp = compare_side_by_side(pairs, cells, st.n, st.compare_reps, threads, out / "work", st.quiet_wait_s, progress)
+    topk = read_manifest(artifact).export_options.topk
+    cmp["candidates"] = {w.key: int(shortlist.candidates(make_sources(cfg.vocab_size, cfg.eos, cfg.pad, w.batch, w.src_len,
+                                                                      cell_seed(w)), [cfg.eos, cfg.unk], topk + 3).size)
+                         for w in cells}
+    results = {"model": described | {"config": cfg.to_dict(), "size": size}, "machine": machine_info(),
+               "exports": exports, "shortlist": cmp | {"file": str(path), "info": shortlist.info, "agreement": agreement},
+               "wall_s": round(time.perf_counter() - t_start, 1)}
+    (out / "shortlist.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md = format_shortlist_markdown(results)
+    (out / "shortlist.md").write_text(md)
+    progress.close()
+    print(md)
+    log(f"wrote {out}/shortlist.json, shortlist.md in {results['wall_s']:.0f}s")
     return 0
 
 

@@ -107,8 +107,9 @@ def import_backend(kind: str) -> None:
         importlib.import_module(name)
 
 
-def load_bench_backend(kind: str, artifact: str, threads: int):
-    """kind: torch | ort-fp32 | ort-fp16 | ort-int8 | ort-cuda | trt."""
+def load_bench_backend(kind: str, artifact: str, threads: int, shortlist: bool = False):
+    """kind: torch | ort-fp32 | ort-fp16 | ort-int8 | ort-cuda | trt. ``shortlist``: ort with the
+    shortlist step graph."""
     from deltalm.backends import load_backend
 
     if kind == "torch":
@@ -116,17 +117,17 @@ def load_bench_backend(kind: str, artifact: str, threads: int):
     if kind == "trt":
         return load_backend("trt", artifact)
     device = "cuda" if kind == "ort-cuda" else "cpu"
-    return load_backend("ort", artifact, device=device, threads=threads)
+    return load_backend("ort", artifact, device=device, threads=threads, shortlist=shortlist)
 
 
-def load_figures(kind: str, artifact: str, threads: int):
+def load_figures(kind: str, artifact: str, threads: int, shortlist: bool = False):
     """(backend, figures): the backend loaded, with load seconds, RSS before and after, the peak
     RSS of the load and the megabytes of the files it loads. Resets the peak RSS afterwards, so
     that the process's next peak is the peak while translating."""
     import_backend(kind)
     rss0 = current_rss_mb()
     t0 = time.perf_counter()
-    backend = load_bench_backend(kind, artifact, threads)
+    backend = load_bench_backend(kind, artifact, threads, shortlist)
     load_s = time.perf_counter() - t0
     figures = {"load_s": load_s, "rss_before_load_mb": rss0, "rss_after_load_mb": current_rss_mb(),
                "peak_rss_load_mb": peak_rss_mb(), "model_files_mb": loaded_files_bytes(Path(artifact), kind) / 2**20,
@@ -227,3 +228,27 @@ def measure_agreement(artifacts: dict, spm: Path, dict_path: Path, threads: int)
             out[p] = compare_steps(ref, other, src, 20)
             out[p]["translations"] = compare_translations(ref, other, batches, beams=(1, 5), max_len_b=20)
     return out
+
+
+def shortlist_agreement(artifact: Path, threads: int):
+    """(shortlist, agreement) on the demo model: a shortlist built from the model's own beam-5
+    translations of half the toy corpus (``shortlist_from_corpus``), applied to the other half;
+    per beam (1, 5), the share of sentences whose ids are those of the full vocabulary, and the
+    largest score difference among them."""
+    from deltalm.export.toy_data import toy_corpus
+    from deltalm.shortlist import shortlist_from_corpus
+    from deltalm.translator import Translator
+
+    corpus = toy_corpus()
+    train, test = corpus[::2], corpus[1::2]
+    agreement = {"sentences": len(test), "built_from_sentences": len(train)}
+    with Translator(artifact, threads=threads) as full:
+        shortlist = shortlist_from_corpus(full, train, options={"beam": 5})
+        with Translator(artifact, threads=threads, shortlist=shortlist) as short:
+            for beam in (1, 5):
+                want, got = full.translate_batch(test, beam=beam), short.translate_batch(test, beam=beam)
+                same = [a.hypotheses[0].tokens == b.hypotheses[0].tokens for a, b in zip(want, got, strict=True)]
+                diffs = [abs(a.hypotheses[0].score - b.hypotheses[0].score) for a, b, s in zip(want, got, same) if s]
+                agreement[f"beam{beam}"] = {"identical": float(np.mean(same)),
+                                            "max_score_diff_identical": float(max(diffs, default=0.0))}
+    return shortlist, agreement

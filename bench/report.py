@@ -348,3 +348,48 @@ def format_compare_markdown(results: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; " +
              ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "", compare_section(results["ctranslate2"])]
     return "\n".join(lines) + "\n"
+
+
+def format_shortlist_markdown(results: dict) -> str:
+    """The report of ``--compare shortlist``: tokens/s with and without the shortlist per
+    workload, the candidates each workload's batch got, memory and load, and the agreement."""
+    m = results["machine"]
+    cfg = results["model"]["config"]
+    sl = results["shortlist"]
+    engines = sl["engines"]
+    full, short = next(k for k in engines if k.startswith("ours ")), next(k for k in engines if k.startswith("ours-shortlist"))
+    v = cfg["vocab_size"]
+    lines = [f"# deltalm bench --compare shortlist: {results['model']['name']} ({cfg['embed_dim']}d, "
+             f"{cfg['encoder_layers']}+{cfg['decoder_layers']} layers, vocab {v})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; " +
+             ", ".join(f"{k} {val}" for k, val in m["versions"].items()) + ".", "",
+             f"Shortlist: {sl['info'].get('built_from', '?')}. Every sentence forced to {sl['n'] + 1} decoder steps; "
+             f"src ~{sl['workloads'][0][2]} random pieces; {sl['threads']} threads; medians of {sl['reps']} repetitions, "
+             "the two engines (each in its own process) taking turns. `†`: the machine was not quiet before the cell.", "",
+             "| | full vocabulary | shortlist | speed-up | candidates per batch |", "|---|---:|---:|---:|---:|"]
+    for beam, batch, src in sl["workloads"]:
+        wl = Workload(beam, batch, src)
+        a = next(c for c in engines[full]["cells"] if c["workload"] == wl.key)
+        b = next(c for c in engines[short]["cells"] if c["workload"] == wl.key)
+        busy = "†" if any((c.get("quiet_gate") or {}).get("quiet") is False for c in (a, b)) else ""
+        n_c = sl["candidates"][wl.key]
+        lines.append(f"| {wl.search} batch {batch}, tok/s | {format_rate(a['tokens_per_s'])}{busy} | "
+                     f"{format_rate(b['tokens_per_s'])}{busy} | {b['tokens_per_s'] / a['tokens_per_s']:.2f}x | "
+                     f"{n_c} ({100 * n_c / v:.1f}% of {v}) |")
+    for title, key in _COMPARE_FIGURES:
+        a, b = engines[full].get(key), engines[short].get(key)
+        ratio = f"{b / a:.2f}x" if a and b is not None else ""
+        lines.append(f"| {title} | {format_amount(a)} | {format_amount(b)} | {ratio} | |")
+    agree = sl.get("agreement")
+    lines.append("")
+    if agree:
+        lines.append(f"Agreement with the full vocabulary ({agree['sentences']} toy-corpus sentences the shortlist was "
+                     f"not built from; built from the model's own beam-5 translations of {agree['built_from_sentences']} "
+                     "others): " + "; ".join(
+                         f"beam {b}: {100 * agree[f'beam{b}']['identical']:.1f}% identical ids (score difference on those "
+                         f"up to {agree[f'beam{b}']['max_score_diff_identical']:.2g}, from normalizing over the candidates)"
+                         for b in (1, 5)) + ".")
+    else:
+        lines.append("Agreement: not measured (random weights or no corpus: a random model's near-flat distributions "
+                     "say nothing about it; see the tiny run).")
+    return "\n".join(lines) + "\n"

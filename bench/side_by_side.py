@@ -1,5 +1,6 @@
-"""Our runtime and CTranslate2 side by side, interleaved in one run (``deltalm bench --compare
-ctranslate2``). Each engine (ours: ort at one precision; CTranslate2 at the same precision) lives
+"""Engines side by side, interleaved in one run: our runtime and CTranslate2 (``deltalm bench
+--compare ctranslate2``), or our runtime with and without a vocabulary shortlist (``--compare
+shortlist``). Each engine (ours: ort at one precision; CTranslate2 at the same precision) lives
 in a process of its own for the whole comparison, so that its load time, RSS after load and peak
 RSS while translating are its own; the parent sends both the same workloads turn by turn (the
 order alternating each repetition), so that a change in the machine's load slows both alike.
@@ -22,17 +23,28 @@ from .measure import load_figures, translating_peak
 from .progress import log
 from .workloads import Workload, forced_length_options, make_sources
 
-ENGINES = ("ctranslate2", "ours")
 
 
 # --- inside an engine process ----------------------------------------------------------------------
 
 
+def cell_seed(wl: Workload) -> int:
+    """The seed of a cell's sources: every engine translates the same sentences."""
+    return 1000 * wl.batch + wl.src_len
+
+
 class OursEngine:
-    """Our ort backend on an artifact; one forced-length generation per ``run``."""
+    """Our ort backend on an artifact (with ``spec["shortlist"]``: over that vocabulary shortlist);
+    one forced-length generation per ``run``."""
 
     def __init__(self, spec: dict):
-        self.backend, self.figures = load_figures(f"ort-{spec['precision']}", spec["path"], spec["threads"])
+        self.shortlist = None
+        if spec.get("shortlist"):
+            from deltalm.shortlist import Shortlist
+
+            self.shortlist = Shortlist.load(spec["shortlist"])
+        self.backend, self.figures = load_figures(f"ort-{spec['precision']}", spec["path"], spec["threads"],
+                                                  shortlist=self.shortlist is not None)
         self.cfg = self.backend.cfg
 
     def run(self, beam: int, batch: int, src_len: int, n: int, seed: int) -> float:
@@ -41,7 +53,7 @@ class OursEngine:
         cfg = self.cfg
         src = make_sources(cfg.vocab_size, cfg.eos, cfg.pad, batch, src_len, seed)
         t0 = time.perf_counter()
-        hyps = generate(self.backend, src, forced_length_options(beam, n))
+        hyps = generate(self.backend, src, forced_length_options(beam, n), self.shortlist)
         total = time.perf_counter() - t0
         if {len(h[0].tokens) for h in hyps} != {n + 1}:
             raise RuntimeError(f"ours: forced length {n} + </s> not respected")
@@ -145,8 +157,9 @@ class EngineProcess:
 
 def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, threads: int, work: Path,
                          quiet_wait_s: float = 0.0, progress=None) -> dict:
-    """``pairs``: {precision: {"ctranslate2": model dir, "ours": artifact dir}}. Per precision, both
-    engines are loaded (one after the other, so their loads do not overlap), then every cell is
+    """``pairs``: {precision: {label: {"engine": "ours" | "ctranslate2", "path": model or artifact
+    dir, "shortlist": file (ours, optional)}}}. Per precision, the engines are loaded (one after
+    the other, so their loads do not overlap), then every cell is
     run: a short warm-up each, then ``reps`` interleaved repetitions of n forced tokens. Returns
     {"engines": {label: figures + cells}, ...}; a cell's ``tokens_per_s`` is batch x (n + 1)
     over the median total time."""
@@ -154,18 +167,18 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
     for precision, dirs in pairs.items():
         procs = []
         try:
-            for engine in ENGINES:
-                label = f"{engine} {precision}"
+            for name, spec in dirs.items():
+                label = f"{name} {precision}"
                 log(f"compare: loading {label}")
-                procs.append(EngineProcess(label, {"engine": engine, "path": str(dirs[engine]), "precision": precision,
-                                                   "threads": threads}, work))
+                procs.append(EngineProcess(label, {k: str(v) for k, v in spec.items()} | {"precision": precision,
+                                                                                       "threads": threads}, work))
             results = {p.label: {"engine": p.label.split()[0], "precision": precision, **p.figures, "cells": []}
                        for p in procs}
             for wl in cells:
                 if progress is not None:
                     progress.stage(f"{wl.name} ({precision})")
                 quiet = wait_for_quiet(quiet_wait_s) if quiet_wait_s else None
-                seed = 1000 * wl.batch + wl.src_len
+                seed = cell_seed(wl)
                 for p in procs:  # warm-up: shapes, allocations, thread pools
                     p.ask(op="run", beam=wl.beam, batch=wl.batch, src_len=wl.src_len, n=min(n, 2), seed=seed)
                 times = {p.label: [] for p in procs}

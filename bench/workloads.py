@@ -73,3 +73,18 @@ def plan_cell(n_target: int, encode_s: float, step_s: float, budget_s: float, ma
     per_run = budget_s / min_reps
     steps = int((per_run - encode_s) / max(step_s, 1e-9)) - 1
     return max(min_steps, min(n_target, steps)), min_reps
+
+
+def random_shortlist(vocab_size: int, seed: int = 0):
+    """A shortlist of the default sizes for a random-weight model, where no corpus means anything:
+    ``FREQUENT`` random frequent ids and ``PER_SOURCE`` random ids for every source id (no two
+    lists sharing ids on purpose: more candidates per batch than real text, whose frequent source
+    pieces repeat and whose lists overlap)."""
+    from deltalm.shortlist import FREQUENT, PER_SOURCE, Shortlist
+
+    rng = np.random.default_rng(seed)
+    frequent = rng.choice(np.arange(4, vocab_size), size=min(FREQUENT, vocab_size - 4), replace=False)
+    targets = rng.integers(4, vocab_size, size=vocab_size * PER_SOURCE)
+    offsets = np.arange(vocab_size + 1, dtype=np.int64) * PER_SOURCE
+    return Shortlist(vocab_size, np.sort(frequent).astype(np.int64), offsets, targets.astype(np.int64),
+                     info={"built_from": f"random ids (seed {seed}): {FREQUENT} frequent, {PER_SOURCE} per source id"})

@@ -495,6 +495,40 @@ def test_compare_ctranslate2_runs_both_engines_interleaved_on_the_tiny_model(tin
     assert "| | ctranslate2 fp32 | ours fp32 |" in md and "| greedy batch 32, tok/s |" in md and "| load, s |" in md
 
 
+def test_compare_shortlist_runs_ours_with_and_without_it(tiny, tmp_path, monkeypatch):
+    import json
+
+    from cli_support import run_cli
+    from deltalm.shortlist import build_shortlist
+
+    monkeypatch.chdir(tmp_path)
+    build_shortlist([([5, 6, 7], [8, 9])], 265, frequent=10, per_source=3).save(tmp_path / "sl.npz")
+    res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--compare", "shortlist", "--shortlist", "sl.npz",
+                   "--out", "out"])
+    assert res.rc == 0, res.err
+    r = json.loads((tmp_path / "out" / "shortlist.json").read_text())["shortlist"]
+    assert set(r["engines"]) == {"ours fp32", "ours-shortlist fp32"}
+    for e in r["engines"].values():
+        assert [(c["beam"], c["batch"]) for c in e["cells"]] == [(1, 1), (1, 32), (5, 1), (5, 32)]
+        assert e["load_s"] > 0 and e["peak_rss_translating_mb"] > 0
+    # batch 1 of ~30 random pieces: the 10 frequent ids, its sources, eos / unk, at least k + 3
+    assert 13 <= r["candidates"]["b1-n1-s30"] <= r["candidates"]["b1-n32-s30"] <= 265
+    assert r["agreement"] is None  # a given shortlist, no corpus: not measured
+    md = (tmp_path / "out" / "shortlist.md").read_text()
+    assert "| | full vocabulary | shortlist | speed-up | candidates per batch |" in md and "| beam 5 batch 32, tok/s |" in md
+    assert_fails = run_cli(["bench", "--model", tiny.artifact, "--shortlist", "sl.npz", "--out", "o2"])
+    assert assert_fails.rc == 2 and "--shortlist goes with --compare shortlist" in assert_fails.err
+
+
+def test_random_shortlist_has_the_default_sizes():
+    from deltalm.bench.workloads import random_shortlist
+    from deltalm.shortlist import FREQUENT, PER_SOURCE
+
+    sl = random_shortlist(5000)
+    assert sl.frequent.size == FREQUENT and np.diff(sl.offsets).tolist() == [PER_SOURCE] * 5000
+    assert sl.frequent.min() >= 4 and sl.targets.min() >= 4 and sl.targets.max() < 5000
+
+
 def test_compare_table_puts_ours_next_to_ctranslate2_with_ratios_and_marks_busy_cells():
     def engine(tps, files, rss, peak, load, quiet=True):
         cells = [{"beam": b, "batch": n, "tokens_per_s": tps * n * b, "quiet_gate": {"quiet": quiet}} for b in (1, 5) for n in (1, 32)]
