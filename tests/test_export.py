@@ -31,8 +31,8 @@ def artifact(tiny_ckpt, tmp_path_factory):
 
 def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
     names = sorted(p.name for p in artifact.iterdir())
-    assert names == ["decoder_step.onnx", "dict.txt", "encoder.onnx", "manifest.json", "parity.json", "spm.model",
-                     "weights.data"]
+    assert names == ["decoder_step.onnx", "decoder_step_shortlist.onnx", "dict.txt", "encoder.onnx", "manifest.json",
+                     "parity.json", "spm.model", "weights.data"]
     art = open_artifact(artifact)  # hash-checks every file
     m = art.manifest.to_dict()
     assert set(m["files"]) == set(names) - {"manifest.json"}
@@ -45,9 +45,10 @@ def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
     assert m["export_options"]["ort_fusions"]["encoder"]  # e.g. SkipLayerNormalization, BiasGelu
     parity = json.loads((artifact / "parity.json").read_text())
     assert parity["passed"] and parity["failures"] == []
-    lp = [r for r in parity["graphs"] if r["output"] == "log_probs"]
-    assert len(lp) == 5 and max(r["max_abs"] for r in lp) < 1e-4
-    assert {"past_len=0", "past_len=1", "past_len=17"} <= {r["case"].split()[-1] for r in lp}
+    for graph in ("decoder_step", "decoder_step_shortlist"):  # the shortlist step is checked like the full one
+        lp = [r for r in parity["graphs"] if r["output"] == "log_probs" and r["graph"] == graph]
+        assert len(lp) == 5 and max(r["max_abs"] for r in lp) < 1e-4
+        assert {"past_len=0", "past_len=1", "past_len=17"} <= {r["case"].split()[-1] for r in lp}
     assert all(r["identical_ids"] == 1.0 for r in parity["end_to_end"])
 
 
