@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..errors import DeltaLMError, InputError
+from ..shortlist import file_sha256
 from ..translator import Translator, format_translation
 from .shards import BOM
 
@@ -28,13 +29,17 @@ class TranslateActor:
 
     A chunk is sorted by length and cut into backend batches exactly as ``deltalm translate``
     cuts the same ``--chunk-lines`` lines of the file, so the scores agree to the bit, not only
-    the texts."""
+    the texts. ``shortlist``: a vocabulary shortlist file, read at that path on the actor's node
+    and checked to have ``shortlist_sha256`` (the SHA-256 the driver fingerprinted the run with)."""
 
     def __init__(self, model: str, backend: str | None, device: str | None, threads: int | None,
                  src_prefix: list[str] | None, tgt_prefix: list[str] | None, fmt: str, options: dict,
-                 batching: dict, errors: str, shard_names: dict[int, str]) -> None:
+                 batching: dict, errors: str, shard_names: dict[int, str], shortlist: str | None = None,
+                 shortlist_sha256: str | None = None) -> None:
+        if shortlist is not None and shortlist_sha256 is not None:
+            _check_shortlist_file(shortlist, shortlist_sha256)
         self.translator = Translator(model, backend=backend, device=device, threads=threads,
-                                     src_prefix=src_prefix, tgt_prefix=tgt_prefix)
+                                     src_prefix=src_prefix, tgt_prefix=tgt_prefix, shortlist=shortlist)
         self.fmt, self.options, self.batching, self.errors = fmt, options, batching, errors
         self.shard_names = shard_names
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -80,3 +85,17 @@ class TranslateActor:
             if message == str(e):
                 message = f"{self.shard_names.get(shard, '?')} (lines {start + 1}-{start + len(lines)}): {e}"
             raise InputError(message) from None
+
+
+def _check_shortlist_file(path: str, sha256: str) -> None:
+    """The shortlist this actor reads is the file the driver fingerprinted (the manifest records
+    outputs under that fingerprint: another file on some node would mix outputs)."""
+    host = socket.gethostname()
+    try:
+        digest = file_sha256(path)
+    except OSError as e:
+        raise InputError(f"cannot read the shortlist {path} on {host}: {e.strerror or e} (every node must "
+                         f"read it at this path)") from None
+    if digest != sha256:
+        raise InputError(f"the shortlist {path} on {host} is not the file the run started with (SHA-256 "
+                         f"differs): every node must read the same file at this path")

@@ -125,13 +125,20 @@ def translate_corpus(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_commit: Callable[[str], None] | None = None,
+    shortlist: str | Path | None = None,
 ) -> CorpusSummary:
     """Translates every input file into ``output_dir`` (``NAME.txt`` -> ``NAME.txt`` or
     ``NAME.jsonl``), each output line for the input line of the same number, exactly as
     ``deltalm translate --input NAME.txt`` would write it (beam search and greedy; with sampling
     the batches, and so the samples, differ). Shards complete from an earlier run with the same
     settings are skipped; the others are (re)done and committed one by one (``on_commit`` is
-    called with each output name once its file and manifest entry are written)."""
+    called with each output name once its file and manifest entry are written).
+
+    ``shortlist``: a vocabulary shortlist file (``deltalm shortlist``; ort backend) every actor
+    opens its Translator with; like the model directory, every node reads it at this path. The
+    SHA-256 of its bytes is part of the settings fingerprint (and so are the batching options,
+    since a batch's candidates are those of all its sentences): a rerun with another shortlist,
+    or without one, redoes every shard."""
     started = time.perf_counter()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     options = options or TranslateOptions()
@@ -148,6 +155,7 @@ def translate_corpus(
     if not model.is_dir():
         raise InputError(f"artifact directory {model} does not exist" if not model.exists()
                          else f"{model} is not an artifact directory")
+    shortlist_run = _open_shortlist(model, shortlist, backend) if shortlist is not None else None
     ray = import_ray()
 
     out_dir = Path(output_dir)
@@ -157,7 +165,7 @@ def translate_corpus(
         raise InputError(f"cannot create --output {out_dir}: {e.strerror or e}") from None
     shards = resolve_shards(list(inputs), fmt, out_dir)
     config = fingerprint(_settings(model, fmt, options, errors, backend, src_prefix, tgt_prefix,
-                                   batch_size, max_tokens, chunk_lines))
+                                   batch_size, max_tokens, chunk_lines, shortlist_run))
     manifest = Manifest(out_dir)
     summary = CorpusSummary(shards=len(shards))
     todo = []
@@ -182,7 +190,8 @@ def translate_corpus(
         summary.ray_init_seconds = time.perf_counter() - t0
         try:
             _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size,
-                          max_tokens, chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster, progress, on_commit)
+                          max_tokens, chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster, progress, on_commit,
+                          shortlist_run)
         finally:
             if own_runtime:
                 ray.shutdown()
@@ -192,9 +201,31 @@ def translate_corpus(
     return summary
 
 
+def _open_shortlist(model: Path, path: str | Path, backend: str | None) -> tuple[str, str]:
+    """(absolute path, SHA-256 of the bytes) of a shortlist file, checked here in the driver
+    before Ray starts (format, and the dictionary of the model it was built for), so that a wrong
+    file is one line at once rather than failing actors after the cluster started."""
+    from ..artifact import MANIFEST, read_manifest
+    from ..shortlist import Shortlist, file_sha256
+    from ..tokenizer import Dictionary
+
+    if (backend or "ort") != "ort":
+        raise InputError(f"--shortlist runs with --backend ort, not {backend}")
+    loaded = Shortlist.load(path)  # InputError naming the file when it is none
+    dict_path = model / "dict.txt"
+    if (model / MANIFEST).is_file():
+        dict_path = model / read_manifest(model).tokenizer.get("dict", "dict.txt")
+    if dict_path.is_file():
+        loaded.check_dictionary(dict_path, len(Dictionary.load(dict_path)))
+    resolved = Path(path).resolve()
+    return str(resolved), file_sha256(resolved)
+
+
 def _settings(model: Path, fmt, options, errors, backend, src_prefix, tgt_prefix, batch_size, max_tokens,
-              chunk_lines) -> dict:
-    """What decides the output of a shard (batching only with sampling, where it changes the samples)."""
+              chunk_lines, shortlist: tuple[str, str] | None = None) -> dict:
+    """What decides the output of a shard (batching only where it changes the output: with
+    sampling, one generator per batch; with a shortlist, the candidates of the batch's sentences).
+    Without a shortlist the settings are those of earlier versions, so their manifests stay valid."""
     from ..artifact import MANIFEST
 
     manifest = model / MANIFEST
@@ -204,7 +235,9 @@ def _settings(model: Path, fmt, options, errors, backend, src_prefix, tgt_prefix
         "format": fmt, "options": dataclasses.asdict(options), "errors": errors, "backend": backend,
         "src_prefix": src_prefix, "tgt_prefix": tgt_prefix,
     }
-    if options.sampling:
+    if shortlist is not None:
+        settings["shortlist_sha256"] = shortlist[1]  # the bytes, not the path: a moved copy is the same
+    if options.sampling or shortlist is not None:
         settings["batching"] = [batch_size, max_tokens, chunk_lines]
     return settings
 
@@ -262,7 +295,7 @@ def _dataset(ray, shards: list[Shard], chunk_lines: int):
 
 def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size, max_tokens,
                   chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster: ClusterOptions, progress,
-                  on_commit) -> None:
+                  on_commit, shortlist: tuple[str, str] | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     device = "cuda" if cluster.gpus_per_actor > 0 else None
@@ -271,7 +304,7 @@ def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, opt
     with warnings.catch_warnings():  # max_restarts / max_task_retries are only taken as **ray_remote_args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         translated = _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines,
-                                      errors, backend, src_prefix, tgt_prefix, cluster, device, names)
+                                      errors, backend, src_prefix, tgt_prefix, cluster, device, names, shortlist)
 
     pending: dict[int, dict[int, str]] = defaultdict(dict)
     expected: dict[int, int] = {}
@@ -316,14 +349,15 @@ def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, opt
 
 
 def _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines, errors, backend,
-                     src_prefix, tgt_prefix, cluster, device, names):
+                     src_prefix, tgt_prefix, cluster, device, names, shortlist=None):
     return _dataset(ray, todo, chunk_lines).map_batches(
         TranslateActor,
         fn_constructor_kwargs=dict(
             model=str(model.resolve()), backend=backend, device=device, threads=cluster.threads_per_actor,
             src_prefix=src_prefix, tgt_prefix=tgt_prefix, fmt=fmt, options=option_kwargs,
             batching={"batch_size": batch_size, "max_tokens": max_tokens}, errors=errors,
-            shard_names=names,
+            shard_names=names, shortlist=shortlist[0] if shortlist else None,
+            shortlist_sha256=shortlist[1] if shortlist else None,
         ),
         compute=ray.data.ActorPoolStrategy(size=cluster.actors), batch_size=1, batch_format="numpy",
         num_cpus=cluster.threads_per_actor, num_gpus=cluster.gpus_per_actor or None,

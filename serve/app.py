@@ -1,7 +1,7 @@
 """The HTTP API over ``deltalm.Translator`` (FastAPI on uvicorn).
 
     POST /v1/translate  {"text": ["...", ...], "beam": 5, ...}  ->  {"results": [{"id", "nbest"}, ...]}
-    GET  /health        the process answers
+    GET  /health        the process answers (and names the vocabulary shortlist, if the server uses one)
     GET  /ready         the model is loaded and warmed up (503 before, and while shutting down)
     GET  /metrics       Prometheus text format
     GET  /openapi.json, /docs
@@ -20,6 +20,7 @@ import json
 import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltalm import OptionError, TranslateOptions, Translator, __version__
 from deltalm.errors import DeltaLMError, InputError, TokenizerError
+from deltalm.shortlist import file_sha256
 
 from .batcher import Batcher, BatchLimits, BatchReport, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
@@ -225,6 +227,18 @@ class TranslationService:
         raise ApiError(504, "timeout", f"no answer within the request timeout ({self.limits.timeout_s:g} s)")
 
 
+def describe_shortlist(translator: Translator, path: str | Path | None) -> dict | None:
+    """What /health says of the translator's vocabulary shortlist: None without one; else the
+    file's name and the SHA-256 of its bytes (both None when the shortlist was given as an object,
+    not a file) and how it was built (``Shortlist.info["built_from"]``)."""
+    shortlist = getattr(translator, "shortlist", None)
+    if shortlist is None:
+        return None
+    return {"file": Path(path).name if path is not None else None,
+            "sha256": file_sha256(path) if path is not None else None,
+            "built_from": shortlist.info.get("built_from")}
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -247,10 +261,15 @@ async def _wait_disconnect(receive) -> None:
 
 
 def create_app(translator: Translator, batching: BatchLimits = BatchLimits(),
-               limits: RequestLimits = RequestLimits(), warmup: bool = True) -> FastAPI:
+               limits: RequestLimits = RequestLimits(), warmup: bool = True,
+               shortlist_file: str | Path | None = None) -> FastAPI:
     """The ASGI app. The batcher starts with the app's lifespan (warm-up included: /ready turns
-    200 after it) and drains at shutdown: every accepted request is answered."""
+    200 after it) and drains at shutdown: every accepted request is answered. ``shortlist_file``:
+    the file the translator's shortlist was loaded from, named by /health."""
     service = TranslationService(translator, batching, limits, warmup)
+    health_body: dict[str, Any] = {"status": "ok"}
+    if (shortlist := describe_shortlist(translator, shortlist_file)) is not None:
+        health_body["shortlist"] = shortlist
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -314,9 +333,9 @@ def create_app(translator: Translator, batching: BatchLimits = BatchLimits(),
         metrics.latency.observe(time.monotonic() - t0)
         return response
 
-    @app.get("/health", summary="The process answers")
+    @app.get("/health", summary="The process answers (and names the vocabulary shortlist in use, if any)")
     async def health():
-        return {"status": "ok"}
+        return health_body
 
     @app.get("/ready", summary="The model is loaded and warmed up", responses={503: errors})
     async def ready():

@@ -17,7 +17,8 @@ batches when they do not fit in one.
 
 Beam search and greedy decoding do not depend on what a sentence is batched with, so a result
 equals ``deltalm translate`` on that sentence alone; sampling draws from one generator per batch
-(as fairseq does), so with sampling the result depends on the batch even with a seed.
+(as fairseq does), so with sampling the result depends on the batch even with a seed. So does a
+translator with a vocabulary shortlist: a batch scores the candidates of all its sentences.
 
 A request that is cancelled (client gone, timeout) leaves the queue at once; sentences of it that
 are already being decoded finish with their batch (the others in the batch are not disturbed) and

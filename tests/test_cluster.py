@@ -4,6 +4,7 @@ only the shards an interrupted run left, and an actor killed by its pid loses an
 nothing."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -76,8 +77,9 @@ def corpus(tmp_path_factory) -> Path:
     return d
 
 
-def reference(tiny, path: Path, fmt: str) -> bytes:
-    res = run_cli(["translate", tiny.artifact, "--input", path, "--format", fmt, "--no-progress", *FAST, *SEARCH, *CHUNK])
+def reference(tiny, path: Path, fmt: str, *extra) -> bytes:
+    res = run_cli(["translate", tiny.artifact, "--input", path, "--format", fmt, "--no-progress", *FAST, *SEARCH, *CHUNK,
+                   *extra])
     assert res.rc == 0, res.err
     return res.out
 
@@ -207,3 +209,94 @@ def test_a_line_the_model_cannot_take_is_one_error_naming_its_file_and_line(ray_
     last = res.err.splitlines()[-1]
     assert last.startswith("deltalm: error: ") and "long.txt line 2 has" in last and "--truncate" in last, res.err
     assert not (tmp_path / "out" / "long.txt").exists()
+
+
+# --- with a vocabulary shortlist -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shortlists(tiny, corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """Two different small shortlists of the tiny model, from the corpus's own lines (a parallel
+    corpus of the lines with themselves: tokenizing only)."""
+    from deltalm import Translator, shortlist_from_corpus
+
+    d = tmp_path_factory.mktemp("shortlists")
+    lines = [line for text in FILES.values() for line in text.replace("\ufeff", "").splitlines() if line.strip()]
+    with Translator(tiny.artifact, threads=1) as translator:
+        shortlist_from_corpus(translator, lines, lines, frequent=4, per_source=2).save(d / "a.npz")
+        shortlist_from_corpus(translator, lines, lines[::-1], frequent=12, per_source=6).save(d / "b.npz")
+    return d / "a.npz", d / "b.npz"
+
+
+def test_with_a_shortlist_every_file_is_what_translate_writes_with_it_and_reruns_follow_the_file(
+        ray_runtime, tiny, corpus, shortlists, tmp_path):
+    a, b = shortlists
+    out = tmp_path / "out"
+    res = run_cli(corpus_args(tiny, corpus, out, "--shortlist", a))
+    assert res.rc == 0, res.err
+    assert "4 shard(s) written, 0 already complete" in res.err
+    for name in FILES:
+        assert (out / name).read_bytes() == reference(tiny, corpus / name, "text", "--shortlist", a), name
+    # the shortlist changed some line (else this test could not tell it was used)
+    assert any((out / name).read_bytes() != reference(tiny, corpus / name, "text") for name in FILES)
+
+    # the fingerprint holds the bytes of the file: the same bytes elsewhere are the same shortlist
+    copy = tmp_path / "elsewhere.npz"
+    copy.write_bytes(a.read_bytes())
+    res = run_cli(corpus_args(tiny, corpus, out, "--shortlist", copy))
+    assert res.rc == 0, res.err
+    assert "0 shard(s) written, 4 already complete" in res.err
+    # another shortlist, then none: every shard redone, each time as translate writes it
+    for extra in (["--shortlist", b], []):
+        res = run_cli(corpus_args(tiny, corpus, out, *extra))
+        assert res.rc == 0, res.err
+        assert "4 shard(s) written, 0 already complete" in res.err, extra
+        for name in FILES:
+            assert (out / name).read_bytes() == reference(tiny, corpus / name, "text", *extra), (name, extra)
+
+
+def test_the_fingerprint_holds_the_shortlist_and_its_batching(tiny, shortlists):
+    from deltalm import TranslateOptions
+    from deltalm.cluster.runner import _open_shortlist, _settings
+    from deltalm.cluster.shards import fingerprint
+
+    a, b = shortlists
+
+    def config(shortlist, batch_size=32):
+        opened = _open_shortlist(Path(tiny.artifact), shortlist, None) if shortlist else None
+        return fingerprint(_settings(Path(tiny.artifact), "text", TranslateOptions(), "strict", None, None, None,
+                                     batch_size, None, 2000, opened))
+
+    plain = config(None)
+    assert len({plain, config(a), config(b)}) == 3
+    assert config(None, batch_size=8) == plain  # beam search without a shortlist: batching changes nothing
+    assert config(a, batch_size=8) != config(a)  # with one, a batch's candidates are its sentences'
+
+
+@pytest.mark.parametrize("make, extra, fragment", [
+    (lambda p: p.write_text("not a shortlist\n"), [], "not a shortlist file"),
+    (lambda p: __import__("deltalm").build_shortlist([([5], [6])], 7).save(p), [], "vocabulary of 7"),
+    (None, ["--backend", "torch"], "--shortlist runs with --backend ort"),
+], ids=["not-a-shortlist", "other-vocabulary", "torch-backend"])
+def test_a_bad_shortlist_is_one_line_before_ray_starts(tiny, corpus, shortlists, tmp_path, make, extra, fragment):
+    path = shortlists[0]
+    if make is not None:
+        path = tmp_path / "bad.npz"
+        make(path)
+    res = run_cli(["translate-corpus", tiny.artifact, "--input", corpus / "a.txt", "--output", tmp_path / "out",
+                   "--shortlist", path, *extra])
+    assert_one_line_error(res, fragment)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_an_actor_refuses_a_shortlist_that_is_not_the_runs(tiny, shortlists):
+    from deltalm.cluster.actor import TranslateActor
+    from deltalm.errors import InputError
+
+    a, b = shortlists
+    args = dict(model=str(tiny.artifact), backend=None, device=None, threads=1, src_prefix=None, tgt_prefix=None,
+                fmt="text", options={}, batching={}, errors="strict", shard_names={})
+    with pytest.raises(InputError, match="not the file the run started with"):
+        TranslateActor(**args, shortlist=str(b), shortlist_sha256=hashlib.sha256(a.read_bytes()).hexdigest())
+    with pytest.raises(InputError, match="cannot read the shortlist"):
+        TranslateActor(**args, shortlist=str(a) + ".gone", shortlist_sha256="0" * 64)

@@ -4,6 +4,7 @@ duration. Servers that hold requests back use a long ``--max-wait-ms`` so that w
 known when the test acts (never a race against the clock)."""
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import queue
@@ -144,6 +145,17 @@ def cli_reference(tiny):
 
 
 @pytest.fixture(scope="module")
+def shortlist_file(tiny, tmp_path_factory):
+    """A small shortlist of the tiny model (a parallel corpus of SENTENCES: tokenizing only)."""
+    from deltalm import Translator, shortlist_from_corpus
+
+    path = tmp_path_factory.mktemp("shortlist") / "sl.npz"
+    with Translator(tiny.artifact, threads=1) as translator:
+        shortlist_from_corpus(translator, SENTENCES, SENTENCES[::-1], frequent=8, per_source=4).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def server(tiny):
     """Small limits, so that they are cheap to exceed."""
     s = Server(tiny.artifact, "--max-body-bytes", "4096", "--max-sentences", "8", "--max-sentence-tokens", "24",
@@ -222,6 +234,55 @@ def test_health_ready_and_openapi(server):
 
     assert set(schema["properties"]) == {"text"} | {f.name for f in dataclasses.fields(TranslateOptions)}
     assert "sampling_topk" in schema["properties"] and "topk" not in schema["properties"]
+
+
+def test_a_server_with_a_shortlist_answers_as_translate_with_it_and_health_names_it(tiny, shortlist_file,
+                                                                                       cli_reference):
+    # one request of every sentence, one backend batch: the batch `deltalm translate` makes of the
+    # same lines (with a shortlist a batch scores the candidates of all its sentences)
+    res = run_cli(["translate", tiny.artifact, "--format", "jsonl", "--threads", "1", "--beam", "5", "--max-len-b",
+                   "10", "--shortlist", shortlist_file], stdin="".join(s + "\n" for s in SENTENCES).encode())
+    assert res.rc == 0, res.err
+    want = [json.loads(line) for line in res.lines]
+    # the shortlist changes some translation (else this test could not tell it is used)
+    assert [r["nbest"][0]["tokens"] for r in want] != [r["nbest"][0]["tokens"] for r in cli_reference["beam5"]]
+    s = Server(tiny.artifact, "--shortlist", str(shortlist_file))
+    try:
+        status, _, body = translate(s.port, SENTENCES, **OPTION_SETS["beam5"])
+        assert status == 200, body
+        assert [r["id"] for r in body["results"]] == list(range(len(SENTENCES)))
+        for got, expected in zip(body["results"], want, strict=True):
+            assert_same_translation(got, expected)
+        status, _, health = request(s.port, "GET", "/health")
+        assert status == 200
+        assert health == {"status": "ok", "shortlist": {
+            "file": "sl.npz", "sha256": hashlib.sha256(shortlist_file.read_bytes()).hexdigest(),
+            "built_from": "a parallel corpus"}}
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in "".join(s.stderr)
+
+
+def test_a_bad_shortlist_fails_in_one_line_before_the_port_is_bound(tiny, tmp_path):
+    from deltalm import build_shortlist
+
+    (tmp_path / "text.npz").write_text("not a shortlist\n")
+    build_shortlist([([5], [6])], 7).save(tmp_path / "small.npz")
+    # the port is taken: a server that bound it before reading the shortlist would fail on that
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        for name, fragment in (("text.npz", "not a shortlist file"), ("small.npz", "vocabulary of 7")):
+            done = subprocess.run([str(DELTALM), "serve", str(tiny.artifact), "--port", str(held.getsockname()[1]),
+                                   "--threads", "1", "--shortlist", str(tmp_path / name)],
+                                  capture_output=True, text=True, env=ENV, timeout=WAIT_S)
+            assert done.returncode == 2, done.stderr
+            assert done.stdout == ""  # no ready line
+            lines = done.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("deltalm: error: ") and fragment in lines[0], done.stderr
+    finally:
+        held.close()
 
 
 # --- errors ------------------------------------------------------------------------------------

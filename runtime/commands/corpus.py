@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model")
     m.add_argument("source", help="artifact directory (every node reads it at this path)")
     m.add_argument("--backend", choices=BACKENDS, help="default: ort (trt needs --gpus-per-actor)")
+    m.add_argument("--shortlist", metavar="FILE",
+                   help="vocabulary shortlist of `deltalm shortlist` for every actor (every node reads it at this "
+                        "path; ort): faster, approximate; its SHA-256 is part of the resume fingerprint")
 
     io_ = parser.add_argument_group("input / output")
     io_.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -66,5 +69,5 @@ def run(args) -> int:
     translate_corpus(args.source, args.input, args.output, fmt=args.format, options=opts, batch_size=batch_size,
                      max_tokens=args.max_tokens, chunk_lines=args.chunk_lines, errors=args.errors,
                      backend=args.backend, src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, cluster=cluster,
-                     progress=not args.no_progress and sys.stderr.isatty())
+                     progress=not args.no_progress and sys.stderr.isatty(), shortlist=args.shortlist)
     return 0
