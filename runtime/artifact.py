@@ -3,7 +3,8 @@
 Layout: encoder.onnx, decoder_step.onnx, weights.data (the weights of both graphs, each tensor
 once; artifacts of earlier versions have one .onnx.data per graph, or none), spm.model, dict.txt,
 parity.json, manifest.json, and optionally engines/ (TensorRT). Every file listed in the
-manifest is sha256-checked when the artifact is opened.
+manifest is sha256-checked when the artifact is opened (a file already checked on this machine
+and unchanged since is not read again: ``VerifiedFiles``).
 
 An export writes into a hidden sibling ``.NAME.partial-PID`` and renames it to ``NAME`` when
 complete; replacing an artifact sets the old one aside as ``.NAME.old-PID`` for the moment of the
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .atomic import _stale_work_dir
 from .config import ModelConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, DeltaLMError
 from .graphs import GraphSpec
 from .manifest import FORMAT_VERSION, MANIFEST, GraphEntry, Manifest
 
@@ -116,7 +117,10 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def verify_files(path: Path, manifest: Manifest, names: list[str]) -> None:
-    """Presence and sha256 of ``names`` (those the manifest lists; others are not checked)."""
+    """Presence and sha256 of ``names`` (those the manifest lists; others are not checked).
+    A file this machine already verified and that has not changed since (``VerifiedFiles``) is
+    not read again."""
+    verified = VerifiedFiles.open()
     for name in names:
         digest = manifest.files.get(name)
         if digest is None:
@@ -124,8 +128,77 @@ def verify_files(path: Path, manifest: Manifest, names: list[str]) -> None:
         f = path / name
         if not f.is_file():
             raise ArtifactError(f"{path}: missing file {name} (listed in {MANIFEST})")
+        if verified.known(f, digest):
+            continue
         if sha256_file(f) != digest:
             raise ArtifactError(f"{f}: sha256 mismatch with {MANIFEST}: the file was modified or is corrupt")
+        verified.add(f, digest)
+    verified.save()
+
+
+class VerifiedFiles:
+    """The files whose sha256 this machine has checked, with their identity at the time (device,
+    inode, size, mtime and ctime in ns), in ``$XDG_CACHE_HOME/deltalm/verified.json``: a service
+    restarted on the same artifact does not read 1.5 GB again to hash it. A file whose identity
+    changed in any way (rewritten, copied, replaced, touched) is hashed again; ctime cannot be set
+    from user space, so bytes cannot change under an unchanged identity except below the file
+    system. Like git's index, a file changed within ``RACY_S`` of its check is not recorded (a
+    second write in the same clock tick could keep its times). ``DELTALM_VERIFY=full`` hashes
+    every time; a cache that cannot be read or written is ignored."""
+
+    RACY_S = 2.0
+
+    def __init__(self, path: Path | None, entries: dict):
+        self.path, self.entries, self.changed = path, entries, False
+
+    @classmethod
+    def open(cls) -> "VerifiedFiles":
+        import os
+
+        if os.environ.get("DELTALM_VERIFY") == "full":
+            return cls(None, {})
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        path = root / "deltalm" / "verified.json"
+        try:
+            entries = json.loads(path.read_text())
+            if not isinstance(entries, dict):
+                entries = {}
+        except (OSError, ValueError):
+            entries = {}
+        return cls(path, entries)
+
+    @staticmethod
+    def _identity(f: Path) -> list[int]:
+        st = f.stat()
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def known(self, f: Path, digest: str) -> bool:
+        entry = self.entries.get(str(f.resolve()))
+        return self.path is not None and entry == {"sha256": digest, "identity": self._identity(f)}
+
+    def add(self, f: Path, digest: str) -> None:
+        import time
+
+        if self.path is None:
+            return
+        identity = self._identity(f)
+        if time.time_ns() - max(identity[3], identity[4]) < self.RACY_S * 1e9:
+            return
+        self.entries[str(f.resolve())] = {"sha256": digest, "identity": identity}
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        from .atomic import atomic_output
+
+        try:
+            entries = {k: v for k, v in self.entries.items() if Path(k).exists()}  # forget removed files
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(self.path) as f:
+                f.write(json.dumps(entries).encode())
+        except (OSError, DeltaLMError):  # a read-only home, a full disk: the next load hashes again
+            pass
 
 
 def open_artifact(path: str | Path, verify: bool = True) -> Artifact:

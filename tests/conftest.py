@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the record of verified artifact files (deltalm.artifact.VerifiedFiles) of this test session only
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="deltalm-test-cache-")
 
 
 @pytest.fixture(scope="session")

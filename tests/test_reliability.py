@@ -286,6 +286,60 @@ def test_artifact_file_changed_after_export(artifact, name, command):
     assert_one_line_error(res, f"{artifact / name}: sha256 mismatch with manifest.json")
 
 
+def test_a_file_checked_before_and_unchanged_is_not_read_again_but_any_change_is_caught(artifact, monkeypatch,
+                                                                                        tmp_path):
+    """deltalm.artifact.VerifiedFiles: a restart on the same artifact skips hashing what it
+    already checked; a rewrite (same size), a copy or DELTALM_VERIFY=full hashes again."""
+    import os
+    import shutil
+    import time
+
+    import deltalm.artifact as A
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = A.sha256_file
+    monkeypatch.setattr(A, "sha256_file", lambda f, *a: hashed.append(Path(f).name) or real(f, *a))
+    listed = sorted(A.read_manifest(artifact).files)
+    A.open_artifact(artifact)  # just written: too recent to be recorded (racy), hashed every time
+    assert sorted(hashed) == listed
+    old = time.time() - 10
+    for name in listed:
+        os.utime(artifact / name, (old, old))
+    # ctime stays recent after utime: let the racy window pass once, then record
+    monkeypatch.setattr(A.VerifiedFiles, "RACY_S", 0.0)
+    hashed.clear()
+    A.open_artifact(artifact)
+    assert sorted(hashed) == listed
+    hashed.clear()
+    A.open_artifact(artifact)
+    assert hashed == []  # every file known and unchanged
+    data = bytearray((artifact / "weights.data").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    (artifact / "weights.data").write_bytes(bytes(data))
+    with pytest.raises(A.ArtifactError, match="weights.data: sha256 mismatch"):
+        A.open_artifact(artifact)
+    data[-1] ^= 0xFF
+    (artifact / "weights.data").write_bytes(bytes(data))
+    hashed.clear()
+    A.open_artifact(artifact)
+    assert hashed == ["weights.data"]
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    hashed.clear()
+    A.open_artifact(copy)
+    assert sorted(hashed) == listed
+    monkeypatch.setenv("DELTALM_VERIFY", "full")
+    hashed.clear()
+    A.open_artifact(artifact)
+    assert sorted(hashed) == listed
+    monkeypatch.delenv("DELTALM_VERIFY")
+    (tmp_path / "cache" / "deltalm" / "verified.json").write_text("{not json")  # a broken record is ignored
+    hashed.clear()
+    A.open_artifact(artifact)
+    assert sorted(hashed) == listed
+
+
 def test_manifest_from_a_newer_format_version(artifact):
     path = edit_manifest(artifact, lambda m: m.update(format_version=2))
     translate_fails(artifact, f"{path}: manifest format version 2 is newer than this runtime supports (1)")
