@@ -12,6 +12,11 @@
         (scores [rows, k], ids [rows, k]) with the rules applied when want == "topk", or the raw
         float32 log-probs [rows, vocab] when want == "logprobs".
 
+A backend opened for a vocabulary shortlist (ort, ``shortlist=True``) takes
+``encode(src_tokens, candidates=ids)``: its steps then score only those token ids (ids returned
+are token ids; the log-probs are -inf off the candidates). ``search.generate(..., shortlist)``
+passes each batch's candidates.
+
 ``load_backend`` imports a backend only when asked for: the torch backend lives in export/
 (it needs torch), the others here.
 """
