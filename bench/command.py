@@ -77,15 +77,13 @@ def bench_command(args) -> int:
     # processes also load, spinning made a tiny torch step 130x slower here (1000 ms instead of
     # 8 ms at 2 threads). Set before torch is imported; children (exports, workers) inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.compare == "ctranslate2":
-        _require("ctranslate2", "bench", "--compare ctranslate2")
-    elif args.compare:
-        pass
-    elif args.shortlist:
+    if args.shortlist and args.compare != "shortlist":
         from deltalm.errors import InputError
 
         raise InputError("--shortlist goes with --compare shortlist")
-    else:
+    if args.compare == "ctranslate2":
+        _require("ctranslate2", "bench", "--compare ctranslate2")
+    elif not args.compare:
         _require("matplotlib", "bench", "deltalm bench (its chart)")
         _require("onnx", "export", "deltalm bench (counting the step graph's weights)")
     out = Path(args.out)
@@ -218,6 +216,18 @@ def _full_run(args, out: Path, progress) -> int:
     return 0
 
 
+def _write_report(out: Path, stem: str, results: dict, md: str, progress) -> int:
+    """OUT/STEM.json (every figure) and OUT/STEM.md (the tables), the tables also on stdout."""
+    from .progress import log
+
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    progress.close()
+    print(md)
+    log(f"wrote {out}/{stem}.json, {stem}.md in {results['wall_s']:.0f}s")
+    return 0
+
+
 def _compare_run(args, out: Path, progress) -> int:
     import ctranslate2
 
@@ -256,13 +266,7 @@ def _compare_run(args, out: Path, progress) -> int:
     cmp |= {"ctranslate2_version": ctranslate2.__version__, "seed": 0, "flops_per_token": ct2_step_flops_per_token(cfg)}
     results = {"model": described | {"config": cfg.to_dict(), "size": size}, "machine": machine_info(),
                "exports": exports, "ctranslate2": cmp, "wall_s": round(time.perf_counter() - t_start, 1)}
-    (out / "compare.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    md = format_compare_markdown(results)
-    (out / "compare.md").write_text(md)
-    progress.close()
-    print(md)
-    log(f"wrote {out}/compare.json, compare.md in {results['wall_s']:.0f}s")
-    return 0
+    return _write_report(out, "compare", results, format_compare_markdown(results), progress)
 
 
 def _shortlist_run(args, out: Path, progress) -> int:
@@ -310,13 +314,7 @@ def _shortlist_run(args, out: Path, progress) -> int:
     results = {"model": described | {"config": cfg.to_dict(), "size": size}, "machine": machine_info(),
                "exports": exports, "shortlist": cmp | {"file": str(path), "info": shortlist.info, "agreement": agreement},
                "wall_s": round(time.perf_counter() - t_start, 1)}
-    (out / "shortlist.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    md = format_shortlist_markdown(results)
-    (out / "shortlist.md").write_text(md)
-    progress.close()
-    print(md)
-    log(f"wrote {out}/shortlist.json, shortlist.md in {results['wall_s']:.0f}s")
-    return 0
+    return _write_report(out, "shortlist", results, format_shortlist_markdown(results), progress)
 
 
 def run(args) -> int:

@@ -155,13 +155,18 @@ def detail_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def machine_line(m: dict) -> str:
+    """The machine and the versions a report's figures were taken with, one sentence."""
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; "
+            + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".")
+
+
 def format_markdown(results: dict) -> str:
     m, fl, st = results["machine"], results["floors"], results["settings"]
     cfg = results["model"]["config"]
     lines = [f"# deltalm bench: {results['model']['name']} ({cfg['embed_dim']}d, {cfg['encoder_layers']}+{cfg['decoder_layers']} "
              f"layers, vocab {cfg['vocab_size']})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; " +
-             ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "",
+             machine_line(m), "",
              f"Floors measured here ({m['cores']} threads, best of numpy and ONNX Runtime, before and after the run): fp32 GEMM "
              f"{fl['gemm_gflops']:.0f} GFLOP/s ({fl['gemm_n']}^3; numpy {fl.get('gemm_numpy_gflops', 0):.0f}, "
              f"ORT MatMul {fl.get('gemm_ort_gflops', 0):.0f}), read bandwidth {fl['read_gbs']:.1f} GB/s (sum of "
@@ -345,8 +350,7 @@ def format_compare_markdown(results: dict) -> str:
     cfg = results["model"]["config"]
     lines = [f"# deltalm bench --compare ctranslate2: {results['model']['name']} ({cfg['embed_dim']}d, "
              f"{cfg['encoder_layers']}+{cfg['decoder_layers']} layers, ffn {cfg['ffn_dim']}, vocab {cfg['vocab_size']})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; " +
-             ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "", compare_section(results["ctranslate2"])]
+             machine_line(m), "", compare_section(results["ctranslate2"])]
     return "\n".join(lines) + "\n"
 
 
@@ -361,8 +365,7 @@ def format_shortlist_markdown(results: dict) -> str:
     v = cfg["vocab_size"]
     lines = [f"# deltalm bench --compare shortlist: {results['model']['name']} ({cfg['embed_dim']}d, "
              f"{cfg['encoder_layers']}+{cfg['decoder_layers']} layers, vocab {v})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; " +
-             ", ".join(f"{k} {val}" for k, val in m["versions"].items()) + ".", "",
+             machine_line(m), "",
              f"Shortlist: {sl['info'].get('built_from', '?')}. Every sentence forced to {sl['n'] + 1} decoder steps; "
              f"src ~{sl['workloads'][0][2]} random pieces; {sl['threads']} threads; medians of {sl['reps']} repetitions, "
              "the two engines (each in its own process) taking turns. `†`: the machine was not quiet before the cell.", "",
