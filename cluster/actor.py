@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
+from ..artifact import sha256_file
 from ..errors import DeltaLMError, InputError
-from ..shortlist import file_sha256
 from ..translator import Translator, format_translation
 from .shards import BOM
 
@@ -92,7 +92,7 @@ def _check_shortlist_file(path: str, sha256: str) -> None:
     outputs under that fingerprint: another file on some node would mix outputs)."""
     host = socket.gethostname()
     try:
-        digest = file_sha256(path)
+        digest = sha256_file(path)
     except OSError as e:
         raise InputError(f"cannot read the shortlist {path} on {host}: {e.strerror or e} (every node must "
                          f"read it at this path)") from None

@@ -205,8 +205,8 @@ def _open_shortlist(model: Path, path: str | Path, backend: str | None) -> tuple
     """(absolute path, SHA-256 of the bytes) of a shortlist file, checked here in the driver
     before Ray starts (format, and the dictionary of the model it was built for), so that a wrong
     file is one line at once rather than failing actors after the cluster started."""
-    from ..artifact import MANIFEST, read_manifest
-    from ..shortlist import Shortlist, file_sha256
+    from ..artifact import MANIFEST, read_manifest, sha256_file
+    from ..shortlist import Shortlist
     from ..tokenizer import Dictionary
 
     if (backend or "ort") != "ort":
@@ -218,7 +218,7 @@ def _open_shortlist(model: Path, path: str | Path, backend: str | None) -> tuple
     if dict_path.is_file():
         loaded.check_dictionary(dict_path, len(Dictionary.load(dict_path)))
     resolved = Path(path).resolve()
-    return str(resolved), file_sha256(resolved)
+    return str(resolved), sha256_file(resolved)
 
 
 def _settings(model: Path, fmt, options, errors, backend, src_prefix, tgt_prefix, batch_size, max_tokens,

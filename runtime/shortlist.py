@@ -21,7 +21,6 @@ dictionary it was built with, how it was built). Numpy only: no torch.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterable, Sequence
@@ -30,20 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import sha256_file
 from .atomic import atomic_output
 from .errors import InputError
 
 FORMAT = "deltalm-shortlist/1"
 FREQUENT = 500
 PER_SOURCE = 30
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,7 +65,7 @@ class Shortlist:
         """InputError unless this shortlist was built for that vocabulary (and dictionary file)."""
         if vocab_size != self.vocab_size:
             raise InputError(f"the shortlist was built for a vocabulary of {self.vocab_size}, the model has {vocab_size}")
-        if dict_path is not None and self.dictionary_sha256 and file_sha256(dict_path) != self.dictionary_sha256:
+        if dict_path is not None and self.dictionary_sha256 and sha256_file(dict_path) != self.dictionary_sha256:
             raise InputError(f"the shortlist was built with another dictionary than {dict_path}")
 
     def save(self, path: str | Path) -> None:
@@ -197,6 +189,6 @@ def shortlist_from_corpus(translator, sources: Iterable[str], targets: Iterable[
         how = "a parallel corpus"
     pairs = ((tok.encode(s), t) for s, t in zip(src_lines, tgt_ids))
     dict_path = getattr(tok, "dict_path", None)
-    digest = file_sha256(dict_path) if dict_path else ""
+    digest = sha256_file(dict_path) if dict_path else ""
     return build_shortlist(pairs, len(tok), ignore=sorted(ignore), dictionary_sha256=digest,
                            info={"built_from": how}, **build)

@@ -30,8 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltalm import OptionError, TranslateOptions, Translator, __version__
+from deltalm.artifact import sha256_file
 from deltalm.errors import DeltaLMError, InputError, TokenizerError
-from deltalm.shortlist import file_sha256
 
 from .batcher import Batcher, BatchLimits, BatchReport, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
@@ -235,7 +235,7 @@ def describe_shortlist(translator: Translator, path: str | Path | None) -> dict 
     if shortlist is None:
         return None
     return {"file": Path(path).name if path is not None else None,
-            "sha256": file_sha256(path) if path is not None else None,
+            "sha256": sha256_file(path) if path is not None else None,
             "built_from": shortlist.info.get("built_from")}
 
 
