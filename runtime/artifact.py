@@ -128,11 +128,12 @@ def verify_files(path: Path, manifest: Manifest, names: list[str]) -> None:
         f = path / name
         if not f.is_file():
             raise ArtifactError(f"{path}: missing file {name} (listed in {MANIFEST})")
-        if verified.known(f, digest):
+        before = VerifiedFiles.identity(f)
+        if verified.known(f, digest, before):
             continue
         if sha256_file(f) != digest:
             raise ArtifactError(f"{f}: sha256 mismatch with {MANIFEST}: the file was modified or is corrupt")
-        verified.add(f, digest)
+        verified.add(f, digest, before)
     verified.save()
 
 
@@ -168,20 +169,21 @@ class VerifiedFiles:
         return cls(path, entries)
 
     @staticmethod
-    def _identity(f: Path) -> list[int]:
+    def identity(f: Path) -> list[int]:
         st = f.stat()
         return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
-    def known(self, f: Path, digest: str) -> bool:
+    def known(self, f: Path, digest: str, identity: list[int]) -> bool:
         entry = self.entries.get(str(f.resolve()))
-        return self.path is not None and entry == {"sha256": digest, "identity": self._identity(f)}
+        return self.path is not None and entry == {"sha256": digest, "identity": identity}
 
-    def add(self, f: Path, digest: str) -> None:
+    def add(self, f: Path, digest: str, identity: list[int]) -> None:
+        """Record ``f`` as matching ``digest``, hashed while it had ``identity``: not recorded if it
+        changed meanwhile (the bytes hashed may be a mix of two versions) or too recently."""
         import time
 
-        if self.path is None:
+        if self.path is None or self.identity(f) != identity:
             return
-        identity = self._identity(f)
         if time.time_ns() - max(identity[3], identity[4]) < self.RACY_S * 1e9:
             return
         self.entries[str(f.resolve())] = {"sha256": digest, "identity": identity}

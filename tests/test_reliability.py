@@ -334,6 +334,16 @@ def test_a_file_checked_before_and_unchanged_is_not_read_again_but_any_change_is
     A.open_artifact(artifact)
     assert sorted(hashed) == listed
     monkeypatch.delenv("DELTALM_VERIFY")
+    # a file that changed while it was hashed is not recorded (the bytes hashed may mix two versions)
+    record = A.VerifiedFiles.open()
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"x")
+    os.utime(fresh, (old, old))
+    seen = A.VerifiedFiles.identity(fresh)
+    record.add(fresh, "0" * 64, [*seen[:4], seen[4] - 1])
+    assert str(fresh.resolve()) not in record.entries
+    record.add(fresh, "0" * 64, seen)
+    assert record.entries[str(fresh.resolve())] == {"sha256": "0" * 64, "identity": seen}
     (tmp_path / "cache" / "deltalm" / "verified.json").write_text("{not json")  # a broken record is ignored
     hashed.clear()
     A.open_artifact(artifact)
