@@ -21,13 +21,15 @@ CONTENDED = 0.10  # a cell during which other processes took more of the CPU tha
 
 
 class TimedBackend:
-    """Wraps a backend and records the wall time of every ``encode`` and ``step`` call. The
+    """Wraps a backend and records the wall time of every ``encode`` and ``run_step`` call. The
     backends return host arrays, so a call's wall time includes its device work."""
 
     def __init__(self, inner):
         self.inner = inner
         self.cfg = inner.cfg
         self.topk = inner.topk
+        self.step_spec = inner.step_spec
+        self.float_dtype = inner.float_dtype
         self.encode_s: list[float] = []
         self.step_s: list[float] = []
 
@@ -40,11 +42,14 @@ class TimedBackend:
         self.encode_s.append(time.perf_counter() - t0)
         return state
 
-    def step(self, *args, **kwargs):
+    def run_step(self, feeds):
         t0 = time.perf_counter()
-        out = self.inner.step(*args, **kwargs)
+        out = self.inner.run_step(feeds)
         self.step_s.append(time.perf_counter() - t0)
         return out
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def generate_timed(timed: TimedBackend, src: np.ndarray, beam: int, n: int) -> dict:

@@ -53,7 +53,7 @@ class OursEngine:
         cfg = self.cfg
         src = make_sources(cfg.vocab_size, cfg.eos, cfg.pad, batch, src_len, seed)
         t0 = time.perf_counter()
-        hyps = generate(self.backend, src, forced_length_options(beam, n), self.shortlist)
+        hyps = generate(self.backend, src, forced_length_options(beam, n), shortlist=self.shortlist)
         total = time.perf_counter() - t0
         if {len(h[0].tokens) for h in hyps} != {n + 1}:
             raise RuntimeError(f"ours: forced length {n} + </s> not respected")

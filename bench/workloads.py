@@ -47,9 +47,9 @@ def make_sources(vocab_size: int, eos: int, pad: int, batch: int, src_len: int, 
 
 def forced_length_options(beam: int, n: int):
     """Every hypothesis gets exactly n tokens and then </s>: n + 1 decoder steps."""
-    from deltalm.search import SearchOptions
+    from deltalm.options import TranslateOptions
 
-    return SearchOptions(beam=beam, nbest=1, max_len_a=0.0, max_len_b=n, min_len=n)
+    return TranslateOptions(beam=beam, nbest=1, max_len_a=0.0, max_len_b=n, min_len=n)
 
 
 def time_stats(seconds) -> dict:

@@ -7,9 +7,22 @@ import torch
 import torch.nn as nn
 
 from deltalm.config import ModelConfig
-from deltalm.graphs import GraphSpec, cross_names, decoder_step_shortlist_spec, decoder_step_spec, encoder_spec, past_names
+from deltalm.graphs import (
+    RULES_MARGIN,
+    GraphSpec,
+    cache_names,
+    cross_names,
+    decoder_step_shortlist_spec,
+    decoder_step_spec,
+    encoder_spec,
+)
 
 NEG_INF = float("-inf")
+
+
+def _per_row(rule: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row rule [N] broadcast against [N, T, X]."""
+    return rule.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def apply_rules(
@@ -20,21 +33,22 @@ def apply_rules(
     only_eos: torch.Tensor,
     unk_penalty: torch.Tensor,
 ) -> torch.Tensor:
-    """fairseq's per-step edits of the full log-probs [rows, V] (reference for ``topk_with_rules``;
-    mirrors ``runtime/search.py:apply_rules``)."""
+    """fairseq's per-step edits of the full log-probs [N, T, V], each rule per row [N] (reference
+    for ``topk_with_rules``; mirrors ``runtime/search.py:apply_rules``)."""
     cols = torch.arange(cfg.vocab_size, dtype=torch.int64, device=log_probs.device)
-    is_eos = (cols == cfg.eos).unsqueeze(0)
+    is_eos = cols == cfg.eos
     lp = log_probs.masked_fill(torch.isnan(log_probs), NEG_INF)
-    lp = lp.masked_fill((cols == cfg.pad).unsqueeze(0), NEG_INF)
-    lp = torch.where((cols == cfg.unk).unsqueeze(0), lp - unk_penalty.to(lp.dtype), lp)
-    lp = lp.masked_fill(only_eos & ~is_eos, NEG_INF)
-    forced = forced_tokens.unsqueeze(1)
-    lp = lp.masked_fill((forced >= 0) & (cols.unsqueeze(0) != forced), NEG_INF)
-    return lp.masked_fill(ban_eos & is_eos, NEG_INF)
+    lp = lp.masked_fill(cols == cfg.pad, NEG_INF)
+    lp = torch.where(cols == cfg.unk, lp - _per_row(unk_penalty, lp).to(lp.dtype), lp)
+    lp = lp.masked_fill(_per_row(only_eos, lp) & ~is_eos, NEG_INF)
+    forced = _per_row(forced_tokens, lp)
+    lp = lp.masked_fill((forced >= 0) & (cols != forced), NEG_INF)
+    return lp.masked_fill(_per_row(ban_eos, lp) & is_eos, NEG_INF)
 
 
 def topk_with_rules(
-    log_probs: torch.Tensor,
+    logits: torch.Tensor,
+    lse: torch.Tensor,
     k: int,
     cfg: ModelConfig,
     forced_tokens: torch.Tensor,
@@ -43,43 +57,53 @@ def topk_with_rules(
     unk_penalty: torch.Tensor,
     columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ``apply_rules(log_probs, ...)`` without touching the full [rows, V] tensor more
-    than the top-k itself does: the rules change at most three columns (pad and eos can only drop
-    out, unk can only fall), so the ruled top-k lies within the raw top-(k + 3), where the rules are
-    applied; rows with a forced token or with only eos allowed have exactly one finite entry, read
-    by a gather. log_probs [rows, V] float32 -> scores [rows, k], ids [rows, k].
+    """Top-k of ``apply_rules(logits - lse, ...)`` without building the [N, T, V] log-probs: a
+    row's order is the same on its logits, so the raw top-(k + RULES_MARGIN) of the logits is
+    taken, ``lse`` (the row's log-sum-exp) subtracted from those only, and the rules applied there
+    (they change at most RULES_MARGIN columns: pad and eos can only drop out, unk can only fall);
+    rows with a forced token or with only eos allowed have exactly one finite entry, read by a
+    gather. logits [N, T, V] float32, lse [N, T, 1], rules per row [N] -> scores [N, T, k], ids
+    [N, T, k].
 
-    ``columns`` [C] (a vocabulary shortlist): log_probs is [rows, C], column j for token
-    ``columns[j]``; at least k + 3 columns; a forced token or eos missing from them scores -inf."""
-    wide = min(k + 3, cfg.vocab_size)
-    vals, ids = torch.topk(log_probs, wide, dim=-1)
+    ``columns`` [C] (a vocabulary shortlist): logits is [N, T, C], column j for token
+    ``columns[j]``; at least k + RULES_MARGIN columns; a forced token or eos missing from them
+    scores -inf."""
+    wide = min(k + RULES_MARGIN, logits.shape[-1])
+    vals, ids = torch.topk(logits, wide, dim=-1)
+    vals = vals - lse
     if columns is not None:
         ids = columns[ids]
+    penalty, ban, only = _per_row(unk_penalty, vals), _per_row(ban_eos, vals), _per_row(only_eos, vals)
     vals = vals.masked_fill(torch.isnan(vals), NEG_INF)
     vals = vals.masked_fill(ids == cfg.pad, NEG_INF)
-    vals = torch.where(ids == cfg.unk, vals - unk_penalty, vals)
-    vals = vals.masked_fill(ban_eos & (ids == cfg.eos), NEG_INF)
+    vals = torch.where(ids == cfg.unk, vals - penalty, vals)
+    vals = vals.masked_fill(ban & (ids == cfg.eos), NEG_INF)
     # rows with exactly one allowed token: the forced prefix token, or eos at max_len
-    forced = forced_tokens.unsqueeze(1)
+    forced = _per_row(forced_tokens, vals).expand(-1, vals.shape[1], 1)  # [N, T, 1]
     has_forced = forced >= 0
     single_id = torch.where(has_forced, forced, torch.full_like(forced, cfg.eos))
-    if columns is None:
-        single = log_probs.gather(1, single_id)
-    else:  # the column holding single_id, if any
-        match = columns.unsqueeze(0) == single_id
-        single = log_probs.gather(1, match.to(torch.int64).argmax(dim=1, keepdim=True))
-        single = single.masked_fill(~match.any(dim=1, keepdim=True), NEG_INF)
-    single = torch.where(single_id == cfg.unk, single - unk_penalty, single)
+    single = _scores_of(logits, lse, single_id, columns)
+    single = torch.where(single_id == cfg.unk, single - penalty, single)
     # (the search never combines these rules so; kept equal to apply_rules anyway)
     single = single.masked_fill(
-        torch.isnan(single) | (only_eos & (single_id != cfg.eos)) | (ban_eos & (single_id == cfg.eos)), NEG_INF
+        torch.isnan(single) | (only & (single_id != cfg.eos)) | (ban & (single_id == cfg.eos)), NEG_INF
     )
-    is_single = has_forced | only_eos
-    first = (torch.arange(wide, device=log_probs.device) == 0).unsqueeze(0)
+    is_single = has_forced | only
+    first = torch.arange(wide, device=logits.device) == 0
     vals = torch.where(is_single, torch.where(first, single, torch.full_like(vals, NEG_INF)), vals)
     ids = torch.where(is_single & first, single_id, ids)
     scores, order = torch.topk(vals, k, dim=-1)
-    return scores, ids.gather(1, order)
+    return scores, ids.gather(-1, order)
+
+
+def _scores_of(logits: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """Raw log-probs of token ``ids`` [N, T, M] from logits [N, T, V] (or [N, T, C] over the
+    shortlist ``columns``: an id that is not a candidate scores -inf)."""
+    if columns is None:
+        return logits.gather(-1, ids) - lse
+    match = columns == ids.unsqueeze(-1)  # [N, T, M, C]
+    found = logits.gather(-1, match.to(torch.int64).argmax(dim=-1)) - lse
+    return found.masked_fill(~match.any(dim=-1), NEG_INF)
 
 
 class EncoderGraph(nn.Module):
@@ -105,10 +129,14 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoder step with in-graph beam reorder, sentence selection, rules and top-k.
-    ``forward`` takes the inputs positionally in the order of ``decoder_step_spec(cfg, k)`` (as
-    the ONNX exporter passes them) and reads them by name from there on; build them by name with
-    ``inputs(feeds)``. Outputs in the order of the spec."""
+    """The decoder on new tokens of many rows, each at its own position, with the search rules
+    and the top-k in the graph (``decoder_step_spec``). ``forward`` takes the inputs positionally
+    in the order of the spec (as the ONNX exporter passes them) and reads them by name from there
+    on; build them by name with ``inputs(feeds)``. Outputs in the order of the spec.
+
+    The [rows, vocabulary] tensors are what a step costs in memory: the logits are built once, the
+    top-k and the scored ids read them with the row's log-sum-exp, and the log-probs are only built
+    when ``want_log_probs`` (their vocabulary axis is 0 otherwise)."""
 
     def __init__(self, model: nn.Module, k: int, shortlist: bool = False):
         super().__init__()
@@ -134,18 +162,24 @@ class DecoderStepGraph(nn.Module):
 
     def forward(self, *inputs):
         f = dict(zip(self.input_names, inputs, strict=True))
-        reorder, sent_index = f["reorder"], f["sent_index"]
         layers = range(self.cfg.decoder_layers)
-        past = [tuple(f[name].index_select(0, reorder) for name in past_names(i)) for i in layers]
-        cross = [tuple(f[name].index_select(0, sent_index) for name in cross_names(i)) for i in layers]
-        padding = f["src_padding"].index_select(0, sent_index)
+        cache = [tuple(f[name] for name in cache_names(i)) for i in layers]
+        cross = [tuple(f[name] for name in cross_names(i)) for i in layers]
         candidates = f.get("candidates")
-        logits, present = self.model.decoder.step(f["tokens"], f["step"], past, cross, padding, candidates)
-        # LogSoftmax is one fused kernel in ONNX Runtime (ReduceLogSumExp + Sub was 9x slower)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        scores, ids = topk_with_rules(log_probs, self.k, self.cfg, f["forced_tokens"], f["ban_eos"], f["only_eos"],
+        tokens = f["tokens"]
+        hidden, new = self.model.decoder.step(tokens, f["positions"], cache, cross, f["src_padding"])
+        n, t = tokens.shape
+        # the projection on [N * T, D]: a 2-D Gemm on the table itself once exported (onnx_export)
+        logits = self.model.decoder.project(hidden.reshape(n * t, -1), candidates).float().reshape(n, t, -1)
+        peak = logits.amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        lse = peak + torch.log(torch.exp(logits - peak).sum(dim=-1, keepdim=True))
+        scores, ids = topk_with_rules(logits, lse, self.k, self.cfg, f["forced_tokens"], f["ban_eos"], f["only_eos"],
                                       f["unk_penalty"], candidates)
-        outs = [scores, ids, log_probs]
-        for k, v in present:
+        token_scores = _scores_of(logits, lse, f["score_ids"], candidates)
+        width = f["want_log_probs"].to(torch.int64).reshape(1) * logits.shape[-1]  # all columns, or none
+        log_probs = logits[:, :, :width] - lse
+        outs = [scores, ids, token_scores, log_probs]
+        for k, v in new:
             outs += [k, v]
         return tuple(outs)

@@ -64,6 +64,18 @@ class Attention(nn.Module):
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return torch.matmul(probs, v)
 
+    def attend_cached(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_blocked: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """Self-attention over a row's cached keys and its new ones, without joining them into
+        one tensor (the cache is the caller's, read in place): q / k / v [N, H, T, hd] of the new
+        tokens, cache_k / cache_v [N, H, L, hd], cache_blocked bool broadcastable to [N, H, T, L],
+        blocked [T, T] (causal) -> [N, H, T, hd]. One softmax (float32) over both blocks."""
+        scores = torch.cat([torch.matmul(q, cache_k.transpose(-1, -2)).masked_fill(cache_blocked, float("-inf")),
+                            torch.matmul(q, k.transpose(-1, -2)).masked_fill(blocked, float("-inf"))], dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        cached = cache_k.shape[2]
+        return torch.matmul(probs[..., :cached], cache_v) + torch.matmul(probs[..., cached:], v)
+
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, T, hd] -> out_proj([B, T, D])."""
         b, _, t, _ = x.shape
@@ -116,22 +128,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        past_k: torch.Tensor,
-        past_v: torch.Tensor,
-        self_blocked: torch.Tensor | None,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        cache_blocked: torch.Tensor,
+        blocked: torch.Tensor,
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
         cross_blocked: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, T, D]; past_k/v [N, H, P, hd] (P may be 0); self_blocked bool broadcastable to
-        [N, H, T, P + T] or None; cross_k/v [B, H, S, hd] with N = B * G rows grouped by
-        sentence; cross_blocked [B, 1, 1, S].
-        Returns x [N, T, D] and the self-attention keys/values [N, H, P + T, hd]."""
+        """x [N, T, D] (T new tokens per row); cache_k/v [N, H, L, hd] (the row's earlier tokens;
+        L may be 0), cache_blocked bool broadcastable to [N, H, T, L] (True: not one of the row's
+        tokens), blocked [T, T] (causal among the new tokens); cross_k/v [B, H, S, hd] with
+        N = B * G rows grouped by sentence; cross_blocked [B, 1, 1, S].
+        Returns x [N, T, D] and the new tokens' self-attention keys/values [N, H, T, hd]."""
         sa = self.self_attn
-        k_new, v_new = sa.project_kv(x)
-        k = torch.cat([past_k, k_new], dim=2)
-        v = torch.cat([past_v, v_new], dim=2)
-        x = self.self_attn_layer_norm(x + sa.merge(sa.attend(sa.project_q(x), k, v, self_blocked)))
+        k, v = sa.project_kv(x)
+        attended = sa.attend_cached(sa.project_q(x), cache_k, cache_v, cache_blocked, k, v, blocked)
+        x = self.self_attn_layer_norm(x + sa.merge(attended))
         x = self.ffn_layer_norm(x + FeedForward.apply(self.fc3, self.fc4, x))
         x = self.encoder_attn_layer_norm(x + self._cross_attend(x, cross_k, cross_v, cross_blocked))
         x = self.final_layer_norm(x + FeedForward.apply(self.fc1, self.fc2, x))
@@ -203,55 +216,60 @@ class Decoder(_Embedded):
         """encoder_out [B, S, D] -> per layer (key, value) [B, H, S, hd], computed once per source."""
         return [layer.encoder_attn.project_kv(encoder_out) for layer in self.layers]
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.output_projection.weight)
-
-    def run_layers(self, x, past, self_blocked, cross, cross_blocked):
-        present = []
-        for layer, (pk, pv), (ck, cv) in zip(self.layers, past, cross):
-            x, k, v = layer(x, pk, pv, self_blocked, ck, cv, cross_blocked)
-            present.append((k, v))
-        return x, present
+    def run_layers(self, x, cache, cache_blocked, blocked, cross, cross_blocked):
+        new = []
+        for layer, (ck, cv), (xk, xv) in zip(self.layers, cache, cross):
+            x, k, v = layer(x, ck, cv, cache_blocked, blocked, xk, xv, cross_blocked)
+            new.append((k, v))
+        return x, new
 
     def forward(self, prev_tokens, cross, src_padding):
         """Teacher-forced: prev_tokens [B, T] (starting with </s>) -> hidden [B, T, D]."""
         b, t = prev_tokens.shape
         x = self.embed(prev_tokens, make_positions(prev_tokens, self.cfg))
         empty = cross[0][0].new_zeros(b, self.cfg.heads, 0, self.cfg.head_dim)
-        past = [(empty, empty)] * len(self.layers)
+        cache_blocked = torch.zeros(1, 1, 1, 0, dtype=torch.bool, device=prev_tokens.device)
         causal = torch.ones(t, t, dtype=torch.bool, device=prev_tokens.device).triu(1)
-        x, _ = self.run_layers(x, past, causal, cross, src_padding[:, None, None, :])
+        x, _ = self.run_layers(x, [(empty, empty)] * len(self.layers), cache_blocked, causal, cross,
+                               src_padding[:, None, None, :])
         return x
 
     def step(
         self,
         tokens: torch.Tensor,
-        step: torch.Tensor,
-        past: list[tuple[torch.Tensor, torch.Tensor]],
+        positions: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
         cross: list[tuple[torch.Tensor, torch.Tensor]],
         src_padding: torch.Tensor,
-        candidates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """One new token per hypothesis.
+        """New tokens of many rows, each row at its own position.
 
-        tokens [N] int64, step: 0-d int64 (the token fed at step t sits at position
-        t + first_position), past: per layer (k, v) [N, H, P, hd] already in the rows' order,
-        cross: per layer (k, v) [B, H, S, hd] with N = B * G, src_padding [B, S] bool;
-        candidates [C] int64 (a vocabulary shortlist) or None (the whole vocabulary).
-        Returns logits [N, V] (with candidates: [N, C], column j for token candidates[j]) and per
-        layer (k, v) [N, H, P + 1, hd]."""
-        positions = (step + self.cfg.first_position).reshape(1, 1).expand(tokens.shape[0], 1)
+        tokens [N, T] int64; positions [N] int64 (tokens already in the row's cache: the token
+        fed at step t sits at position t + first_position); cache per layer (k, v) [N, H, L, hd],
+        valid at [0, positions); cross per layer (k, v) [B, H, S, hd] with N = B * G;
+        src_padding [B, S] bool. Returns hidden [N, T, D] and per layer the new tokens' (k, v)
+        [N, H, T, hd]. With an empty cache and all positions 0 this is the teacher-forced pass
+        over a target without padding."""
+        t = tokens.shape[1]
+        offsets = torch.arange(t, dtype=torch.int64, device=tokens.device)
+        pos = positions.unsqueeze(1) + offsets.unsqueeze(0) + self.cfg.first_position  # [N, T]
         # Rows of the [V, D] table, as the encoder reads them: the exporter stores the table once
         # for both graphs and computes the projection from the same bytes (``onnx_export``).
-        table = self.output_projection.weight
-        tok = table.index_select(0, tokens).unsqueeze(1)  # [N, 1, D]
-        x = tok + self.embed_positions(positions)
+        x = F.embedding(tokens, self.output_projection.weight) + self.embed_positions(pos)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
-        x, present = self.run_layers(x, past, None, cross, src_padding[:, None, None, :])
-        if candidates is not None:  # the projection computed for the shortlist's rows only
+        cached = torch.arange(cache[0][0].shape[2], dtype=torch.int64, device=tokens.device)
+        cache_blocked = (cached.unsqueeze(0) >= positions.unsqueeze(1))[:, None, None, :]  # [N, 1, 1, L]
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        return self.run_layers(x, cache, cache_blocked, causal, cross, src_padding[:, None, None, :])
+
+    def project(self, hidden: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., D] -> logits [..., V] (with candidates [C], a vocabulary shortlist: [..., C],
+        column j for token candidates[j], computed from those rows of the table only)."""
+        table = self.output_projection.weight
+        if candidates is not None:
             table = table.index_select(0, candidates)
-        return torch.matmul(x[:, 0], table.t()), present
+        return torch.matmul(hidden, table.t())
 
 
 class DeltaLM(nn.Module):
@@ -268,7 +286,7 @@ class DeltaLM(nn.Module):
         """Teacher-forced log-probs [B, T, V] float32."""
         enc, padding = self.encoder(src_tokens)
         x = self.decoder(prev_tokens, self.decoder.cross_kv(enc), padding)
-        return torch.log_softmax(self.decoder.logits(x).float(), dim=-1)
+        return torch.log_softmax(self.decoder.project(x).float(), dim=-1)
 
 
 class MLMHead(nn.Module):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltalm.graphs import GraphSpec, cross_names, past_names
+from deltalm.graphs import GraphSpec, cache_names, cross_names, per_layer
 
 from .graphs import DecoderStepGraph, EncoderGraph
 
@@ -32,26 +32,28 @@ def encoder_trace_inputs(cfg) -> tuple[torch.Tensor]:
 
 
 def step_trace_inputs(step_graph, k_cross: list[torch.Tensor], src: torch.Tensor) -> tuple:
-    """rows = 2 sentences x 2 hypotheses, past_len 3: shapes distinct from every size-1 axis.
-    k_cross: the encoder's cross K/V outputs, in the order of its spec."""
+    """2 sentences x 2 hypotheses, 3 new tokens per row, a cache of 5 positions (rows 2 and 3
+    at positions), 2 scored ids: every axis a size of its own, none of them 1, and the log-probs
+    asked for (the traced slice keeps its width as an input). k_cross: the encoder's cross K/V
+    outputs, in the order of its spec."""
     cfg = step_graph.cfg
-    rows, past_len = 4, 3
+    rows, new_len, cache_len = 4, 3, 5
     g = torch.Generator().manual_seed(0)
     feeds = {
-        "tokens": torch.tensor([5, 6, 7, 8]).clamp(max=cfg.vocab_size - 1),
-        "step": torch.tensor(3, dtype=torch.int64),
-        "reorder": torch.tensor([1, 0, 3, 3]),
-        "sent_index": torch.tensor([0, 1]),
+        "tokens": torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]]).clamp(max=cfg.vocab_size - 1),
+        "positions": torch.tensor([0, 2, 5, 4]),
         "src_padding": src.eq(cfg.pad),
-        "forced_tokens": torch.full((rows,), -1, dtype=torch.int64),
-        "ban_eos": torch.tensor(False),
-        "only_eos": torch.tensor(False),
-        "unk_penalty": torch.tensor(0.0),
+        "forced_tokens": torch.tensor([-1, -1, 4, -1]).clamp(max=cfg.vocab_size - 1),
+        "ban_eos": torch.tensor([False, True, False, False]),
+        "only_eos": torch.tensor([False, False, False, True]),
+        "unk_penalty": torch.tensor([0.0, 0.5, 0.0, 1.0]),
+        "score_ids": torch.arange(rows * new_len * 2).reshape(rows, new_len, 2) % cfg.vocab_size,
+        "want_log_probs": torch.tensor(True),
     }
     for i in range(cfg.decoder_layers):
-        for name in past_names(i):
-            feeds[name] = torch.randn(rows, cfg.heads, past_len, cfg.head_dim, generator=g)
-    feeds |= dict(zip([n for i in range(cfg.decoder_layers) for n in cross_names(i)], k_cross, strict=True))
+        for name in cache_names(i):
+            feeds[name] = torch.randn(rows, cfg.heads, cache_len, cfg.head_dim, generator=g)
+    feeds |= dict(zip(per_layer(cfg, cross_names), k_cross, strict=True))
     if step_graph.shortlist:  # k + 7 candidates: a length distinct from every other axis
         feeds["candidates"] = torch.arange(min(cfg.vocab_size, step_graph.k + 7), dtype=torch.int64)
     return step_graph.inputs(feeds)
@@ -229,7 +231,49 @@ def _convert_fp16(model, spec16: GraphSpec):
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     keep = [t.name for t in spec16.inputs + spec16.outputs if t.dtype == "float32"]
-    return convert_float_to_float16(model, keep_io_types=keep, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_BLOCKED_OPS)
+    return convert_float_to_float16(model, keep_io_types=keep, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_BLOCKED_OPS,
+                                    node_block_list=head_nodes(model))
+
+
+def head_nodes(model, output: str = "log_probs") -> list[str]:
+    """Names of the nodes computed from the step's output projection (its log-sum-exp, top-k,
+    rules, scored ids and log-probs): they stay float32 in an fp16 graph, where a sum of 250k
+    exponentials overflows and a logit minus the row's maximum loses its digits. The projection is
+    the matrix product nearest to ``output``; every node downstream of it is the head. [] for a
+    graph without ``output`` (the encoder)."""
+    graph = model.graph
+    for k, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"node_{k}_{node.op_type}"
+    producer = {out: node for node in graph.node for out in node.output}
+    if output not in producer:
+        return []
+    # breadth-first towards the inputs: the first MatMul / Gemm met is the projection
+    frontier, seen, projection = [producer[output]], set(), None
+    while frontier and projection is None:
+        nxt = []
+        for node in frontier:
+            if node.op_type in ("MatMul", "Gemm"):
+                projection = node
+                break
+            for name in node.input:
+                if name in producer and producer[name].name not in seen:
+                    seen.add(producer[name].name)
+                    nxt.append(producer[name])
+        frontier = nxt
+    if projection is None:
+        return []
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    head, todo = set(), list(projection.output)
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            if node.name not in head:
+                head.add(node.name)
+                todo.extend(node.output)
+    return sorted(head)
 
 
 def _toposort(model):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deltalm.compare import Thresholds, compare_arrays, compare_translations, decisive_top1
-from deltalm.graphs import SHORTLIST_STEP, GraphSpec, cross_names, past_names
+from deltalm.graphs import RULES_MARGIN, SHORTLIST_STEP, GraphSpec, cache_names, cross_names, per_layer
 
 from .graphs import DecoderStepGraph, EncoderGraph
 
@@ -29,25 +29,25 @@ class EncoderCase:
 
 @dataclass(frozen=True)
 class StepCase:
-    lengths: tuple[int, ...]  # source lengths of the encoder batch
-    sents: int  # live sentences (the first `sents` rows of the batch, in reverse order)
+    lengths: tuple[int, ...]  # source lengths of the step's sentences
     group: int  # hypotheses per sentence
-    past_len: int
+    cache_len: int  # cache capacity; each row is at a random position up to it
+    new_len: int = 1  # tokens fed per row
 
     @property
     def name(self) -> str:
-        return f"src={list(self.lengths)} sents={self.sents} group={self.group} past_len={self.past_len}"
+        return f"src={list(self.lengths)} group={self.group} cache={self.cache_len} new={self.new_len}"
 
 
 def default_cases(cfg) -> tuple[list[EncoderCase], list[StepCase]]:
     near_max = max(cfg.max_positions - 4, 8)
     enc = [EncoderCase((1,)), EncoderCase((7,)), EncoderCase((7, 3, 1)), EncoderCase((near_max, 5, 1))]
     step = [
-        StepCase((1,), 1, 1, 0),
-        StepCase((7,), 1, 5, 1),
-        StepCase((7, 3, 1), 3, 2, 17),
-        StepCase((9, 4, 6), 2, 1, 0),
-        StepCase((near_max, 2, 5), 3, 1, 1),
+        StepCase((1,), 1, 0),
+        StepCase((7,), 5, 1),
+        StepCase((7, 3, 1), 2, 17),
+        StepCase((9, 4), 1, 0, new_len=6),  # scoring: a whole target at once
+        StepCase((near_max, 2, 5), 1, 3),
     ]
     return enc, step
 
@@ -91,10 +91,39 @@ def graph_parity(model, artifact, seed: int = 0) -> list[dict]:
                 rows.append({"graph": "encoder", "case": case.name} | compare(name, g, w))
         if not cfg.is_encoder_decoder:
             return rows
-        k = artifact.graph_spec("decoder_step").outputs[0].shape[1]
+        k = artifact.topk
         for graph in [g for g in ("decoder_step", SHORTLIST_STEP) if g in artifact.manifest.graphs]:
             rows += _step_parity(model, encoder, artifact, graph, k, step_cases, rng)
     return rows
+
+
+def step_case_feeds(cfg, case: StepCase, cross: list[np.ndarray], padding: np.ndarray, k: int, rng,
+                    candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Feeds of the step graph for ``case``: rows at random positions over a random cache, a
+    forced token, banned and only-eos rows, unk penalties, scored ids and the full log-probs (as
+    float32; an fp16 graph's caller casts its float inputs)."""
+    n = len(case.lengths) * case.group
+    positions = rng.integers(0, case.cache_len + 1, size=n).astype(np.int64)
+    forced = np.full(n, -1, dtype=np.int64)
+    forced[-1] = 5 % cfg.vocab_size
+    feeds = {
+        "tokens": rng.integers(4, cfg.vocab_size, size=(n, case.new_len)).astype(np.int64),
+        "positions": positions,
+        "src_padding": padding,
+        "forced_tokens": forced,
+        "ban_eos": np.arange(n) % 3 == 1,
+        "only_eos": (np.arange(n) % 4 == 2) & (forced < 0),
+        "unk_penalty": (np.arange(n) % 2 * 0.5).astype(np.float32),
+        "score_ids": rng.integers(0, cfg.vocab_size, size=(n, case.new_len, 3)).astype(np.int64),
+        "want_log_probs": np.array(True),
+    }
+    for i in range(cfg.decoder_layers):
+        for name in cache_names(i):
+            feeds[name] = rng.standard_normal((n, cfg.heads, case.cache_len, cfg.head_dim)).astype(np.float32)
+    feeds |= dict(zip(per_layer(cfg, cross_names), cross, strict=True))
+    if candidates is not None:
+        feeds["candidates"] = candidates
+    return feeds
 
 
 def _step_parity(model, encoder, artifact, graph: str, k: int, step_cases, rng) -> list[dict]:
@@ -114,28 +143,13 @@ def _step_parity(model, encoder, artifact, graph: str, k: int, step_cases, rng) 
         for case in step_cases:
             src = make_sources(cfg, case.lengths, rng)
             cross = [t.numpy() for t in encoder(torch.from_numpy(src))[1:]]
-            n = case.sents * case.group
-            past_rows = n + 1
-            feeds = {
-                "tokens": rng.integers(4, cfg.vocab_size, size=n).astype(np.int64),
-                "step": np.array(case.past_len, dtype=np.int64),
-                "reorder": rng.integers(0, past_rows, size=n).astype(np.int64),
-                "sent_index": np.arange(case.sents, dtype=np.int64)[::-1].copy(),
-                "src_padding": src == cfg.pad,
-            }
-            for i in range(cfg.decoder_layers):
-                for name in past_names(i):
-                    feeds[name] = rng.standard_normal((past_rows, cfg.heads, case.past_len, cfg.head_dim)).astype(np.float32)
-            feeds |= dict(zip([name for i in range(cfg.decoder_layers) for name in cross_names(i)], cross, strict=True))
-            forced = np.full(n, -1, dtype=np.int64)
-            forced[-1] = 5 % cfg.vocab_size
-            feeds |= {"forced_tokens": forced, "ban_eos": np.array(False), "only_eos": np.array(False),
-                      "unk_penalty": np.array(0.5, dtype=np.float32)}
+            candidates = None
             if shortlist and artifact.precision == "fp32":
-                third = rng.choice(cfg.vocab_size, size=max(k + 3, cfg.vocab_size // 3), replace=False)
-                feeds["candidates"] = np.union1d(third, [cfg.eos, cfg.unk, forced[-1]]).astype(np.int64)
+                third = rng.choice(cfg.vocab_size, size=max(k + RULES_MARGIN, cfg.vocab_size // 3), replace=False)
+                candidates = np.union1d(third, [cfg.eos, cfg.unk, 5 % cfg.vocab_size]).astype(np.int64)
             elif shortlist:
-                feeds["candidates"] = np.arange(cfg.vocab_size, dtype=np.int64)
+                candidates = np.arange(cfg.vocab_size, dtype=np.int64)
+            feeds = step_case_feeds(cfg, case, cross, src == cfg.pad, k, rng, candidates)
             want = [t.numpy() for t in step(*step.inputs({k: torch.from_numpy(np.asarray(a)) for k, a in feeds.items()}))]
             for tspec in spec.inputs:
                 if tspec.dtype == "float16":
@@ -147,7 +161,8 @@ def _step_parity(model, encoder, artifact, graph: str, k: int, step_cases, rng) 
                 if name == "topk_ids":
                     row = compare(name, np.where(finite, g, -1), np.where(finite, w, -1))
                     if row.get("shape_ok"):
-                        row |= decisive_top1(g, w, want[0])
+                        row |= decisive_top1(g.reshape(-1, g.shape[-1]), w.reshape(-1, w.shape[-1]),
+                                             want[0].reshape(-1, want[0].shape[-1]))
                 rows.append({"graph": graph, "case": case.name} | row)
     return rows
 
@@ -165,11 +180,11 @@ def end_to_end(model, artifact, sources: list[np.ndarray] | None = None, seed: i
         # a few sentences of varied lengths, left-padded; kept small because the PyTorch reference
         # is slow on full-size models (it is the baseline, after all)
         sources = [make_sources(cfg, lengths, rng) for lengths in [(5, 9, 3), (12,)]]
-    ref = TorchBackend(model, topk=artifact.graph_spec("decoder_step").outputs[0].shape[1])
+    ref = TorchBackend(model, topk=artifact.topk)
     return compare_translations(ref, OrtBackend(artifact), sources, beams=(1, 5), max_len_b=16)
 
 
-FLOAT_OUTPUTS = ("log_probs", "topk_scores", "encoder_out", "mlm_logits")
+FLOAT_OUTPUTS = ("log_probs", "topk_scores", "token_scores", "encoder_out", "mlm_logits")
 
 
 def summarize(rows: list[dict], precision: str, tolerance: float | None, end_to_end_rows: list[dict] = ()) -> tuple[bool, list[str]]:
@@ -196,7 +211,7 @@ def format_table(rows: list[dict]) -> str:
     folded: dict[tuple, dict] = {}
     for r in rows:
         out = r["output"]
-        for prefix in ("present_", "cross_"):
+        for prefix in ("new_", "cross_"):
             if out.startswith(prefix):
                 out = prefix + "kv (all layers)"
         key = (r["graph"], r["case"], out)

@@ -11,9 +11,11 @@ The export side (``export_checkpoint``, ``inspect_checkpoint``, ``check_parity``
 from importlib import metadata as _metadata
 
 from .artifact import Artifact, open_artifact
-from .errors import ArtifactError, CheckpointError, DeltaLMError, ExportError, InputError, TokenizerError
+from .errors import ArtifactError, CheckpointError, DeltaLMError, ExportError, InputError, SentenceError, TokenizerError
 from .shortlist import Shortlist, build_shortlist, shortlist_from_corpus
-from .translator import Hypothesis, OptionError, TranslateOptions, Translation, Translator
+from .options import OptionError, TranslateOptions
+from .search import Engine, Finished, Hypothesis, Partial, Sentence
+from .translator import PartialTranslation, Translation, Translator
 
 try:
     __version__ = _metadata.version("deltalm-deploy")
@@ -31,7 +33,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'deltalm' has no attribute {name!r}")
 
 
-__all__ = ["Translator", "Translation", "Hypothesis", "TranslateOptions", "Artifact", "open_artifact",
+__all__ = ["Translator", "Translation", "PartialTranslation", "Hypothesis", "TranslateOptions", "Engine", "Sentence",
+           "Partial", "Finished", "Artifact", "open_artifact",
            "Shortlist", "build_shortlist", "shortlist_from_corpus",
-           "DeltaLMError", "InputError", "OptionError", "ArtifactError", "CheckpointError", "TokenizerError",
+           "DeltaLMError", "InputError", "OptionError", "SentenceError", "ArtifactError", "CheckpointError", "TokenizerError",
            "ExportError", "__version__", *_EXPORT_NAMES]

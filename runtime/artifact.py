@@ -24,9 +24,9 @@ from .atomic import _stale_work_dir
 from .config import ModelConfig
 from .errors import ArtifactError, DeltaLMError
 from .graphs import GraphSpec
-from .manifest import FORMAT_VERSION, MANIFEST, GraphEntry, Manifest
+from .manifest import DECODER_FORMAT, FORMAT_VERSION, MANIFEST, GraphEntry, Manifest
 
-__all__ = ["Artifact", "open_artifact", "read_manifest", "verify_files", "hash_files", "sha256_file",
+__all__ = ["Artifact", "open_artifact", "check_can_decode", "read_manifest", "verify_files", "hash_files", "sha256_file",
            "describe_artifact", "Manifest", "FORMAT_VERSION", "MANIFEST"]
 
 
@@ -36,6 +36,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_can_decode(artifact: "Artifact") -> None:
+    """ArtifactError in one line unless this runtime can translate with ``artifact``: an
+    encoder-decoder model whose decoder step has this runtime's interface (format >= DECODER_FORMAT)."""
+    cfg = artifact.config
+    if not cfg.is_encoder_decoder:
+        raise ArtifactError(f"{artifact.path}: an encoder-only model ({cfg.kind}) cannot translate")
+    version = artifact.manifest.format_version
+    if version < DECODER_FORMAT:
+        source = artifact.manifest.source.checkpoint or "CHECKPOINT"
+        raise ArtifactError(
+            f"{artifact.path} was exported by an older deltalm (artifact format {version}); this version decodes "
+            f"format {DECODER_FORMAT} (a decoder step with per-row positions): export it again with "
+            f"`deltalm export {source} --out {artifact.path} --force`"
+        )
 
 
 @dataclass

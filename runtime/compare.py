@@ -72,28 +72,40 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
     not make every later step differ. ``top1_agreement``: fraction of (row, step) whose top-1 ids
     agree (rows whose reference score is -inf excluded: their ids are arbitrary ties);
     ``log_probs_max_abs``: the largest difference of the raw log-probs."""
-    from .search import SearchOptions, apply_rules, step_rules
+    from .batch import DecoderBatch
+    from .search import StepRules, apply_rules
 
-    opts = SearchOptions(beam=1, max_len_b=steps, min_len=steps)  # no </s> before the last step
+    cfg = reference.cfg
     rows = src.shape[0]
-    state_a, state_b = reference.encode(src), candidate.encode(src)
-    tokens = np.full(rows, reference.cfg.eos, dtype=np.int64)
-    keep = np.arange(rows, dtype=np.int64)
+    batches = []
+    for backend in (reference, candidate):
+        encoded = backend.encode(src)
+        batch = DecoderBatch(cfg, backend.float_dtype, 1)
+        batch.admit(encoded.cross, encoded.padding, np.arange(rows))
+        batches.append(batch)
+    tokens = np.full((rows, 1), cfg.eos, dtype=np.int64)
     same = total = 0
     worst = 0.0
     for step in range(steps + 1):
-        rules = step_rules(opts, step, steps, rows)
-        lp_a = reference.step(state_a, tokens, step, keep, keep, rules, want="logprobs")
-        lp_b = candidate.step(state_b, tokens, step, keep, keep, rules, want="logprobs")
-        worst = max(worst, compare_arrays(np.asarray(lp_b, np.float32), np.asarray(lp_a, np.float32))["max_abs"])
-        cfg = reference.cfg
-        ruled_a = apply_rules(np.asarray(lp_a, np.float32), rules, cfg.pad, cfg.unk, cfg.eos)
-        ruled_b = apply_rules(np.asarray(lp_b, np.float32), rules, cfg.pad, cfg.unk, cfg.eos)
+        positions = np.full(rows, step, dtype=np.int64)
+        # no </s> before the last step, only </s> at it
+        rules = StepRules(np.full(rows, -1, np.int64), np.full(rows, step < steps), np.full(rows, step >= steps),
+                          np.zeros(rows, np.float32))
+        lps = []
+        for backend, batch in zip((reference, candidate), batches):
+            batch.fit_positions(step + 1)
+            out = backend.run_step(batch.feeds(backend.step_spec, tokens, positions, rules, want_log_probs=True))
+            batch.write(out.new_kv, positions)
+            lps.append(out.log_probs[:, 0, :])
+        lp_a, lp_b = lps
+        worst = max(worst, compare_arrays(lp_b, lp_a)["max_abs"])
+        ruled_a = apply_rules(lp_a, rules, cfg.pad, cfg.unk, cfg.eos)
+        ruled_b = apply_rules(lp_b, rules, cfg.pad, cfg.unk, cfg.eos)
         top_a, top_b = ruled_a.argmax(axis=1), ruled_b.argmax(axis=1)
         finite = np.isfinite(ruled_a.max(axis=1))
         same += int(np.sum((top_a == top_b) & finite))
         total += int(finite.sum())
-        tokens = top_a.astype(np.int64)
+        tokens = top_a.astype(np.int64)[:, None]
     return {"rows": rows, "steps": steps + 1, "top1_agreement": same / max(total, 1), "log_probs_max_abs": worst}
 
 
@@ -101,11 +113,12 @@ def compare_translations(reference, candidate, sources: list[np.ndarray], beams=
     """Full searches with both backends over ``sources`` (a list of left-padded [batch, src_len]
     batches), one row per beam size: ``sentences``, ``identical_ids`` (fraction of sentences whose
     best hypotheses have the same ids), ``max_score_diff`` (over those identical sentences)."""
-    from .search import SearchOptions, generate
+    from .options import TranslateOptions
+    from .search import generate
 
     rows = []
     for beam in beams:
-        opts = SearchOptions(beam=beam, nbest=1, max_len_b=max_len_b)
+        opts = TranslateOptions(beam=beam, nbest=1, max_len_b=max_len_b)
         same = total = 0
         worst = 0.0
         for src in sources:

@@ -24,3 +24,24 @@ class ArtifactError(DeltaLMError):
 
 class ExportError(DeltaLMError):
     """The export ran but its result is not acceptable (parity failed...)."""
+
+
+class SentenceError(InputError):
+    """One input sentence the model cannot take. ``index`` is its 0-based position in the input
+    (the command line shows line ``index + 1``; the HTTP API ``sentence index``), ``reason`` says
+    what is wrong with it, without the position: a predicate ("is not valid UTF-8 ...", "has 600
+    source tokens ...") or, for an error of another layer, its message."""
+
+    def __init__(self, index: int, reason: str):
+        self.index, self.reason = index, reason
+        joint = " " if reason.startswith(("is ", "has ")) else ": "
+        super().__init__(f"input line {index + 1}{joint}{reason}")
+
+
+class DecodeError(DeltaLMError):
+    """The backend failed while encoding or decoding a batch. ``keys`` are the sentences it was
+    working on (as the caller named them to ``Engine.add``); ``cause`` the backend's exception."""
+
+    def __init__(self, keys: list, cause: BaseException, message: str | None = None):
+        self.keys, self.cause = list(keys), cause
+        super().__init__(message or f"decoding failed: {type(cause).__name__}: {cause}")

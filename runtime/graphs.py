@@ -3,10 +3,12 @@
 Used by the exporter (input/output names, dynamic axes), the validator (shapes of every output),
 the manifest (written as JSON) and the runtime backends (feed names). Pure data: no torch.
 
-Symbolic axes: ``batch`` (sentences given to the encoder), ``src_len``, ``rows`` (live
-hypotheses, grouped by sentence: ``rows = sents * group``), ``past_rows`` (rows of the previous
-step), ``sents`` (live sentences), ``past_len`` and ``total_len`` (= past_len + 1), ``cands`` (the
-vocabulary shortlist's candidate ids).
+Symbolic axes: ``batch`` (sentences given to the encoder), ``src_len``, ``sents`` (sentences of a
+decoder step), ``rows`` (their hypotheses, grouped by sentence: ``rows = sents * group``),
+``new_len`` (tokens fed per row: 1 in a search step, a whole target when scoring), ``cache_len``
+(capacity of the self-attention cache), ``score_width`` (token ids scored per position), ``vocab``
+(the full vocabulary, or 0 when the log-probs are not asked for), ``cands`` (the vocabulary
+shortlist's candidate ids).
 """
 from __future__ import annotations
 
@@ -60,12 +62,23 @@ def cross_names(i: int) -> tuple[str, str]:
     return f"cross_key_{i}", f"cross_value_{i}"
 
 
-def past_names(i: int) -> tuple[str, str]:
-    return f"past_key_{i}", f"past_value_{i}"
+def cache_names(i: int) -> tuple[str, str]:
+    return f"cache_key_{i}", f"cache_value_{i}"
 
 
-def present_names(i: int) -> tuple[str, str]:
-    return f"present_key_{i}", f"present_value_{i}"
+def new_kv_names(i: int) -> tuple[str, str]:
+    return f"new_key_{i}", f"new_value_{i}"
+
+
+# The in-graph top-k looks at the raw top-(k + RULES_MARGIN): the search rules change at most three
+# columns of a row (pad and eos can only drop out, unk can only fall), so the ruled top-k lies
+# within them. A vocabulary shortlist must therefore hold at least k + RULES_MARGIN ids.
+RULES_MARGIN = 3
+
+
+def per_layer(cfg: ModelConfig, names) -> list[str]:
+    """The names ``names(i)`` gives for every decoder layer, flat and in order (k0, v0, k1, ...)."""
+    return [name for i in range(cfg.decoder_layers) for name in names(i)]
 
 
 def encoder_spec(cfg: ModelConfig, float_dtype: str = "float32") -> GraphSpec:
@@ -83,49 +96,61 @@ def encoder_spec(cfg: ModelConfig, float_dtype: str = "float32") -> GraphSpec:
 
 
 def decoder_step_spec(cfg: ModelConfig, k: int = 10, float_dtype: str = "float32") -> GraphSpec:
-    """One new token per hypothesis; see ``export/graphs.py`` for the computation.
+    """The decoder on new tokens of many rows at once, each row at its own position; see
+    ``export/graphs.py`` for the computation.
 
-    Inputs: tokens [rows]; step [] (the token fed at step t sits at position t + first_position);
-    reorder [rows] (row of the past each row continues: beam reorder and dropped sentences,
-    applied to the past inside the graph); sent_index [sents] (row of the encoder batch for each
-    live sentence, applied to cross K/V and src_padding inside the graph; rows = sents * group,
-    grouped by sentence); src_padding [batch, src_len] bool; past K/V per layer
-    [past_rows, heads, past_len, head_dim] (past_len 0 on the first step); cross K/V per layer;
-    and the search rules that must hold before top-k: forced_tokens [rows] (-1: none), ban_eos [],
-    only_eos [], unk_penalty [].
+    Inputs:
+    - ``tokens`` [rows, new_len]: the tokens fed (one per row in a search step; a whole shifted
+      target when scoring);
+    - ``positions`` [rows]: how many tokens of the row the cache already holds (= the step at
+      which ``tokens[:, 0]`` is fed: it sits at decoder position ``positions + first_position``);
+    - ``cache_key_i`` / ``cache_value_i`` [rows, heads, cache_len, head_dim]: the self-attention
+      keys / values of the row's earlier tokens, valid at [0, positions); entries beyond are
+      ignored (they must be finite). The caller owns this cache and writes the step's
+      ``new_key_i`` / ``new_value_i`` into it: no cache is copied inside the graph;
+    - ``cross_key_i`` / ``cross_value_i`` [sents, heads, src_len, head_dim] and ``src_padding``
+      [sents, src_len] (True at padding): the encoder's K/V of each sentence; rows are grouped by
+      sentence, ``rows = sents * group``;
+    - the search rules that must hold before the top-k, per row: ``forced_tokens`` (-1: none),
+      ``ban_eos``, ``only_eos``, ``unk_penalty``;
+    - ``score_ids`` [rows, new_len, score_width]: token ids whose log-probs are wanted (a target
+      when scoring, the next tokens of lexical constraints);
+    - ``want_log_probs`` []: whether to return the full log-probs.
 
-    Outputs: topk_scores / topk_ids [rows, k] (rules applied: the fast path, O(rows * k) to the
-    host), log_probs [rows, vocab] float32 (raw, before the rules: for sampling, n-gram blocking
-    and parity; fetched only when asked for) and present K/V per layer [rows, heads, total_len,
-    head_dim]."""
+    Outputs: ``topk_scores`` / ``topk_ids`` [rows, new_len, k] (rules applied: the fast path);
+    ``token_scores`` [rows, new_len, score_width] (raw log-probs of ``score_ids``); ``log_probs``
+    [rows, new_len, vocab] float32, raw, with ``vocab`` 0 unless ``want_log_probs`` (a [rows,
+    vocabulary] tensor is only built when asked for); ``new_key_i`` / ``new_value_i`` [rows, heads,
+    new_len, head_dim], the self-attention K/V of the fed tokens."""
     h, hd = cfg.heads, cfg.head_dim
     inputs = [
-        TensorSpec("tokens", "int64", ("rows",)),
-        TensorSpec("step", "int64", ()),
-        TensorSpec("reorder", "int64", ("rows",)),
-        TensorSpec("sent_index", "int64", ("sents",)),
-        TensorSpec("src_padding", "bool", ("batch", "src_len")),
+        TensorSpec("tokens", "int64", ("rows", "new_len")),
+        TensorSpec("positions", "int64", ("rows",)),
     ]
     for i in range(cfg.decoder_layers):
-        for name in past_names(i):
-            inputs.append(TensorSpec(name, float_dtype, ("past_rows", h, "past_len", hd)))
+        for name in cache_names(i):
+            inputs.append(TensorSpec(name, float_dtype, ("rows", h, "cache_len", hd)))
     for i in range(cfg.decoder_layers):
         for name in cross_names(i):
-            inputs.append(TensorSpec(name, float_dtype, ("batch", h, "src_len", hd)))
+            inputs.append(TensorSpec(name, float_dtype, ("sents", h, "src_len", hd)))
     inputs += [
+        TensorSpec("src_padding", "bool", ("sents", "src_len")),
         TensorSpec("forced_tokens", "int64", ("rows",)),
-        TensorSpec("ban_eos", "bool", ()),
-        TensorSpec("only_eos", "bool", ()),
-        TensorSpec("unk_penalty", "float32", ()),
+        TensorSpec("ban_eos", "bool", ("rows",)),
+        TensorSpec("only_eos", "bool", ("rows",)),
+        TensorSpec("unk_penalty", "float32", ("rows",)),
+        TensorSpec("score_ids", "int64", ("rows", "new_len", "score_width")),
+        TensorSpec("want_log_probs", "bool", ()),
     ]
     outputs = [
-        TensorSpec("topk_scores", "float32", ("rows", k)),
-        TensorSpec("topk_ids", "int64", ("rows", k)),
-        TensorSpec("log_probs", "float32", ("rows", cfg.vocab_size)),
+        TensorSpec("topk_scores", "float32", ("rows", "new_len", k)),
+        TensorSpec("topk_ids", "int64", ("rows", "new_len", k)),
+        TensorSpec("token_scores", "float32", ("rows", "new_len", "score_width")),
+        TensorSpec("log_probs", "float32", ("rows", "new_len", "vocab")),
     ]
     for i in range(cfg.decoder_layers):
-        for name in present_names(i):
-            outputs.append(TensorSpec(name, float_dtype, ("rows", h, "total_len", hd)))
+        for name in new_kv_names(i):
+            outputs.append(TensorSpec(name, float_dtype, ("rows", h, "new_len", hd)))
     return GraphSpec("decoder_step", tuple(inputs), tuple(outputs))
 
 
@@ -134,12 +159,13 @@ SHORTLIST_STEP = "decoder_step_shortlist"
 
 def decoder_step_shortlist_spec(cfg: ModelConfig, k: int = 10, float_dtype: str = "float32") -> GraphSpec:
     """The decoder step over a vocabulary shortlist: ``decoder_step``'s inputs plus ``candidates``
-    [cands] (token ids, ascending and distinct, at least k + 3 of them, eos and every forced
-    token among them). The output projection and the log-softmax cover the candidates only (the
-    log-probs are normalized over them: an approximation of the full step); ``topk_ids`` are
-    token ids; ``log_probs`` is [rows, cands], column j for token ``candidates[j]``."""
+    [cands] (token ids, ascending and distinct, at least k + RULES_MARGIN of them, eos and every
+    forced token among them). The output projection and the log-softmax cover the candidates only
+    (the log-probs are normalized over them: an approximation of the full step); ``topk_ids`` and
+    ``score_ids`` are token ids (a scored id that is not a candidate gets -inf); ``log_probs`` is
+    [rows, new_len, cands or 0], column j for token ``candidates[j]``."""
     full = decoder_step_spec(cfg, k, float_dtype)
     inputs = full.inputs + (TensorSpec("candidates", "int64", ("cands",)),)
-    outputs = tuple(TensorSpec(t.name, t.dtype, ("rows", "cands")) if t.name == "log_probs" else t
+    outputs = tuple(TensorSpec(t.name, t.dtype, ("rows", "new_len", "cands")) if t.name == "log_probs" else t
                     for t in full.outputs)
     return GraphSpec(SHORTLIST_STEP, inputs, outputs)

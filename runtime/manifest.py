@@ -5,7 +5,8 @@ each graph (its files and its interface, a ``GraphSpec``), the tokenizer files, 
 was given and ran with, the TensorRT engines when built, and the sha256 of every file.
 ``Manifest.from_dict`` checks the structure and names the first problem (a hand-edited or
 foreign manifest is one ``ArtifactError``, not a KeyError deep in a backend); ``to_dict`` writes
-the same JSON layout as format version 1 always had, so older artifacts stay readable.
+the same JSON layout as format version 1 had, so older artifacts stay readable (format 2
+changed the decoder step's interface, not the layout).
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from .config import ModelConfig
 from .errors import ArtifactError, DeltaLMError
 from .graphs import GraphSpec
 
-FORMAT_VERSION = 1
+# 2: the decoder step takes per-row positions and rules and a cache the caller owns (continuous
+# decoding); a format-1 artifact can be inspected but not decoded: it must be exported again.
+FORMAT_VERSION = 2
+DECODER_FORMAT = 2  # the oldest format whose decoder step this runtime runs
 MANIFEST = "manifest.json"
 
 
@@ -185,5 +189,5 @@ class Manifest:
 def _topk_of(graphs: dict[str, GraphEntry]) -> int:
     """k from the step graph's first output (manifests that predate ``export_options.topk``)."""
     step = graphs.get("decoder_step")
-    k = step.spec.outputs[0].shape[1] if step else 0
+    k = step.spec.outputs[0].shape[-1] if step else 0
     return k if isinstance(k, int) else 0

@@ -27,7 +27,8 @@ from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 from deltalm.export.model import DeltaLM  # noqa: E402
 from deltalm.export.torch_backend import TorchBackend  # noqa: E402
 from deltalm.config import ModelConfig  # noqa: E402
-from deltalm.search import SearchOptions, generate  # noqa: E402
+from deltalm.options import TranslateOptions  # noqa: E402
+from deltalm.search import generate  # noqa: E402
 
 
 class _Encoder(FairseqEncoder):
@@ -59,7 +60,7 @@ class _Decoder(FairseqIncrementalDecoder):
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **_):
         enc, pad = encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0]
         x = self.m.decoder(prev_output_tokens, self.m.decoder.cross_kv(enc), pad)
-        logits = self.m.decoder.logits(x)
+        logits = self.m.decoder.project(x)
         if incremental_state is not None:
             logits = logits[:, -1:]
         return logits, {"attn": [None], "inner_states": None}
@@ -135,15 +136,21 @@ def main() -> int:
         for r, n in enumerate(lengths):
             src[r, width - n:] = np.concatenate([rng.integers(4, 60, size=n - 1), [2]])
         for case in CASES:
-            opts = SearchOptions(nbest=case["beam"], max_len_b=case.get("max_len_b", 12), **{k: v for k, v in case.items() if k != "max_len_b"})
+            prefix_tokens = case.get("prefix_tokens", [])
+            opts = TranslateOptions(nbest=case["beam"], max_len_b=case.get("max_len_b", 12),
+                                    **{k: v for k, v in case.items() if k not in ("max_len_b", "prefix_tokens")})
             gen = SequenceGenerator([adapter], d, beam_size=opts.beam, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
                                     min_len=opts.min_len, len_penalty=opts.lenpen, unk_penalty=opts.unkpen,
                                     no_repeat_ngram_size=opts.no_repeat_ngram_size)
-            sample = {"net_input": {"src_tokens": torch.from_numpy(src), "src_lengths": torch.tensor(lengths)}}
-            prefix = torch.tensor([opts.prefix_tokens] * len(lengths)) if opts.prefix_tokens else None
-            with torch.no_grad():
-                ref = gen.generate([adapter], sample, prefix_tokens=prefix)
-            ours = generate(backend, src, opts)
+            # fairseq decodes each sentence alone (our contract: a sentence's result does not depend on
+            # its batch; fairseq's max_len_a uses the padded width of its batch), we the whole batch
+            ref = []
+            for r, n in enumerate(lengths):
+                sample = {"net_input": {"src_tokens": torch.from_numpy(src[r:r + 1, width - n:]), "src_lengths": torch.tensor([n])}}
+                prefix = torch.tensor([prefix_tokens]) if prefix_tokens else None
+                with torch.no_grad():
+                    ref += gen.generate([adapter], sample, prefix_tokens=prefix)
+            ours = generate(backend, src, opts, prefix=prefix_tokens)
             for s in range(len(lengths)):
                 want = [(h["tokens"].tolist(), float(h["score"]), h["positional_scores"].tolist()) for h in ref[s]]
                 got = [(h.tokens, h.score, h.positional_scores) for h in ours[s]]

@@ -17,7 +17,8 @@ art_path, out_path = sys.argv[1], sys.argv[2]
 cases = sys.argv[3].split(',') if len(sys.argv) > 3 else ['greedy1', 'beam5x1', 'greedy32', 'beam5x32']
 t0 = time.perf_counter()
 from deltalm.backends.ort import OrtBackend
-from deltalm.search import SearchOptions, generate
+from deltalm.options import TranslateOptions
+from deltalm.search import generate
 t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
 be = OrtBackend.from_artifact(art_path, threads=2)  # open + sha256 check + sessions
@@ -38,7 +39,7 @@ T = 50
 for case in cases:
     beam, n = {'greedy1': (1, 1), 'beam5x1': (5, 1), 'greedy32': (1, 32), 'beam5x32': (5, 32)}[case]
     src = batch(n)
-    opts = SearchOptions(beam=beam, max_len_b=T, min_len=T)
+    opts = TranslateOptions(beam=beam, max_len_b=T, min_len=T)
     t = time.perf_counter()
     hyps = generate(be, src, opts)
     dt = time.perf_counter() - t

@@ -41,43 +41,73 @@ def tiny_model(tiny_cfg):
 
 class FakeBackend:
     """A 'model' small enough to enumerate: the log-probs of a row are a fixed random function of
-    (sentence, full history). Tracks histories through reorder / sent_index exactly as a real
-    backend tracks its caches."""
+    (source, full history). It keeps no state: like a real step graph it reads each row's history
+    from the cache the search hands it (each cached "key" is the token fed at that position) and
+    each sentence's source from its cross K/V, so a wrong reorder, write or retirement of the
+    search's batch changes its answers."""
 
     def __init__(self, vocab=6, seed=0, max_positions=512, topk=0, temperature_scale=2.0):
         from deltalm.config import ModelConfig
+        from deltalm.graphs import decoder_step_spec
 
-        self.cfg = ModelConfig(kind="deltalm", embed_dim=8, ffn_dim=8, encoder_layers=1, decoder_layers=1,
+        self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
                                heads=2, vocab_size=vocab, max_positions=max_positions)
         self.seed = seed
         self.topk = topk
         self.scale = temperature_scale
-        self.calls = []
+        self.step_spec = decoder_step_spec(self.cfg, min(max(topk, 1), vocab))
+        self.float_dtype = np.dtype(np.float32)
+        self.calls = []  # (positions of the rows, rows, sentences) per step
 
-    def log_probs(self, sent, hist):
-        rng = np.random.default_rng(abs(hash((self.seed, int(sent), tuple(int(t) for t in hist)))) % (2**32))
+    def log_probs(self, src, hist):
+        """src: the source ids (no padding); hist: the tokens fed so far, leading </s> included."""
+        key = (self.seed, tuple(int(t) for t in src), tuple(int(t) for t in hist))
+        rng = np.random.default_rng(abs(hash(key)) % (2**32))
         logits = rng.normal(size=self.cfg.vocab_size) * self.scale
         logits = logits - logits.max()
         return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
 
     def encode(self, src):
-        return {"src": src, "hist": None}
+        from deltalm.backends import Encoded
 
-    def step(self, state, tokens, step, reorder, sent_index, rules, want="topk"):
-        rows = len(tokens)
-        group = rows // len(sent_index)
-        prev = state["hist"] if state["hist"] is not None else [()] * rows
-        hist = [prev[reorder[i]] + (int(tokens[i]),) for i in range(rows)]
-        state["hist"] = hist
-        self.calls.append((step, rows, len(sent_index)))
-        lp = np.stack([self.log_probs(sent_index[i // group], hist[i]) for i in range(rows)])
-        if want == "logprobs":
-            return lp
-        from deltalm.search import apply_rules
+        src = np.asarray(src, dtype=np.int64)
+        cross = np.repeat(src.astype(np.float32)[:, None, :, None], 2, axis=1)  # [B, 2, S, 1]: the source ids
+        return Encoded(cross=[cross, cross.copy()], padding=src == self.cfg.pad)
 
-        ruled = apply_rules(lp, rules, self.cfg.pad, self.cfg.unk, self.cfg.eos)
-        ids = np.argsort(-ruled, axis=1, kind="stable")[:, : self.topk]
-        return np.take_along_axis(ruled, ids, axis=1), ids
+    def close(self):
+        pass
+
+    def run_step(self, feeds):
+        from deltalm.backends import StepOutput
+        from deltalm.search import StepRules, apply_rules
+
+        cfg = self.cfg
+        tokens, positions = feeds["tokens"], feeds["positions"]
+        rows, new_len = tokens.shape
+        sents = feeds["src_padding"].shape[0]
+        group = rows // sents
+        cache, cross, padding = feeds["cache_key_0"], feeds["cross_key_0"], feeds["src_padding"]
+        self.calls.append((positions.tolist(), rows, sents))
+        lp = np.empty((rows, new_len, cfg.vocab_size), dtype=np.float32)
+        for r in range(rows):
+            s = r // group
+            src = [int(t) for t, pad in zip(cross[s, 0, :, 0], padding[s]) if not pad]
+            hist = [int(t) for t in cache[r, 0, : positions[r], 0]]
+            for t in range(new_len):
+                hist.append(int(tokens[r, t]))
+                lp[r, t] = self.log_probs(src, hist)
+        rules = StepRules(feeds["forced_tokens"], feeds["ban_eos"], feeds["only_eos"], feeds["unk_penalty"])
+        k = self.step_spec.outputs[0].shape[-1]
+        topk_scores = np.empty((rows, new_len, k), dtype=np.float32)
+        topk_ids = np.empty((rows, new_len, k), dtype=np.int64)
+        for t in range(new_len):
+            ruled = apply_rules(lp[:, t], rules, cfg.pad, cfg.unk, cfg.eos)
+            ids = np.argsort(-ruled, axis=1, kind="stable")[:, :k]
+            topk_ids[:, t], topk_scores[:, t] = ids, np.take_along_axis(ruled, ids, axis=1)
+        new = np.repeat(tokens.astype(np.float32)[:, None, :, None], 2, axis=1)  # [rows, 2, T, 1]
+        return StepOutput(topk_scores=topk_scores, topk_ids=topk_ids,
+                          token_scores=np.take_along_axis(lp, feeds["score_ids"], axis=2),
+                          log_probs=lp if feeds["want_log_probs"] else lp[:, :, :0], new_kv=[new, new.copy()])
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import checkpoint_writers as W
 from deltalm.artifact import open_artifact
 from deltalm.cli import main as cli
 from deltalm.config import ModelConfig
-from deltalm.search import SearchOptions, generate
+from deltalm.options import TranslateOptions
+from deltalm.search import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,14 +42,16 @@ def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
     assert m["source"]["format"] == "fairseq-deltalm"
     assert set(m["versions"]) >= {"torch", "onnx", "onnxruntime"}
     step = art.graph_spec("decoder_step")
-    assert step.input_names[:5] == ["tokens", "step", "reorder", "sent_index", "src_padding"]
+    assert step.input_names[:2] == ["tokens", "positions"] and "cache_key_0" in step.input_names
+    assert art.manifest.format_version == 2
     assert m["export_options"]["ort_fusions"]["encoder"]  # e.g. SkipLayerNormalization, BiasGelu
     parity = json.loads((artifact / "parity.json").read_text())
     assert parity["passed"] and parity["failures"] == []
     for graph in ("decoder_step", "decoder_step_shortlist"):  # the shortlist step is checked like the full one
         lp = [r for r in parity["graphs"] if r["output"] == "log_probs" and r["graph"] == graph]
         assert len(lp) == 5 and max(r["max_abs"] for r in lp) < 1e-4
-        assert {"past_len=0", "past_len=1", "past_len=17"} <= {r["case"].split()[-1] for r in lp}
+        assert {"cache=0", "cache=1", "cache=17"} <= {r["case"].split()[-2] for r in lp}
+        assert "new=6" in {r["case"].split()[-1] for r in lp}  # a whole target in one step (scoring)
     assert all(r["identical_ids"] == 1.0 for r in parity["end_to_end"])
 
 
@@ -66,7 +69,7 @@ def test_ort_backend_gives_the_same_ids_and_scores_as_torch(artifact, tiny_ckpt,
     model = tiny_ckpt[3]
     torch_b, ort_b = TorchBackend(model), OrtBackend.from_artifact(artifact)
     rng = np.random.default_rng(beam)
-    opts = SearchOptions(beam=beam, nbest=nbest, max_len_a=1.2, max_len_b=5, lenpen=1.0)
+    opts = TranslateOptions(beam=beam, nbest=nbest, max_len_a=1.2, max_len_b=5, lenpen=1.0)
     for lengths in [(4,), (12, 3, 7), (1, 30, 9, 2), (20,) * 5]:
         src = sources(model.cfg, rng, lengths)
         a, b = generate(torch_b, src, opts), generate(ort_b, src, opts)
@@ -83,8 +86,8 @@ def test_ort_full_log_probs_path_equals_in_graph_topk(artifact, tiny_ckpt):
     full = OrtBackend.from_artifact(artifact)
     full.topk = 0  # forces the search to ask for log-probs and apply the rules itself
     src = sources(tiny_ckpt[3].cfg, np.random.default_rng(0), (9, 4, 15))
-    opts = SearchOptions(beam=4, nbest=4, max_len_b=12, min_len=3, unkpen=0.5, prefix_tokens=[7])
-    a, b = generate(fast, src, opts), generate(full, src, opts)
+    opts = TranslateOptions(beam=4, nbest=4, max_len_b=12, min_len=3, unkpen=0.5)
+    a, b = generate(fast, src, opts, prefix=[7]), generate(full, src, opts, prefix=[7])
     assert [[h.tokens for h in s] for s in a] == [[h.tokens for h in s] for s in b]
     assert all(h.tokens[0] == 7 and len(h.tokens) >= 4 for s in a for h in s)
 
@@ -141,7 +144,7 @@ def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_pat
     m = open_artifact(art).manifest.to_dict()
     assert m["precision"] == precision
     dtypes = {t["name"]: t["dtype"] for t in m["graphs"]["decoder_step"]["spec"]["inputs"]}
-    assert dtypes["past_key_0"] == ("float16" if precision == "fp16" else "float32")
+    assert dtypes["cache_key_0"] == ("float16" if precision == "fp16" else "float32")
     parity = json.loads((art / "parity.json").read_text())
     assert parity["passed"] and parity["thresholds"]["min_top1"] >= 0.95 and parity["thresholds"]["max_abs"] is None
     top1 = [r["top1_agreement"] for r in parity["graphs"] if r["output"] == "topk_ids"]

@@ -351,8 +351,14 @@ def test_a_file_checked_before_and_unchanged_is_not_read_again_but_any_change_is
 
 
 def test_manifest_from_a_newer_format_version(artifact):
-    path = edit_manifest(artifact, lambda m: m.update(format_version=2))
-    translate_fails(artifact, f"{path}: manifest format version 2 is newer than this runtime supports (1)")
+    path = edit_manifest(artifact, lambda m: m.update(format_version=3))
+    translate_fails(artifact, f"{path}: manifest format version 3 is newer than this runtime supports (2)")
+
+
+def test_an_artifact_of_the_previous_format_is_refused_with_the_command_that_exports_it_again(artifact):
+    edit_manifest(artifact, lambda m: m.update(format_version=1))
+    translate_fails(artifact, "was exported by an older deltalm (artifact format 1); this version decodes format 2",
+                    "export it again with `deltalm export")
 
 
 @pytest.mark.parametrize("edit, fragment", [

@@ -9,7 +9,9 @@ from cli_support import assert_one_line_error, run_cli
 from deltalm import Shortlist, Translator, build_shortlist, shortlist_from_corpus
 from deltalm.backends.ort import OrtBackend
 from deltalm.errors import InputError
-from deltalm.search import SearchOptions, generate, step_rules
+from deltalm.batch import DecoderBatch
+from deltalm.options import TranslateOptions
+from deltalm.search import Engine, StepRules, generate
 
 
 # -- building: exact semantics on a hand-made corpus
@@ -84,19 +86,20 @@ def _sources(cfg, rows=5, width=9, seed=0):
     return src
 
 
-@pytest.mark.parametrize("opts", [SearchOptions(beam=1, max_len_b=12), SearchOptions(beam=5, max_len_b=12, nbest=2),
-                                  SearchOptions(beam=3, max_len_b=12, no_repeat_ngram_size=2),
-                                  SearchOptions(beam=2, max_len_b=12, sampling=True, seed=4, sampling_topk=5),
-                                  SearchOptions(beam=2, max_len_b=12, prefix_tokens=[7], min_len=3)],
+@pytest.mark.parametrize("opts,prefix", [(TranslateOptions(beam=1, max_len_b=12), ()),
+                                         (TranslateOptions(beam=5, max_len_b=12, nbest=2), ()),
+                                         (TranslateOptions(beam=3, max_len_b=12, no_repeat_ngram_size=2), ()),
+                                         (TranslateOptions(beam=2, max_len_b=12, sampling=True, seed=4, sampling_topk=5), ()),
+                                         (TranslateOptions(beam=2, max_len_b=12, min_len=3), (7,))],
                          ids=["greedy", "beam5", "ngram", "sampling", "prefix"])
-def test_whole_vocabulary_as_candidates_is_the_full_step(backends, opts):
+def test_whole_vocabulary_as_candidates_is_the_full_step(backends, opts, prefix):
     """Shortlist off = full vocabulary: the shortlist graph given every token translates exactly
     as the full step graph (ids identical, scores equal)."""
     full, short = backends
     src = _sources(full.cfg)
     everything = Shortlist(full.cfg.vocab_size, np.arange(full.cfg.vocab_size), np.zeros(full.cfg.vocab_size + 1, np.int64),
                            np.zeros(0, np.int64))
-    a, b = generate(full, src, opts), generate(short, src, opts, shortlist=everything)
+    a, b = generate(full, src, opts, prefix=prefix), generate(short, src, opts, prefix=prefix, shortlist=everything)
     for x, y in zip(a, b, strict=True):
         assert [h.tokens for h in x] == [h.tokens for h in y]
         np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
@@ -107,25 +110,37 @@ def test_shortlist_step_renormalizes_over_candidates(backends):
     cfg = full.cfg
     src = _sources(cfg, rows=2)
     cands = np.union1d(np.arange(0, cfg.vocab_size, 3), [cfg.eos, cfg.unk])
-    rules = step_rules(SearchOptions(beam=1), 0, 10, 2)
-    tok, idx = np.full(2, cfg.eos), np.arange(2)
-    lp_full = full.step(full.encode(src), tok, 0, idx, idx, rules, want="logprobs")
-    lp_short = short.step(short.encode(src, candidates=cands), tok, 0, idx, idx, rules, want="logprobs")
+    rules = StepRules(np.full(2, -1), np.ones(2, bool), np.zeros(2, bool), np.zeros(2, np.float32))
+    tok, pos = np.full((2, 1), cfg.eos), np.zeros(2, np.int64)
+
+    def step(backend, candidates=None):
+        encoded = backend.encode(src)
+        batch = DecoderBatch(cfg, backend.float_dtype, 1)
+        batch.admit(encoded.cross, encoded.padding, np.arange(2))
+        batch.fit_positions(1)
+        return backend.run_step(batch.feeds(backend.step_spec, tok, pos, rules, want_log_probs=True, candidates=candidates))
+
+    lp_full = step(full).log_probs[:, 0]
+    out = step(short, cands)
+    lp_short = np.full_like(lp_full, -np.inf)
+    lp_short[:, cands] = out.log_probs[:, 0]
     sub = lp_full[:, cands]
     want = sub - np.log(np.exp(sub.astype(np.float64)).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(lp_short[:, cands], want, atol=1e-5)
     off = np.setdiff1d(np.arange(cfg.vocab_size), cands)
     assert np.all(lp_short[:, off] == -np.inf)
-    vals, ids = short.step(short.encode(src, candidates=cands), tok, 0, idx, idx, rules)
+    ids = out.topk_ids[:, 0]
     assert np.isin(ids, cands).all()
     order = np.argsort(-want, axis=1, kind="stable")[:, : ids.shape[1]]
     assert np.array_equal(ids[:, 0], cands[order[:, 0]])
 
 
-def test_full_backend_refuses_candidates(backends):
+def test_full_backend_refuses_a_shortlist(backends):
     full, _ = backends
+    everything = Shortlist(full.cfg.vocab_size, np.arange(20), np.zeros(full.cfg.vocab_size + 1, np.int64),
+                           np.zeros(0, np.int64))
     with pytest.raises(InputError, match="without the shortlist graph"):
-        full.encode(_sources(full.cfg), candidates=np.arange(20))
+        Engine(full, shortlist=everything)
 
 
 def test_artifact_without_the_shortlist_graph_says_export_again(artifact_copy):

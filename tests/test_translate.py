@@ -23,7 +23,7 @@ from deltalm.tokenizer import Tokenizer
 from deltalm.commands.translate import add_arguments as add_translate_arguments
 from deltalm.commands.translate import open_translator
 from deltalm.commands.translate import run as run_translate
-from deltalm.translator import Translator, format_translation, make_batches
+from deltalm.translator import Translator, format_translation
 
 EOS, PAD = 2, 1
 
@@ -32,35 +32,58 @@ class CopyBackend:
     """A model that translates by copying: at step t the likely token (log-prob ~0, every other
     token -10) is source token t - tgt_skip after the first src_skip source tokens, then </s>.
     So the best hypothesis of a line decodes to the line itself, which makes order mix-ups show.
-    Records the source batch of every ``encode``; can fail on the n-th batch."""
+    Keeps each sentence's source in its "cross K/V" (as a real encoder keeps what the step reads);
+    records the source batch of every ``encode``; can fail on the n-th encode or step."""
 
-    def __init__(self, vocab_size, max_positions=512, src_skip=0, tgt_skip=0, fail_on_batch=None, on_encode=None):
-        self.cfg = ModelConfig(kind="deltalm", embed_dim=8, ffn_dim=8, encoder_layers=1, decoder_layers=1,
+    def __init__(self, vocab_size, max_positions=512, src_skip=0, tgt_skip=0, fail_on_batch=None, on_encode=None,
+                 fail_on_step=None):
+        from deltalm.graphs import decoder_step_spec
+
+        self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
                                heads=2, vocab_size=vocab_size, max_positions=max_positions)
         self.topk = 0  # candidates always come from the full log-probs
+        self.step_spec = decoder_step_spec(self.cfg, 1)
+        self.float_dtype = np.dtype(np.float32)
         self.src_skip, self.tgt_skip = src_skip, tgt_skip
-        self.fail_on_batch = fail_on_batch
+        self.fail_on_batch, self.fail_on_step = fail_on_batch, fail_on_step
         self.on_encode = on_encode
         self.batches: list[np.ndarray] = []
+        self.steps = 0
+
+    def close(self):
+        pass
 
     def encode(self, src):
+        from deltalm.backends import Encoded
+
         self.batches.append(np.array(src))
         if self.on_encode:
             self.on_encode()
         if self.fail_on_batch == len(self.batches):
             raise RuntimeError("out of device memory")
-        return [[int(t) for t in row if t != PAD][self.src_skip:] for row in src]
+        cross = np.repeat(np.asarray(src, np.float32)[:, None, :, None], 2, axis=1)
+        return Encoded(cross=[cross, cross], padding=np.asarray(src) == PAD)
 
-    def step(self, state, tokens, step, reorder, sent_index, rules, want="logprobs"):
-        assert want == "logprobs"
-        rows = len(tokens)
-        group = rows // len(sent_index)
-        lp = np.full((rows, self.cfg.vocab_size), -10.0, dtype=np.float32)
-        t = step - self.tgt_skip
+    def run_step(self, feeds):
+        from deltalm.backends import StepOutput
+
+        self.steps += 1
+        if self.fail_on_step == self.steps:
+            raise RuntimeError("out of device memory")
+        rows = len(feeds["tokens"])
+        group = rows // feeds["src_padding"].shape[0]
+        lp = np.full((rows, 1, self.cfg.vocab_size), -10.0, dtype=np.float32)
         for r in range(rows):
-            src = state[sent_index[r // group]]
-            lp[r, src[t] if 0 <= t < len(src) else EOS] = 0.0
-        return lp - np.log(np.exp(lp).sum(axis=1, keepdims=True)).astype(np.float32)
+            s = r // group
+            src = [int(t) for t, pad in zip(feeds["cross_key_0"][s, 0, :, 0], feeds["src_padding"][s]) if not pad]
+            src = src[self.src_skip:]
+            t = int(feeds["positions"][r]) - self.tgt_skip
+            lp[r, 0, src[t] if 0 <= t < len(src) else EOS] = 0.0
+        lp = lp - np.log(np.exp(lp).sum(axis=2, keepdims=True)).astype(np.float32)
+        empty = np.zeros((rows, 1, 1), np.float32)
+        new = np.zeros((rows, 2, 1, 1), np.float32)
+        return StepOutput(topk_scores=empty, topk_ids=empty.astype(np.int64), token_scores=empty, log_probs=lp,
+                          new_kv=[new, new])
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +147,6 @@ def test_max_tokens_bounds_padded_batch_size_and_order_is_kept(backend, tok):
     assert [t.text for t in out] == lines
     assert all(b.shape[0] * b.shape[1] <= 200 for b in backend.batches)
     assert max(b.shape[0] for b in backend.batches) > 1
-
-
-def test_make_batches_applies_both_limits():
-    items = [(i, [0] * n) for i, n in enumerate([10, 9, 9, 5, 5, 5, 5])]
-    sizes = [[i for i, _ in b] for b in make_batches(items, batch_size=3, max_tokens=20)]
-    assert sizes == [[0, 1], [2, 3], [4, 5, 6]]
-    assert [len(b) for b in make_batches(items, batch_size=None, max_tokens=30)] == [3, 4]
 
 
 def test_empty_and_blank_lines_give_empty_outputs_without_the_backend(backend, tok):
@@ -280,16 +296,28 @@ def lines_named(message: str) -> set[int]:
     return named
 
 
-def test_a_failing_batch_names_its_input_lines(tok):
+def _failing_lines():
     corpus = toy_corpus()
-    lines = [corpus[0], f"{corpus[1]} {corpus[2]}", corpus[6], f"{corpus[3]} {corpus[4]} {corpus[5]}", corpus[9]]
+    return [corpus[0], f"{corpus[1]} {corpus[2]}", corpus[6], f"{corpus[3]} {corpus[4]} {corpus[5]}", corpus[9]]
+
+
+def test_a_failing_encoder_run_names_the_lines_it_was_encoding(tok):
+    lines = _failing_lines()
     by_length = sorted(range(5), key=lambda i: (-len(tok.encode(lines[i])), i))
-    backend = CopyBackend(len(tok), fail_on_batch=2)
     with pytest.raises(DeltaLMError) as err:
-        run(backend, tok, lines, batch_size=2)
-    # longest first, two per batch: the second batch holds the 3rd and 4th longest lines
-    assert lines_named(str(err.value)) == {i + 1 for i in by_length[2:4]}
+        run(CopyBackend(len(tok), fail_on_batch=1), tok, lines, batch_size=2)
+    # longest first, two at a time: the first encoder run holds the two longest lines
+    assert lines_named(str(err.value)) == {i + 1 for i in by_length[:2]}
+    assert err.value.keys == sorted(by_length[:2])  # 0-based positions in the input
     assert "RuntimeError: out of device memory" in str(err.value)
+
+
+def test_a_failing_step_names_the_lines_it_was_decoding(tok):
+    lines = _failing_lines()
+    by_length = sorted(range(5), key=lambda i: (-len(tok.encode(lines[i])), i))
+    with pytest.raises(DeltaLMError) as err:
+        run(CopyBackend(len(tok), fail_on_step=3), tok, lines, batch_size=3)
+    assert lines_named(str(err.value)) == {i + 1 for i in by_length[:3]}
 
 
 # --- the command: files, stdout, options ----------------------------------------------------------
@@ -326,10 +354,10 @@ def test_failed_run_leaves_no_output_file_and_names_the_lines(artifact, fake_loa
     src = tmp_path / "in.txt"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out.txt"
-    fake_load.backend.fail_on_batch = 2
+    fake_load.backend.fail_on_batch = 1
     with pytest.raises(DeltaLMError) as err:
         run_translate(parse([str(artifact), "--input", str(src), "--output", str(out), "--batch-size", "2"]))
-    assert lines_named(str(err.value)) == {i + 1 for i in by_length[2:4]}
+    assert lines_named(str(err.value)) == {i + 1 for i in by_length[:2]}  # the first two decoded
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # no temporary file left
 

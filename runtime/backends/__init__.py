@@ -1,21 +1,7 @@
-"""Backends compute; the search loop (runtime/search.py) decides. A backend has:
-
-    cfg: ModelConfig
-    topk: int                      # k of its in-graph top-k (0: none)
-    encode(src_tokens [batch, src_len] int64) -> state
-        runs the encoder once; the state holds the cross K/V, the source padding and the
-        self-attention caches (device-resident for GPU backends).
-    step(state, tokens [rows], step, reorder [rows], sent_index [sents], rules, want)
-        feeds one token per hypothesis (rows = sents * group, grouped by sentence); reorder
-        says which row of the previous step each row continues (applied to the caches inside
-        the backend); sent_index says which encoder row each live sentence is. Returns
-        (scores [rows, k], ids [rows, k]) with the rules applied when want == "topk", or the raw
-        float32 log-probs [rows, vocab] when want == "logprobs".
-
-A backend opened for a vocabulary shortlist (ort, ``shortlist=True``) takes
-``encode(src_tokens, candidates=ids)``: its steps then score only those token ids (ids returned
-are token ids; the log-probs are -inf off the candidates). ``search.generate(..., shortlist)``
-passes each batch's candidates.
+"""Backends compute; the search engine (runtime/search.py) decides. The contract is ``Backend``:
+a backend runs the artifact's two graphs, nothing else. Everything around them (which rows live,
+their caches, the rules of each row) is the caller's, handed over as the step graph's feeds, which
+``step_feeds`` builds in one place from the graph's declaration (``deltalm.graphs``).
 
 ``load_backend`` imports a backend only when asked for: the torch backend lives in export/
 (it needs torch), the others here.
@@ -23,11 +9,14 @@ passes each batch's candidates.
 from __future__ import annotations
 
 from ..errors import InputError
+from .interface import Backend, Encoded, StepOutput, step_feeds
+
+__all__ = ["BACKENDS", "Backend", "Encoded", "StepOutput", "step_feeds", "load_backend"]
 
 BACKENDS = ("torch", "ort", "trt")
 
 
-def load_backend(name: str, source, **options):
+def load_backend(name: str, source, **options) -> Backend:
     """source: a checkpoint spec (torch) or an artifact directory (ort, trt)."""
     if name == "torch":
         from deltalm.export.torch_backend import TorchBackend

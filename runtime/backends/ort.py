@@ -1,21 +1,21 @@
 """ONNX Runtime backend: the artifact's encoder and decoder_step graphs.
 
-Caches never travel through numpy: the encoder's cross K/V and each step's present K/V stay
-OrtValues (on the device with ``device="cuda"``), bound as the next step's inputs through IO
-binding; only tokens / reorder indices go in and only the top-k (or, when asked, the log-probs)
-come out.
+Every feed is bound in place through IO binding (on the CPU, ONNX Runtime reads the caller's
+arrays, the caches included, without copying them) and every output is written into an array
+allocated here for it, so a step adds nothing to ONNX Runtime's arena but its intermediates. With
+``device="cuda"`` the feeds are copied to the GPU at every step (the caches live on the host: see
+the README's limits).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import threading
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..artifact import Artifact, open_artifact, verify_files
+from ..artifact import Artifact, check_can_decode, open_artifact, verify_files
 from ..errors import ArtifactError, InputError
-from ..graphs import SHORTLIST_STEP, cross_names, past_names, present_names
+from ..graphs import SHORTLIST_STEP, cross_names, per_layer
+from .interface import Encoded, StepOutput
 
 
 def session_options(threads: int | None = None):
@@ -48,14 +48,6 @@ def providers_for(device: str) -> list:
     raise InputError(f"unknown device {device!r} (cpu or cuda)")
 
 
-@dataclass
-class OrtState:
-    cross: dict  # name -> OrtValue [batch, H, S, hd]
-    src_padding: object  # OrtValue [batch, S] bool
-    past: dict | None  # name -> OrtValue [rows, H, P, hd]
-    candidates: np.ndarray | None = None  # [C] int64: the vocabulary shortlist of this batch
-
-
 class OrtBackend:
     """``shortlist=True``: the step graph over a vocabulary shortlist (``decoder_step_shortlist``)
     is loaded instead of the full one; ``encode`` then takes the batch's candidates."""
@@ -66,8 +58,7 @@ class OrtBackend:
         self.ort = ort
         self.artifact = artifact
         self.cfg = artifact.config
-        if not self.cfg.is_encoder_decoder:
-            raise InputError(f"{artifact.path}: an encoder-only model ({self.cfg.kind}) cannot translate")
+        check_can_decode(artifact)
         self.device = device
         self.device_type = "cuda" if device == "cuda" else "cpu"
         self.shortlist = shortlist
@@ -89,12 +80,9 @@ class OrtBackend:
         self.encoder, self.decoder = (f.result() for f in futures)
         self.encoder_spec = artifact.graph_spec("encoder")
         self.step_spec = artifact.graph_spec(step_graph)
-        self.topk = int(self.step_spec.outputs[0].shape[1])
+        self.topk = int(self.step_spec.outputs[0].shape[-1])
         self.float_dtype = np.dtype(self.step_spec.outputs[-1].dtype)
-        n = self.cfg.decoder_layers
-        self._cross_names = [name for i in range(n) for name in cross_names(i)]
-        self._past_names = [name for i in range(n) for name in past_names(i)]
-        self._present_names = [name for i in range(n) for name in present_names(i)]
+        self._cross_names = per_layer(self.cfg, cross_names)
 
     @classmethod
     def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, shortlist: bool = False,
@@ -126,61 +114,49 @@ class OrtBackend:
             raise failures[0]
         return backend
 
-    def _value(self, array: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+    def close(self) -> None:
+        self.encoder = self.decoder = None
 
-    def encode(self, src_tokens: np.ndarray, candidates: np.ndarray | None = None) -> OrtState:
-        if candidates is not None and not self.shortlist:
-            raise InputError("candidates given to a backend opened without the shortlist graph")
+    def encode(self, src_tokens: np.ndarray) -> Encoded:
         src = np.ascontiguousarray(src_tokens, dtype=np.int64)
+        batch, src_len = src.shape
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("src_tokens", src)
+        cross = []
         for name in self._cross_names:
-            binding.bind_output(name, self.device_type)
+            out = np.empty((batch, self.cfg.heads, src_len, self.cfg.head_dim), dtype=self.float_dtype)
+            _bind_output(binding, name, out)
+            cross.append(out)
         self.encoder.run_with_iobinding(binding)
-        outs = dict(zip(self._cross_names, binding.get_outputs()))
-        if self.shortlist and candidates is None:  # the shortlist graph over the whole vocabulary
-            candidates = np.arange(self.cfg.vocab_size, dtype=np.int64)
-        return OrtState(cross=outs, src_padding=self._value(src == self.cfg.pad), past=None,
-                        candidates=None if candidates is None else np.ascontiguousarray(candidates, dtype=np.int64))
+        return Encoded(cross=cross, padding=src == self.cfg.pad)
 
-    def step(self, state: OrtState, tokens, step, reorder, sent_index, rules, want="topk"):
-        cfg = self.cfg
-        rows = len(tokens)
+    def run_step(self, feeds: dict[str, np.ndarray]) -> StepOutput:
         binding = self.decoder.io_binding()
-        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        binding.bind_cpu_input("step", np.array(step, dtype=np.int64))
-        binding.bind_cpu_input("reorder", np.ascontiguousarray(reorder, dtype=np.int64))
-        binding.bind_cpu_input("sent_index", np.ascontiguousarray(sent_index, dtype=np.int64))
-        binding.bind_ortvalue_input("src_padding", state.src_padding)
-        if state.past is None:
-            empty = np.zeros((rows, cfg.heads, 0, cfg.head_dim), dtype=self.float_dtype)
-            for name in self._past_names:
-                binding.bind_cpu_input(name, empty)
-        else:
-            for name in self._past_names:
-                binding.bind_ortvalue_input(name, state.past[name])
-        for name in self._cross_names:
-            binding.bind_ortvalue_input(name, state.cross[name])
-        binding.bind_cpu_input("forced_tokens", np.ascontiguousarray(rules.forced_tokens, dtype=np.int64))
-        binding.bind_cpu_input("ban_eos", np.array(bool(rules.ban_eos)))
-        binding.bind_cpu_input("only_eos", np.array(bool(rules.only_eos)))
-        binding.bind_cpu_input("unk_penalty", np.array(rules.unk_penalty, dtype=np.float32))
-        if state.candidates is not None:
-            binding.bind_cpu_input("candidates", state.candidates)
-        wanted = ["topk_scores", "topk_ids"] if want == "topk" else ["log_probs"]
-        for name in wanted:
-            binding.bind_output(name, "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self.device_type)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        outputs = {name: np.empty(shape, dtype=dtype) for name, shape, dtype in _step_output_shapes(self, feeds)}
+        for name, array in outputs.items():
+            _bind_output(binding, name, array)
         self.decoder.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        state.past = {p: v for p, v in zip(self._past_names, outs[len(wanted):])}
-        if want == "topk":
-            return outs[0].numpy(), outs[1].numpy()
-        if state.candidates is None:
-            return outs[0].numpy()
-        full = np.full((rows, cfg.vocab_size), -np.inf, dtype=np.float32)  # tokens off the shortlist
-        full[:, state.candidates] = outs[0].numpy()
-        return full
+        return StepOutput.from_outputs(self.cfg, outputs)
 
+
+def _bind_output(binding, name: str, array: np.ndarray) -> None:
+    """ONNX Runtime writes output ``name`` into ``array`` (a host array of its final shape)."""
+    binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+def _step_output_shapes(backend, feeds: dict[str, np.ndarray]):
+    """(name, shape, dtype) of every output of the step for these feeds."""
+    cfg = backend.cfg
+    rows, new_len = feeds["tokens"].shape
+    width = feeds["score_ids"].shape[-1]
+    vocab = 0
+    if feeds["want_log_probs"]:
+        vocab = len(feeds["candidates"]) if "candidates" in feeds else cfg.vocab_size
+    k = backend.step_spec.outputs[0].shape[-1]
+    shapes = {"topk_scores": (rows, new_len, k), "topk_ids": (rows, new_len, k),
+              "token_scores": (rows, new_len, width), "log_probs": (rows, new_len, vocab)}
+    for t in backend.step_spec.outputs:
+        shape = shapes.get(t.name, (rows, cfg.heads, new_len, cfg.head_dim))
+        yield t.name, shape, np.dtype(t.dtype)

@@ -42,7 +42,9 @@ import numpy as np
 
 from ..artifact import Artifact, open_artifact
 from ..errors import ArtifactError, DeltaLMError, InputError
-from ..graphs import GraphSpec, cross_names, past_names, present_names
+from ..graphs import GraphSpec, cross_names
+from ..graphs import cache_names as past_names  # noqa: F401  (being ported to the new step interface)
+from ..graphs import new_kv_names as present_names  # noqa: F401
 
 ENGINE_GRAPHS = ("encoder", "decoder_step")
 # The one statement of the supported TensorRT versions: first supported, first unsupported.
@@ -382,7 +384,7 @@ class TrtBackend:
             if graph in engines:
                 engines[graph].buffers[name] = buf
         self._caches = [[self._memory[f"cache{s}:{p}"] for p in self._past_names] for s in (0, 1)]
-        self.topk = int(self.step_spec.outputs[0].shape[1])
+        self.topk = int(self.step_spec.outputs[0].shape[-1])
         self.max_target_len = self.step_engine.axes["past_len"][2]
         self._generation = 0
 
