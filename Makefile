@@ -42,10 +42,12 @@ $(FSVENV)/.installed:
 	$(PYTHON) -m venv $(FSVENV)
 	$(FSVENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy==2.4.6 cython==3.3.1 setuptools==84.2.1 wheel
 	$(FSVENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation fairseq-fixed==0.12.3.1
+	$(FSVENV)/bin/pip install -q --disable-pip-version-check sentencepiece==0.2.3 onnxruntime==1.32.0
+	$(FSVENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 test-fairseq: $(FSVENV)/.installed
-	PYTHONPATH=. $(FSVENV)/bin/python scripts/fairseq_reference.py | tail -1
+	$(FSVENV)/bin/python scripts/fairseq_reference.py | tail -1
 
 export: $(STAMP)
 	@test -n "$(CKPT)" || (echo "usage: make export CKPT=checkpoint.pt SPM=spm.model DICT=dict.txt OUT=dir [PRECISION=fp32|fp16|int8]"; exit 2)

@@ -66,15 +66,18 @@ class Attention(nn.Module):
 
     def attend_cached(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_blocked: torch.Tensor,
                       k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-        """Self-attention over a row's cached keys and its new ones, without joining them into
-        one tensor (the cache is the caller's, read in place): q / k / v [N, H, T, hd] of the new
-        tokens, cache_k / cache_v [N, H, L, hd], cache_blocked bool broadcastable to [N, H, T, L],
-        blocked [T, T] (causal) -> [N, H, T, hd]. One softmax (float32) over both blocks."""
-        scores = torch.cat([torch.matmul(q, cache_k.transpose(-1, -2)).masked_fill(cache_blocked, float("-inf")),
-                            torch.matmul(q, k.transpose(-1, -2)).masked_fill(blocked, float("-inf"))], dim=-1)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        """Self-attention over a row's cached keys and its new ones: q / k / v [N, H, T, hd] of the
+        new tokens, cache_k / cache_v [N, H, L, hd] (the caller's cache, never written here),
+        cache_blocked bool broadcastable to [N, H, T, L] (True: not one of the row's tokens),
+        blocked [T, T] (causal) -> [N, H, T, hd]. The keys are joined for one product, as fairseq
+        computes it: two products summed would round differently and, on near-ties, choose
+        other tokens than fairseq (measured); the joined copy lives for one layer at a time."""
         cached = cache_k.shape[2]
-        return torch.matmul(probs[..., :cached], cache_v) + torch.matmul(probs[..., cached:], v)
+        scores = torch.matmul(q, torch.cat([cache_k, k], dim=2).transpose(-1, -2))
+        scores = torch.cat([scores[..., :cached].masked_fill(cache_blocked, float("-inf")),
+                            scores[..., cached:].masked_fill(blocked, float("-inf"))], dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(probs, torch.cat([cache_v, v], dim=2))
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, T, hd] -> out_proj([B, T, D])."""

@@ -42,6 +42,7 @@ import numpy as np
 
 from .backends.interface import Backend, Encoded
 from .batch import DecoderBatch
+from .constraints import constrained_candidates, start_state
 from .errors import DecodeError, DeltaLMError, InputError
 from .graphs import RULES_MARGIN
 from .options import OptionError, TranslateOptions
@@ -57,12 +58,14 @@ NEG_INF = np.float32(-np.inf)
 class Sentence:
     """One sentence to decode: ``src`` its source ids (source prefix and ``</s>`` included);
     ``options``; ``prefix`` forced target ids (language tag, per-sentence prefix); ``seed`` of its
-    sampling generator (None: fresh entropy)."""
+    sampling generator (None: fresh entropy); ``constraints`` target token sequences every
+    hypothesis should contain (lexically constrained decoding, ``options.constraint_order``)."""
 
     src: tuple[int, ...]
     options: TranslateOptions = field(default_factory=TranslateOptions)
     prefix: tuple[int, ...] = ()
     seed: tuple[int, ...] | None = None
+    constraints: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,20 @@ def apply_rules(log_probs: np.ndarray, rules: StepRules, pad: int, unk: int, eos
         lp[rows, forced[rows]] = kept
     lp[np.flatnonzero(rules.ban_eos), eos] = NEG_INF
     return lp
+
+
+def _ruled_scores(raw: np.ndarray, ids: np.ndarray, rules: StepRules, rows: slice, cfg) -> np.ndarray:
+    """``apply_rules`` on the raw log-probs of the token ``ids`` of some rows ([n, M] each): what
+    those columns of the ruled [n, V] log-probs would hold."""
+    v = np.array(raw, dtype=np.float32, copy=True)
+    v[np.isnan(v)] = NEG_INF
+    v[ids == cfg.pad] = NEG_INF
+    v = np.where(ids == cfg.unk, v - rules.unk_penalty[rows][:, None], v).astype(np.float32)
+    v[rules.only_eos[rows][:, None] & (ids != cfg.eos)] = NEG_INF
+    forced = rules.forced_tokens[rows][:, None]
+    v[(forced >= 0) & (ids != forced)] = NEG_INF
+    v[rules.ban_eos[rows][:, None] & (ids == cfg.eos)] = NEG_INF
+    return v
 
 
 def block_repeated_ngrams(log_probs: np.ndarray, history: np.ndarray, n: int, step: int) -> None:
@@ -222,7 +239,22 @@ class _Live:
         self.cum = np.zeros((group, 0), dtype=np.float32)  # cumulative score after each token
         self.final: list[Hypothesis] = []
         self.cancelled = False
+        # the constraint state of each hypothesis (lexically constrained decoding), else None
+        self.states = [start_state(sentence.constraints, self.opts.constraint_order)] * group if sentence.constraints else None
         self.rng = np.random.default_rng(None if sentence.seed is None else list(sentence.seed)) if self.opts.sampling else None
+
+    def bans_eos(self) -> np.ndarray:
+        """[group] bool: hypotheses whose constraints are not all met may not end (fairseq bans
+        </s> for them from step 1 on). At the maximum length, where nothing but </s> is allowed,
+        a sentence none of whose hypotheses has met its constraints could not end at all (fairseq's
+        generator fails an assertion there): its hypotheses end without them."""
+        unfinished = np.zeros(self.hist.shape[0], dtype=bool)
+        if self.states is None or self.step == 0:
+            return unfinished
+        unfinished = np.array([not state.finished for state in self.states])
+        if self.step >= self.max_len and unfinished.all():
+            unfinished[:] = False
+        return unfinished
 
     @property
     def prev_scores(self) -> np.ndarray:
@@ -307,11 +339,19 @@ class _Lane:
         for s, live in enumerate(self.live):
             forced[s], ban[s], only[s] = sentence_rules(live.opts, live.sentence.prefix, live.step, live.max_len)
             unk[s] = live.opts.unkpen
-        rules = StepRules(np.repeat(forced, g), np.repeat(ban, g), np.repeat(only, g), np.repeat(unk, g))
+        rules = StepRules(np.repeat(forced, g), np.repeat(ban, g) | np.concatenate([live.bans_eos() for live in self.live]),
+                          np.repeat(only, g), np.repeat(unk, g))
         full = [live.opts.needs_log_probs or 2 * g > backend.topk for live in self.live]
         want = any(full)
+        # the tokens each constrained hypothesis could take next: their scores come back with the step
+        nexts = [[sorted(st.next_tokens()) for st in live.states] if live.states else None for live in self.live]
+        width = max([1] + [len(t) for per in nexts if per for t in per])
+        score_ids = np.full((rows, 1, width), cfg.eos, dtype=np.int64)
+        for s, per in enumerate(nexts):
+            for b, ids in enumerate(per or ()):
+                score_ids[s * g + b, 0, : len(ids)] = ids
         feeds = self.batch.feeds(backend.step_spec, np.concatenate([live.hist[:, -1:] for live in self.live]),
-                                 positions, rules, want_log_probs=want, candidates=self.candidates)
+                                 positions, rules, score_ids=score_ids, want_log_probs=want, candidates=self.candidates)
         out = backend.run_step(feeds)
         self.batch.write(out.new_kv, positions)
 
@@ -326,19 +366,27 @@ class _Lane:
         parents = np.arange(rows, dtype=np.int64)
         keep = np.ones(n, dtype=bool)
         events: list = []
-        plain = [s for s in range(n) if not full[s]]
+        plain = [s for s in range(n) if not full[s] and nexts[s] is None]
         if plain:
             self._advance(plain, self._beam_candidates(plain, *topk), parents, keep, events)
         for s in range(n):
-            if not full[s]:
+            if s in plain:
                 continue
             live = self.live[s]
-            lp = self._full_log_probs(live, log_probs[s * g:(s + 1) * g], rules, s)
+            mine = slice(s * g, (s + 1) * g)
+            if full[s]:
+                lp = self._full_log_probs(live, log_probs[mine], rules, s)
+                vals, ids = _row_topk(lp, 2 * g)
+            else:
+                lp, vals, ids = None, topk[0][s], topk[1][s]
             if live.opts.sampling:
                 self._advance([s], self._sampled_candidates(live, lp), parents, keep, events)
-            else:
-                vals, ids = _row_topk(lp, 2 * g)
+            elif nexts[s] is None:
                 self._advance([s], self._beam_candidates([s], vals[None], ids[None]), parents, keep, events)
+            else:
+                token_scores = _ruled_scores(out.token_scores[mine, 0, :], score_ids[mine, 0, :], rules, mine, cfg) \
+                    if lp is None else np.take_along_axis(lp, score_ids[mine, 0, :], axis=1)
+                self._advance_constrained(s, vals, ids, nexts[s], token_scores, parents, keep, events)
         self.batch.reorder(parents)
         if not keep.all():
             order = self.batch.retire(keep)
@@ -395,7 +443,30 @@ class _Lane:
         scores = live.prev_scores[beams] + drawn
         return _Candidates(scores, tokens.reshape(1, g), beams, np.ones((1, g), dtype=bool))
 
-    def _advance(self, sents: list[int], cand: _Candidates, parents: np.ndarray, keep: np.ndarray, events: list) -> None:
+    def _advance_constrained(self, s: int, vals: np.ndarray, ids: np.ndarray, nexts: list[list[int]],
+                             next_scores: np.ndarray, parents: np.ndarray, keep: np.ndarray, events: list) -> None:
+        """fairseq LexicallyConstrainedBeamSearch.step for sentence ``s``: its rows' top scores
+        ``vals`` / ``ids`` [group, k] and the scores of each row's next constraint tokens (rules
+        applied), then the common finish / continue, the constraint states following the beams."""
+        live, g, vocab = self.live[s], self.group, self.engine.cfg.vocab_size
+        width = min(2 * g, g * vocab - 1)
+        top = self._beam_candidates([s], vals[None], ids[None])
+        prev = live.prev_scores
+        row_best = None if live.step == 0 else (prev + vals[:, 0], ids[:, 0])
+        by_row = [{t: prev[b] + next_scores[b, j] for j, t in enumerate(tokens)} for b, tokens in enumerate(nexts)]
+        cand = constrained_candidates(live.step, width, (top.scores[0, :width], top.tokens[0, :width], top.beams[0, :width]),
+                                      row_best, by_row, live.states)
+        found = len(cand.scores)
+        pad = 2 * g - found  # fairseq's candidate buffer is 2 x beam wide, zero-filled
+        scores = np.concatenate([cand.scores, np.zeros(pad, np.float32)])[None]
+        tokens = np.concatenate([cand.tokens, np.zeros(pad, np.int64)])[None]
+        beams = np.concatenate([cand.beams, np.zeros(pad, np.int64)])[None]
+        active = self._advance([s], _Candidates(scores, tokens, beams, np.ones((1, 2 * g), dtype=bool)), parents, keep,
+                               events)
+        if keep[s]:
+            live.states = [cand.states[a] for a in active[0]]
+
+    def _advance(self, sents: list[int], cand: _Candidates, parents: np.ndarray, keep: np.ndarray, events: list) -> np.ndarray:
         """Finish the hypotheses that end in </s> among the first ``beam`` candidates, continue
         with the first ``beam`` that do not (sampling: every hypothesis continues itself), and say
         which sentences are done."""
@@ -432,6 +503,7 @@ class _Lane:
             live.step += 1
             if engine.partials:
                 events.append(Partial(live.key, [int(t) for t in live.hist[int(np.argmax(new_scores[i])), 1:]]))
+        return active
 
     def _drop_cancelled(self) -> None:
         if any(live.cancelled for live in self.live):
@@ -508,6 +580,21 @@ class Engine:
         max_len = max_length(opts, len(sentence.src), cfg.max_positions)
         if opts.min_len > max_len:
             raise OptionError("min_len", f"{opts.min_len} exceeds the maximum length {max_len}")
+        if sentence.constraints and opts.sampling:
+            raise OptionError("sampling", "cannot be combined with lexical constraints (fairseq's sampling has no "
+                                          "constrained search either)")
+        if sentence.constraints and sentence.prefix:
+            # fairseq's constrained search deals candidates that can advance a constraint first, even
+            # when a forced token leaves them no probability: the forced token loses its place and no
+            # hypothesis survives (its generator then fails an assertion)
+            raise InputError("lexical constraints cannot be combined with a forced target prefix (tgt_prefix or "
+                             "target_prefix): fairseq's constrained search drops the forced tokens")
+        for c in sentence.constraints:
+            if not c:
+                raise InputError("a lexical constraint is empty")
+            for t in c:
+                if t in (cfg.eos, cfg.pad) or not 0 <= t < cfg.vocab_size:
+                    raise InputError(f"lexical constraint token {t} is not allowed")
 
     def add(self, key: Hashable, sentence: Sentence) -> None:
         """Queue ``sentence`` under ``key`` (the caller's name for it, reported in its events);

@@ -36,16 +36,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .artifact import MANIFEST, read_manifest, verify_files
 from .atomic import previous_artifact_of
 from .backends import BACKENDS, Backend, load_backend
 from .errors import DecodeError, DeltaLMError, InputError, SentenceError
 from .options import OptionError, TranslateOptions
+from .scoring import Score, score_pairs
 from .search import Engine, Finished, Hypothesis, Partial, Sentence
 from .shortlist import Shortlist
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "Translation", "PartialTranslation", "Hypothesis", "TranslateOptions", "OptionError",
+__all__ = ["Translator", "Translation", "PartialTranslation", "Score", "Hypothesis", "TranslateOptions", "OptionError",
            "BatchOptions", "format_translation", "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_LINES"]
 
 DEFAULT_BATCH_SIZE = 32
@@ -272,7 +275,8 @@ class Translator:
         return src, tgt
 
     def prepare(self, lines: Sequence[str | bytes], options: TranslateOptions, *, start: int = 0,
-                errors: str = "strict", target_prefix: Sequence[str | None] | None = None) -> list[Sentence | None]:
+                errors: str = "strict", target_prefix: Sequence[str | None] | None = None,
+                constraints: Sequence[Sequence[str] | None] | None = None) -> list[Sentence | None]:
         """What the engine decodes for each line: a ``Sentence`` (source ids, options, forced
         target ids, sampling seed), or None for a line with nothing to translate (empty, blank).
         ``start``: the position of ``lines[0]`` in the whole input (messages and seeds count from
@@ -282,8 +286,9 @@ class Translator:
         warning)."""
         tok, cfg = self.tokenizer, self.config
         src_prefix, tgt_prefix = self._prefixes(options)
-        if target_prefix is not None and len(target_prefix) != len(lines):
-            raise InputError(f"target_prefix has {len(target_prefix)} entries for {len(lines)} sentences")
+        for name, per_line in (("target_prefix", target_prefix), ("constraints", constraints)):
+            if per_line is not None and len(per_line) != len(lines):
+                raise InputError(f"{name} has {len(per_line)} entries for {len(lines)} sentences")
         max_src = cfg.max_positions  # source tokens, source prefix and </s> included
         bare = len(src_prefix) + 1  # a source with no text
         out: list[Sentence | None] = []
@@ -294,6 +299,7 @@ class Translator:
                 prefix = list(tgt_prefix)
                 if target_prefix is not None and target_prefix[k]:
                     prefix += self._target_ids(target_prefix[k])
+                wanted = self._constraint_ids(constraints[k] if constraints is not None else None)
             except SentenceError:
                 raise
             except DeltaLMError as e:
@@ -308,13 +314,30 @@ class Translator:
                 self._warn(f"input line {index + 1}: {len(ids)} source tokens, truncated to the model's {max_src}")
                 ids = ids[: max_src - 1] + [tok.eos]
             seed = None if options.seed is None else (options.seed, index)
-            sentence = Sentence(tuple(ids), options, tuple(prefix), seed)
+            sentence = Sentence(tuple(ids), options, tuple(prefix), seed, wanted)
             try:
                 Engine.check_sentence(cfg, sentence)
             except DeltaLMError as e:
                 raise SentenceError(index, str(e)) from None
             out.append(sentence)
         return out
+
+    def _constraint_ids(self, texts: Sequence[str] | None) -> tuple[tuple[int, ...], ...]:
+        if texts is None:
+            return ()
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InputError("the constraints of a sentence must be a list of target texts")
+        out = []
+        for text in texts:
+            ids = self._target_ids(text)
+            if not ids:
+                raise InputError(f"the constraint {text!r} is empty")
+            if self.tokenizer.unk in ids:
+                unknown = [p for p in self.tokenizer.pieces(text) if p not in self.tokenizer.dictionary]
+                raise InputError(f"the constraint {text!r} has pieces the dictionary does not know "
+                                 f"({', '.join(unknown)}): it would require <unk>")
+            out.append(tuple(ids))
+        return tuple(out)
 
     def _target_ids(self, text: str) -> list[int]:
         """A target text as the model's ids (sentencepiece + dictionary, no ``</s>``)."""
@@ -355,6 +378,7 @@ class Translator:
         *,
         options: TranslateOptions | None = None,
         target_prefix: Sequence[str | None] | None = None,
+        constraints: Sequence[Sequence[str] | None] | None = None,
         batch_size: int | None = DEFAULT_BATCH_SIZE,
         max_tokens: int | None = None,
         **overrides,
@@ -364,7 +388,10 @@ class Translator:
         min_len, unkpen, no_repeat_ngram_size, sampling, temperature, sampling_topk,
         sampling_topp, seed, src_prefix, tgt_prefix, truncate). ``target_prefix``: one forced
         target prefix text per sentence (None or "" for none; after ``tgt_prefix``'s symbols),
-        kept in the hypotheses' tokens and text. ``batch_size`` / ``max_tokens``: how many
+        kept in the hypotheses' tokens and text. ``constraints``: per sentence a list of target
+        texts every hypothesis must contain (lexically constrained decoding, fairseq's
+        ``--constraints``; ``constraint_order`` "ordered" or "unordered"), or None.
+        ``batch_size`` / ``max_tokens``: how many
         sentences decode at once (sentences, and sentences x their longest source). Bad options
         raise ``OptionError`` before anything is decoded; a failing sentence a ``SentenceError``
         naming its position."""
@@ -374,7 +401,8 @@ class Translator:
         batching = BatchOptions(batch_size, max_tokens)
         batching.validate()
         sentences = list(sentences)
-        return self._decode(self.prepare(sentences, opts, target_prefix=target_prefix), 0, batching)
+        return self._decode(self.prepare(sentences, opts, target_prefix=target_prefix, constraints=constraints), 0,
+                            batching)
 
     def translate_iterable(
         self,
@@ -433,6 +461,7 @@ class Translator:
         *,
         options: TranslateOptions | None = None,
         target_prefix: Sequence[str | None] | None = None,
+        constraints: Sequence[Sequence[str] | None] | None = None,
         batch_size: int | None = DEFAULT_BATCH_SIZE,
         max_tokens: int | None = None,
         **overrides,
@@ -447,8 +476,52 @@ class Translator:
         opts = self.options(options, **overrides)
         batching = BatchOptions(batch_size, max_tokens)
         batching.validate()
-        prepared = self.prepare(list(sentences), opts, target_prefix=target_prefix)
+        prepared = self.prepare(list(sentences), opts, target_prefix=target_prefix, constraints=constraints)
         return self._events(prepared, 0, batching, partials=True)
+
+    def score_batch(self, sources: Sequence[str], targets: Sequence[str], *, options: TranslateOptions | None = None,
+                    max_tokens: int | None = None, **overrides) -> list[Score]:
+        """The score of each (source, target) pair, in input order: the target's ids (forced
+        target prefix symbols of ``tgt_prefix`` first, final ``</s>`` included), the natural-log
+        probability of each given the source and the tokens before it, and their mean (fairseq's
+        ``SequenceScorer`` / ``generate --score-reference``). Of the options only ``src_prefix``,
+        ``tgt_prefix`` and ``truncate`` (of sources) apply. ``max_tokens``: padded target tokens
+        per decoder run (default: as many as fit 256 MB of logits). A pair the model cannot take
+        (an empty target, a source or target longer than the model's positions) raises
+        ``SentenceError`` naming its position."""
+        for name, value in (("sources", sources), ("targets", targets)):
+            if isinstance(value, (str, bytes)):
+                raise InputError(f"score_batch takes lists of sentences; {name} is one string")
+        if len(sources) != len(targets):
+            raise InputError(f"{len(sources)} sources but {len(targets)} targets: give one target per source")
+        opts = self.options(options, **overrides)
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise OptionError("max_tokens", f"must be >= 1, got {max_tokens}")
+        prepared = self.prepare(list(sources), opts)
+        tgt_prefix = self._prefixes(opts)[1]
+        limit = self.config.max_positions
+        pairs: list[tuple[int, tuple[int, ...], list[int]]] = []
+        for k, (sentence, target) in enumerate(zip(prepared, targets)):
+            if sentence is None:
+                raise SentenceError(k, "has an empty source")
+            if not isinstance(target, str):
+                raise SentenceError(k, f"has a target that is a {type(target).__name__}, not text")
+            ids = list(tgt_prefix) + self.tokenizer.encode(target, [])
+            if len(ids) == len(tgt_prefix) + 1:
+                raise SentenceError(k, "has an empty target")
+            if len(ids) > limit:
+                raise SentenceError(k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}")
+            pairs.append((k, sentence.src, ids))
+        with self._lock:
+            try:
+                scored = score_pairs(self.backend, [p[1] for p in pairs], [p[2] for p in pairs], max_tokens)
+            except DecodeError as e:
+                lines = sorted(e.keys)
+                raise DecodeError(lines, e.cause, f"scoring failed for input line{'s' if len(lines) > 1 else ''} "
+                                                  f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
+                                                  f"{e.cause}") from e.cause
+        return [Score(k, ids, float(np.mean(np.asarray(pos, dtype=np.float32))), pos)
+                for (k, _, ids), pos in zip(pairs, scored)]
 
     def _decode(self, prepared: list[Sentence | None], start: int, batching: BatchOptions) -> list[Translation]:
         results: list[Translation | None] = [None] * len(prepared)

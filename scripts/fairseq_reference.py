@@ -1,9 +1,13 @@
-"""Cross-check our search loop against fairseq's own SequenceGenerator (opt-in; needs fairseq).
+"""Cross-check our search engine and scorer against fairseq's own SequenceGenerator, its
+LexicallyConstrainedBeamSearch and its SequenceScorer (opt-in; needs fairseq).
 
 fairseq runs the PyTorch DeltaLM through a thin FairseqEncoderDecoderModel adapter that recomputes
 the whole (teacher-forced) decoder at every step, so it shares no search code and no cache code
-with us; our side runs ``deltalm.search.generate`` over the cached ``TorchBackend``. Both must give
-the same n-best token ids, scores and positional scores.
+with us; our side runs ``deltalm.search.Engine`` over the cached ``TorchBackend``, all sentences of
+a case in one continuous batch, while fairseq decodes each sentence alone. Both must give the same
+n-best token ids, scores and positional scores: plain search options, per-sentence target
+prefixes of different lengths, lexical constraints (ordered and unordered, with and without a
+prefix), and scores of given targets.
 
 Run: ``make test-fairseq`` (builds .venv-fairseq with fairseq-fixed 0.12.3.1, ~5 min once).
 Prints one JSON line per case and exits non-zero on any mismatch.
@@ -28,7 +32,8 @@ from deltalm.export.model import DeltaLM  # noqa: E402
 from deltalm.export.torch_backend import TorchBackend  # noqa: E402
 from deltalm.config import ModelConfig  # noqa: E402
 from deltalm.options import TranslateOptions  # noqa: E402
-from deltalm.search import generate  # noqa: E402
+from deltalm.search import Engine, Finished, Sentence, generate  # noqa: E402
+from deltalm.scoring import score_pairs  # noqa: E402
 
 
 class _Encoder(FairseqEncoder):
@@ -123,6 +128,145 @@ CASES = [
 ]
 
 
+# decoding controls on a trained model (random models are full of near-ties that any two
+# implementations order differently): the demo's copy model, on corpus sentences
+CONSTRAINED = [
+    dict(beam=4, order="ordered"),
+    dict(beam=5, order="unordered", lenpen=0.7),
+    dict(beam=3, order="ordered", min_len=4),
+    dict(beam=6, order="unordered", min_len=3),
+    dict(beam=4, order="unordered", repeat=True),  # a constraint token repeated: the trie counts matter
+    dict(beam=5, order="ordered", swap=True),  # constraints from other sentences: hard to place
+]
+
+
+def compare(seed, case, s, want, got) -> bool:
+    ok = [w[0] for w in want] == [g[0] for g in got] and all(
+        abs(w[1] - g[1]) < 1e-4 and np.allclose(w[2], g[2], atol=1e-4) for w, g in zip(want, got))
+    print(json.dumps({"seed": seed, "case": case, "sentence": s, "ok": ok, **({} if ok else {"fairseq": want, "ours": got})}))
+    return ok
+
+
+def engine_results(backend, sentences, alone: bool = False) -> list:
+    """Every sentence through one Engine (one continuous batch), or each through an Engine of its own."""
+    if alone:
+        return [engine_results(backend, [s])[0] for s in sentences]
+    engine = Engine(backend)
+    for k, sentence in enumerate(sentences):
+        engine.add(k, sentence)
+    out = {}
+    for event in engine.run():
+        if isinstance(event, Finished):
+            out[event.key] = event.hypotheses
+    return [[(h.tokens, h.score, h.positional_scores) for h in out[k]] for k in range(len(sentences))]
+
+
+def fairseq_hyps(hyps) -> list:
+    return [(h["tokens"].tolist(), float(h["score"]), h["positional_scores"].tolist()) for h in hyps]
+
+
+def trained_model():
+    """The demo's tiny copy model (trained here, deterministic) and its tokenizer."""
+    import tempfile
+
+    from deltalm.export.toy_data import build_toy_tokenizer, toy_corpus
+    from deltalm.export.toy_model import train_copy_model
+    from deltalm.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)  # deterministic training
+    work = Path(tempfile.mkdtemp(prefix="fairseq-reference-"))
+    tok = Tokenizer(*build_toy_tokenizer(work))
+    cfg = ModelConfig.from_name("tiny").replace(vocab_size=len(tok))
+    model = train_copy_model(tok, cfg, steps=300)
+    d = Dictionary()
+    while len(d) < cfg.vocab_size:
+        d.add_symbol(f"w{len(d)}")
+    corpus = toy_corpus()
+    return model, Adapter(_Encoder(d, model), _Decoder(d, model)).eval(), d, tok, corpus
+
+
+def run_decoding_controls(model, adapter, d, tok, corpus) -> int:
+    from fairseq import search
+    from fairseq.token_generation_constraints import pack_constraints
+
+    backend = TorchBackend(model, topk=16)
+    lines = [corpus[i] for i in (0, 7, 42, 99, 150, 233)]
+    sources = [tok.encode(line) for line in lines]
+    words = [line.split() for line in lines]
+    # target prefixes: the first tokens of the sentence's own translation (a copy), of another one, or none
+    prefixes = [tok.encode(" ".join(words[0][:2]))[:-1], [], tok.encode(words[3][0])[:-1], tok.encode(" ".join(words[0][:3]))[:-1],
+                [], tok.encode(words[2][-1])[:-1]]
+    own = [[tok.encode(w[1])[:-1], tok.encode(w[-1])[:-1]] for w in words]
+    other = [[tok.encode(words[(k + 1) % len(words)][0])[:-1]] for k in range(len(words))]
+    failures = 0
+    for case in (dict(beam=4), dict(beam=3, min_len=5, lenpen=1.3), dict(beam=1), dict(beam=5, unkpen=1.0)):
+        opts = TranslateOptions(nbest=case["beam"], max_len_b=30, **case)
+        ours = engine_results(backend, [Sentence(tuple(src), opts, tuple(pre)) for src, pre in zip(sources, prefixes)])
+        gen = SequenceGenerator([adapter], d, beam_size=opts.beam, max_len_b=30, min_len=opts.min_len,
+                                len_penalty=opts.lenpen, unk_penalty=opts.unkpen)
+        for s, (src, pre) in enumerate(zip(sources, prefixes)):
+            sample = {"net_input": {"src_tokens": torch.tensor([src]), "src_lengths": torch.tensor([len(src)])}}
+            with torch.no_grad():
+                ref = gen.generate([adapter], sample, prefix_tokens=torch.tensor([pre]) if pre else None)
+            failures += not compare("trained", {"prefixes": True, **case}, s, fairseq_hyps(ref[0]), ours[s])
+    for case in CONSTRAINED:
+        opts = TranslateOptions(beam=case["beam"], nbest=case["beam"], max_len_b=30, min_len=case.get("min_len", 1),
+                                lenpen=case.get("lenpen", 1.0), constraint_order=case["order"])
+        constraints = other if case.get("swap") else own
+        if case.get("repeat"):
+            constraints = [c + [c[0]] for c in constraints]
+        pre_of = [[] for _ in sources]  # with a forced prefix fairseq's DBA drops the forced tokens: we refuse it
+        ours = engine_results(backend, [Sentence(tuple(src), opts, tuple(pre), constraints=tuple(tuple(c) for c in cs))
+                                        for src, pre, cs in zip(sources, pre_of, constraints)])
+        strategy = search.LexicallyConstrainedBeamSearch(d, case["order"])
+        gen = SequenceGenerator([adapter], d, beam_size=opts.beam, max_len_b=30, min_len=opts.min_len,
+                                len_penalty=opts.lenpen, search_strategy=strategy)
+        for s, (src, pre, cs) in enumerate(zip(sources, pre_of, constraints)):
+            sample = {"net_input": {"src_tokens": torch.tensor([src]), "src_lengths": torch.tensor([len(src)])}}
+            packed = pack_constraints([[torch.tensor(c) for c in cs]])
+            try:
+                with torch.no_grad():
+                    ref = gen.generate([adapter], sample, prefix_tokens=torch.tensor([pre]) if pre else None,
+                                       constraints=packed)
+            except AssertionError:  # no hypothesis met its constraints within max_len: fairseq stops there
+                ok = len(ours[s]) > 0  # we end the hypotheses without them
+                print(json.dumps({"seed": "trained", "case": {"constraints": case}, "sentence": s, "ok": ok,
+                                  "fairseq": "AssertionError (no hypothesis meets the constraints within max_len)"}))
+                failures += not ok
+                continue
+            failures += not compare("trained", {"constraints": case}, s, fairseq_hyps(ref[0]), ours[s])
+            met = all(_contains(h[0], c) for h in ours[s] for c in cs)
+            print(json.dumps({"case": {"constraints": case}, "sentence": s, "every_constraint_in_every_hypothesis": met}))
+    return failures
+
+
+def _contains(tokens, phrase) -> bool:
+    return any(tokens[i : i + len(phrase)] == list(phrase) for i in range(len(tokens) - len(phrase) + 1))
+
+
+def run_scoring(model, adapter, d, tok, corpus) -> int:
+    from fairseq.sequence_scorer import SequenceScorer
+
+    backend = TorchBackend(model, topk=16)
+    lines = [corpus[i] for i in (3, 8, 55, 120, 301)]
+    sources = [tok.encode(line) for line in lines]
+    targets = [tok.encode(lines[0]), tok.encode(lines[2]), tok.encode("the"), tok.encode(lines[3] + " " + lines[4]),
+               tok.encode(lines[4])]  # its own translation, another sentence, a word, two sentences
+    ours = score_pairs(backend, sources, targets, max_tokens=40)  # several runs of padded targets
+    scorer = SequenceScorer(d)
+    failures = 0
+    for s, (src, tgt) in enumerate(zip(sources, targets)):
+        sample = {"net_input": {"src_tokens": torch.tensor([src]), "src_lengths": torch.tensor([len(src)]),
+                                "prev_output_tokens": torch.tensor([[2] + tgt[:-1]])},
+                  "target": torch.tensor([tgt])}
+        with torch.no_grad():
+            ref = scorer.generate([adapter], sample)[0][0]
+        want = [(ref["tokens"].tolist(), float(ref["score"]), ref["positional_scores"].tolist())]
+        mean = float(np.float32(np.sum(np.asarray(ours[s], np.float32), dtype=np.float32)) / np.float32(len(tgt)))
+        failures += not compare("trained", {"score": True}, s, want, [(tgt, mean, ours[s])])
+    return failures
+
+
 def main() -> int:
     _patch_ngram_blocker()
     failures = 0
@@ -158,7 +302,10 @@ def main() -> int:
                     abs(w[1] - g[1]) < 1e-4 and np.allclose(w[2], g[2], atol=1e-4) for w, g in zip(want, got))
                 failures += not ok
                 print(json.dumps({"seed": seed, "case": case, "sentence": s, "ok": ok,
-                                  **({} if ok else {"fairseq": want[:2], "ours": got[:2]})}))
+                                  **({} if ok else {"fairseq": want, "ours": got})}))
+    trained = trained_model()
+    failures += run_decoding_controls(*trained)
+    failures += run_scoring(*trained)
     print(json.dumps({"failures": failures}))
     return 1 if failures else 0
 
