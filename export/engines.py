@@ -3,9 +3,9 @@
 Engines are built STRONGLY TYPED from the artifact's own ONNX graphs: every tensor keeps the type
 the graph gives it, so the precision of the engines is the precision of the export. An fp32
 export gives fp32 engines (TF32 off: Polygraphy's default); an fp16 export gives fp16 engines
-whose fp32 islands (LayerNormalization, Softmax, LogSoftmax, TopK, chosen by the exporter and
-checked by the export's own parity verdict) are the precision decisions. This is the only way
-TensorRT 11 builds (weak typing, ``BuilderFlag.FP16`` and layer precision pins are gone) and the
+whose fp32 islands (LayerNormalization, Softmax, TopK and the output head: the step's
+log-sum-exp, rules and log-probs; chosen by the exporter and checked by the export's own parity
+verdict) are the precision decisions. This is the only way TensorRT 11 builds (weak typing, ``BuilderFlag.FP16`` and layer precision pins are gone) and the
 recommended one since 10.12: ``TENSORRT_SUPPORTED`` in ``deltalm.backends.trt``.
 
 The build goes through Polygraphy's TensorRT loaders (``NetworkFromOnnxPath(strongly_typed=True)``,
@@ -372,7 +372,7 @@ def engine_metadata(graph: str, engine_file: str, onnx_file: str, onnx_sha256: s
 def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, GraphSpec], cfg: ModelConfig) -> str:
     """What will be built: per graph the axis bounds and each input's min/opt/max shapes, and the
     device memory ``--backend trt`` allocates for these profiles."""
-    islands = "; LayerNorm, Softmax, LogSoftmax and TopK in fp32, as exported" if precision == "fp16" else ""
+    islands = "; LayerNorm, Softmax, TopK and the output head in fp32, as exported" if precision == "fp16" else ""
     lines = [f"TensorRT engines for {path} ({precision}, strongly typed{islands})"]
     plans = {}
     for graph, profile in profiles.items():
