@@ -575,6 +575,22 @@ def test_gpu_check_holds_trt_engines_to_the_device_thresholds(trt_and_ort):
     assert [(r["beam"], r["sentences"], r["identical_ids"]) for r in result["translations"]] == [(1, 5, 1.0), (5, 5, 1.0)]
 
 
+def test_gpu_check_times_the_trt_step_over_the_backend_contract(trt_and_ort, monkeypatch):
+    import deltalm.export.gpu_check as gpu_check
+
+    trt, _ = trt_and_ort
+    monkeypatch.setattr(gpu_check, "WARMUP", 1)
+    monkeypatch.setattr(gpu_check, "RUNS", 2)
+    monkeypatch.setattr(gpu_check, "POSITION", 8)  # within the small profile (20 positions)
+    monkeypatch.setattr(gpu_check, "SRC_LEN", 12)
+    FakeCuda.copies.clear()
+    result = gpu_check.step_latency(trt, 3, 4)
+    assert result["runs"] == 2 and result["median_ms"] > 0 and result["cache_positions"] == 16
+    cache_bytes = 12 * trt.cfg.heads * 16 * trt.cfg.head_dim * 4
+    to_device = [n for kind, n in FakeCuda.copies if kind == FakeCuda.MemcpyKind.HostToDevice]
+    assert to_device.count(cache_bytes) == 3 * 2 * trt.cfg.decoder_layers  # every run copies the caches
+
+
 class Shifted:
     """A backend whose log-probs are all ``shift`` higher: same choices, another max abs."""
 
