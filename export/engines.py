@@ -3,9 +3,9 @@
 Engines are built STRONGLY TYPED from the artifact's own ONNX graphs: every tensor keeps the type
 the graph gives it, so the precision of the engines is the precision of the export. An fp32
 export gives fp32 engines (TF32 off: Polygraphy's default); an fp16 export gives fp16 engines
-whose fp32 islands (LayerNormalization, Softmax, LogSoftmax, TopK, chosen by the exporter and
-checked by the export's own parity verdict) are the precision decisions. This is the only way
-TensorRT 11 builds (weak typing, ``BuilderFlag.FP16`` and layer precision pins are gone) and the
+whose fp32 islands (LayerNormalization, Softmax, TopK and the output head: the step's
+log-sum-exp, rules and log-probs; chosen by the exporter and checked by the export's own parity
+verdict) are the precision decisions. This is the only way TensorRT 11 builds (weak typing, ``BuilderFlag.FP16`` and layer precision pins are gone) and the
 recommended one since 10.12: ``TENSORRT_SUPPORTED`` in ``deltalm.backends.trt``.
 
 The build goes through Polygraphy's TensorRT loaders (``NetworkFromOnnxPath(strongly_typed=True)``,
@@ -23,8 +23,10 @@ version on the same GPU model), and records the engines in ``manifest.json`` (``
 and ``_list_engines`` are the only places that write it).
 
 Profiles come from the symbolic axes of ``runtime/graphs.py``: ``batch`` (sentences given to the
-encoder), ``src_len``, ``rows`` = sentences x beam, ``past_rows`` (rows of the previous step),
-``sents`` (live sentences), ``past_len`` (0 on the first step).
+encoder), ``src_len``, ``sents`` (sentences of a decoder step), ``rows`` = sentences x beam,
+``new_len`` (tokens fed per row: 1), ``cache_len`` (positions of the self-attention cache the step
+reads: 0 on the first step, up to ``--max-tgt-len``), ``score_width`` (ids scored per position, up
+to ``SCORE_WIDTH``); the output-only ``vocab`` axis of ``log_probs`` is the vocabulary.
 
 Not built: bf16 engines (a bf16 export could not be parity-checked here: ONNX Runtime's CPU
 provider has no bf16 MatMul / Add / Mul kernels), INT8 / FP8 engines (TensorRT 11 builds them only
@@ -55,6 +57,7 @@ from deltalm.backends.trt import (
     plan_buffers,
     profile_axes,
     profile_to_json,
+    vocabulary_axis,
 )
 from deltalm.config import ModelConfig
 from deltalm.errors import DeltaLMError, ExportError, InputError
@@ -90,10 +93,20 @@ def _specs_of(manifest_or_cfg) -> tuple[ModelConfig, dict[str, GraphSpec]]:
     return cfg, specs
 
 
+# Tokens fed per row: 1, a search step. Scoring a whole target in one step (new_len up to
+# --max-tgt-len + 1) is left to the ort backend: the step builds [rows, new_len, vocabulary] logits,
+# and TensorRT sizes its activation memory (and we our log_probs buffer) for the profile maximum:
+# deltalm-base with 40 rows x 257 tokens x 250001 ids in float32 is 10 GB, in every context, for a
+# feature the search does not use. A --profile file can still widen it.
+NEW_LEN = 1
+SCORE_WIDTH = 64  # token ids scored per position at most (a target token, the next constraint tokens)
+
+
 def axis_bounds(max_batch: int, max_beam: int, max_src_len: int, max_tgt_len: int,
                 max_positions: int) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of every symbolic axis. opt: half the batch at full beam, a quarter of the
-    longest source and target: the shapes TensorRT tunes its kernels for."""
+    """(min, opt, max) of every symbolic axis of the graphs' inputs. opt: half the batch at full
+    beam, a quarter of the longest source and target, one scored id: the shapes TensorRT tunes its
+    kernels for."""
     for flag, value in (("--max-batch", max_batch), ("--max-beam", max_beam), ("--max-src-len", max_src_len),
                         ("--max-tgt-len", max_tgt_len)):
         if not isinstance(value, int) or value < 1:
@@ -102,16 +115,16 @@ def axis_bounds(max_batch: int, max_beam: int, max_src_len: int, max_tgt_len: in
         raise InputError(f"--max-src-len {max_src_len} exceeds the model's max_positions {max_positions}")
     if max_tgt_len >= max_positions:
         raise InputError(f"--max-tgt-len {max_tgt_len} must be < the model's max_positions {max_positions} "
-                         f"(the decoder step's past_len reaches at most max_positions - 1)")
+                         f"(the decoder step's cache_len reaches at most max_positions - 1)")
     opt_batch = max(1, max_batch // 2)
-    rows = (1, opt_batch * max_beam, max_batch * max_beam)
     return {
         "batch": (1, opt_batch, max_batch),
         "sents": (1, opt_batch, max_batch),
-        "rows": rows,
-        "past_rows": rows,
+        "rows": (1, opt_batch * max_beam, max_batch * max_beam),
+        "new_len": (1, 1, NEW_LEN),
         "src_len": (1, max(1, max_src_len // 4), max_src_len),
-        "past_len": (0, max(1, max_tgt_len // 4), max_tgt_len),
+        "cache_len": (0, max(1, max_tgt_len // 4), max_tgt_len),
+        "score_width": (1, 1, SCORE_WIDTH),
     }
 
 
@@ -184,8 +197,9 @@ def apply_profile_override(profiles: dict, override: dict, manifest_or_cfg) -> d
                 for i, (d, want) in enumerate(zip(shape, t.shape)):
                     if not isinstance(want, str) and d != want:
                         raise InputError(f"profile: {graph}.{name} {key} dim {i} must be {want}, got {d}")
-                    if d < (0 if want == "past_len" else 1):
-                        raise InputError(f"profile: {graph}.{name} {key} dim {i} ({want}) must be >= {0 if want == 'past_len' else 1}, got {d}")
+                    least = 0 if want == "cache_len" else 1  # the first step reads an empty cache
+                    if d < least:
+                        raise InputError(f"profile: {graph}.{name} {key} dim {i} ({want}) must be >= {least}, got {d}")
                 shapes.append(tuple(shape))
             lo, opt, hi = shapes
             if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
@@ -196,19 +210,20 @@ def apply_profile_override(profiles: dict, override: dict, manifest_or_cfg) -> d
 
 
 def validate_profiles(profiles: dict, specs: dict[str, GraphSpec], cfg: ModelConfig) -> None:
-    """Shared axes agree within each graph, the encoder and the step agree on batch and src_len,
-    and the model's position limits hold."""
+    """Shared axes agree within each graph, the step takes every batch and source the encoder does
+    (the encoder's ``batch`` against the step's ``sents``), and the model's position limits hold."""
     axes = {g: profile_axes(specs[g], profiles[g]) for g in profiles}
     if "encoder" in axes and "decoder_step" in axes:
-        for axis in ("batch", "src_len"):
-            a, b = axes["encoder"].get(axis), axes["decoder_step"].get(axis)
+        for enc_axis, step_axis in (("batch", "sents"), ("src_len", "src_len")):
+            a, b = axes["encoder"].get(enc_axis), axes["decoder_step"].get(step_axis)
             if a and b and a[2] > b[2]:
-                raise InputError(f"profile: encoder allows {axis} up to {a[2]} but decoder_step only up to {b[2]}")
+                raise InputError(f"profile: encoder allows {enc_axis} up to {a[2]} but decoder_step "
+                                 f"{step_axis} only up to {b[2]}")
     for g, ax in axes.items():
         if "src_len" in ax and ax["src_len"][2] > cfg.max_positions:
             raise InputError(f"profile: {g} src_len max {ax['src_len'][2]} exceeds the model's max_positions {cfg.max_positions}")
-        if "past_len" in ax and ax["past_len"][2] >= cfg.max_positions:
-            raise InputError(f"profile: {g} past_len max {ax['past_len'][2]} must be < the model's max_positions {cfg.max_positions}")
+        if "cache_len" in ax and ax["cache_len"][2] >= cfg.max_positions:
+            raise InputError(f"profile: {g} cache_len max {ax['cache_len'][2]} must be < the model's max_positions {cfg.max_positions}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +297,23 @@ def _check_input_types(network, spec: GraphSpec | None, onnx_path: Path) -> None
                               f"the artifact declares {want[t.name]}")
 
 
+def _shape_tensor_values(network, onnx_path: Path) -> dict[str, tuple]:
+    """The value ranges of the network inputs TensorRT computes shapes from (``is_shape_tensor``):
+    for those, a profile gives values, not shapes (Polygraphy passes them to ``set_shape_input``).
+    A boolean scalar (``want_log_probs``, if TensorRT slices the log-probs by it) ranges over
+    False (opt: the search step's usual value) and True; any other is refused, naming it."""
+    values = {}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if not t.is_shape_tensor:
+            continue
+        if t.dtype.name != "BOOL" or tuple(t.shape) != ():
+            raise ExportError(f"{onnx_path}: TensorRT computes shapes from input {t.name} ({t.dtype.name} "
+                              f"{list(t.shape)}), whose value range deltalm does not know")
+        values[t.name] = ((0,), (0,), (1,))
+    return values
+
+
 def build_engine(onnx_path, engine_path, profile: dict, timing_cache_path, spec: GraphSpec | None = None) -> dict:
     """Parse ``onnx_path`` into a strongly typed network, build one engine with one optimization
     profile ``{input: (min, opt, max)}``, write it to ``engine_path``. The timing cache at
@@ -291,15 +323,15 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache_path, spec:
     import_tensorrt()
     loaders, PolygraphyException, G_LOGGER = _polygraphy()
     onnx_path, engine_path, cache = Path(onnx_path), Path(engine_path), Path(timing_cache_path)
-    shapes = loaders.Profile()
-    for name, (lo, opt, hi) in profile.items():  # scalars too: () for min, opt and max
-        shapes.add(name, lo, opt, hi)
     t0 = time.perf_counter()
     try:
         # Polygraphy logs on stdout, where the plan goes: its warnings and TensorRT's go to stderr
         with contextlib.redirect_stdout(sys.stderr), G_LOGGER.verbosity(G_LOGGER.WARNING):
             builder, network, parser = loaders.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
             _check_input_types(network, spec, onnx_path)
+            shapes = loaders.Profile()
+            for name, bounds in (profile | _shape_tensor_values(network, onnx_path)).items():
+                shapes.add(name, *bounds)  # scalars too: () for min, opt and max
             config = loaders.CreateConfig(profiles=[shapes], load_timing_cache=str(cache) if cache.exists() else None)
             serialized = loaders.EngineBytesFromNetwork((builder, network, parser), config=config,
                                                         save_timing_cache=str(cache))()
@@ -337,10 +369,10 @@ def engine_metadata(graph: str, engine_file: str, onnx_file: str, onnx_sha256: s
 # the library function and the command
 
 
-def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, GraphSpec], decoder_layers: int) -> str:
+def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, GraphSpec], cfg: ModelConfig) -> str:
     """What will be built: per graph the axis bounds and each input's min/opt/max shapes, and the
     device memory ``--backend trt`` allocates for these profiles."""
-    islands = "; LayerNorm, Softmax, LogSoftmax and TopK in fp32, as exported" if precision == "fp16" else ""
+    islands = "; LayerNorm, Softmax, TopK and the output head in fp32, as exported" if precision == "fp16" else ""
     lines = [f"TensorRT engines for {path} ({precision}, strongly typed{islands})"]
     plans = {}
     for graph, profile in profiles.items():
@@ -351,9 +383,9 @@ def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, Gra
         for name, (lo, opt, hi) in profile.items():
             if len(lo):
                 lines.append(f"  {name:<{width}}  min {list(lo)}  opt {list(opt)}  max {list(hi)}")
-        plans[graph] = plan_buffers(specs[graph], profile)
+        plans[graph] = plan_buffers(specs[graph], profile, output_axes=vocabulary_axis(cfg))
     if "decoder_step" in plans:
-        total = sum(device_allocations(plans["encoder"], plans["decoder_step"], decoder_layers).values())
+        total = sum(device_allocations(plans["encoder"], plans["decoder_step"], cfg.decoder_layers).values())
         lines.append(f"device buffers of --backend trt for these profiles (allocated once): {total / 2**20:.1f} MiB")
     return "\n".join(lines)
 
@@ -413,7 +445,7 @@ def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8
     engines_dir = artifact.path / ENGINES_DIR
     commands = [trtexec_command(artifact.graph_path(g), engines_dir / f"{g}.plan", profiles[g], engines_dir / TIMING_CACHE)
                 for g in graphs]
-    print(format_plan(artifact.path, precision, profiles, specs, cfg.decoder_layers))
+    print(format_plan(artifact.path, precision, profiles, specs, cfg))
     print("equivalent trtexec commands:")
     for c in commands:
         print("  " + c)

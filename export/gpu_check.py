@@ -14,8 +14,9 @@ With a GPU:
   3. ONNX Runtime CUDA against ONNX Runtime CPU on the same graphs, with the one comparator
      (``deltalm.compare``): teacher-forced steps (``compare_steps``: top-1 agreement, log-prob
      max abs) and, on the demo model, greedy and beam-5 translations (``compare_translations``);
-  4. decoder-step latency with IO binding, median of 60 runs after 10 warm-up runs, batch 1 and
-     batch 8 x beam 5, past_len 32;
+  4. decoder-step latency over the backend contract (``run_step`` on ``DecoderBatch.feeds``: the
+     caches live on the host and are copied to the device by each run, as in a search), median of
+     60 runs after 10 warm-up runs, batch 1 and batch 8 x beam 5, every row at position 32;
   5. if ``import tensorrt`` works: ``deltalm engines`` (strongly typed, in the precision of each
      export: demo fp32 and fp16, base fp16), the engines against ONNX Runtime CPU on the same
      graphs with the same comparator, and the same latency measurements through the TRT backend.
@@ -58,7 +59,7 @@ DEVICE_THRESHOLDS = {
 }
 STEPS = 8  # teacher-forced steps per parity check
 CONFIGS = (("batch1", 1, 1), ("batch8_beam5", 8, 5))
-PAST_LEN, SRC_LEN, WARMUP, RUNS = 32, 32, 10, 60
+POSITION, SRC_LEN, WARMUP, RUNS = 32, 32, 10, 60
 
 
 def detect_gpu() -> str | None:
@@ -303,40 +304,16 @@ class Run:
 
         backend = OrtBackend.from_artifact(artifact, device=self.device)
         self.on_device(backend)
-        cfg = backend.cfg
-        out = {}
-        for name, batch, beam in CONFIGS:
-            src, tokens, reorder, live, rules = step_inputs(cfg, batch, beam)
-            state = backend.encode(src)
-            past_np = np.random.default_rng(1).standard_normal(
-                (batch * beam, cfg.heads, PAST_LEN, cfg.head_dim)).astype(backend.float_dtype)
-            past = {n: backend._value(past_np) for n in backend._past_names}  # device-resident, like a real cache
-
-            def once():
-                state.past = past  # every run continues the same 32-token past
-                backend.step(state, tokens, PAST_LEN, reorder, live, rules, want="topk")
-
-            out[name] = timed(once)
-        return out
+        return {name: step_latency(backend, batch, beam) for name, batch, beam in CONFIGS}
 
     def trt_latency(self, artifact: str) -> dict:
         from deltalm.backends.trt import TrtBackend
 
         backend = TrtBackend.from_artifact(artifact)
-        out = {}
         try:
-            for name, batch, beam in CONFIGS:
-                src, tokens, reorder, live, rules = step_inputs(backend.cfg, batch, beam)
-                state = backend.encode(src)
-
-                def once():
-                    state.past_len, state.past_rows = PAST_LEN, batch * beam  # the device caches hold 32 steps
-                    backend.step(state, tokens, PAST_LEN, reorder, live, rules, want="topk")
-
-                out[name] = timed(once)
+            return {name: step_latency(backend, batch, beam) for name, batch, beam in CONFIGS}
         finally:
             backend.close()
-        return out
 
     # -- the whole run --------------------------------------------------------------------
 
@@ -387,16 +364,29 @@ class Run:
         return 0 if self.report["status"] == "passed" else 1
 
 
-def step_inputs(cfg, batch: int, beam: int):
+def step_latency(backend, batch: int, beam: int) -> dict:
+    """Latency of one decoder step of ``batch`` sentences x ``beam`` rows, every row at position
+    POSITION over a cache of random (finite) entries, top-k only (no log-probs), through
+    ``run_step`` on the feeds a search makes (``DecoderBatch.feeds``)."""
+    from deltalm.batch import DecoderBatch
     from deltalm.search import StepRules
 
+    cfg = backend.cfg
     rows = batch * beam
     rng = np.random.default_rng(0)
     src = rng.integers(4, cfg.vocab_size, (batch, SRC_LEN)).astype(np.int64)
     src[:, -1] = cfg.eos
-    rules = StepRules(ban_eos=False, only_eos=False, unk_penalty=0.0, forced_tokens=np.full(rows, -1, np.int64))
-    tokens = rng.integers(4, cfg.vocab_size, rows).astype(np.int64)
-    return src, tokens, np.arange(rows, dtype=np.int64), np.arange(batch, dtype=np.int64), rules
+    encoded = backend.encode(src)
+    state = DecoderBatch(cfg, backend.float_dtype, beam)
+    state.admit(encoded.cross, encoded.padding, np.arange(batch))
+    state.fit_positions(POSITION + 1)
+    for cache in state.cache_views():
+        cache[...] = rng.standard_normal(cache.shape).astype(cache.dtype)
+    rules = StepRules(np.full(rows, -1, np.int64), np.zeros(rows, bool), np.zeros(rows, bool), np.zeros(rows, np.float32))
+    tokens = rng.integers(4, cfg.vocab_size, (rows, 1)).astype(np.int64)
+    feeds = state.feeds(backend.step_spec, tokens, np.full(rows, POSITION, np.int64), rules)
+    result = timed(lambda: backend.run_step(feeds))  # the same step every run: the cache is not written
+    return result | {"cache_positions": state.cache_cap}
 
 
 def timed(step_once) -> dict:
@@ -408,7 +398,7 @@ def timed(step_once) -> dict:
         step_once()
         times.append((time.perf_counter() - t) * 1e3)
     return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
-            "runs": RUNS, "past_len": PAST_LEN, "src_len": SRC_LEN}
+            "runs": RUNS, "position": POSITION, "src_len": SRC_LEN}
 
 
 # ---------------------------------------------------------------------------------------------

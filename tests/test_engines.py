@@ -27,10 +27,13 @@ from deltalm.backends.trt import (
     check_engine_compat,
     check_within_profile,
     device_allocations,
+    feed_axes,
+    fit_to_profile,
     graph_source_digest,
     numpy_dtype,
     plan_buffers,
     profile_axes,
+    vocabulary_axis,
 )
 from deltalm.cli import main
 from deltalm.config import ModelConfig
@@ -61,31 +64,37 @@ def test_encoder_profile_is_batch_by_src_len(tiny_cfg):
 
 def test_step_rows_are_batch_times_beam(tiny_cfg):
     step = profiles_for(tiny_cfg, max_batch=8, max_beam=5)["decoder_step"]
-    for name in ("tokens", "reorder", "forced_tokens"):
+    assert step["tokens"] == ((1, 1), (20, 1), (40, 1))
+    for name in ("positions", "forced_tokens", "ban_eos", "only_eos", "unk_penalty"):
         assert step[name] == ((1,), (20,), (40,))
-    assert step["sent_index"] == ((1,), (4,), (8,))
 
 
-def test_past_len_minimum_is_zero_and_past_rows_are_rows(tiny_cfg):
+def test_cache_len_minimum_is_zero_and_maximum_the_longest_target(tiny_cfg):
     step = profiles_for(tiny_cfg, max_tgt_len=100)["decoder_step"]
-    assert step["past_key_0"] == ((1, H, 0, HD), (20, H, 25, HD), (40, H, 100, HD))
-    assert step["past_value_1"] == step["past_key_0"]
+    assert step["cache_key_0"] == ((1, H, 0, HD), (20, H, 25, HD), (40, H, 100, HD))
+    assert step["cache_value_1"] == step["cache_key_0"]
 
 
-def test_cross_kv_and_padding_follow_the_encoder_batch(tiny_cfg):
+def test_cross_kv_and_padding_follow_the_sentences_of_the_step(tiny_cfg):
     step = profiles_for(tiny_cfg, max_batch=6, max_src_len=128)["decoder_step"]
     assert step["cross_key_0"] == ((1, H, 1, HD), (3, H, 32, HD), (6, H, 128, HD))
     assert step["src_padding"] == ((1, 1), (3, 32), (6, 128))
 
 
-def test_scalar_inputs_have_empty_shapes(tiny_cfg):
+def test_one_token_per_row_and_a_few_scored_ids(tiny_cfg):
     step = profiles_for(tiny_cfg)["decoder_step"]
-    for name in ("step", "ban_eos", "only_eos", "unk_penalty"):
-        assert step[name] == ((), (), ())
+    assert [shape[1] for shape in step["tokens"]] == [1, 1, 1]  # scoring whole targets: ort
+    assert step["score_ids"] == ((1, 1, 1), (20, 1, 1), (40, 1, 64))
+
+
+def test_the_scalar_input_has_empty_shapes(tiny_cfg):
+    step = profiles_for(tiny_cfg)["decoder_step"]
+    assert [n for n, (lo, _, _) in step.items() if lo == ()] == ["want_log_probs"]
+    assert step["want_log_probs"] == ((), (), ())
 
 
 def test_batch_of_one_has_opt_one(tiny_cfg):
-    assert profiles_for(tiny_cfg, max_batch=1, max_beam=1)["decoder_step"]["tokens"] == ((1,), (1,), (1,))
+    assert profiles_for(tiny_cfg, max_batch=1, max_beam=1)["decoder_step"]["positions"] == ((1,), (1,), (1,))
 
 
 def test_profiles_from_a_manifest_equal_those_from_its_config(artifact_dir):
@@ -111,7 +120,7 @@ def test_nonsense_limits_are_refused(tiny_cfg, limits, message):
 
 def test_longest_target_is_max_positions_minus_one(tiny_cfg):
     step = profiles_for(tiny_cfg, max_tgt_len=511)["decoder_step"]
-    assert step["past_key_0"][2][2] == 511
+    assert step["cache_key_0"][2][2] == 511
 
 
 # -- --profile overrides ---------------------------------------------------------------------
@@ -119,18 +128,21 @@ def test_longest_target_is_max_positions_minus_one(tiny_cfg):
 
 def test_override_replaces_only_the_given_inputs(tiny_cfg):
     base = profiles_for(tiny_cfg)
-    new = apply_profile_override(base, {"decoder_step": {"sent_index": {"min": [1], "opt": [2], "max": [8]}}}, tiny_cfg)
-    assert new["decoder_step"]["sent_index"] == ((1,), (2,), (8,))
+    wide = {"min": [1, 1, 1], "opt": [20, 1, 4], "max": [40, 1, 128]}
+    new = apply_profile_override(base, {"decoder_step": {"score_ids": wide}}, tiny_cfg)
+    assert new["decoder_step"]["score_ids"] == ((1, 1, 1), (20, 1, 4), (40, 1, 128))
     assert new["decoder_step"]["tokens"] == base["decoder_step"]["tokens"]
     assert new["encoder"] == base["encoder"]
-    assert base["decoder_step"]["sent_index"] == ((1,), (4,), (8,))  # the input is not modified
+    assert base["decoder_step"]["score_ids"] == ((1, 1, 1), (20, 1, 1), (40, 1, 64))  # the input is not modified
 
 
 def test_override_of_every_input_sharing_an_axis_is_accepted(tiny_cfg):
     rows = {"min": [1], "opt": [8], "max": [16]}
     new = apply_profile_override(profiles_for(tiny_cfg), {"decoder_step": {
-        "tokens": rows, "reorder": rows, "forced_tokens": rows,
-        **{f"past_{kv}_{i}": {"min": [1, H, 0, HD], "opt": [8, H, 64, HD], "max": [16, H, 256, HD]}
+        "tokens": {"min": [1, 1], "opt": [8, 1], "max": [16, 1]},
+        **{name: rows for name in ("positions", "forced_tokens", "ban_eos", "only_eos", "unk_penalty")},
+        "score_ids": {"min": [1, 1, 1], "opt": [8, 1, 1], "max": [16, 1, 64]},
+        **{f"cache_{kv}_{i}": {"min": [1, H, 0, HD], "opt": [8, H, 64, HD], "max": [16, H, 256, HD]}
            for kv in ("key", "value") for i in range(2)}}}, tiny_cfg)
     assert profile_axes(decoder_step_spec(tiny_cfg), new["decoder_step"])["rows"] == (1, 8, 16)
 
@@ -143,12 +155,14 @@ def test_override_of_every_input_sharing_an_axis_is_accepted(tiny_cfg):
     ({"encoder": {"src_tokens": {"min": [1, 1], "opt": [1, "a"], "max": [2, 2]}}}, "profile: encoder.src_tokens opt must be a list of integers, got [1, 'a']"),
     ({"encoder": {"src_tokens": {"min": [1, 8], "opt": [2, 4], "max": [4, 64]}}}, "profile: encoder.src_tokens needs min <= opt <= max in every dim, got [1, 8] / [2, 4] / [4, 64]"),
     ({"encoder": {"src_tokens": {"min": [0, 1], "opt": [1, 1], "max": [1, 1]}}}, "profile: encoder.src_tokens min dim 0 (batch) must be >= 1, got 0"),
-    ({"decoder_step": {"past_key_0": {"min": [1, 8, 0, HD], "opt": [20, 8, 64, HD], "max": [40, 8, 256, HD]}}},
-     "profile: decoder_step.past_key_0 min dim 1 must be 4, got 8"),
-    ({"decoder_step": {"tokens": {"min": [1], "opt": [4], "max": [48]}}},
-     "profile: axis 'rows' differs between decoder_step.tokens (1/4/48) and decoder_step.reorder (1/20/40)"),
+    ({"decoder_step": {"cache_key_0": {"min": [1, 8, 0, HD], "opt": [20, 8, 64, HD], "max": [40, 8, 256, HD]}}},
+     "profile: decoder_step.cache_key_0 min dim 1 must be 4, got 8"),
+    ({"decoder_step": {"tokens": {"min": [1, 0], "opt": [4, 1], "max": [48, 1]}}},
+     "profile: decoder_step.tokens min dim 1 (new_len) must be >= 1, got 0"),
+    ({"decoder_step": {"tokens": {"min": [1, 1], "opt": [4, 1], "max": [48, 1]}}},
+     "profile: axis 'rows' differs between decoder_step.tokens (1/4/48) and decoder_step.positions (1/20/40)"),
     ({"encoder": {"src_tokens": {"min": [1, 1], "opt": [4, 64], "max": [16, 256]}}},
-     "profile: encoder allows batch up to 16 but decoder_step only up to 8"),
+     "profile: encoder allows batch up to 16 but decoder_step sents only up to 8"),
 ])
 def test_bad_overrides_are_refused_with_the_reason(tiny_cfg, override, message):
     with pytest.raises(InputError) as err:
@@ -157,9 +171,9 @@ def test_bad_overrides_are_refused_with_the_reason(tiny_cfg, override, message):
 
 
 def test_override_cannot_pass_the_last_position(tiny_cfg):
-    past = {"min": [1, H, 0, HD], "opt": [20, H, 64, HD], "max": [40, H, 512, HD]}
-    override = {"decoder_step": {f"past_{kv}_{i}": past for kv in ("key", "value") for i in range(2)}}
-    with pytest.raises(InputError, match="past_len max 512 must be < the model's max_positions 512"):
+    cache = {"min": [1, H, 0, HD], "opt": [20, H, 64, HD], "max": [40, H, 512, HD]}
+    override = {"decoder_step": {f"cache_{kv}_{i}": cache for kv in ("key", "value") for i in range(2)}}
+    with pytest.raises(InputError, match="cache_len max 512 must be < the model's max_positions 512"):
         apply_profile_override(profiles_for(tiny_cfg), override, tiny_cfg)
 
 
@@ -188,9 +202,10 @@ def test_trtexec_command_is_strongly_typed_without_precision_flags(tiny_cfg):
 def test_trtexec_command_for_the_step_lists_shaped_inputs_only(tiny_cfg):
     cmd = trtexec_command("d.onnx", "d.plan", profiles_for(tiny_cfg, max_tgt_len=64)["decoder_step"], "t.cache")
     min_shapes = next(a for a in cmd.split() if a.startswith("--minShapes="))
-    assert min_shapes.startswith("--minShapes=tokens:1,reorder:1,sent_index:1,src_padding:1x1,past_key_0:1x4x0x16,")
-    assert "step:" not in cmd and "ban_eos" not in cmd and "unk_penalty" not in cmd
-    assert "--maxShapes=tokens:40," in cmd and "past_key_0:40x4x64x16" in cmd
+    assert min_shapes.startswith("--minShapes=tokens:1x1,positions:1,cache_key_0:1x4x0x16,cache_value_0:1x4x0x16,")
+    assert "cross_key_0:1x4x1x16," in min_shapes and min_shapes.endswith(",score_ids:1x1x1")
+    assert "want_log_probs" not in cmd  # a scalar needs no shape
+    assert "--maxShapes=tokens:40x1," in cmd and "cache_key_0:40x4x64x16" in cmd and "score_ids:40x1x64" in cmd
     assert "--fp16" not in cmd and "--precisionConstraints" not in cmd and "--layerPrecisions" not in cmd
 
 
@@ -217,43 +232,53 @@ def test_engines_take_the_precision_of_the_artifact():
 # -- buffer plans ----------------------------------------------------------------------------
 
 
+def step_plan(cfg, float_dtype="float32", dtypes=None, **limits):
+    return plan_buffers(decoder_step_spec(cfg, float_dtype=float_dtype), profiles_for(cfg, **limits)["decoder_step"],
+                        dtypes, vocabulary_axis(cfg))
+
+
 def test_plan_buffers_sizes_every_tensor_at_the_profile_maximum(tiny_cfg):
     spec = decoder_step_spec(tiny_cfg)
-    plan = plan_buffers(spec, profiles_for(tiny_cfg)["decoder_step"])
+    plan = step_plan(tiny_cfg)
     assert set(plan) == set(spec.input_names + spec.output_names)
-    assert plan["past_key_0"] == ((40, H, 256, HD), np.dtype("float32"), 40 * H * 256 * HD * 4)
-    assert plan["present_value_1"] == ((40, H, 257, HD), np.dtype("float32"), 40 * H * 257 * HD * 4)
+    assert plan["cache_key_0"] == ((40, H, 256, HD), np.dtype("float32"), 40 * H * 256 * HD * 4)
+    assert plan["new_value_1"] == ((40, H, 1, HD), np.dtype("float32"), 40 * H * 1 * HD * 4)
     assert plan["cross_key_0"] == ((8, H, 256, HD), np.dtype("float32"), 8 * H * 256 * HD * 4)
-    assert plan["log_probs"] == ((40, 97), np.dtype("float32"), 40 * 97 * 4)
-    assert plan["topk_ids"] == ((40, 10), np.dtype("int64"), 3200)
+    assert plan["log_probs"] == ((40, 1, 97), np.dtype("float32"), 40 * 97 * 4)  # the whole vocabulary
+    assert plan["topk_ids"] == ((40, 1, 10), np.dtype("int64"), 3200)
+    assert plan["token_scores"] == ((40, 1, 64), np.dtype("float32"), 40 * 64 * 4)
+    assert plan["score_ids"] == ((40, 1, 64), np.dtype("int64"), 40 * 64 * 8)
     assert plan["src_padding"] == ((8, 256), np.dtype("bool"), 2048)
-    assert plan["step"] == ((), np.dtype("int64"), 8)
-    assert plan["unk_penalty"] == ((), np.dtype("float32"), 4)
+    assert plan["positions"] == ((40,), np.dtype("int64"), 320)
+    assert plan["want_log_probs"] == ((), np.dtype("bool"), 1)
+
+
+def test_the_vocabulary_axis_of_log_probs_must_be_bounded(tiny_cfg):
+    with pytest.raises(ArtifactError, match="decoder_step.log_probs: the profile does not bound axis 'vocab'"):
+        plan_buffers(decoder_step_spec(tiny_cfg), profiles_for(tiny_cfg)["decoder_step"])
 
 
 def test_plan_buffers_uses_the_engine_dtypes_and_fp16_specs(tiny_cfg):
-    profile = profiles_for(tiny_cfg)["decoder_step"]
-    assert plan_buffers(decoder_step_spec(tiny_cfg), profile, {"topk_ids": "int32"})["topk_ids"][2] == 1600
-    half = plan_buffers(decoder_step_spec(tiny_cfg, float_dtype="float16"), profile)
-    assert half["past_key_0"][1:] == (np.dtype("float16"), 40 * H * 256 * HD * 2)
+    assert step_plan(tiny_cfg, dtypes={"topk_ids": "int32"})["topk_ids"][2] == 1600
+    half = step_plan(tiny_cfg, "float16")
+    assert half["cache_key_0"][1:] == (np.dtype("float16"), 40 * H * 256 * HD * 2)
+    assert half["new_key_0"][1] == np.dtype("float16")
     assert half["log_probs"][1] == np.dtype("float32")
 
 
-def test_device_allocations_share_cross_kv_and_double_the_caches(tiny_cfg):
+def test_device_allocations_give_every_tensor_a_buffer_and_share_cross_kv(tiny_cfg):
     p = profiles_for(tiny_cfg)
     enc = plan_buffers(encoder_spec(tiny_cfg), p["encoder"])
-    step = plan_buffers(decoder_step_spec(tiny_cfg), p["decoder_step"])
+    step = step_plan(tiny_cfg)
     alloc = device_allocations(enc, step, tiny_cfg.decoder_layers)
-    assert alloc["encoder:cross_key_0"] == 8 * H * 256 * HD * 4
-    assert not any(k.startswith("decoder_step:cross_") or k.startswith("decoder_step:past_")
-                   or k.startswith("decoder_step:present_") for k in alloc)
-    present = 40 * H * 257 * HD * 4
-    caches = {k: v for k, v in alloc.items() if k.startswith("cache")}
-    assert len(caches) == 2 * 2 * tiny_cfg.decoder_layers and set(caches.values()) == {present}
-    assert alloc["decoder_step:step"] == 256  # never less than MIN_ALLOCATION
-    assert sum(alloc.values()) == sum(b for _, _, b in enc.values()) + sum(
-        max(b, 256) for n, (_, _, b) in step.items()
-        if not n.startswith(("cross_", "past_", "present_"))) + len(caches) * present
+    assert alloc["encoder:cross_key_0"] == 8 * H * 256 * HD * 4  # written by the encoder, read by the step
+    assert not any(k.startswith("decoder_step:cross_") for k in alloc)
+    assert alloc["decoder_step:cache_value_1"] == 40 * H * 256 * HD * 4  # one buffer per cache tensor
+    assert alloc["decoder_step:new_key_0"] == 40 * H * HD * 4
+    assert alloc["decoder_step:log_probs"] == 40 * 97 * 4
+    assert alloc["decoder_step:want_log_probs"] == 256  # never less than MIN_ALLOCATION
+    assert sum(alloc.values()) == sum(max(b, 256) for _, _, b in enc.values()) + sum(
+        max(b, 256) for n, (_, _, b) in step.items() if not n.startswith("cross_"))
 
 
 # -- engine compatibility and profile checks -------------------------------------------------
@@ -296,19 +321,24 @@ def test_every_mismatch_is_named_at_once():
     assert str(err.value).count("; ") == 3  # three problems, then the hint
 
 
-STEP_AXES = {"rows": (1, 20, 40), "past_rows": (1, 20, 40), "sents": (1, 4, 8), "batch": (1, 4, 8),
-             "src_len": (1, 64, 256), "past_len": (0, 64, 256)}
+STEP_AXES = {"rows": (1, 20, 40), "new_len": (1, 1, 1), "cache_len": (0, 64, 256), "sents": (1, 4, 8),
+             "batch": (1, 4, 8), "src_len": (1, 64, 256), "score_width": (1, 1, 64)}
 
 
 def test_shapes_within_the_profile_pass():
-    check_within_profile(STEP_AXES, {"rows": 40, "sents": 8, "batch": 8, "src_len": 1, "past_len": 0})
+    check_within_profile(STEP_AXES, {"rows": 40, "sents": 8, "batch": 8, "src_len": 1, "cache_len": 0, "new_len": 1})
 
 
 @pytest.mark.parametrize("shapes, message", [
     ({"rows": 48}, "batch x beam = 48 rows exceeds the engine profile maximum 40; rebuild engines with --max-batch/--max-beam"),
     ({"batch": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
+    ({"sents": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
     ({"src_len": 300}, "a source of 300 tokens exceeds the engine profile maximum 256; rebuild engines with --max-src-len"),
-    ({"past_len": 257}, "target length 257 exceeds the engine profile maximum 256; rebuild engines with --max-tgt-len"),
+    ({"cache_len": 257}, "target length 257 exceeds the engine profile maximum 256; rebuild engines with --max-tgt-len"),
+    ({"new_len": 7}, "7 tokens fed per row exceeds the engine profile maximum 1; rebuild engines with a --profile "
+                     "whose tokens allow it (scoring whole targets runs on the ort backend)"),
+    ({"score_width": 65}, "65 scored ids per position exceeds the engine profile maximum 64; rebuild engines with a "
+                          "--profile whose score_ids allow it"),
     ({"rows": 0}, "batch x beam = 0 rows is below the engine profile minimum 1"),
 ])
 def test_shapes_outside_the_profile_are_input_errors(shapes, message):
@@ -321,9 +351,66 @@ def test_axes_the_profile_does_not_bound_are_ignored():
     check_within_profile({"batch": (1, 1, 2)}, {"rows": 10_000, "batch": 2})
 
 
-def test_profile_axes_adds_total_len(tiny_cfg):
+def test_profile_axes_are_read_off_every_input(tiny_cfg):
     axes = profile_axes(decoder_step_spec(tiny_cfg), profiles_for(tiny_cfg, max_tgt_len=64)["decoder_step"])
-    assert axes["past_len"] == (0, 16, 64) and axes["total_len"] == (1, 17, 65)
+    assert axes == {"rows": (1, 20, 40), "new_len": (1, 1, 1), "cache_len": (0, 16, 64), "sents": (1, 4, 8),
+                    "src_len": (1, 64, 256), "score_width": (1, 1, 64)}
+
+
+# -- fitting a step's feeds to the profile ---------------------------------------------------
+
+
+def step_feeds_for(cfg, rows=4, sents=2, cache_len=32, src_len=32, positions=(3, 3, 17, 17), used_src=(5, 20)):
+    """Feeds as the search makes them: capacities in chunks of 16, sources padded on the right of
+    their width (``used_src``: each sentence's width)."""
+    from deltalm.backends.interface import step_feeds
+    from deltalm.graphs import cache_names, cross_names, per_layer
+
+    rng = np.random.default_rng(0)
+    spec = decoder_step_spec(cfg)
+    padding = np.ones((sents, src_len), dtype=bool)
+    for s, width in enumerate(used_src):
+        padding[s, :width] = False
+    arrays = dict(tokens=np.full((rows, 1), 4), positions=np.array(positions), src_padding=padding,
+                  forced_tokens=np.full(rows, -1), ban_eos=np.zeros(rows, bool), only_eos=np.zeros(rows, bool),
+                  unk_penalty=np.zeros(rows, np.float32), score_ids=np.full((rows, 1, 1), 2),
+                  want_log_probs=np.array(False))
+    arrays |= {n: rng.standard_normal((rows, H, cache_len, HD)) for n in per_layer(cfg, cache_names)}
+    arrays |= {n: rng.standard_normal((sents, H, src_len, HD)) for n in per_layer(cfg, cross_names)}
+    return spec, step_feeds(spec, **arrays)
+
+
+def test_feeds_within_the_profile_are_bound_as_they_are(tiny_cfg):
+    spec, feeds = step_feeds_for(tiny_cfg)
+    axes = STEP_AXES | {"cache_len": (0, 8, 32), "src_len": (1, 8, 32)}
+    assert feed_axes(spec, feeds) == {"rows": 4, "new_len": 1, "cache_len": 32, "sents": 2, "src_len": 32,
+                                      "score_width": 1}
+    fitted = fit_to_profile(spec, axes, feeds)
+    assert fitted is feeds
+
+
+def test_capacities_beyond_the_profile_are_cut_to_what_the_rows_use(tiny_cfg):
+    spec, feeds = step_feeds_for(tiny_cfg)
+    fitted = fit_to_profile(spec, STEP_AXES | {"cache_len": (0, 8, 20), "src_len": (1, 8, 24)}, feeds)
+    assert fitted["cache_key_1"].shape == (4, H, 17, HD)  # the largest position: 17
+    np.testing.assert_array_equal(fitted["cache_key_1"], feeds["cache_key_1"][:, :, :17])
+    assert fitted["cross_value_0"].shape == (2, H, 20, HD) and fitted["src_padding"].shape == (2, 20)
+    np.testing.assert_array_equal(fitted["src_padding"], feeds["src_padding"][:, :20])
+    assert fitted["tokens"] is feeds["tokens"]  # axes that fit are not touched
+
+
+def test_a_capacity_is_cut_only_as_far_as_the_rows_allow(tiny_cfg):
+    spec, feeds = step_feeds_for(tiny_cfg, positions=(3, 3, 21, 21))
+    with pytest.raises(InputError, match="target length 21 exceeds the engine profile maximum 20; rebuild engines with --max-tgt-len"):
+        fit_to_profile(spec, STEP_AXES | {"cache_len": (0, 8, 20)}, feeds)
+    spec, feeds = step_feeds_for(tiny_cfg, used_src=(5, 30))
+    with pytest.raises(InputError, match="a source of 30 tokens exceeds the engine profile maximum 24; rebuild engines with --max-src-len"):
+        fit_to_profile(spec, STEP_AXES | {"src_len": (1, 8, 24)}, feeds)
+
+
+def test_the_first_step_reads_an_empty_cache(tiny_cfg):
+    spec, feeds = step_feeds_for(tiny_cfg, positions=(0, 0, 0, 0), cache_len=16)
+    assert fit_to_profile(spec, STEP_AXES | {"cache_len": (0, 4, 12)}, feeds)["cache_value_0"].shape == (4, H, 0, HD)
 
 
 def test_source_digest_is_the_onnx_hash_or_covers_external_data():
@@ -359,8 +446,10 @@ def test_print_only_prints_the_plan_and_trtexec_commands(artifact_dir, capsys):
                "--max-src-len", "64", "--max-tgt-len", "32"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "decoder_step: rows 1/4/8, sents 1/2/4, batch 1/2/4, src_len 1/16/64, past_rows 1/4/8, past_len 0/8/32" in out
-    assert "  past_key_0     min [1, 4, 0, 16]  opt [4, 4, 8, 16]  max [8, 4, 32, 16]" in out
+    assert ("decoder_step: rows 1/4/8, new_len 1/1/1, cache_len 0/8/32, sents 1/2/4, src_len 1/16/64, "
+            "score_width 1/1/64  (min/opt/max)") in out
+    assert "  cache_key_0     min [1, 4, 0, 16]  opt [4, 4, 8, 16]  max [8, 4, 32, 16]" in out
+    assert "device buffers of --backend trt for these profiles (allocated once): " in out
     commands = [line.strip() for line in out.splitlines() if line.strip().startswith("trtexec ")]
     assert len(commands) == 2
     assert f"--onnx={artifact_dir}/encoder.onnx" in commands[0] and "--maxShapes=src_tokens:4x64" in commands[0]
@@ -371,17 +460,17 @@ def test_print_only_prints_the_plan_and_trtexec_commands(artifact_dir, capsys):
 
 def test_print_only_with_a_profile_file(artifact_dir, tmp_path, capsys):
     path = tmp_path / "profile.json"
-    path.write_text(json.dumps({"decoder_step": {"sent_index": {"min": [1], "opt": [1], "max": [8]}}}))
+    path.write_text(json.dumps({"decoder_step": {"score_ids": {"min": [1, 1, 1], "opt": [20, 1, 2], "max": [40, 1, 8]}}}))
     assert main(["engines", str(artifact_dir), "--print-only", "--profile", str(path)]) == 0
-    assert "  sent_index     min [1]  opt [1]  max [8]" in capsys.readouterr().out
+    assert "  score_ids       min [1, 1, 1]  opt [20, 1, 2]  max [40, 1, 8]" in capsys.readouterr().out
 
 
 def test_a_bad_profile_file_is_one_line_error(artifact_dir, tmp_path, capsys):
     path = tmp_path / "profile.json"
-    path.write_text(json.dumps({"decoder_step": {"tokens": {"min": [1], "opt": [1], "max": [400]}}}))
+    path.write_text(json.dumps({"decoder_step": {"tokens": {"min": [1, 1], "opt": [1, 1], "max": [400, 1]}}}))
     assert main(["engines", str(artifact_dir), "--print-only", "--profile", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "deltalm: error: profile: axis 'rows' differs between decoder_step.tokens (1/1/400) and decoder_step.reorder (1/20/40)")
+        "deltalm: error: profile: axis 'rows' differs between decoder_step.tokens (1/1/400) and decoder_step.positions (1/20/40)")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -424,10 +513,12 @@ def _tensorrt_and_gpu() -> bool:
 
 @pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT 10.12+ or 11.x, Polygraphy and a CUDA GPU")
 def test_trt_engines_translate_like_onnx_runtime(artifact_copy):
-    from deltalm.export.parity import make_sources
     from deltalm.backends.ort import OrtBackend
     from deltalm.backends.trt import TrtBackend
-    from deltalm.search import SearchOptions, generate, step_rules
+    from deltalm.batch import DecoderBatch
+    from deltalm.export.parity import make_sources
+    from deltalm.options import TranslateOptions
+    from deltalm.search import StepRules, generate
 
     assert main(["engines", str(artifact_copy), "--precision", "fp32", "--max-batch", "3", "--max-beam", "4",
                  "--max-src-len", "32", "--max-tgt-len", "24"]) == 0
@@ -435,19 +526,29 @@ def test_trt_engines_translate_like_onnx_runtime(artifact_copy):
     ort_backend = OrtBackend.from_artifact(artifact_copy)
     cfg = ort_backend.cfg
     src = make_sources(cfg, (5, 9, 3), np.random.default_rng(0))
-    # one step by hand: log-probs agree
-    opts = SearchOptions(beam=4, max_len_b=20)
-    rules = step_rules(opts, 0, 20, 12)
-    tokens, reorder, live = np.full(12, cfg.eos), np.arange(12), np.arange(3)
-    a = trt_backend.step(trt_backend.encode(src), tokens, 0, reorder, live, rules, want="logprobs")
-    b = ort_backend.step(ort_backend.encode(src), tokens, 0, reorder, live, rules, want="logprobs")
-    assert np.abs(a - b).max() < 1e-3
+    # two steps by hand, the log-probs asked for: every output agrees
+    outs = []
+    for backend in (trt_backend, ort_backend):
+        encoded = backend.encode(src)
+        batch = DecoderBatch(cfg, backend.float_dtype, 4)
+        batch.admit(encoded.cross, encoded.padding, np.arange(3))
+        tokens = np.full((12, 1), cfg.eos)
+        rules = StepRules(np.full(12, -1), np.zeros(12, bool), np.zeros(12, bool), np.zeros(12, np.float32))
+        for step in range(2):
+            batch.fit_positions(step + 1)
+            positions = np.full(12, step)
+            out = backend.run_step(batch.feeds(backend.step_spec, tokens, positions, rules, want_log_probs=True))
+            batch.write(out.new_kv, positions)
+            tokens = out.topk_ids[:, :, 0]
+        outs.append(out)
+    assert np.abs(outs[0].log_probs - outs[1].log_probs).max() < 1e-3
+    assert np.array_equal(outs[0].topk_ids[:, :, 0], outs[1].topk_ids[:, :, 0])
     # whole searches: the same tokens
     for beam in (1, 4):
-        opts = SearchOptions(beam=beam, max_len_b=20)
+        opts = TranslateOptions(beam=beam, max_len_b=20)
         got, want = generate(trt_backend, src, opts), generate(ort_backend, src, opts)
         assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
     # outside the profile: an input error, not a crash
     with pytest.raises(InputError, match="exceeds the engine profile maximum"):
-        generate(trt_backend, make_sources(cfg, (3, 3, 3, 3), np.random.default_rng(1)), SearchOptions(beam=1))
+        generate(trt_backend, make_sources(cfg, (3, 3, 3, 3), np.random.default_rng(1)), TranslateOptions(beam=1))
     trt_backend.close()

@@ -25,7 +25,14 @@ What it does instead of TensorRT: the parser reads the ONNX graph's inputs, outp
 "layer" per node); the builder checks the optimization profile against the inputs and serializes
 an "engine" that names its ONNX file, its profile, its flags and whether the network was strongly
 typed; the runtime's engine executes that ONNX graph with ONNX Runtime (CPU) on the tensors found
-at the bound addresses with the shapes set. Touching a removed (11.x) or deprecated weak-typing
+at the bound addresses with the shapes set. Like TensorRT, it reads execution tensors from device
+memory and shape-calculation inputs (``is_shape_inference_io``) from host memory, and refuses an
+address on the wrong side (the stand-in device memory, ``FakeCuda``, keeps a registry of its
+allocations); an output whose shape no input shape gives (an ONNX dimension name that no input
+has, like ``vocab`` of ``log_probs``) counts as data-dependent and needs an ``IOutputAllocator``
+(Python API reference, IExecutionContext / IOutputAllocator). ``trt.shape_tensor_inputs``: the
+inputs the stand-in's parser marks as shape tensors (none by default), to exercise that path;
+they need value ranges in the profile (``set_shape_input``). Touching a removed (11.x) or deprecated weak-typing
 (10.12) name, or setting a layer's precision / output type, is recorded with the module that did
 it (``trt.touched``) and raises like the real thing would.
 """
@@ -36,6 +43,7 @@ import enum
 import json
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +92,7 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
     trt.__file__ = __file__
     trt.__version__ = version
     trt.touched = []  # (what, module): removed / deprecated names touched, layer precisions set
+    trt.shape_tensor_inputs = set()  # inputs the parser marks as shape tensors
 
     def touch(what: str) -> None:
         trt.touched.append((what, _caller_module()))
@@ -226,6 +235,12 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
                 return ITensor(v.name, trt.DataType[_ONNX_TO_TRT[v.type.tensor_type.elem_type]], dims)
 
             net.inputs = [tensor(v) for v in model.graph.input if v.name not in init]
+            for t in net.inputs:
+                t.is_shape_tensor = t.name in trt.shape_tensor_inputs
+            input_dims = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim}
+            net.output_only_dims = {v.name: sorted({d.dim_param for d in v.type.tensor_type.shape.dim
+                                                    if d.dim_param and d.dim_param not in input_dims})
+                                    for v in model.graph.output}
             net.outputs = [tensor(v) for v in model.graph.output]
             for node in model.graph.node:
                 kind = _LAYER_TYPES.get(node.op_type, "ELEMENTWISE")
@@ -236,7 +251,10 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
 
     class IOptimizationProfile:
         def __init__(self):
-            self.shapes = {}
+            self.shapes, self.values = {}, {}
+
+        def set_shape_input(self, name, min, opt, max):
+            self.values[name] = tuple(tuple(int(v) for v in s) for s in (min, opt, max))
 
         def set_shape(self, name, min, opt, max):
             lo, op, hi = (tuple(int(d) for d in s) for s in (min, opt, max))
@@ -325,6 +343,10 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
                 raise StandInError("no optimization profile")
             profile = config.profiles[0]
             for t in network.inputs:
+                if t.is_shape_tensor:
+                    if t.name not in profile.values:
+                        raise StandInError(f"shape tensor input {t.name} has no value range in the profile")
+                    continue
                 if t.name not in profile.shapes:
                     if -1 in t.shape:
                         raise StandInError(f"input {t.name} has dynamic dims and no profile")
@@ -339,6 +361,10 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
             plan = {"onnx": network.onnx_path, "tensorrt": version, "strongly_typed": network.strongly_typed,
                     "builder_flags": sorted(f.name for f in config.flag_set), "timing_cache_hit": hit,
                     "layers": len(network.layers),
+                    "shape_inputs": sorted(profile.values),
+                    # with a shape input, TensorRT may compute output shapes from its value
+                    "data_dependent": [] if profile.values else
+                    sorted(n for n, dims in network.output_only_dims.items() if dims),
                     "profile": {n: {"min": list(lo), "opt": list(op), "max": list(hi)}
                                 for n, (lo, op, hi) in profile.shapes.items()}}
             return HostMemory(json.dumps(plan).encode())
@@ -348,9 +374,18 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
     if major < 11:
         Builder.platform_has_fast_fp16 = property(lambda self: touch("Builder.platform_has_fast_fp16") or True)
 
+    class IOutputAllocator:
+        """Application-implemented: TensorRT asks it for an output's memory and tells it the shape."""
+
+        def __init__(self):
+            pass
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
     class IExecutionContext:
         def __init__(self, engine):
-            self.engine, self.shapes, self.addresses = engine, {}, {}
+            self.engine, self.shapes, self.addresses, self.allocators = engine, {}, {}, {}
 
         def set_input_shape(self, name, shape):
             lo, _, hi = self.engine.profile[name]
@@ -363,15 +398,45 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
             self.addresses[name] = ptr
             return True
 
+        def set_output_allocator(self, name, allocator):
+            if not isinstance(allocator, IOutputAllocator):
+                raise TypeError("set_output_allocator needs an IOutputAllocator")
+            self.allocators[name] = allocator
+            return True
+
+        def _address(self, name, nbytes, host: bool) -> int:
+            if name not in self.addresses:
+                raise StandInError(f"no address set for {name}")
+            ptr = self.addresses[name]
+            if host and on_device(ptr, nbytes):
+                raise StandInError(f"{name} is a shape-calculation input: TensorRT reads it from host memory")
+            if not host and not on_device(ptr, nbytes):
+                raise StandInError(f"{name} is bound to {nbytes} bytes outside device memory")
+            return ptr
+
         def execute_async_v3(self, stream_handle):
             feeds = {}
             for i in self.engine.session.get_inputs():
                 shape = self.shapes.get(i.name, tuple(i.shape))  # static (scalar) inputs need no shape
-                feeds[i.name] = read_device(self.addresses[i.name], shape, _NUMPY[self.engine.types[i.name]])
+                dtype = _NUMPY[self.engine.types[i.name]]
+                nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                host = i.name in self.engine.plan["shape_inputs"]
+                feeds[i.name] = read_device(self._address(i.name, nbytes, host), shape, dtype)
             names = [o.name for o in self.engine.session.get_outputs()]
             for name, value in zip(names, self.engine.session.run(names, feeds)):
                 value = np.ascontiguousarray(value)
-                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+                if name in self.allocators:
+                    allocator = self.allocators[name]
+                    ptr = allocator.reallocate_output_async(name, self.addresses.get(name, 0), value.nbytes, 256,
+                                                            stream_handle)
+                    if not ptr or not on_device(ptr, value.nbytes):
+                        return False  # TensorRT: the allocation failed
+                    allocator.notify_shape(name, value.shape)
+                elif name in self.engine.plan["data_dependent"]:
+                    raise StandInError(f"output {name} has a data-dependent shape: it needs an IOutputAllocator")
+                else:
+                    ptr = self._address(name, value.nbytes, host=False)
+                ctypes.memmove(ptr, value.ctypes.data, value.nbytes)
             return True
 
     class ICudaEngine(_Recorded):
@@ -396,6 +461,9 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
         def get_tensor_profile_shape(self, name, profile_index):
             return self.profile[name]
 
+        def is_shape_inference_io(self, name):
+            return name in self.plan["shape_inputs"]
+
         def create_execution_context(self):
             return IExecutionContext(self)
 
@@ -409,7 +477,8 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
                 return None
             return ICudaEngine(plan)
 
-    trt.IExecutionContext, trt.ICudaEngine, trt.Runtime = IExecutionContext, ICudaEngine, Runtime
+    trt.IOutputAllocator, trt.IExecutionContext, trt.ICudaEngine, trt.Runtime = (
+        IOutputAllocator, IExecutionContext, ICudaEngine, Runtime)
     return trt
 
 
@@ -422,22 +491,38 @@ def read_device(ptr: int, shape, dtype) -> np.ndarray:
     return raw.view(dtype).reshape(shape).copy()
 
 
+_DEVICE: dict[int, int] = {}  # stand-in device memory: address -> bytes, of every live FakeDeviceArray
+
+
+def on_device(ptr: int, nbytes: int) -> bool:
+    """Whether [ptr, ptr + nbytes) lies inside one live stand-in device allocation."""
+    return any(start <= ptr and ptr + nbytes <= start + size for start, size in _DEVICE.items())
+
+
 class FakeDeviceArray:
     def __init__(self, shape, dtype):
         self.host = np.zeros(shape, dtype)
         self.ptr = self.host.ctypes.data
+        self.nbytes = self.host.nbytes
+        _DEVICE[self.ptr] = self.nbytes
+        # a backend dropped without close(): its memory leaves the registry with it
+        self._unregister = weakref.finalize(self, _DEVICE.pop, self.ptr, None)
+        FakeCuda.allocations += 1
 
     def free(self):
+        self._unregister()  # runs once: a later array at the same address stays registered
         self.host, self.ptr = None, 0
 
 
 class FakeCuda:
     """``polygraphy.cuda`` as TrtBackend uses it: "device memory" is host memory with real
-    addresses and memcpy is memmove. ``copies`` records (kind, nbytes) of every copy."""
+    addresses and memcpy is memmove. ``copies`` records (kind, nbytes) of every copy,
+    ``allocations`` counts the device arrays made."""
 
     DeviceArray = FakeDeviceArray
     MemcpyKind = types.SimpleNamespace(HostToDevice=1, DeviceToHost=2)
     copies: list = []
+    allocations = 0
 
     class Stream:
         ptr = 0
@@ -451,6 +536,10 @@ class FakeCuda:
     @classmethod
     def wrapper(cls):
         def memcpy(dst, src, nbytes, kind, stream_ptr=None):
+            device, host = (dst, src) if kind == cls.MemcpyKind.HostToDevice else (src, dst)
+            if not on_device(device, nbytes) or on_device(host, nbytes):
+                raise StandInError(f"memcpy of {nbytes} bytes: the device side is not in device memory "
+                                   "or the host side is")
             cls.copies.append((kind, nbytes))
             ctypes.memmove(dst, src, nbytes)
 

@@ -86,6 +86,23 @@ class Backend(Protocol):
         ...
 
 
+def step_output_shapes(cfg: ModelConfig, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, tuple[tuple, np.dtype]]:
+    """(shape, dtype) of every output of the step graph ``spec`` for ``feeds``: ``topk_*`` [rows,
+    new_len, k], ``token_scores`` [rows, new_len, score_width], ``log_probs`` [rows, new_len, the
+    vocabulary (the candidates of a shortlist graph), or 0 without ``want_log_probs``], new K/V
+    [rows, heads, new_len, head_dim]."""
+    rows, new_len = feeds["tokens"].shape
+    width = feeds["score_ids"].shape[-1]
+    vocab = 0
+    if feeds["want_log_probs"]:
+        vocab = len(feeds["candidates"]) if "candidates" in feeds else cfg.vocab_size
+    k = spec.outputs[0].shape[-1]
+    shapes = {"topk_scores": (rows, new_len, k), "topk_ids": (rows, new_len, k),
+              "token_scores": (rows, new_len, width), "log_probs": (rows, new_len, vocab)}
+    return {t.name: (shapes.get(t.name, (rows, cfg.heads, new_len, cfg.head_dim)), np.dtype(t.dtype))
+            for t in spec.outputs}
+
+
 def step_feeds(spec: GraphSpec, **arrays: np.ndarray) -> dict[str, np.ndarray]:
     """The feeds of one step, checked against the graph's declaration: every input present,
     nothing unknown, each array contiguous in the declared dtype (the float inputs of an fp16
@@ -95,4 +112,5 @@ def step_feeds(spec: GraphSpec, **arrays: np.ndarray) -> dict[str, np.ndarray]:
     missing = sorted(names - set(arrays))
     if extra or missing:
         raise ValueError(f"{spec.name} feeds: missing {missing}, unknown {extra}")
-    return {t.name: np.ascontiguousarray(arrays[t.name], dtype=t.dtype) for t in spec.inputs}
+    # np.require, not np.ascontiguousarray: that one makes a scalar (want_log_probs) 1-D
+    return {t.name: np.require(arrays[t.name], dtype=t.dtype, requirements="C") for t in spec.inputs}

@@ -15,7 +15,7 @@ import numpy as np
 from ..artifact import Artifact, check_can_decode, open_artifact, verify_files
 from ..errors import ArtifactError, InputError
 from ..graphs import SHORTLIST_STEP, cross_names, per_layer
-from .interface import Encoded, StepOutput
+from .interface import Encoded, StepOutput, step_output_shapes
 
 
 def session_options(threads: int | None = None):
@@ -134,7 +134,8 @@ class OrtBackend:
         binding = self.decoder.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        outputs = {name: np.empty(shape, dtype=dtype) for name, shape, dtype in _step_output_shapes(self, feeds)}
+        outputs = {name: np.empty(shape, dtype=dtype)
+                   for name, (shape, dtype) in step_output_shapes(self.cfg, self.step_spec, feeds).items()}
         for name, array in outputs.items():
             _bind_output(binding, name, array)
         self.decoder.run_with_iobinding(binding)
@@ -144,19 +145,3 @@ class OrtBackend:
 def _bind_output(binding, name: str, array: np.ndarray) -> None:
     """ONNX Runtime writes output ``name`` into ``array`` (a host array of its final shape)."""
     binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-
-
-def _step_output_shapes(backend, feeds: dict[str, np.ndarray]):
-    """(name, shape, dtype) of every output of the step for these feeds."""
-    cfg = backend.cfg
-    rows, new_len = feeds["tokens"].shape
-    width = feeds["score_ids"].shape[-1]
-    vocab = 0
-    if feeds["want_log_probs"]:
-        vocab = len(feeds["candidates"]) if "candidates" in feeds else cfg.vocab_size
-    k = backend.step_spec.outputs[0].shape[-1]
-    shapes = {"topk_scores": (rows, new_len, k), "topk_ids": (rows, new_len, k),
-              "token_scores": (rows, new_len, width), "log_probs": (rows, new_len, vocab)}
-    for t in backend.step_spec.outputs:
-        shape = shapes.get(t.name, (rows, cfg.heads, new_len, cfg.head_dim))
-        yield t.name, shape, np.dtype(t.dtype)

@@ -1,50 +1,72 @@
-"""TensorRT backend: the engines ``deltalm engines DIR`` built from the artifact's ONNX graphs.
+"""TensorRT backend: the engines ``deltalm engines DIR`` built from the artifact's ``encoder`` and
+``decoder_step`` graphs, behind the ``Backend`` contract of ``deltalm.backends.interface``
+(``encode`` and ``run_step``), like the ONNX Runtime backend.
 
-Same interface as the ONNX Runtime backend (``cfg``, ``topk``, ``encode``, ``step``). Supported
-TensorRT: ``TENSORRT_SUPPORTED`` (10.12 up to 11.x: the versions that build strongly typed
+Supported TensorRT: ``TENSORRT_SUPPORTED`` (10.12 up to 11.x: the versions that build strongly typed
 networks). The runtime uses only calls that TensorRT 11 kept (checked against NVIDIA's list of
 removed Python APIs, docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
 tensorrt-10x-to-11x-python-api-reference.html): ``Runtime.deserialize_cuda_engine``,
 ``create_execution_context``, ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_dtype`` /
-``get_tensor_profile_shape``, ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``;
+``get_tensor_profile_shape`` / ``is_shape_inference_io``, ``set_input_shape``,
+``set_tensor_address``, ``set_output_allocator`` (an ``IOutputAllocator``), ``execute_async_v3``;
 never ``device_memory_size*``, builder flags or calibrators. Device memory comes from Polygraphy's
 CUDA wrapper (``polygraphy.cuda``: plain ``cudaMalloc``, never managed memory) and is allocated
-ONCE, at construction, for the largest shapes of the engines' optimization profile
-(``plan_buffers``, ``device_allocations``): nothing is allocated per batch or per step. GPU 0
-only; ``threads`` is accepted for interface parity and ignored.
+ONCE, at construction, for the largest shapes of the engines' optimization profile and the whole
+vocabulary (``plan_buffers``, ``device_allocations``): nothing is allocated per batch or per step.
+GPU 0 only; ``threads`` is accepted for interface parity and ignored.
 
-Where the data lives:
-- the encoder writes the cross-attention K/V into device buffers that the decoder step reads
-  directly (the step graph selects the live sentences with ``sent_index`` itself);
-- the self-attention caches never leave the device: two buffers per cache tensor, used ping-pong
-  (the step reads ``past`` from one and writes ``present`` into the other, then they swap); the
-  step graph applies the beam reorder (``reorder``) to the past internally, so no gather and no
-  host round trip is needed here;
-- per step, only tokens / step / reorder / sent_index / the rules go to the device, and only the
-  top-k scores and ids ([rows, k]), or the [rows, vocab] log-probs when asked for, come back.
+Where the data lives: on the host, owned by the search (``deltalm.batch.DecoderBatch``), exactly
+as with the ONNX Runtime backend.
+- ``encode`` runs the encoder engine and copies the cross-attention K/V back into host arrays
+  (``Encoded``); the search keeps them per sentence.
+- ``run_step`` copies every feed to its device buffer (the live self-attention caches and cross
+  K/V included), sets the input shapes, runs the step and copies every output back for the actual
+  shapes: top-k, token scores, the step's new K/V (the search writes them into its caches) and
+  the log-probs when they are asked for.
 
-Not implemented: CUDA-graph capture of the step; pinned (page-locked) host buffers for the
-per-step copies; several optimization profiles (one profile, index 0, serves every shape); more
-than one batch in flight per backend (``encode`` reuses the buffers, so a state from an earlier
-``encode`` is refused); bf16 engine I/O (numpy has no bf16).
+Not implemented: a device-resident batch (caches and cross K/V kept on the GPU, the new K/V
+written and the beam reorders and retirements applied there). What that costs: every step copies
+the live caches to the device, 2 x layers x rows x heads x positions x head_dim values (deltalm-base
+fp16, 40 rows at position 128: 12 x 40 x 12 x 128 x 64 x 2 bytes = 94 MB), plus the cross K/V
+(2 x layers x sentences x heads x source x head_dim) and the fed tokens and rules, and copies the
+new K/V back (one position per row). At PCIe speeds (roughly 10 to 25 GB/s from pageable
+memory) that is milliseconds per step, growing with the target length, and may well exceed the
+step itself for long targets and large batches (never measured: no GPU was lent to this work). Also not
+implemented: CUDA-graph capture of the step; pinned (page-locked) host buffers; several
+optimization profiles (one profile, index 0, serves every shape); scoring whole targets in one
+step (the default profile fixes ``new_len`` at 1: see ``deltalm.export.engines``); bf16 engine
+I/O (numpy has no bf16).
+
+Two things TensorRT may decide about the step graph, both handled as NVIDIA documents them:
+``log_probs`` has an axis that no input shape gives (``vocab``: the vocabulary, or 0 unless
+``want_log_probs``), so its shape may be known only after execution; it gets an ``IOutputAllocator``
+that hands TensorRT the buffer allocated at construction (it never allocates) and reports the
+shape. And an input TensorRT uses for shape calculations (``is_shape_inference_io``, e.g.
+``want_log_probs`` if the slice of the log-probs is computed from it) must be given in host
+memory: such inputs are bound from the host array.
+
+Capacity axes: the search grows its caches and its source width by chunks of 16 positions
+(``DecoderBatch``), so the arrays it feeds are often wider than its rows use; the graph ignores
+cache entries at or beyond a row's position and source padding. Where such an axis is larger than
+the profile allows, ``run_step`` copies only the part in use (``fit_to_profile``), so that
+``--max-tgt-len`` and ``--max-src-len`` count target and source tokens, not capacities.
 
 Importing this module needs neither TensorRT nor CUDA: everything that touches them is imported
-inside the functions that use it. The pure functions (profiles, buffer plans, compatibility
-checks) are tested without a GPU.
+inside the functions that use it. The pure functions (profiles, buffer plans, profile fitting,
+compatibility checks) are tested without a GPU.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..artifact import Artifact, open_artifact
+from ..artifact import Artifact, check_can_decode, open_artifact
+from ..config import ModelConfig
 from ..errors import ArtifactError, DeltaLMError, InputError
-from ..graphs import GraphSpec, cross_names
-from ..graphs import cache_names as past_names  # noqa: F401  (being ported to the new step interface)
-from ..graphs import new_kv_names as present_names  # noqa: F401
+from ..graphs import GraphSpec, cross_names, per_layer
+from .interface import Encoded, StepOutput, step_output_shapes
 
 ENGINE_GRAPHS = ("encoder", "decoder_step")
 # The one statement of the supported TensorRT versions: first supported, first unsupported.
@@ -63,10 +85,9 @@ _TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64
 
 
 def profile_axes(spec: GraphSpec, profile: dict) -> dict[str, tuple[int, int, int]]:
-    """Per symbolic axis (min, opt, max), read off a per-input profile
-    ``{input: (min_shape, opt_shape, max_shape)}`` for the inputs of ``spec``. Every input that
-    shares an axis must give it the same bounds (else InputError naming both). ``total_len``
-    (an output axis) is ``past_len + 1``."""
+    """Per symbolic axis of the inputs of ``spec``, (min, opt, max), read off a per-input profile
+    ``{input: (min_shape, opt_shape, max_shape)}``. Every input that shares an axis must give it
+    the same bounds (else InputError naming both)."""
     axes: dict[str, tuple[int, int, int]] = {}
     origin: dict[str, str] = {}
     for t in spec.inputs:
@@ -84,9 +105,6 @@ def profile_axes(spec: GraphSpec, profile: dict) -> dict[str, tuple[int, int, in
                 )
             axes.setdefault(d, bounds)
             origin.setdefault(d, t.name)
-    if "past_len" in axes:
-        lo, opt, hi = axes["past_len"]
-        axes["total_len"] = (lo + 1, opt + 1, hi + 1)
     return axes
 
 
@@ -94,11 +112,19 @@ def _span(bounds) -> str:
     return f"{bounds[0]}/{bounds[1]}/{bounds[2]}"
 
 
-def plan_buffers(spec: GraphSpec, profile: dict, dtypes: dict[str, str] | None = None) -> dict[str, tuple[tuple, np.dtype, int]]:
+def vocabulary_axis(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """The step's output-only axis: ``log_probs`` [rows, new_len, vocab] has the whole vocabulary,
+    or 0 columns unless ``want_log_probs``."""
+    return {"vocab": (0, cfg.vocab_size, cfg.vocab_size)}
+
+
+def plan_buffers(spec: GraphSpec, profile: dict, dtypes: dict[str, str] | None = None,
+                 output_axes: dict | None = None) -> dict[str, tuple[tuple, np.dtype, int]]:
     """The device buffer of every input and output of ``spec`` at the profile's maximum:
-    ``{name: (max_shape, dtype, nbytes)}``. ``dtypes`` overrides the spec's dtypes (an engine's
-    I/O types, e.g. int32 top-k ids). Scalars have shape () and one element."""
-    axes = profile_axes(spec, profile)
+    ``{name: (max_shape, dtype, nbytes)}``. ``output_axes`` bounds the axes no input has
+    (``vocabulary_axis``); ``dtypes`` overrides the spec's dtypes (an engine's I/O types, e.g.
+    int32 top-k ids). Scalars have shape () and one element."""
+    axes = profile_axes(spec, profile) | (output_axes or {})
     plan = {}
     for t in spec.inputs + spec.outputs:
         shape = []
@@ -115,31 +141,28 @@ def plan_buffers(spec: GraphSpec, profile: dict, dtypes: dict[str, str] | None =
 
 
 def device_allocations(encoder_plan: dict, step_plan: dict, decoder_layers: int) -> dict[str, int]:
-    """Bytes of every device buffer ``TrtBackend`` allocates, keyed ``graph:tensor`` (``cacheS:past_key_i``
-    for the two ping-pong slots S of each cache tensor): every encoder input and output (its cross
-    K/V outputs are read by the step in place), every other step input and output, and per
-    past/present pair two slots sized for the larger of the two. At least MIN_ALLOCATION each."""
+    """Bytes of every device buffer ``TrtBackend`` allocates, keyed ``graph:tensor``: every input
+    and output of the encoder and of the step, except the step's cross K/V inputs, which use the
+    encoder's cross K/V output buffers (``encode`` and ``run_step`` never overlap: each finishes
+    its copies before it returns), sized for the larger of the two. At least MIN_ALLOCATION each."""
     cross = {n for i in range(decoder_layers) for n in cross_names(i)}
-    pasts = [n for i in range(decoder_layers) for n in past_names(i)]
-    presents = [n for i in range(decoder_layers) for n in present_names(i)]
     alloc = {f"encoder:{n}": max(b, MIN_ALLOCATION) for n, (_, _, b) in encoder_plan.items()}
     for n, (_, _, b) in step_plan.items():
-        if n not in cross and n not in pasts and n not in presents:
+        if n in cross:
+            alloc[f"encoder:{n}"] = max(alloc[f"encoder:{n}"], b)
+        else:
             alloc[f"decoder_step:{n}"] = max(b, MIN_ALLOCATION)
-    for slot in (0, 1):
-        for past, present in zip(pasts, presents):
-            alloc[f"cache{slot}:{past}"] = max(step_plan[past][2], step_plan[present][2], MIN_ALLOCATION)
     return alloc
 
 
 _AXIS_HINTS = {
     "rows": ("batch x beam = {v} rows", "--max-batch/--max-beam"),
-    "past_rows": ("batch x beam = {v} rows", "--max-batch/--max-beam"),
     "batch": ("a batch of {v} sentences", "--max-batch (or translate with a smaller --batch-size)"),
     "sents": ("a batch of {v} sentences", "--max-batch (or translate with a smaller --batch-size)"),
     "src_len": ("a source of {v} tokens", "--max-src-len"),
-    "past_len": ("target length {v}", "--max-tgt-len (or translate with a smaller --max-len-b)"),
-    "total_len": ("target length {v}", "--max-tgt-len (or translate with a smaller --max-len-b)"),
+    "cache_len": ("target length {v}", "--max-tgt-len (or translate with a smaller --max-len-b)"),
+    "new_len": ("{v} tokens fed per row", "a --profile whose tokens allow it (scoring whole targets runs on the ort backend)"),
+    "score_width": ("{v} scored ids per position", "a --profile whose score_ids allow it"),
 }
 
 
@@ -158,6 +181,44 @@ def check_within_profile(axes: dict[str, tuple[int, int, int]], shapes: dict[str
         if value < lo:
             raise InputError(f"{what.format(v=value)} is below the engine profile minimum {lo}; "
                              f"rebuild engines with a --profile that allows it")
+
+
+def feed_axes(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The size of every symbolic axis of ``spec``'s inputs in ``feeds`` (read off the first input
+    that has it)."""
+    sizes: dict[str, int] = {}
+    for t in spec.inputs:
+        for d, n in zip(t.shape, np.shape(feeds[t.name])):
+            if isinstance(d, str):
+                sizes.setdefault(d, int(n))
+    return sizes
+
+
+def fit_to_profile(spec: GraphSpec, axes: dict[str, tuple[int, int, int]],
+                   feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The step's ``feeds`` as an engine of profile ``axes`` takes them. A capacity axis wider than
+    the profile allows is cut to the part in use, which the graph alone reads: ``cache_len`` to the
+    largest of ``positions`` (a row reads its cache at [0, position)), ``src_len`` to the last
+    column that is not padding in some sentence. Cut inputs are views (the copy to the device
+    gathers them); nothing is cut, and ``feeds`` is returned as it is, when everything fits.
+    InputError (``check_within_profile``) when an axis is outside the profile even so."""
+    sizes = feed_axes(spec, feeds)
+    cut = {}
+    if "cache_len" in axes and sizes.get("cache_len", 0) > axes["cache_len"][2]:
+        cut["cache_len"] = int(np.max(feeds["positions"], initial=0))
+    if "src_len" in axes and sizes.get("src_len", 0) > axes["src_len"][2]:
+        used = np.flatnonzero(~np.asarray(feeds["src_padding"]).all(axis=0))
+        cut["src_len"] = int(used[-1]) + 1 if used.size else 1
+    check_within_profile(axes, sizes | cut)
+    if not cut:
+        return feeds
+    fitted = {}
+    for t in spec.inputs:
+        if cut.keys() & set(t.shape):
+            fitted[t.name] = feeds[t.name][tuple(slice(0, cut[d]) if d in cut else slice(None) for d in t.shape)]
+        else:
+            fitted[t.name] = feeds[t.name]
+    return fitted
 
 
 def graph_source_digest(manifest, graph: str) -> str:
@@ -294,24 +355,10 @@ def read_engine_metadata(artifact: Artifact) -> dict:
         raise ArtifactError(f"{path}: cannot read the engine metadata ({e})") from None
 
 
-@dataclass
-class TrtState:
-    """One encoded batch. The device buffers belong to the backend; this says how much of them is
-    in use. ``slot``: which of the two cache buffers holds the past (the other receives the
-    present)."""
-
-    generation: int
-    batch: int
-    src_len: int
-    past_len: int = 0
-    past_rows: int = 0
-    slot: int = 0
-
-
 class _Engine:
     """One deserialized engine, its execution context and its device buffers."""
 
-    def __init__(self, runtime, path, spec: GraphSpec):
+    def __init__(self, runtime, path, spec: GraphSpec, output_axes: dict | None = None):
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise ArtifactError(f"{path}: TensorRT cannot deserialize this engine (see the TensorRT log above)")
@@ -325,6 +372,8 @@ class _Engine:
             raise ArtifactError(f"{path}: the engine lacks tensors of the {spec.name} graph: {', '.join(missing)}")
         self.dtypes = {n: numpy_dtype(engine.get_tensor_dtype(n).name) for n in names}
         self.dynamic = {t.name for t in spec.inputs if t.dynamic_axes()}
+        # inputs TensorRT computes shapes from: it reads them from host memory
+        self.host_inputs = {n for n in spec.input_names if engine.is_shape_inference_io(n)}
         self.profile = {}  # the engine's own profile 0, not the metadata's copy of it
         for t in spec.inputs:
             if t.name in self.dynamic:
@@ -333,12 +382,36 @@ class _Engine:
             else:
                 self.profile[t.name] = (tuple(t.shape),) * 3
         self.axes = profile_axes(spec, self.profile)
-        self.plan = plan_buffers(spec, self.profile, {n: str(d) for n, d in self.dtypes.items()})
+        self.plan = plan_buffers(spec, self.profile, {n: str(d) for n, d in self.dtypes.items()}, output_axes)
         self.buffers = {}  # name -> DeviceArray, filled by the backend
 
 
+def _preallocated_outputs(trt, buffers: dict):
+    """An ``IOutputAllocator`` for outputs whose shape TensorRT may know only once it has run: it
+    hands TensorRT the buffer allocated at construction (``buffers``: name -> DeviceArray) and never
+    allocates (a request larger than the buffer gets None, which fails the execution), and it
+    records the shapes TensorRT reports."""
+
+    class PreallocatedOutputs(trt.IOutputAllocator):
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)
+            self.shapes = {}
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            buf = buffers[tensor_name]
+            return buf.ptr if size <= buf.nbytes else None
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(shape)
+
+    return PreallocatedOutputs()
+
+
 class TrtBackend:
-    """``encode`` / ``step`` over TensorRT engines; see the module docstring for where the data
+    """The ``Backend`` contract over TensorRT engines; see the module docstring for where the data
     lives and what is not implemented."""
 
     def __init__(self, artifact: Artifact, device: str = "cuda", threads: int | None = None):
@@ -346,8 +419,7 @@ class TrtBackend:
             raise InputError("--backend trt runs on --device cuda only")
         self.artifact = artifact
         self.cfg = artifact.config
-        if not self.cfg.is_encoder_decoder:
-            raise InputError(f"{artifact.path}: an encoder-only model ({self.cfg.kind}) cannot translate")
+        check_can_decode(artifact)
         meta = read_engine_metadata(artifact)
         trt = import_tensorrt()
         cuda = _import_cuda()
@@ -364,47 +436,53 @@ class TrtBackend:
         self.stream = cuda.Stream()
         self.encoder_spec = artifact.graph_spec("encoder")
         self.step_spec = artifact.graph_spec("decoder_step")
-        n = self.cfg.decoder_layers
-        self._cross_names = [name for i in range(n) for name in cross_names(i)]
-        self._past_names = [name for i in range(n) for name in past_names(i)]
-        self._present_names = [name for i in range(n) for name in present_names(i)]
+        self._cross_names = per_layer(self.cfg, cross_names)
         engine_path = {g: artifact.path / meta["engines"][g]["file"] for g in ENGINE_GRAPHS}
         self.encoder = _Engine(self.runtime, engine_path["encoder"], self.encoder_spec)
-        self.step_engine = _Engine(self.runtime, engine_path["decoder_step"], self.step_spec)
-        for name in self._cross_names:  # read in place: both engines must agree on the type
+        self.step_engine = _Engine(self.runtime, engine_path["decoder_step"], self.step_spec, vocabulary_axis(self.cfg))
+        for name in self._cross_names:  # one buffer serves both: both engines must agree on the type
             if self.encoder.dtypes[name] != self.step_engine.dtypes[name]:
                 raise ArtifactError(f"{artifact.path}: the encoder engine writes {name} as {self.encoder.dtypes[name]}, "
                                     f"the decoder_step engine reads {self.step_engine.dtypes[name]}")
-        # allocated once, here: the step's cross K/V inputs are the encoder's output buffers
-        engines = {"encoder": self.encoder, "decoder_step": self.step_engine}
+        # allocated once, here; the step's cross K/V inputs use the encoder's output buffers
         self._memory = {}
-        for key, nbytes in device_allocations(self.encoder.plan, self.step_engine.plan, n).items():
+        engines = {"encoder": self.encoder, "decoder_step": self.step_engine}
+        for key, nbytes in device_allocations(self.encoder.plan, self.step_engine.plan, self.cfg.decoder_layers).items():
             buf = self._memory[key] = cuda.DeviceArray(shape=(nbytes,), dtype=np.uint8)
             graph, name = key.split(":")
-            if graph in engines:
-                engines[graph].buffers[name] = buf
-        self._caches = [[self._memory[f"cache{s}:{p}"] for p in self._past_names] for s in (0, 1)]
+            engines[graph].buffers[name] = buf
+        for name in self._cross_names:
+            self.step_engine.buffers[name] = self.encoder.buffers[name]
+        # log_probs: an output axis no input shape gives (vocab), so possibly a data-dependent shape
+        output_only = set(vocabulary_axis(self.cfg))
+        self._allocated = [t.name for t in self.step_spec.outputs if output_only & set(t.shape)]
+        self._allocator = _preallocated_outputs(trt, {n: self.step_engine.buffers[n] for n in self._allocated})
+        for name in self._allocated:
+            if not self.step_engine.context.set_output_allocator(name, self._allocator):
+                raise ArtifactError(f"TensorRT refused an output allocator for {name}")
         self.topk = int(self.step_spec.outputs[0].shape[-1])
-        self.max_target_len = self.step_engine.axes["past_len"][2]
-        self._generation = 0
+        self.float_dtype = self.step_engine.dtypes[self._cross_names[0]]
+        self.max_target_len = self.step_engine.axes["cache_len"][2]
 
     @classmethod
     def from_artifact(cls, path, device: str = "cuda", threads: int | None = None, **_) -> "TrtBackend":
         return cls(open_artifact(path), device=device, threads=threads)
 
     def close(self) -> None:
-        """Free the device memory (the backend is unusable afterwards)."""
+        """Free the device memory (the backend is unusable afterwards). Idempotent."""
+        if not self._memory:
+            return
         self.stream.synchronize()
         for buf in self._memory.values():
             buf.free()
-        self._memory, self._caches = {}, []
+        self._memory = {}
         self.encoder.buffers, self.step_engine.buffers = {}, {}
         self.stream.free()
 
     # -- device copies ----------------------------------------------------------------------
 
     def _to_device(self, engine: _Engine, name: str, array) -> np.ndarray:
-        host = np.ascontiguousarray(array, dtype=engine.dtypes[name])
+        host = np.require(array, dtype=engine.dtypes[name], requirements="C")  # keeps a scalar 0-D
         if host.nbytes:
             self.cuda.wrapper().memcpy(engine.buffers[name].ptr, host.ctypes.data, host.nbytes,
                                        self.cuda.MemcpyKind.HostToDevice, self.stream.ptr)
@@ -423,77 +501,56 @@ class TrtBackend:
         if not engine.context.set_tensor_address(name, ptr):
             raise ArtifactError(f"TensorRT refused the address of {name}")
 
+    def _bind_input(self, engine: _Engine, name: str, array) -> np.ndarray:
+        """Copy input ``name`` to its device buffer (or, for an input TensorRT computes shapes
+        from, keep it on the host) and bind it; returns the host array to keep alive."""
+        if name in engine.host_inputs:
+            host = np.require(array, dtype=engine.dtypes[name], requirements="C")
+            self._bind(engine, name, host.ctypes.data, host.shape)
+            return host
+        host = self._to_device(engine, name, array)
+        self._bind(engine, name, engine.buffers[name].ptr, host.shape)
+        return host
+
     def _run(self, engine: _Engine) -> None:
         if not engine.context.execute_async_v3(self.stream.ptr):
             raise DeltaLMError("TensorRT execution failed (see the TensorRT log above)")
 
     # -- the backend interface --------------------------------------------------------------
 
-    def encode(self, src_tokens: np.ndarray) -> TrtState:
-        """src_tokens [batch, src_len] int64 -> state; the cross K/V stay in device buffers."""
-        src = np.ascontiguousarray(src_tokens, dtype=np.int64)
+    def encode(self, src_tokens: np.ndarray) -> Encoded:
+        """src_tokens [batch, src_len] int64, left-padded -> the cross K/V, copied to the host."""
+        src = np.require(src_tokens, dtype=np.int64, requirements="C")
         batch, src_len = src.shape
         check_within_profile(self.encoder.axes, {"batch": batch, "src_len": src_len})
-        check_within_profile(self.step_engine.axes, {"batch": batch, "src_len": src_len})
-        enc = self.encoder
-        keep = [self._to_device(enc, "src_tokens", src)]
-        self._bind(enc, "src_tokens", enc.buffers["src_tokens"].ptr, (batch, src_len))
+        enc, cfg = self.encoder, self.cfg
+        keep = self._bind_input(enc, "src_tokens", src)
         for name in self.encoder_spec.output_names:
             self._bind(enc, name, enc.buffers[name].ptr)
         self._run(enc)
-        keep.append(self._to_device(self.step_engine, "src_padding", src == self.cfg.pad))
+        cross = [self._to_host(enc, name, (batch, cfg.heads, src_len, cfg.head_dim)) for name in self._cross_names]
         self.stream.synchronize()
         del keep
-        self._generation += 1
-        return TrtState(generation=self._generation, batch=batch, src_len=src_len)
+        return Encoded(cross=cross, padding=src == cfg.pad)
 
-    def step(self, state: TrtState, tokens, step, reorder, sent_index, rules, want="topk"):
-        """One decoder step; returns (scores [rows, k], ids [rows, k] int64) or, with
-        want="logprobs", the raw float32 log-probs [rows, vocab]."""
-        if state.generation != self._generation:
-            raise InputError("this state belongs to an earlier encode(): the TensorRT backend holds one batch at a time")
-        cfg = self.cfg
-        rows, sents = len(tokens), len(sent_index)
-        past_rows = state.past_rows or rows
-        check_within_profile(self.step_engine.axes, {"rows": rows, "past_rows": past_rows, "sents": sents,
-                                                     "batch": state.batch, "src_len": state.src_len,
-                                                     "past_len": state.past_len})
+    def run_step(self, feeds: dict[str, np.ndarray]) -> StepOutput:
+        """One run of the step engine on ``feeds`` (every input of ``step_spec``): each feed is
+        copied to the device (capacity axes cut to the profile: ``fit_to_profile``), every output
+        copied back for its actual shape."""
         eng = self.step_engine
-        keep = [
-            self._to_device(eng, "tokens", tokens),
-            self._to_device(eng, "step", np.array(step)),
-            self._to_device(eng, "reorder", reorder),
-            self._to_device(eng, "sent_index", sent_index),
-            self._to_device(eng, "forced_tokens", rules.forced_tokens),
-            self._to_device(eng, "ban_eos", np.array(bool(rules.ban_eos))),
-            self._to_device(eng, "only_eos", np.array(bool(rules.only_eos))),
-            self._to_device(eng, "unk_penalty", np.array(rules.unk_penalty)),
-        ]
-        for name, shape in (("tokens", (rows,)), ("step", ()), ("reorder", (rows,)), ("sent_index", (sents,)),
-                            ("forced_tokens", (rows,)), ("ban_eos", ()), ("only_eos", ()), ("unk_penalty", ())):
-            self._bind(eng, name, eng.buffers[name].ptr, shape)
-        self._bind(eng, "src_padding", eng.buffers["src_padding"].ptr, (state.batch, state.src_len))
-        cross_shape = (state.batch, cfg.heads, state.src_len, cfg.head_dim)
-        for name in self._cross_names:
-            self._bind(eng, name, self.encoder.buffers[name].ptr, cross_shape)
-        past_shape = (past_rows, cfg.heads, state.past_len, cfg.head_dim)
-        past_slot, present_slot = self._caches[state.slot], self._caches[1 - state.slot]
-        for i, (past, present) in enumerate(zip(self._past_names, self._present_names)):
-            self._bind(eng, past, past_slot[i].ptr, past_shape)
-            self._bind(eng, present, present_slot[i].ptr)
-        for name in ("topk_scores", "topk_ids", "log_probs"):
-            self._bind(eng, name, eng.buffers[name].ptr)
+        feeds = fit_to_profile(self.step_spec, eng.axes, feeds)
+        keep = [self._bind_input(eng, t.name, feeds[t.name]) for t in self.step_spec.inputs]
+        shapes = step_output_shapes(self.cfg, self.step_spec, feeds)
+        for name in shapes:
+            if name not in self._allocated:
+                self._bind(eng, name, eng.buffers[name].ptr)
+        self._allocator.shapes.clear()
         self._run(eng)
-        if want == "topk":
-            scores = self._to_host(eng, "topk_scores", (rows, self.topk))
-            ids = self._to_host(eng, "topk_ids", (rows, self.topk))
-        else:
-            log_probs = self._to_host(eng, "log_probs", (rows, cfg.vocab_size))
+        for name in self._allocated:  # TensorRT reports these shapes while it runs
+            got, want = self._allocator.shapes.get(name), shapes[name][0]
+            if got != want:
+                raise DeltaLMError(f"TensorRT gave {name} the shape {got}; the step graph declares {want}")
+        outputs = {name: self._to_host(eng, name, shape) for name, (shape, _) in shapes.items()}
         self.stream.synchronize()
         del keep
-        state.past_len += 1
-        state.past_rows = rows
-        state.slot = 1 - state.slot
-        if want == "topk":
-            return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
-        return log_probs.astype(np.float32, copy=False)
+        return StepOutput.from_outputs(self.cfg, outputs)
