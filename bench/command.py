@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from deltalm.artifact import read_manifest
+from deltalm.atomic import check_output_directory
 
 # The bench modules are imported when the command runs, not when ``deltalm`` builds its parser.
 
@@ -87,6 +88,7 @@ def bench_command(args) -> int:
         _require("matplotlib", "bench", "deltalm bench (its chart)")
         _require("onnx", "export", "deltalm bench (counting the step graph's weights)")
     out = Path(args.out)
+    check_output_directory(out, "--out")  # before any model is built or loaded
     out.mkdir(parents=True, exist_ok=True)
     with Progress(total=2, desc="bench") as progress:  # model, export; the run adds its own stages
         if args.compare == "shortlist":

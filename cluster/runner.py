@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import check_output_directory
 from ..errors import DeltaLMError, InputError
 from ..translator import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LINES, BatchOptions, TranslateOptions
 from .actor import TranslateActor
-from .shards import Manifest, Shard, fingerprint, resolve_shards, split_lines
+from .shards import MANIFEST_NAME, Manifest, Shard, fingerprint, resolve_shards, split_lines
 
 RAY_EXTRA = "translate-corpus needs Ray: pip install 'deltalm-deploy[ray]'"
 
@@ -155,18 +156,25 @@ def translate_corpus(
     if not model.is_dir():
         raise InputError(f"artifact directory {model} does not exist" if not model.exists()
                          else f"{model} is not an artifact directory")
+    out_dir = Path(output_dir)
+    check_output_directory(out_dir, "--output")
     shortlist_run = _open_shortlist(model, shortlist, backend) if shortlist is not None else None
     ray = import_ray()
 
-    out_dir = Path(output_dir)
+    shards = resolve_shards(list(inputs), fmt, out_dir)
+    manifest = Manifest(out_dir)
+    for shard in shards:  # never replace a file this command did not write
+        path = out_dir / shard.output
+        if (path.exists() or path.is_symlink()) and (shard.output not in manifest.shards or not path.is_file()):
+            raise InputError(f"--output {out_dir}: {shard.output} exists and was not written by translate-corpus "
+                             f"(it is not in {MANIFEST_NAME}); nothing was changed: move it away or give another "
+                             "--output directory")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create --output {out_dir}: {e.strerror or e}") from None
-    shards = resolve_shards(list(inputs), fmt, out_dir)
     config = fingerprint(_settings(model, fmt, options, errors, backend, src_prefix, tgt_prefix,
                                    batch_size, max_tokens, chunk_lines, shortlist_run))
-    manifest = Manifest(out_dir)
     summary = CorpusSummary(shards=len(shards))
     todo = []
     for shard in shards:

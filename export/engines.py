@@ -430,7 +430,7 @@ def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8
     sources = _graph_sources(artifact, graphs)
     previous_cache = _reusable_timing_cache(engines_dir, trt.__version__, gpu_name)
     metas = {}
-    with atomic_directory(engines_dir, force=True) as tmp:
+    with atomic_directory(engines_dir, force=True, artifact=False) as tmp:
         if previous_cache is not None:
             shutil.copyfile(previous_cache, tmp / TIMING_CACHE)
         for g in graphs:

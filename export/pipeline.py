@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deltalm.artifact import Artifact, hash_files, open_artifact
-from deltalm.atomic import atomic_directory, write_json_atomic
+from deltalm.atomic import atomic_directory, check_artifact_destination, write_json_atomic
 from deltalm.manifest import ExportOptions, GraphEntry, Manifest, Source
 from deltalm.compare import Thresholds
 from deltalm.config import config_overrides
@@ -80,8 +80,7 @@ def export_checkpoint(
     if tolerance is not None and precision != "fp32":
         raise InputError(f"--tolerance applies to fp32 exports; {precision} has its own verdict "
                          "(top-1 agreement and identical sentences, see the README)")
-    if out.exists() and not force:  # before the slow load
-        raise InputError(f"{out} already exists (use --force to replace it)")
+    check_artifact_destination(out, force)  # before the slow load
     from .checkpoints import load_for_export
 
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..backends import BACKENDS
+from ..atomic import check_output_directory
 from ..errors import InputError
 
 
@@ -117,6 +118,7 @@ def run_bench(args) -> int:
     if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1:
         raise InputError("--clients, --duration-s, --length and --beam must be positive")
     out = Path(args.out)
+    check_output_directory(out, "--out")  # before any model is built or loaded
     if args.model in ("tiny", "base"):
         from deltalm.serve.bench import prepare_artifact
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, check_output_file
 from ..backends import BACKENDS
 from ..errors import InputError
 from ..translator import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LINES, TranslateOptions, Translator, format_translation
@@ -158,11 +158,7 @@ def _check_paths(inp: str | None, out: str | None) -> None:
     if inp is not None and not Path(inp).is_file():
         raise InputError(f"input file {inp} does not exist" if not Path(inp).exists() else f"--input {inp} is not a file")
     if out is not None:
-        path = Path(out)
-        if path.is_dir():
-            raise InputError(f"--output {out} is a directory")
-        if not path.absolute().parent.is_dir():
-            raise InputError(f"directory of --output {out} does not exist")
+        check_output_file(out, "--output")
 
 
 def open_translator(args) -> Translator:
