@@ -58,10 +58,12 @@ def run(args) -> int:
     try:
         from deltalm.serve.app import RequestLimits, create_app
         from deltalm.serve.batcher import BatchLimits
-        from deltalm.serve.server import serve_app
+        from deltalm.serve.server import check_listen_address, serve_app
     except ImportError as e:
         raise InputError(f"deltalm serve needs the serve extra (pip install 'deltalm-deploy[serve]'): {e}") from None
     from ..translator import Translator
+
+    check_listen_address(args.host, args.port)  # a busy port is one line, before the model loads
 
     # a bad model or shortlist fails here, before the port is bound
     translator = Translator(args.dir, backend=args.backend, device=args.device, threads=args.threads,
