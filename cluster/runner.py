@@ -155,7 +155,8 @@ def translate_corpus(
     model = Path(model)
     if not model.is_dir():
         raise InputError(f"artifact directory {model} does not exist" if not model.exists()
-                         else f"{model} is not an artifact directory")
+                         else f"{model} is a file (a checkpoint?), not an artifact directory: export it first "
+                              f"with `deltalm export {model} --spm SPM --dict DICT --out DIR`")
     out_dir = Path(output_dir)
     check_output_directory(out_dir, "--output")
     shortlist_run = _open_shortlist(model, shortlist, backend) if shortlist is not None else None

@@ -122,3 +122,37 @@ def test_a_bad_config_file_is_one_line(tiny, tmp_path, content, fragment):
     for argv in (["inspect", "--config", path], ["export", tiny.checkpoint, "--spm", tiny.spm, "--dict", tiny.dict,
                                                   "--out", tmp_path / "out", "--config", path]):
         assert_one_line_error(run_cli(argv), str(path), fragment)
+
+
+def test_a_misspelled_option_gets_the_subcommands_usage_and_the_option_meant(tiny):
+    done = subprocess.run([str(DELTALM), "translate", str(tiny.artifact), "--beams", "5"], capture_output=True,
+                          text=True, env=ENV, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("usage: deltalm translate ")
+    assert lines[-1] == "deltalm translate: error: unrecognized arguments: --beams 5; did you mean --beam?"
+
+
+def test_a_misspelled_subcommand_gets_the_one_meant():
+    done = subprocess.run([str(DELTALM), "translat", "dir"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith("; did you mean 'translate'?")
+
+
+def test_an_artifact_given_to_export_as_the_checkpoint_says_what_it_is(tiny, tmp_path):
+    res = run_cli(["export", tiny.artifact, "--out", tmp_path / "again"])
+    assert_one_line_error(res, f"{tiny.artifact} is an artifact directory (exported already), not a checkpoint",
+                          f"`deltalm translate {tiny.artifact}`", f"give the checkpoint it was exported from "
+                          f"({tiny.checkpoint.resolve()})")
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("serve", []),
+    ("shortlist", ["--source", "in.txt", "--out", "sl.npz"]),
+    ("translate-corpus", ["--input", "in.txt", "--output", "out"]),
+])
+def test_a_checkpoint_given_where_an_artifact_belongs_says_to_export_it_first(tiny, tmp_path, command, extra):
+    res = run_cli([command, tiny.checkpoint, *[tmp_path / a if "." in a or a == "out" else a for a in extra]])
+    assert_one_line_error(res, f"{tiny.checkpoint} is a file (a checkpoint?), not an artifact directory",
+                          f"`deltalm export {tiny.checkpoint} --spm SPM --dict DICT --out DIR`",
+                          f"`deltalm {command} DIR`")

@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -303,6 +304,19 @@ def test_a_busy_port_is_one_line_naming_it_and_how_to_pick_another(tiny):
                                 "for any free port")
     finally:
         held.close()
+
+
+def test_a_truncated_sentence_is_logged_without_a_line_number(tiny):
+    s = Server(tiny.artifact, "--max-wait-ms", "0")
+    try:
+        status, _, body = translate(s.port, ["kurz", " ".join(["Katze"] * 600)], truncate=True, max_len_b=2)
+        assert status == 200 and len(body["results"]) == 2, body
+    finally:
+        assert s.stop() == 0
+    warnings = [line for line in s.stderr if "warning" in line]
+    assert len(warnings) == 1, s.stderr
+    assert re.fullmatch(r"deltalm serve: warning: a sentence of a request: \d+ source tokens, truncated to the "
+                        r"model's 512\n", warnings[0]), warnings
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from ..artifact import require_directory_not_checkpoint
 from ..atomic import check_output_directory
 from ..backends import BACKENDS
 from ..errors import InputError
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..cluster import ClusterOptions, translate_corpus
 
+    require_directory_not_checkpoint(args.source, "translate-corpus")
     check_output_directory(args.output, "--output")  # before Ray starts or a model is loaded
     opts = translate_options(args)
     batch_size = args.batch_size

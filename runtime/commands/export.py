@@ -104,7 +104,26 @@ def _check_config_file(config: str | None) -> None:
         resolve_config(config)  # a missing / malformed file or an unknown preset: one line, now
 
 
+def _refuse_an_artifact_as_checkpoint(path: str) -> None:
+    """``deltalm export DIR`` where DIR is already an artifact: say so, and what to do instead."""
+    from pathlib import Path
+
+    from ..artifact import MANIFEST, read_manifest
+    from ..errors import DeltaLMError
+
+    if not (Path(path).is_dir() and (Path(path) / MANIFEST).is_file()):
+        return
+    try:
+        source = read_manifest(path).source.checkpoint
+    except DeltaLMError:
+        source = None
+    raise InputError(f"{path} is an artifact directory (exported already), not a checkpoint: use it as it is "
+                     f"(`deltalm translate {path}`); to export again, give the checkpoint it was exported from"
+                     + (f" ({source})" if source else ""))
+
+
 def run_export(args) -> int:
+    _refuse_an_artifact_as_checkpoint(args.checkpoint)
     require_export_extra("export")
     _check_config_file(args.config)
     from ..export import export_checkpoint
