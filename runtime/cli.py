@@ -111,11 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrLines(logging.Handler):
+    """The library's log lines (``deltalm.*`` at INFO: export stages, tidied work directories) as
+    plain lines on the stderr of the moment (tests swap ``sys.stderr``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the subcommand: its usage, and the option meant
         args.subparser.unrecognized(extras)
+    library = logging.getLogger("deltalm")
+    handler, level = _StderrLines(logging.INFO), library.level
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except DeltaLMError as e:

@@ -48,6 +48,8 @@ def add_export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--as-deltalm", action="store_true", help="seed a DeltaLM from an XLM-R checkpoint")
     s.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
     s.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    s.add_argument("--verbose", action="store_true",
+                   help="print the parity table (every graph output and case; parity.json always holds it)")
     s.add_argument("--allow-parity-failure", action="store_true",
                    help="write the artifact even if its parity verdict fails (parity.json records it); for benchmarks "
                         "of random-weight models, whose near-flat distributions no reduced precision reproduces")
@@ -57,6 +59,7 @@ def add_parity_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir")
     s.add_argument("--checkpoint", help="checkpoint to compare with (default: the one recorded in the manifest)")
     s.add_argument("--tolerance", type=float, default=None, help="fp32 only: limit on log-probs (max abs)")
+    s.add_argument("--verbose", action="store_true", help="print the parity table (every graph output and case)")
 
 
 def run_inspect(args) -> int:
@@ -131,7 +134,7 @@ def run_export(args) -> int:
     export_checkpoint(args.checkpoint, args.out, spm=args.spm, dictionary=args.dict, precision=args.precision,
                       config=args.config, topk=args.topk, tolerance=args.tolerance, as_deltalm=args.as_deltalm,
                       optimize=not args.no_optimize, force=args.force,
-                      allow_parity_failure=args.allow_parity_failure)
+                      allow_parity_failure=args.allow_parity_failure, verbose=args.verbose)
     return 0
 
 
@@ -139,7 +142,7 @@ def run_parity(args) -> int:
     require_export_extra("parity")
     from ..export import check_parity
 
-    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print)
+    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print, verbose=args.verbose)
     return 0
 
 
