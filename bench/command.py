@@ -43,10 +43,10 @@ def add_arguments(parser) -> None:
 
 
 def _require(module: str, extra: str, what: str) -> None:
-    from deltalm.errors import InputError
+    from deltalm.errors import InputError, install_extra
 
     if importlib.util.find_spec(module) is None:
-        raise InputError(f"{what} needs {module}: pip install 'deltalm-deploy[{extra}]'")
+        raise InputError(f"{what} needs {module}: {install_extra(extra)}")
 
 
 def _prepare(model: str, out: Path, precisions, progress) -> tuple[dict, dict, dict]:

@@ -24,3 +24,9 @@ class ArtifactError(DeltaLMError):
 
 class ExportError(DeltaLMError):
     """The export ran but its result is not acceptable (parity failed...)."""
+
+
+def install_extra(extra: str) -> str:
+    """How to install an optional extra, for a message (the package is installed from its
+    checkout, not from a package index)."""
+    return f"pip install '.[{extra}]' in the deltalm-deploy checkout"

@@ -108,4 +108,4 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
                          env={**os.environ})
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["deltalm: error: `deltalm export` needs torch: pip install "
-                                               "'deltalm-deploy[export]'"]
+                                               "'.[export]' in the deltalm-deploy checkout"]

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import InputError
-
-EXPORT_EXTRA = "deltalm-deploy[export]"
+from ..errors import InputError, install_extra
 
 
 def require_export_extra(command: str) -> None:
@@ -19,7 +17,7 @@ def require_export_extra(command: str) -> None:
 
     missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
-        raise InputError(f"`deltalm {command}` needs {' and '.join(missing)}: pip install '{EXPORT_EXTRA}'")
+        raise InputError(f"`deltalm {command}` needs {' and '.join(missing)}: {install_extra('export')}")
 
 
 def _config_argument(parser) -> None:

@@ -9,7 +9,7 @@ import sys
 from ..backends import BACKENDS
 from ..artifact import require_directory_not_checkpoint
 from ..atomic import check_output_directory
-from ..errors import InputError
+from ..errors import InputError, install_extra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def run(args) -> int:
         from deltalm.serve.batcher import BatchLimits
         from deltalm.serve.server import check_listen_address, serve_app
     except ImportError as e:
-        raise InputError(f"deltalm serve needs the serve extra (pip install 'deltalm-deploy[serve]'): {e}") from None
+        raise InputError(f"deltalm serve needs the serve extra ({install_extra('serve')}): {e}") from None
     from ..translator import Translator
 
     check_listen_address(args.host, args.port)  # a busy port is one line, before the model loads
