@@ -199,9 +199,9 @@ class Translation:
     def text(self) -> str:
         return self.hypotheses[0].text if self.hypotheses else ""
 
-    def to_json(self) -> dict:
-        """The JSONL record of ``deltalm translate --format jsonl`` (also the HTTP API's result):
-        -inf / NaN scores become null, so that strict JSON readers accept every line."""
+    def to_dict(self) -> dict:
+        """The record of ``deltalm translate --format jsonl`` (also the HTTP API's result) as a
+        dict: -inf / NaN scores become None (null), so that strict JSON readers accept every line."""
         return {
             "id": self.index,
             "nbest": [
@@ -212,6 +212,11 @@ class Translation:
         }
 
 
+    def to_json(self) -> str:
+        """The record as the one line of JSON ``deltalm translate --format jsonl`` writes."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
 def _json_float(x: float) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -220,7 +225,7 @@ def _json_float(x: float) -> float | None:
 def format_translation(t: Translation, fmt: str) -> str:
     """One output line (``fmt`` "text" or "jsonl"), without its newline."""
     if fmt == "jsonl":
-        return json.dumps(t.to_json(), ensure_ascii=False)
+        return t.to_json()
     return t.text
 
 

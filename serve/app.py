@@ -7,7 +7,7 @@
     GET  /openapi.json, /docs
 
 Options are ``deltalm.TranslateOptions``' fields (checked by ``TranslateOptions.from_mapping``);
-each result is the record ``deltalm translate --format jsonl`` writes (``Translation.to_json``), its
+each result is the record ``deltalm translate --format jsonl`` writes (``Translation.to_dict``), its
 ``id`` the sentence's position in the request. Every error is ``{"error": {"type", "message", ...}}``
 with the HTTP status of its kind (``deltalm.serve.metrics.ERROR_KINDS``).
 """
@@ -321,7 +321,7 @@ def create_app(translator: Translator, batching: BatchLimits = BatchLimits(),
             texts, lengths, opts = service.parse(body)
             watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
             results = await service.translate(texts, lengths, opts, watcher, t0 + limits.timeout_s)
-            response = JSONResponse({"results": [t.to_json() for t in results]})
+            response = JSONResponse({"results": [t.to_dict() for t in results]})
         except ApiError as e:
             metrics.errors.labels(e.kind).inc()
             response = error_response(e.status, e.kind, e.message, e.headers, **e.extra)

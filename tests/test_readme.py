@@ -1,7 +1,6 @@
 """The README's Python example runs as written (model files under the names it uses)."""
 from __future__ import annotations
 
-import ast
 import json
 import re
 import subprocess
@@ -33,6 +32,6 @@ def test_the_python_api_example_runs_as_written(tiny, tmp_path):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("0 ") and lines[3] == "1 ''"  # two hypotheses for the sentence, none for ""
-    records = [ast.literal_eval(line) for line in lines[4:]]  # dicts printed by to_json()
+    records = [json.loads(line) for line in lines[4:]]  # the JSON lines to_json() gives
     assert [r["id"] for r in records] == [0, 1, 2] and records[1]["nbest"] == []
     assert all(h["tokens"][-1] == 2 for r in records for h in r["nbest"])

@@ -476,3 +476,16 @@ def test_importing_translate_does_not_import_torch():
     code = "import sys, deltalm, deltalm.commands.translate; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_a_translation_gives_its_record_as_a_dict_and_as_the_json_line_translate_writes():
+    import json
+
+    from deltalm.translator import Hypothesis, Translation, format_translation
+
+    t = Translation(3, [Hypothesis("Hallo", [17, 2], -0.5, [-0.25, float("-inf")])])
+    record = {"id": 3, "nbest": [{"tokens": [17, 2], "score": -0.5, "positional_scores": [-0.25, None],
+                                  "text": "Hallo"}]}
+    assert t.to_dict() == record
+    assert isinstance(t.to_json(), str) and json.loads(t.to_json()) == record
+    assert t.to_json() == format_translation(t, "jsonl")
