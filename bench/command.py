@@ -105,7 +105,7 @@ def _full_run(args, out: Path, progress) -> int:
     from .models import PRECISIONS
     from .profile import format_profile
     from .progress import log
-    from .report import add_derived, evaluate_targets, format_markdown, write_chart
+    from .report import add_derived, evaluate_targets, format_console_summary, format_markdown, write_chart
     from .settings import BACKEND_KINDS, artifact_for, backend_availability, settings_for, size_of
     from .step_cost import step_graph_cost
     from .workloads import workloads
@@ -213,7 +213,7 @@ def _full_run(args, out: Path, progress) -> int:
     (out / "bench.md").write_text(md)
     write_chart(results, out / "bench.png")
     progress.close()
-    print(md)
+    print(format_console_summary(results, out), end="")
     log(f"wrote {out}/bench.json, bench.md, bench.png, profile.md in {results['wall_s']:.0f}s")
     return 0
 
