@@ -125,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     if extras:  # reported by the subcommand: its usage, and the option meant
         args.subparser.unrecognized(extras)
     library = logging.getLogger("deltalm")
-    handler, level = _StderrLines(logging.INFO), library.level
+    handler, level, propagate = _StderrLines(logging.INFO), library.level, library.propagate
     library.addHandler(handler)
     library.setLevel(logging.INFO)
+    library.propagate = False  # a library that configures the root logger (ORT's quantizer) would print them twice
     try:
         return _run(args)
     finally:
         library.removeHandler(handler)
         library.setLevel(level)
+        library.propagate = propagate
 
 
 def _run(args) -> int:

@@ -238,3 +238,17 @@ check_parity({str(tmp_path / 'a')!r})
     before, after = done.stderr.split("exported\n")
     assert before == ""  # nothing at all while the library exported
     assert "deltalm.export.pipeline: parity: passed" in after  # and everything through logging once asked
+
+
+def test_an_int8_export_prints_each_line_once(tiny_ckpt, tmp_path):
+    """ONNX Runtime's quantizer configures the root logger; the command's lines must not go there too."""
+    from cli_support import DELTALM, ENV
+
+    ckpt, spm, dct, _ = tiny_ckpt
+    done = subprocess.run([str(DELTALM), "export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out",
+                           str(tmp_path / "q"), "--precision", "int8", "--no-optimize", "--allow-parity-failure"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("loaded ") and lines[-1].startswith(f"wrote {tmp_path / 'q'}")
+    assert len(lines) == len(set(lines)) and not any(line.startswith("INFO:") for line in lines), done.stderr
