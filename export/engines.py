@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -70,7 +71,8 @@ __all__ = ["build_engines", "derive_profiles", "load_profile_override", "apply_p
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress of a build: through logging, silent unless configured (``deltalm engines`` prints it)."""
+    logging.getLogger(__name__).info(msg)
 
 
 # ---------------------------------------------------------------------------------------------
