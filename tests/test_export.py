@@ -25,8 +25,20 @@ def export(tiny_ckpt, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_ckpt, tmp_path_factory):
-    return export(tiny_ckpt, tmp_path_factory.mktemp("art") / "fp32")
+def exported(tiny_ckpt, tmp_path_factory) -> tuple[Path, str]:
+    """An fp32 export of the tiny checkpoint, and what the command printed on stderr."""
+    from cli_support import run_cli
+
+    ckpt, spm, dct, _ = tiny_ckpt
+    out = tmp_path_factory.mktemp("art") / "fp32"
+    res = run_cli(["export", ckpt, "--spm", spm, "--dict", dct, "--out", out])
+    assert res.rc == 0, res.err
+    return out, res.err
+
+
+@pytest.fixture(scope="module")
+def artifact(exported):
+    return exported[0]
 
 
 def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
@@ -192,20 +204,15 @@ def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
     np.testing.assert_allclose(r[0], want[0], atol=1e-5)
 
 
-def test_export_prints_its_stages_the_verdict_and_a_summary_not_the_table(tiny_ckpt, tmp_path):
-    from cli_support import run_cli
-
-    ckpt, spm, dct, _ = tiny_ckpt
-    out = tmp_path / "a"
-    res = run_cli(["export", ckpt, "--spm", spm, "--dict", dct, "--out", out, "--no-optimize"])
-    assert res.rc == 0, res.err
-    lines = res.err.splitlines()
+def test_export_prints_its_stages_the_verdict_and_a_summary_not_the_table(exported):
+    out, err = exported
+    lines = err.splitlines()
     starts = ["loaded fairseq-deltalm checkpoint", "exported encoder", "end to end, beam 1", "end to end, beam 5",
               "parity: passed", "parity summary: 90 outputs compared over 14 graph cases; largest difference",
               f"wrote {out}"]
     assert len(lines) == len(starts) and all(line.startswith(s) for line, s in zip(lines, starts)), lines
     assert lines[-2].endswith(f"; every output and case in {out / 'parity.json'} (--verbose prints the table)")
-    assert "max_rel" not in res.err
+    assert "max_rel" not in err
 
 
 def test_parity_verbose_prints_the_table_and_what_its_columns_mean(artifact):
