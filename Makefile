@@ -9,7 +9,8 @@ CKPT      ?=
 SPM       ?=
 DICT      ?=
 OUT       ?= artifacts/model
-DIR       ?= $(OUT)
+# the artifact parity / translate / engines / serve use: the one `make export` wrote, else the demo's
+DIR       ?= $(if $(wildcard $(OUT)/manifest.json),$(OUT),demo/artifact)
 PRECISION ?= fp32
 INPUT     ?=
 BACKEND   ?= ort

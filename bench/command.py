@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from deltalm.artifact import read_manifest
+from deltalm.atomic import check_output_directory
 
 # The bench modules are imported when the command runs, not when ``deltalm`` builds its parser.
 
@@ -42,10 +43,10 @@ def add_arguments(parser) -> None:
 
 
 def _require(module: str, extra: str, what: str) -> None:
-    from deltalm.errors import InputError
+    from deltalm.errors import InputError, install_extra
 
     if importlib.util.find_spec(module) is None:
-        raise InputError(f"{what} needs {module}: pip install 'deltalm-deploy[{extra}]'")
+        raise InputError(f"{what} needs {module}: {install_extra(extra)}")
 
 
 def _prepare(model: str, out: Path, precisions, progress) -> tuple[dict, dict, dict]:
@@ -87,6 +88,7 @@ def bench_command(args) -> int:
         _require("matplotlib", "bench", "deltalm bench (its chart)")
         _require("onnx", "export", "deltalm bench (counting the step graph's weights)")
     out = Path(args.out)
+    check_output_directory(out, "--out")  # before any model is built or loaded
     out.mkdir(parents=True, exist_ok=True)
     with Progress(total=2, desc="bench") as progress:  # model, export; the run adds its own stages
         if args.compare == "shortlist":
@@ -103,7 +105,7 @@ def _full_run(args, out: Path, progress) -> int:
     from .models import PRECISIONS
     from .profile import format_profile
     from .progress import log
-    from .report import add_derived, evaluate_targets, format_markdown, write_chart
+    from .report import add_derived, evaluate_targets, format_console_summary, format_markdown, write_chart
     from .settings import BACKEND_KINDS, artifact_for, backend_availability, settings_for, size_of
     from .step_cost import step_graph_cost
     from .workloads import workloads
@@ -211,7 +213,7 @@ def _full_run(args, out: Path, progress) -> int:
     (out / "bench.md").write_text(md)
     write_chart(results, out / "bench.png")
     progress.close()
-    print(md)
+    print(format_console_summary(results, out), end="")
     log(f"wrote {out}/bench.json, bench.md, bench.png, profile.md in {results['wall_s']:.0f}s")
     return 0
 

@@ -11,8 +11,8 @@ outputs), and writes the output directory (a local or shared path).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
-import sys
 import time
 import warnings
 from collections import defaultdict
@@ -20,12 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DeltaLMError, InputError
+from ..atomic import check_output_directory
+from ..errors import DeltaLMError, InputError, install_extra
 from ..translator import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LINES, BatchOptions, TranslateOptions
 from .actor import TranslateActor
-from .shards import Manifest, Shard, fingerprint, resolve_shards, split_lines
+from .quiet import RAY_INIT_QUIET, native_stderr_without, ray_data_console_filtered
+from .shards import MANIFEST_NAME, Manifest, Shard, fingerprint, resolve_shards, split_lines
 
-RAY_EXTRA = "translate-corpus needs Ray: pip install 'deltalm-deploy[ray]'"
+RAY_EXTRA = f"translate-corpus needs Ray: {install_extra('ray')}"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class CorpusSummary:
 
     def lines_report(self) -> list[str]:
         rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
-        out = [f"translate-corpus: {len(self.written)} shard(s) written, {len(self.skipped)} already complete; "
+        out = [f"translate-corpus: {files(len(self.written))} written, {len(self.skipped)} already complete; "
                f"{self.lines} lines, {self.tokens} target tokens in {self.seconds:.1f} s "
                f"({rate(self.lines, self.seconds):.1f} lines/s, {rate(self.tokens, self.seconds):.0f} tok/s)"]
         if self.actors:
@@ -95,6 +99,10 @@ class CorpusSummary:
                        f"{a.busy_seconds:.1f} s ({rate(a.lines, a.busy_seconds):.1f} lines/s, "
                        f"{rate(a.tokens, a.busy_seconds):.0f} tok/s)")
         return out
+
+
+def files(n: int) -> str:
+    return f"{n} file{'' if n == 1 else 's'}"
 
 
 def import_ray():
@@ -132,7 +140,9 @@ def translate_corpus(
     ``deltalm translate --input NAME.txt`` would write it (beam search and greedy; with sampling
     the batches, and so the samples, differ). Shards complete from an earlier run with the same
     settings are skipped; the others are (re)done and committed one by one (``on_commit`` is
-    called with each output name once its file and manifest entry are written).
+    called with each output name once its file and manifest entry are written). ``log`` gets the
+    summary lines (default: this module's logger at INFO, silent unless configured; the command
+    prints them); Ray's own console output is kept quiet (``deltalm.cluster.quiet``).
 
     ``shortlist``: a vocabulary shortlist file (``deltalm shortlist``; ort backend) every actor
     opens its Translator with; like the model directory, every node reads it at this path. The
@@ -140,7 +150,7 @@ def translate_corpus(
     since a batch's candidates are those of all its sentences): a rerun with another shortlist,
     or without one, redoes every shard."""
     started = time.perf_counter()
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or logger.info  # silent unless the caller configures logging (the command prints it)
     options = options or TranslateOptions()
     options.validate()
     BatchOptions(batch_size, max_tokens).validate()
@@ -154,19 +164,27 @@ def translate_corpus(
     model = Path(model)
     if not model.is_dir():
         raise InputError(f"artifact directory {model} does not exist" if not model.exists()
-                         else f"{model} is not an artifact directory")
+                         else f"{model} is a file (a checkpoint?), not an artifact directory: export it first "
+                              f"with `deltalm export {model} --spm SPM --dict DICT --out DIR`")
+    out_dir = Path(output_dir)
+    check_output_directory(out_dir, "--output")
     shortlist_run = _open_shortlist(model, shortlist, backend) if shortlist is not None else None
     ray = import_ray()
 
-    out_dir = Path(output_dir)
+    shards = resolve_shards(list(inputs), fmt, out_dir)
+    manifest = Manifest(out_dir)
+    for shard in shards:  # never replace a file this command did not write
+        path = out_dir / shard.output
+        if (path.exists() or path.is_symlink()) and (shard.output not in manifest.shards or not path.is_file()):
+            raise InputError(f"--output {out_dir}: {shard.output} exists and was not written by translate-corpus "
+                             f"(it is not in {MANIFEST_NAME}); nothing was changed: move it away or give another "
+                             "--output directory")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create --output {out_dir}: {e.strerror or e}") from None
-    shards = resolve_shards(list(inputs), fmt, out_dir)
     config = fingerprint(_settings(model, fmt, options, errors, backend, src_prefix, tgt_prefix,
                                    batch_size, max_tokens, chunk_lines, shortlist_run))
-    manifest = Manifest(out_dir)
     summary = CorpusSummary(shards=len(shards))
     todo = []
     for shard in shards:
@@ -180,18 +198,19 @@ def translate_corpus(
         else:
             todo.append(shard)
     if summary.skipped:
-        log(f"translate-corpus: {len(summary.skipped)} shard(s) complete already, skipped: {', '.join(summary.skipped)}")
+        log(f"translate-corpus: {files(len(summary.skipped))} complete already, skipped: {', '.join(summary.skipped)}")
     if todo:
         own_runtime = not ray.is_initialized()
         t0 = time.perf_counter()
         if own_runtime:
             # address None: RAY_ADDRESS if set, else a local runtime of this machine's cores
-            ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+            ray.init(address=cluster.address, include_dashboard=False, **RAY_INIT_QUIET)
         summary.ray_init_seconds = time.perf_counter() - t0
         try:
-            _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size,
-                          max_tokens, chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster, progress, on_commit,
-                          shortlist_run)
+            with ray_data_console_filtered(), native_stderr_without():
+                _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size,
+                              max_tokens, chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster, progress,
+                              on_commit, shortlist_run)
         finally:
             if own_runtime:
                 ray.shutdown()

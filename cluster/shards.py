@@ -8,6 +8,7 @@ disk; anything else (no output, a changed input or option, a file edited since) 
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -47,20 +48,66 @@ def output_name(input_name: str, fmt: str) -> str:
     return input_name.removesuffix(".txt") + ".jsonl"
 
 
+GLOB_CHARS = "*?["
+
+
+def _open(uri: str):
+    """(pyarrow FileSystem, path on it) of a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with its own words
+        raise InputError(f"cannot open --input {uri}: {e}") from None
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """``inputs`` with each wildcard pattern (``*``, ``?``, ``[...]`` within one path component,
+    as a shell expands them; local paths and URIs alike: ``s3://bucket/mono/part-*.txt``, where
+    ``?`` starts a query and is no wildcard) replaced by the files it matches, sorted. A pattern
+    that matches no file is an error; a path that exists as written is taken as written."""
+    import pyarrow.fs as pafs
+
+    out = []
+    for uri in inputs:
+        wildcards = GLOB_CHARS.replace("?", "") if "://" in uri else GLOB_CHARS
+        if not any(c in uri for c in wildcards):
+            out.append(uri)
+            continue
+        fs, pattern = _open(uri)
+        try:
+            if fs.get_file_info(pattern).type != pafs.FileType.NotFound:
+                out.append(uri)
+                continue
+            parts = PurePosixPath(pattern).parts
+            fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+            base = str(PurePosixPath(*parts[:fixed])) if fixed else ""
+            found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=fixed < len(parts) - 1))
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"cannot list --input {uri}: {e}") from None
+        matches = sorted(i.path for i in found if i.type == pafs.FileType.File
+                         and len(PurePosixPath(i.path).parts) == len(parts)
+                         and all(fnmatch.fnmatchcase(a, b) for a, b in zip(PurePosixPath(i.path).parts, parts)))
+        if not matches:
+            raise InputError(f"--input {uri} matches no file")
+        prefix = uri[: len(uri) - len(pattern)] if "://" in uri and uri.endswith(pattern) else ""
+        out += [prefix + m for m in matches] if "://" in uri else matches
+    return out
+
+
 def resolve_shards(inputs: list[str], fmt: str, output_dir: Path) -> list[Shard]:
-    """The input files (local paths or URIs that pyarrow reads: s3://, gs://, hdfs://...), checked
-    to exist, to be files and to map to distinct output names."""
+    """The input files (local paths or URIs that pyarrow reads: s3://, gs://, hdfs://...; wildcard
+    patterns expanded by ``expand_inputs``), checked to exist, to be files and to map to distinct
+    output names."""
     import pyarrow.fs as pafs
 
     shards, by_output = [], {}
-    for uri in inputs:
-        if "://" in uri:
-            try:
-                fs, path = pafs.FileSystem.from_uri(uri)
-            except Exception as e:  # pyarrow raises ArrowInvalid / OSError with its own words
-                raise InputError(f"cannot open --input {uri}: {e}") from None
-        else:
-            fs, path = pafs.LocalFileSystem(), os.path.abspath(uri)
+    for uri in expand_inputs(inputs):
+        fs, path = _open(uri)
         try:
             info = fs.get_file_info(path)
         except Exception as e:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -73,7 +74,8 @@ __all__ = ["build_engines", "derive_profiles", "load_profile_override", "apply_p
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress of a build: through logging, silent unless configured (``deltalm engines`` prints it)."""
+    logging.getLogger(__name__).info(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +464,7 @@ def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8
     sources = _graph_sources(artifact, graphs)
     previous_cache = _reusable_timing_cache(engines_dir, trt.__version__, gpu_name)
     metas = {}
-    with atomic_directory(engines_dir, force=True) as tmp:
+    with atomic_directory(engines_dir, force=True, artifact=False) as tmp:
         if previous_cache is not None:
             shutil.copyfile(previous_cache, tmp / TIMING_CACHE)
         for g in graphs:

@@ -8,6 +8,7 @@ For top-k outputs: the fraction of equal ids, and of rows whose top-1 id agrees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -205,6 +206,32 @@ def summarize(rows: list[dict], precision: str, tolerance: float | None, end_to_
     return not failures, failures
 
 
+TABLE_LEGEND = (
+    "  max_abs / max_rel: largest absolute / relative difference between ONNX Runtime and PyTorch. The verdict",
+    "  reads max_abs of the float outputs (log_probs, topk_scores, encoder_out, mlm_logits) against the tolerance;",
+    "  max_rel is for information (large where values are near 0), and so are the K/V rows (worst layer).",
+    "  ids/top1: the share of the in-graph top-k ids equal to PyTorch's / of rows whose best id agrees.",
+)
+
+
+def format_summary(rows: list[dict], report: Path | None, verbose: bool) -> str:
+    """One line: how much was compared and the largest differences; where the table is."""
+    checked = [r for r in rows if r.get("shape_ok", False)]
+    floats = [r for r in checked if r["output"] in FLOAT_OUTPUTS and "max_abs" in r]
+    ids = [r for r in checked if "agreement" in r]
+    parts = [f"{len(rows)} outputs compared over {len({(r['graph'], r['case']) for r in rows})} graph cases"]
+    if floats:
+        worst = max(floats, key=lambda r: r["max_abs"])
+        parts.append(f"largest difference {worst['max_abs']:.1e} ({worst['graph']} {worst['output']})")
+    if ids:
+        parts.append(f"top-k ids equal >= {min(r['agreement'] for r in ids):.0%}, best id agrees >= "
+                     f"{min(r['top1_agreement'] for r in ids):.0%}")
+    if not verbose:
+        parts.append(f"every output and case in {report} (--verbose prints the table)" if report is not None
+                     else "--verbose prints every output and case")
+    return "parity summary: " + "; ".join(parts)
+
+
 def format_table(rows: list[dict]) -> str:
     """One line per graph output and case; the K/V outputs of all layers are folded into one line
     (their worst error). parity.json keeps every output."""
@@ -220,7 +247,8 @@ def format_table(rows: list[dict]) -> str:
             folded[key] = prev | {"max_abs": max(prev["max_abs"], r["max_abs"]), "max_rel": max(prev["max_rel"], r["max_rel"])}
         elif key not in folded or not r.get("shape_ok", False):
             folded[key] = r | {"output": out}
-    lines = [f"{'graph':<22} {'output':<22} {'case':<48} {'max_abs':>10} {'max_rel':>10} {'ids/top1':>10}"]
+    lines = [f"{'graph':<22} {'output':<22} {'case':<48} {'max_abs':>10} {'max_rel':>10} {'ids/top1':>10}",
+             *TABLE_LEGEND]
     for r in folded.values():
         if not r.get("shape_ok", False):
             tail = "SHAPE MISMATCH"

@@ -9,15 +9,15 @@ an artifact's parity. Plain arguments in, typed results out; the ``deltalm`` com
 """
 from __future__ import annotations
 
+import logging
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from deltalm.artifact import Artifact, hash_files, open_artifact
-from deltalm.atomic import atomic_directory, write_json_atomic
+from deltalm.atomic import atomic_directory, check_artifact_destination, write_json_atomic
 from deltalm.manifest import ExportOptions, GraphEntry, Manifest, Source
 from deltalm.compare import Thresholds
 from deltalm.config import config_overrides
@@ -27,8 +27,13 @@ PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_TOPK = 10
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
+
+
+def _log_to(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``log`` if given, else this module's logger at INFO: a library is silent unless its caller
+    configures logging (the ``deltalm`` command prints these lines on stderr)."""
+    return log if log is not None else logger.info
 
 
 def inspect_checkpoint(checkpoint: str | Path, config: str | None = None, dictionary: str | Path | None = None) -> dict:
@@ -61,7 +66,8 @@ def export_checkpoint(
     optimize: bool = True,
     force: bool = False,
     allow_parity_failure: bool = False,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> Artifact:
     """Export ``checkpoint`` to the artifact directory ``out`` (ONNX graphs, tokenizer, manifest,
     parity report) and return it opened. The directory appears only complete and only when the
@@ -71,7 +77,10 @@ def export_checkpoint(
     precisions have a verdict of their own (``deltalm.compare.Thresholds``) and refuse it.
     ``allow_parity_failure`` writes the artifact even when the verdict fails (parity.json then says
     ``passed: false``): for benchmarks of random-weight models only. ``log`` receives one line per
-    stage, with its time."""
+    stage, with its time, and the parity verdict with a short summary (default: the logger
+    ``deltalm.export.pipeline`` at INFO, silent unless configured); ``verbose`` adds the parity
+    table (every output and case; parity.json always holds it)."""
+    log = _log_to(log)
     out = Path(out)
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -80,8 +89,7 @@ def export_checkpoint(
     if tolerance is not None and precision != "fp32":
         raise InputError(f"--tolerance applies to fp32 exports; {precision} has its own verdict "
                          "(top-1 agreement and identical sentences, see the README)")
-    if out.exists() and not force:  # before the slow load
-        raise InputError(f"{out} already exists (use --force to replace it)")
+    check_artifact_destination(out, force)  # before the slow load
     from .checkpoints import load_for_export
 
     t0 = time.perf_counter()
@@ -104,7 +112,7 @@ def export_checkpoint(
 
     from .checkpoints import build_model
     from .onnx_export import export_graphs, ort_fusions
-    from .parity import end_to_end, format_table, graph_parity, summarize
+    from .parity import end_to_end, format_summary, format_table, graph_parity, summarize
 
     model = build_model(loaded)
     versions = _versions()  # imports onnxruntime before any file is written
@@ -157,7 +165,8 @@ def export_checkpoint(
         write_json_atomic(tmp / "parity.json", report)
         manifest.files |= hash_files(tmp, ["parity.json"])  # the other files have not changed
         manifest.write(tmp)
-        log(format_table(rows))
+        if verbose:
+            log(format_table(rows))
         for r in e2e:
             log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences, "
                 f"max score diff {r['max_score_diff']:.1e}")
@@ -170,6 +179,7 @@ def export_checkpoint(
             log("parity check failed; the artifact is written anyway (--allow-parity-failure; parity.json says passed: false)")
         else:
             log(f"parity: passed ({_verdict_text(limits)}) in {time.perf_counter() - t2:.1f}s")
+        log(format_summary(rows, out / "parity.json", verbose))
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return open_artifact(out, verify=False)
 
@@ -189,13 +199,16 @@ def check_parity(
     artifact_dir: str | Path,
     checkpoint: str | Path | None = None,
     tolerance: float | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Re-run the parity checks of an artifact against its checkpoint (by default the one its
     manifest records). Returns the report (``passed``, ``failures``, ``graphs``, ``end_to_end``);
-    raises ``ExportError`` when the verdict fails."""
+    raises ``ExportError`` when the verdict fails. ``log`` / ``verbose``: as ``export_checkpoint``
+    (the verdict and a summary; the table with ``verbose``)."""
+    log = _log_to(log)
     from .checkpoints import build_model, load_checkpoint
-    from .parity import end_to_end, format_table, graph_parity, summarize
+    from .parity import end_to_end, format_summary, format_table, graph_parity, summarize
 
     artifact = open_artifact(artifact_dir)
     if tolerance is not None and artifact.precision != "fp32":
@@ -217,7 +230,8 @@ def check_parity(
     rows = graph_parity(model, artifact)
     e2e = end_to_end(model, artifact) if artifact.config.is_encoder_decoder else []
     ok, failures = summarize(rows, artifact.precision, tolerance, e2e)
-    log(format_table(rows))
+    if verbose:
+        log(format_table(rows))
     for r in e2e:
         log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences")
     if not ok:
@@ -225,6 +239,7 @@ def check_parity(
             log(f"  {line}")
         raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]})")
     log(f"parity: passed ({artifact.precision}: {_verdict_text(limits)})")
+    log(format_summary(rows, None, verbose))
     return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e}
 
 

@@ -132,6 +132,14 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.read(path)
 
 
+def require_directory_not_checkpoint(path: str | Path, command: str) -> None:
+    """A file given where ``deltalm COMMAND`` wants an artifact directory: one line saying to
+    export it first, with the command that does."""
+    if Path(path).is_file():
+        raise ArtifactError(f"{path} is a file (a checkpoint?), not an artifact directory: export it first with "
+                            f"`deltalm export {path} --spm SPM --dict DICT --out DIR`, then run `deltalm {command} DIR`")
+
+
 def verify_files(path: Path, manifest: Manifest, names: list[str]) -> None:
     """Presence and sha256 of ``names`` (those the manifest lists; others are not checked).
     A file this machine already verified and that has not changed since (``VerifiedFiles``) is

@@ -7,6 +7,8 @@ Errors derived from DeltaLMError print as one line (``deltalm: error: ...``) wit
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import re
 import sys
 
@@ -26,11 +28,41 @@ def _cmd_bench(args) -> int:
     return bench_command(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a suggestion for a misspelled choice or subcommand ("did you mean ...?")."""
+
+    def error(self, message: str):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if m and "did you mean" not in message and "maybe you meant" not in message:
+            close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        super().error(message)
+
+    def unrecognized(self, extras: list[str]):
+        """The error for arguments this (sub)command does not take, with this command's usage and
+        the closest option for each misspelled one."""
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        hints = {}
+        for arg in extras:
+            name = arg.split("=", 1)[0]
+            if name.startswith("-") and len(name) > 1:
+                close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+                if close:
+                    hints[name] = close[0]
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        if len(hints) == 1:
+            message += f"; did you mean {next(iter(hints.values()))}?"
+        elif hints:
+            message += "; did you mean " + ", ".join(f"{o} (for {a})" for a, o in hints.items()) + "?"
+        self.error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deltalm", description="DeltaLM export (ONNX / TensorRT) and inference.")
+    p = _Parser(prog="deltalm", description="DeltaLM export (ONNX / TensorRT) and inference.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"deltalm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     for name, help_, add_arguments, run in (
         ("inspect", "describe a checkpoint, an artifact directory or a preset", cmd_export.add_inspect_arguments,
@@ -42,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_)
         add_arguments(s)
-        s.set_defaults(func=run)
+        s.set_defaults(func=run, subparser=s)
 
     s = sub.add_parser("engines", help="build TensorRT engines for an artifact directory")
     s.add_argument("dir")
@@ -54,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-src-len", type=int, default=256)
     s.add_argument("--max-tgt-len", type=int, default=256)
     s.add_argument("--print-only", action="store_true", help="print the plan and trtexec commands, build nothing")
-    s.set_defaults(func=cmd_export.run_engines)
+    s.set_defaults(func=cmd_export.run_engines, subparser=s)
 
     for name, help_, add_arguments, run in (
         ("translate", "translate text (stdin or --input) with a backend", cmd_translate.add_arguments, cmd_translate.run),
@@ -69,19 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_)
         add_arguments(s)
-        s.set_defaults(func=run)
+        s.set_defaults(func=run, subparser=s)
 
     s = sub.add_parser("bench", help="benchmark every available backend on one model (or against CTranslate2)")
     from deltalm.bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(s)
-    s.set_defaults(func=_cmd_bench)
+    s.set_defaults(func=_cmd_bench, subparser=s)
     return p
+
+
+class _StderrLines(logging.Handler):
+    """The library's log lines (``deltalm.*`` at INFO: export stages, tidied work directories) as
+    plain lines on the stderr of the moment (tests swap ``sys.stderr``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the subcommand: its usage, and the option meant
+        args.subparser.unrecognized(extras)
+    library = logging.getLogger("deltalm")
+    handler, level, propagate = _StderrLines(logging.INFO), library.level, library.propagate
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    library.propagate = False  # a library that configures the root logger (ORT's quantizer) would print them twice
+    try:
+        return _run(args)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+        library.propagate = propagate
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except DeltaLMError as e:

@@ -45,3 +45,9 @@ class DecodeError(DeltaLMError):
     def __init__(self, keys: list, cause: BaseException, message: str | None = None):
         self.keys, self.cause = list(keys), cause
         super().__init__(message or f"decoding failed: {type(cause).__name__}: {cause}")
+
+
+def install_extra(extra: str) -> str:
+    """How to install an optional extra, for a message (the package is installed from its
+    checkout, not from a package index)."""
+    return f"pip install '.[{extra}]' in the deltalm-deploy checkout"

@@ -112,7 +112,11 @@ class PartialTranslation:
     text: str
 
     def to_dict(self) -> dict:
+        """The streamed event's record: ``{"id", "partial": true, "tokens", "text"}``."""
         return {"id": self.index, "partial": True, "tokens": list(self.tokens), "text": self.text}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
 
 def _json_float(x: float) -> float | None:

@@ -4,11 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import socket
 from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
+
+from deltalm.errors import InputError
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """``host:port`` can be listened on, tried by binding it the way uvicorn will (with
+    SO_REUSEADDR) and closing it at once; otherwise one ``InputError`` line saying what to change.
+    Meant to run before the model is loaded. Port 0 (any free port) always can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise InputError(_bind_failure(host, port, e)) from None
+
+
+def _bind_failure(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another server is listening there): pick another with "
+                f"--port N (e.g. --port {port + 1}), or --port 0 for any free port")
+    if e.errno == errno.EACCES:
+        return f"--port {port}: permission denied (ports below 1024 need privileges): pick one above 1023"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this machine"
+    return f"cannot listen on {host}:{port}: {e.strerror or e}"
 
 
 class _Server(uvicorn.Server):
@@ -67,4 +99,11 @@ def serve_app(app: FastAPI, host: str, port: int, on_ready: Callable[[str], None
             raise warm.exception()
         await serving
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SystemExit:
+        # uvicorn exits when it cannot bind (the port was taken after check_listen_address)
+        if server.started:
+            raise
+        raise InputError(f"cannot listen on {host}:{port} (in use or not allowed): pick another with --port N, "
+                         "or --port 0 for any free port") from None

@@ -122,3 +122,67 @@ def test_a_bad_config_file_is_one_line(tiny, tmp_path, content, fragment):
     for argv in (["inspect", "--config", path], ["export", tiny.checkpoint, "--spm", tiny.spm, "--dict", tiny.dict,
                                                   "--out", tmp_path / "out", "--config", path]):
         assert_one_line_error(run_cli(argv), str(path), fragment)
+
+
+def test_a_misspelled_option_gets_the_subcommands_usage_and_the_option_meant(tiny):
+    done = subprocess.run([str(DELTALM), "translate", str(tiny.artifact), "--beams", "5"], capture_output=True,
+                          text=True, env=ENV, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("usage: deltalm translate ")
+    assert lines[-1] == "deltalm translate: error: unrecognized arguments: --beams 5; did you mean --beam?"
+
+
+def test_a_misspelled_subcommand_gets_the_one_meant():
+    done = subprocess.run([str(DELTALM), "translat", "dir"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith("; did you mean 'translate'?")
+
+
+def test_an_artifact_given_to_export_as_the_checkpoint_says_what_it_is(tiny, tmp_path):
+    res = run_cli(["export", tiny.artifact, "--out", tmp_path / "again"])
+    assert_one_line_error(res, f"{tiny.artifact} is an artifact directory (exported already), not a checkpoint",
+                          f"`deltalm translate {tiny.artifact}`", f"give the checkpoint it was exported from "
+                          f"({tiny.checkpoint.resolve()})")
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("serve", []),
+    ("shortlist", ["--source", "in.txt", "--out", "sl.npz"]),
+    ("translate-corpus", ["--input", "in.txt", "--output", "out"]),
+])
+def test_a_checkpoint_given_where_an_artifact_belongs_says_to_export_it_first(tiny, tmp_path, command, extra):
+    res = run_cli([command, tiny.checkpoint, *[tmp_path / a if "." in a or a == "out" else a for a in extra]])
+    assert_one_line_error(res, f"{tiny.checkpoint} is a file (a checkpoint?), not an artifact directory",
+                          f"`deltalm export {tiny.checkpoint} --spm SPM --dict DICT --out DIR`",
+                          f"`deltalm {command} DIR`")
+
+
+def test_the_demo_explains_its_rows_and_ends_with_the_artifact_and_commands_that_work(tiny, tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    work = tmp_path / "demo"
+    work.mkdir()
+    for f in (tiny.checkpoint, tiny.spm, tiny.dict):  # the demo builds no model when one is there
+        shutil.copy(f, work / Path(f).name)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "demo.py"), "--workdir", str(work)], cwd=tmp_path,
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert "to copy its input, so a good answer is the source itself;" in done.stdout
+    assert "a row marked * differs from it: a mistake of this barely trained model" in done.stdout
+    header = next(i for i, line in enumerate(out) if line.split() == ["source", "|", "ort", "(beam", "5)"])
+    rows = out[header + 1: header + 7]
+    assert len(rows) == 6 and all(line[0] == ("*" if line[2:].split(" | ")[0].rstrip() != line.split(" | ")[1]
+                                              else " ") for line in rows), rows
+    assert out[-4] == f"Your artifact is in {work / 'artifact'}; try:"
+    commands = [line.strip().split("     # ")[0] for line in out[-3:]]
+    assert commands[0].startswith("echo ") and " translate " in commands[0] and " inspect " in commands[1]
+    assert " serve " in commands[2]
+    for command in commands[:2]:  # the serve one would not end; test_serve covers it
+        ran = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, env=ENV,
+                             timeout=300)
+        assert ran.returncode == 0 and ran.stdout.strip(), (command, ran.stderr)

@@ -98,7 +98,7 @@ def test_every_file_is_what_deltalm_translate_writes(ray_runtime, tiny, corpus, 
         out = (tmp_path / "out" / name).with_suffix(suffix).read_bytes()
         assert out == reference(tiny, corpus / name, fmt), name
     assert (tmp_path / "out" / "d.txt").with_suffix(suffix).read_bytes().count(b"\n") == 23
-    assert "4 shard(s) written" in res.err
+    assert "4 files written" in res.err
 
 
 def _translate(tiny, corpus: Path, out: Path, **kw):
@@ -149,7 +149,7 @@ def test_a_rerun_redoes_shards_whose_output_was_changed_or_removed(ray_runtime, 
     # other search options: nothing is complete any more
     res = run_cli(corpus_args(tiny, corpus, out, "--lenpen", "0.5"))
     assert res.rc == 0, res.err
-    assert "4 shard(s) written, 0 already complete" in res.err
+    assert "4 files written, 0 already complete" in res.err
 
 
 def test_an_actor_killed_mid_run_loses_and_duplicates_no_line(ray_runtime, tiny, tmp_path):
@@ -191,7 +191,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_no_line(ray_runtime, tiny,
 def test_without_ray_the_command_names_the_extra_in_one_line(tiny, corpus, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: import ray raises ImportError
     res = run_cli(["translate-corpus", tiny.artifact, "--input", corpus / "a.txt", "--output", tmp_path / "out"])
-    assert_one_line_error(res, "pip install 'deltalm-deploy[ray]'")
+    assert_one_line_error(res, "pip install '.[ray]' in the deltalm-deploy checkout")
 
 
 def test_the_cli_and_the_runtime_do_not_import_ray():
@@ -234,7 +234,7 @@ def test_with_a_shortlist_every_file_is_what_translate_writes_with_it_and_reruns
     out = tmp_path / "out"
     res = run_cli(corpus_args(tiny, corpus, out, "--shortlist", a))
     assert res.rc == 0, res.err
-    assert "4 shard(s) written, 0 already complete" in res.err
+    assert "4 files written, 0 already complete" in res.err
     for name in FILES:
         assert (out / name).read_bytes() == reference(tiny, corpus / name, "text", "--shortlist", a), name
     # the shortlist changed some line (else this test could not tell it was used)
@@ -245,12 +245,12 @@ def test_with_a_shortlist_every_file_is_what_translate_writes_with_it_and_reruns
     copy.write_bytes(a.read_bytes())
     res = run_cli(corpus_args(tiny, corpus, out, "--shortlist", copy))
     assert res.rc == 0, res.err
-    assert "0 shard(s) written, 4 already complete" in res.err
+    assert "0 files written, 4 already complete" in res.err
     # another shortlist, then none: every shard redone, each time as translate writes it
     for extra in (["--shortlist", b], []):
         res = run_cli(corpus_args(tiny, corpus, out, *extra))
         assert res.rc == 0, res.err
-        assert "4 shard(s) written, 0 already complete" in res.err, extra
+        assert "4 files written, 0 already complete" in res.err, extra
         for name in FILES:
             assert (out / name).read_bytes() == reference(tiny, corpus / name, "text", *extra), (name, extra)
 

@@ -26,8 +26,20 @@ def export(tiny_ckpt, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_ckpt, tmp_path_factory):
-    return export(tiny_ckpt, tmp_path_factory.mktemp("art") / "fp32")
+def exported(tiny_ckpt, tmp_path_factory) -> tuple[Path, str]:
+    """An fp32 export of the tiny checkpoint, and what the command printed on stderr."""
+    from cli_support import run_cli
+
+    ckpt, spm, dct, _ = tiny_ckpt
+    out = tmp_path_factory.mktemp("art") / "fp32"
+    res = run_cli(["export", ckpt, "--spm", spm, "--dict", dct, "--out", out])
+    assert res.rc == 0, res.err
+    return out, res.err
+
+
+@pytest.fixture(scope="module")
+def artifact(exported):
+    return exported[0]
 
 
 def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
@@ -193,3 +205,60 @@ def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(right))[0].numpy()
     np.testing.assert_allclose(r[0], want[0], atol=1e-5)
+
+
+def test_export_prints_its_stages_the_verdict_and_a_summary_not_the_table(exported):
+    out, err = exported
+    lines = err.splitlines()
+    starts = ["loaded fairseq-deltalm checkpoint", "exported encoder", "end to end, beam 1", "end to end, beam 5",
+              "parity: passed", "parity summary: 90 outputs compared over 14 graph cases; largest difference",
+              f"wrote {out}"]
+    assert len(lines) == len(starts) and all(line.startswith(s) for line, s in zip(lines, starts)), lines
+    assert lines[-2].endswith(f"; every output and case in {out / 'parity.json'} (--verbose prints the table)")
+    assert "max_rel" not in err
+
+
+def test_parity_verbose_prints_the_table_and_what_its_columns_mean(artifact):
+    from cli_support import run_cli
+
+    quiet = run_cli(["parity", artifact])
+    assert quiet.rc == 0, quiet.err
+    assert "max_rel" not in quiet.out.decode() and "parity: passed" in quiet.out.decode()
+    res = run_cli(["parity", artifact, "--verbose"])
+    assert res.rc == 0, res.err
+    text = res.out.decode()
+    assert text.splitlines()[0].split() == ["graph", "output", "case", "max_abs", "max_rel", "ids/top1"]
+    assert "ids/top1: the share of the in-graph top-k ids equal to PyTorch's" in text
+    assert "max_rel is for information" in text
+
+
+def test_the_library_export_is_silent_unless_logging_is_configured(tiny_ckpt, tmp_path):
+    ckpt, spm, dct, _ = tiny_ckpt
+    code = f"""
+import logging, sys
+from deltalm.export import check_parity, export_checkpoint
+export_checkpoint({str(ckpt)!r}, {str(tmp_path / 'a')!r}, spm={str(spm)!r}, dictionary={str(dct)!r}, optimize=False)
+print("exported", file=sys.stderr, flush=True)
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+check_parity({str(tmp_path / 'a')!r})
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    before, after = done.stderr.split("exported\n")
+    assert before == ""  # nothing at all while the library exported
+    assert "deltalm.export.pipeline: parity: passed" in after  # and everything through logging once asked
+
+
+def test_an_int8_export_prints_each_line_once(tiny_ckpt, tmp_path):
+    """ONNX Runtime's quantizer configures the root logger; the command's lines must not go there too."""
+    from cli_support import DELTALM, ENV
+
+    ckpt, spm, dct, _ = tiny_ckpt
+    done = subprocess.run([str(DELTALM), "export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out",
+                           str(tmp_path / "q"), "--precision", "int8", "--no-optimize", "--allow-parity-failure"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("loaded ") and lines[-1].startswith(f"wrote {tmp_path / 'q'}")
+    assert len(lines) == len(set(lines)) and not any(line.startswith("INFO:") for line in lines), done.stderr

@@ -95,6 +95,9 @@ def test_installed_bench_quick_runs_outside_the_checkout(installed, tmp_path):
     res = run(installed, "bench", "--quick", "--out", tmp_path / "bench", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "bench" / "bench.json").is_file()
+    # the console gets the rates and verdicts; bench.md every figure
+    assert len(res.stdout.splitlines()) < 25 and "## Every figure" in (tmp_path / "bench" / "bench.md").read_text()
+    assert "Targets" not in res.stdout and "the floor" not in res.stdout
 
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path):
@@ -108,4 +111,4 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
                          env={**os.environ})
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["deltalm: error: `deltalm export` needs torch: pip install "
-                                               "'deltalm-deploy[export]'"]
+                                               "'.[export]' in the deltalm-deploy checkout"]

@@ -430,8 +430,10 @@ def test_invalid_utf8_names_the_line_and_writes_nothing(tiny, tmp_path):
     src.write_bytes(b"Der Hund.\nThe cat.\n\xc3\x28 broken\nlast\n")
     out = tmp_path / "out.txt"
     res = run_cli(["translate", tiny.artifact, *FAST, "--input", src, "--output", out])
-    assert_one_line_error(res, "input line 3 is not valid UTF-8 (byte 0xc3 at byte 1); pass --errors replace")
+    assert_one_line_error(res, f"{src} line 3 is not valid UTF-8 (byte 0xc3 at byte 1); pass --errors replace")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+    res = run_cli(["translate", tiny.artifact, *FAST], src.read_bytes())  # stdin: its lines
+    assert_one_line_error(res, "input line 3 is not valid UTF-8 (byte 0xc3 at byte 1); pass --errors replace")
 
 
 def test_errors_replace_translates_invalid_utf8(tiny):
@@ -553,7 +555,7 @@ def test_unknown_language_tag(tiny):
 
 
 def lines_named(message: str) -> set[int]:
-    head = message.split(":")[0]
+    head = message.split(":")[0].rsplit(" lines ", 1)[-1]
     named = set()
     for a, b in re.findall(r"(\d+)(?:-(\d+))?", head):
         named.update(range(int(a), int(b or a) + 1))
@@ -579,7 +581,7 @@ def test_a_failing_batch_names_its_input_lines_and_writes_nothing(tiny, tok, tmp
     src.write_text("\n".join(lines) + "\n")
     out.write_text("previous\n")
     res = run_cli(["translate", tiny.artifact, *FAST, "--batch-size", "2", "--input", src, "--output", out])
-    message = assert_one_line_error(res, "translation failed for input lines ",
+    message = assert_one_line_error(res, f"translation failed for {src} lines ",
                                     "RuntimeError: CUDA error: an illegal memory access")
     texts = [i for i in range(6) if lines[i]]
     by_length = sorted(texts, key=lambda i: (-len(tok.encode(lines[i])), i))  # batches: longest first

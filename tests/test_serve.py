@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -263,26 +264,59 @@ def test_a_server_with_a_shortlist_answers_as_translate_with_it_and_health_names
     assert "Traceback" not in "".join(s.stderr)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_bad_shortlist_fails_in_one_line_before_the_port_is_bound(tiny, tmp_path):
     from deltalm import build_shortlist
 
     (tmp_path / "text.npz").write_text("not a shortlist\n")
     build_shortlist([([5], [6])], 7).save(tmp_path / "small.npz")
-    # the port is taken: a server that bound it before reading the shortlist would fail on that
+    for name, fragment in (("text.npz", "not a shortlist file"), ("small.npz", "vocabulary of 7")):
+        done = subprocess.run([str(DELTALM), "serve", str(tiny.artifact), "--port", str(free_port()),
+                               "--threads", "1", "--shortlist", str(tmp_path / name)],
+                              capture_output=True, text=True, env=ENV, timeout=WAIT_S)
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""  # no ready line: the service never listened
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("deltalm: error: ") and fragment in lines[0], done.stderr
+
+
+def test_a_busy_port_is_one_line_naming_it_and_how_to_pick_another(tiny):
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
+    port = held.getsockname()[1]
     try:
-        for name, fragment in (("text.npz", "not a shortlist file"), ("small.npz", "vocabulary of 7")):
-            done = subprocess.run([str(DELTALM), "serve", str(tiny.artifact), "--port", str(held.getsockname()[1]),
-                                   "--threads", "1", "--shortlist", str(tmp_path / name)],
+        # the artifact does not exist: the port is checked first, before anything is loaded
+        for model in (tiny.artifact, tiny.artifact.parent / "no-such-artifact"):
+            done = subprocess.run([str(DELTALM), "serve", str(model), "--port", str(port), "--threads", "1"],
                                   capture_output=True, text=True, env=ENV, timeout=WAIT_S)
             assert done.returncode == 2, done.stderr
-            assert done.stdout == ""  # no ready line
+            assert done.stdout == ""
             lines = done.stderr.splitlines()
-            assert len(lines) == 1 and lines[0].startswith("deltalm: error: ") and fragment in lines[0], done.stderr
+            assert len(lines) == 1, done.stderr
+            assert lines[0] == (f"deltalm: error: port {port} on 127.0.0.1 is already in use (another server is "
+                                f"listening there): pick another with --port N (e.g. --port {port + 1}), or --port 0 "
+                                "for any free port")
     finally:
         held.close()
+
+
+def test_a_truncated_sentence_is_logged_without_a_line_number(tiny):
+    s = Server(tiny.artifact, "--max-wait-ms", "0")
+    try:
+        status, _, body = translate(s.port, ["kurz", " ".join(["Katze"] * 600)], truncate=True, max_len_b=2)
+        assert status == 200 and len(body["results"]) == 2, body
+    finally:
+        assert s.stop() == 0
+    warnings = [line for line in s.stderr if "warning" in line]
+    assert len(warnings) == 1, s.stderr
+    assert re.fullmatch(r"deltalm serve: warning: a sentence of a request: \d+ source tokens, truncated to the "
+                        r"model's 512\n", warnings[0]), warnings
 
 
 # --- errors ------------------------------------------------------------------------------------

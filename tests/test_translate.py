@@ -288,8 +288,9 @@ def test_input_is_read_chunk_by_chunk(backend, tok):
 
 
 def lines_named(message: str) -> set[int]:
-    """The input line numbers an error message names before its first colon ("3-5, 9" too)."""
-    head = message.split(":")[0]
+    """The input line numbers an error message names before its first colon ("3-5, 9" too; after
+    "FILE lines" when it names the --input file)."""
+    head = re.split(r"\blines? ", message.split(":")[0])[-1]
     named = set()
     for a, b in re.findall(r"(\d+)(?:-(\d+))?", head):
         named.update(range(int(a), int(b or a) + 1))
@@ -357,7 +358,8 @@ def test_failed_run_leaves_no_output_file_and_names_the_lines(artifact, fake_loa
     fake_load.backend.fail_on_batch = 1
     with pytest.raises(DeltaLMError) as err:
         run_translate(parse([str(artifact), "--input", str(src), "--output", str(out), "--batch-size", "2"]))
-    assert lines_named(str(err.value)) == {i + 1 for i in by_length[:2]}  # the first two decoded
+    assert f"{src} lines " in str(err.value)  # the lines of the --input file
+    assert lines_named(str(err.value).split(f"{src} ")[1]) == {i + 1 for i in by_length[:2]}  # the first two decoded
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # no temporary file left
 
@@ -367,7 +369,7 @@ def test_failed_run_keeps_an_existing_output_file(artifact, fake_load, tmp_path)
     src.write_bytes(b"ok\n\xff\n")
     out = tmp_path / "out.txt"
     out.write_text("previous\n")
-    with pytest.raises(InputError, match="input line 2"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(src))} line 2 is not valid UTF-8"):
         run_translate(parse([str(artifact), "--input", str(src), "--output", str(out)]))
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
@@ -504,3 +506,16 @@ def test_importing_translate_does_not_import_torch():
     code = "import sys, deltalm, deltalm.commands.translate; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_a_translation_gives_its_record_as_a_dict_and_as_the_json_line_translate_writes():
+    import json
+
+    from deltalm.translator import Hypothesis, Translation, format_translation
+
+    t = Translation(3, [Hypothesis("Hallo", [17, 2], -0.5, [-0.25, float("-inf")])])
+    record = {"id": 3, "nbest": [{"tokens": [17, 2], "score": -0.5, "positional_scores": [-0.25, None],
+                                  "text": "Hallo"}]}
+    assert t.to_dict() == record
+    assert isinstance(t.to_json(), str) and json.loads(t.to_json()) == record
+    assert t.to_json() == format_translation(t, "jsonl")

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from ..artifact import require_directory_not_checkpoint
+from ..atomic import check_output_directory
 from ..backends import BACKENDS
 from ..errors import InputError
 from ..translator import DEFAULT_BATCH_SIZE
@@ -54,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..cluster import ClusterOptions, translate_corpus
 
+    require_directory_not_checkpoint(args.source, "translate-corpus")
+    check_output_directory(args.output, "--output")  # before Ray starts or a model is loaded
     opts = translate_options(args)
     batch_size = args.batch_size
     if batch_size is None and args.max_tokens is None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import InputError
-
-EXPORT_EXTRA = "deltalm-deploy[export]"
+from ..errors import InputError, install_extra
 
 
 def require_export_extra(command: str) -> None:
@@ -19,7 +17,7 @@ def require_export_extra(command: str) -> None:
 
     missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
-        raise InputError(f"`deltalm {command}` needs {' and '.join(missing)}: pip install '{EXPORT_EXTRA}'")
+        raise InputError(f"`deltalm {command}` needs {' and '.join(missing)}: {install_extra('export')}")
 
 
 def _config_argument(parser) -> None:
@@ -48,6 +46,8 @@ def add_export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--as-deltalm", action="store_true", help="seed a DeltaLM from an XLM-R checkpoint")
     s.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
     s.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    s.add_argument("--verbose", action="store_true",
+                   help="print the parity table (every graph output and case; parity.json always holds it)")
     s.add_argument("--allow-parity-failure", action="store_true",
                    help="write the artifact even if its parity verdict fails (parity.json records it); for benchmarks "
                         "of random-weight models, whose near-flat distributions no reduced precision reproduces")
@@ -57,6 +57,7 @@ def add_parity_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir")
     s.add_argument("--checkpoint", help="checkpoint to compare with (default: the one recorded in the manifest)")
     s.add_argument("--tolerance", type=float, default=None, help="fp32 only: limit on log-probs (max abs)")
+    s.add_argument("--verbose", action="store_true", help="print the parity table (every graph output and case)")
 
 
 def run_inspect(args) -> int:
@@ -104,7 +105,26 @@ def _check_config_file(config: str | None) -> None:
         resolve_config(config)  # a missing / malformed file or an unknown preset: one line, now
 
 
+def _refuse_an_artifact_as_checkpoint(path: str) -> None:
+    """``deltalm export DIR`` where DIR is already an artifact: say so, and what to do instead."""
+    from pathlib import Path
+
+    from ..artifact import MANIFEST, read_manifest
+    from ..errors import DeltaLMError
+
+    if not (Path(path).is_dir() and (Path(path) / MANIFEST).is_file()):
+        return
+    try:
+        source = read_manifest(path).source.checkpoint
+    except DeltaLMError:
+        source = None
+    raise InputError(f"{path} is an artifact directory (exported already), not a checkpoint: use it as it is "
+                     f"(`deltalm translate {path}`); to export again, give the checkpoint it was exported from"
+                     + (f" ({source})" if source else ""))
+
+
 def run_export(args) -> int:
+    _refuse_an_artifact_as_checkpoint(args.checkpoint)
     require_export_extra("export")
     _check_config_file(args.config)
     from ..export import export_checkpoint
@@ -112,7 +132,7 @@ def run_export(args) -> int:
     export_checkpoint(args.checkpoint, args.out, spm=args.spm, dictionary=args.dict, precision=args.precision,
                       config=args.config, topk=args.topk, tolerance=args.tolerance, as_deltalm=args.as_deltalm,
                       optimize=not args.no_optimize, force=args.force,
-                      allow_parity_failure=args.allow_parity_failure)
+                      allow_parity_failure=args.allow_parity_failure, verbose=args.verbose)
     return 0
 
 
@@ -120,7 +140,7 @@ def run_parity(args) -> int:
     require_export_extra("parity")
     from ..export import check_parity
 
-    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print)
+    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print, verbose=args.verbose)
     return 0
 
 

@@ -3,10 +3,13 @@ Argument parsing only: the service is ``deltalm.serve``."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from ..backends import BACKENDS
-from ..errors import InputError
+from ..artifact import require_directory_not_checkpoint
+from ..atomic import check_output_directory
+from ..errors import InputError, install_extra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    require_directory_not_checkpoint(args.dir, "serve")
     for flag in ("threads", "max_batch_sentences", "max_batch_tokens", "max_queue_sentences", "max_body_bytes",
                  "max_sentences", "max_sentence_tokens"):
         value = getattr(args, flag)
@@ -57,14 +61,17 @@ def run(args) -> int:
     try:
         from deltalm.serve.app import RequestLimits, create_app
         from deltalm.serve.batcher import BatchLimits
-        from deltalm.serve.server import serve_app
+        from deltalm.serve.server import check_listen_address, serve_app
     except ImportError as e:
-        raise InputError(f"deltalm serve needs the serve extra (pip install 'deltalm-deploy[serve]'): {e}") from None
+        raise InputError(f"deltalm serve needs the serve extra ({install_extra('serve')}): {e}") from None
     from ..translator import Translator
+
+    check_listen_address(args.host, args.port)  # a busy port is one line, before the model loads
 
     # a bad model or shortlist fails here, before the port is bound
     translator = Translator(args.dir, backend=args.backend, device=args.device, threads=args.threads,
-                            src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist)
+                            src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist,
+                            warn=serve_warning)
     max_src = translator.config.max_positions
     sentence_tokens = min(args.max_sentence_tokens or max_src, max_src)
     if args.max_batch_tokens < sentence_tokens:
@@ -86,6 +93,14 @@ def run(args) -> int:
         translator.close()
     print("deltalm serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def serve_warning(message: str) -> None:
+    """The translator's warnings number the sentences of the batch it decodes ("input line 1: ...
+    truncated"), which mean nothing to a client: a batch mixes requests, and the API counts a
+    request's sentences from 0. Said without the number."""
+    message = re.sub(r"^input lines? [\d, -]+: ", "a sentence of a request: ", message)
+    print(f"deltalm serve: warning: {message}", file=sys.stderr, flush=True)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +132,7 @@ def run_bench(args) -> int:
     if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1:
         raise InputError("--clients, --duration-s, --length and --beam must be positive")
     out = Path(args.out)
+    check_output_directory(out, "--out")  # before any model is built or loaded
     if args.model in ("tiny", "base"):
         from deltalm.serve.bench import prepare_artifact
 

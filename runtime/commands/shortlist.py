@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from ..artifact import require_directory_not_checkpoint
+from ..atomic import check_output_file
 from ..errors import InputError
 from ..shortlist import FREQUENT, PER_SOURCE, shortlist_from_corpus
 from ..translator import Translator
@@ -41,6 +43,8 @@ def _lines(path: str) -> list[str]:
 
 
 def run(args) -> int:
+    require_directory_not_checkpoint(args.source_model, "shortlist")
+    check_output_file(args.out, "--out")
     for flag, value in (("--frequent", args.frequent), ("--per-source", args.per_source)):
         if value < 0:
             raise InputError(f"{flag} must be >= 0, got {value}")

@@ -14,14 +14,15 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, check_output_file
 from ..backends import BACKENDS
-from ..errors import InputError
+from ..errors import DeltaLMError, InputError
 from ..translator import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LINES, TranslateOptions, Translator, format_translation
 
 
@@ -158,22 +159,30 @@ def _check_paths(inp: str | None, out: str | None) -> None:
     if inp is not None and not Path(inp).is_file():
         raise InputError(f"input file {inp} does not exist" if not Path(inp).exists() else f"--input {inp} is not a file")
     if out is not None:
-        path = Path(out)
-        if path.is_dir():
-            raise InputError(f"--output {out} is a directory")
-        if not path.absolute().parent.is_dir():
-            raise InputError(f"directory of --output {out} does not exist")
+        check_output_file(out, "--output")
+
+
+def in_file(message: str, name: str | None) -> str:
+    """The translator numbers the lines of its input ("input line 3", "input lines 2, 5"); with
+    ``--input FILE`` they are the lines of FILE, so the message names it."""
+    return message if name is None else re.sub(r"\binput (lines?) (?=\d)", lambda m: f"{name} {m[1]} ", message)
+
+
+def _warning(message: str, name: str | None) -> None:
+    print(f"deltalm: warning: {in_file(message, name)}", file=sys.stderr, flush=True)
 
 
 def open_translator(args) -> Translator:
     """The Translator the model options name (the tokenizer, and so a wrong prefix symbol, is
     checked before the slow backend load)."""
+    name = _stdio_path(getattr(args, "input", None))
+    warn = lambda message: _warning(message, name)  # noqa: E731
     if args.checkpoint:
         return Translator(args.checkpoint, backend="torch", threads=args.threads, spm=args.spm,
                           dictionary=args.dict, config=args.config, src_prefix=args.src_prefix,
-                          tgt_prefix=args.tgt_prefix)
+                          tgt_prefix=args.tgt_prefix, warn=warn)
     return Translator(args.source, backend=args.backend, device=args.device, threads=args.threads,
-                      src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist)
+                      src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist, warn=warn)
 
 
 def _stdio_path(p: str | None) -> str | None:
@@ -288,10 +297,16 @@ def run(args) -> int:
                     progress.update(source.tell(), counts["lines"], counts["tokens"])
                 counts["lines"] = counts["tokens"] = 0
 
-        for t in translator.translate_chunks(feed(), errors=args.errors, **batching, **_option_kwargs(opts)):
-            out.write((format_translation(t, args.format) + "\n").encode("utf-8"))
-            counts["lines"] += 1
-            counts["tokens"] += len(t.hypotheses[0].tokens) if t.hypotheses else 0
+        try:
+            for t in translator.translate_chunks(feed(), errors=args.errors, **batching, **_option_kwargs(opts)):
+                out.write((format_translation(t, args.format) + "\n").encode("utf-8"))
+                counts["lines"] += 1
+                counts["tokens"] += len(t.hypotheses[0].tokens) if t.hypotheses else 0
+        except DeltaLMError as e:
+            named = in_file(str(e), inp)
+            if named == str(e):
+                raise
+            raise InputError(named) from None
     return 0
 
 
