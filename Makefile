@@ -13,6 +13,8 @@ OUT       ?= artifacts/model
 DIR       ?= $(if $(wildcard $(OUT)/manifest.json),$(OUT),demo/artifact)
 PRECISION ?= fp32
 INPUT     ?=
+SOURCE    ?=
+TARGET    ?=
 BACKEND   ?= ort
 BEAM      ?= 5
 MODEL     ?= tiny
@@ -21,7 +23,7 @@ QUICK     ?=
 PORT      ?= 8000
 HOST      ?= 127.0.0.1
 
-.PHONY: venv demo test test-fairseq export parity translate engines bench soak gpu-check clean serve bench-serve
+.PHONY: venv demo test test-fairseq export parity translate score engines bench soak gpu-check clean serve bench-serve
 
 venv: $(STAMP)
 
@@ -56,6 +58,11 @@ export: $(STAMP)
 
 parity: $(STAMP)
 	$(VENV)/bin/deltalm parity $(DIR)
+
+# SOURCE / TARGET: one sentence a line, the same order
+score: $(STAMP)
+	@test -n "$(SOURCE)" -a -n "$(TARGET)" || (echo "usage: make score [DIR=artifact_dir] SOURCE=src.txt TARGET=tgt.txt"; exit 2)
+	$(VENV)/bin/deltalm score $(DIR) --source $(SOURCE) --target $(TARGET) --format jsonl
 
 translate: $(STAMP)
 	$(VENV)/bin/deltalm translate $(DIR) --backend $(BACKEND) --beam $(BEAM) $(if $(INPUT),--input $(INPUT))

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
 import time
 
 import numpy as np
 
 from ..artifact import sha256_file
-from ..errors import DeltaLMError, InputError
+from ..errors import InputError
 from ..translator import Translator, format_translation
-from .shards import BOM
 
 
 class TranslateActor:
@@ -68,23 +66,11 @@ class TranslateActor:
         }
 
     def _translate(self, lines: list[bytes], shard: int, start: int) -> list:
-        # Translator strips a byte order mark from the first sentence of a call (the start of a
-        # file for ``deltalm translate``); here a chunk may start anywhere in a file, where a mark
-        # is text: an empty first sentence (no decoding) keeps it. The file's own mark is removed
-        # when it is read (shards.split_lines).
-        pad = [b""] if lines and lines[0].startswith(BOM) else []
-        try:
-            return list(self.translator.translate_chunks(
-                [pad + lines], errors=self.errors, **self.batching, **self.options))[len(pad):]
-        except DeltaLMError as e:
-            # the translator numbers lines within the call; the user knows files and their lines
-            def where(m: re.Match) -> str:
-                return f"{self.shard_names.get(shard, '?')} line {start + int(m[1]) - len(pad)}"
-
-            message = re.sub(r"input line (\d+)", where, str(e))
-            if message == str(e):
-                message = f"{self.shard_names.get(shard, '?')} (lines {start + 1}-{start + len(lines)}): {e}"
-            raise InputError(message) from None
+        # The translator is told where the chunk lies (the file's name, its first line), so its
+        # messages name the file and line, and a byte order mark is stripped only at the start of
+        # the file (``start`` 0; the file's own mark is removed when it is read: shards.split_lines).
+        return list(self.translator.translate_chunks([lines], errors=self.errors, source=self.shard_names.get(shard, "?"),
+                                                     start=start, **self.batching, **self.options))
 
 
 def _check_shortlist_file(path: str, sha256: str) -> None:

@@ -16,6 +16,7 @@ from . import __version__
 from .commands import corpus as cmd_corpus
 from .commands import export as cmd_export
 from .commands import serve as cmd_serve
+from .commands import score as cmd_score
 from .commands import shortlist as cmd_shortlist
 from .commands import translate as cmd_translate
 from .errors import DeltaLMError
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_, add_arguments, run in (
         ("translate", "translate text (stdin or --input) with a backend", cmd_translate.add_arguments, cmd_translate.run),
+        ("score", "score given translations: the log-probability of each target token (fairseq --score-reference)",
+         cmd_score.add_arguments, cmd_score.run),
         ("shortlist", "build a vocabulary shortlist for an artifact from a corpus (for translate --shortlist)",
          cmd_shortlist.add_arguments, cmd_shortlist.run),
         ("translate-corpus", "translate text files on a Ray cluster (the ray extra)", cmd_corpus.add_arguments,

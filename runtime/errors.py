@@ -30,12 +30,13 @@ class SentenceError(InputError):
     """One input sentence the model cannot take. ``index`` is its 0-based position in the input
     (the command line shows line ``index + 1``; the HTTP API ``sentence index``), ``reason`` says
     what is wrong with it, without the position: a predicate ("is not valid UTF-8 ...", "has 600
-    source tokens ...") or, for an error of another layer, its message."""
+    source tokens ...") or, for an error of another layer, its message. ``source`` names the input
+    (a file) in the message; "input" when None."""
 
-    def __init__(self, index: int, reason: str):
-        self.index, self.reason = index, reason
+    def __init__(self, index: int, reason: str, source: str | None = None):
+        self.index, self.reason, self.source = index, reason, source
         joint = " " if reason.startswith(("is ", "has ")) else ": "
-        super().__init__(f"input line {index + 1}{joint}{reason}")
+        super().__init__(f"{source or 'input'} line {index + 1}{joint}{reason}")
 
 
 class DecodeError(DeltaLMError):

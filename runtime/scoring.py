@@ -9,6 +9,7 @@ tokens (``score_ids``), never a [tokens, vocabulary] tensor.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,9 +37,14 @@ class Score:
     positional_scores: list[float]
 
     def to_dict(self) -> dict:
-        """The record of ``deltalm score --format jsonl`` (also the HTTP API's)."""
+        """The record of ``deltalm score --format jsonl`` (also the HTTP API's): -inf scores
+        become None (null)."""
         return {"id": self.index, "tokens": list(self.tokens), "score": _json_float(self.score),
                 "positional_scores": [_json_float(s) for s in self.positional_scores]}
+
+    def to_json(self) -> str:
+        """``to_dict()`` as one line of JSON."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
 
 def _json_float(x: float) -> float | None:

@@ -451,6 +451,11 @@ class _Lane:
         live, g, vocab = self.live[s], self.group, self.engine.cfg.vocab_size
         width = min(2 * g, g * vocab - 1)
         top = self._beam_candidates([s], vals[None], ids[None])
+        if live.step >= live.max_len and not any(state.finished for state in live.states):
+            # no hypothesis met the constraints and only </s> is left: they end as plain beams do
+            # (fairseq's banks would rank the -inf constraint tokens first and end none of them)
+            self._advance([s], top, parents, keep, events)
+            return
         prev = live.prev_scores
         row_best = None if live.step == 0 else (prev + vals[:, 0], ids[:, 0])
         by_row = [{t: prev[b] + next_scores[b, j] for j, t in enumerate(tokens)} for b, tokens in enumerate(nexts)]

@@ -53,6 +53,7 @@ __all__ = ["Translator", "Translation", "PartialTranslation", "Score", "Hypothes
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CHUNK_LINES = 2000
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,8 @@ class Translator:
 
     def prepare(self, lines: Sequence[str | bytes], options: TranslateOptions, *, start: int = 0,
                 errors: str = "strict", target_prefix: Sequence[str | None] | None = None,
-                constraints: Sequence[Sequence[str] | None] | None = None) -> list[Sentence | None]:
+                constraints: Sequence[Sequence[str] | None] | None = None,
+                source: str | None = None) -> list[Sentence | None]:
         """What the engine decodes for each line: a ``Sentence`` (source ids, options, forced
         target ids, sampling seed), or None for a line with nothing to translate (empty, blank).
         ``start``: the position of ``lines[0]`` in the whole input (messages and seeds count from
@@ -299,7 +301,7 @@ class Translator:
         for k, raw in enumerate(lines):
             index = start + k
             try:
-                ids = tok.encode(_decode_line(raw, index, errors), src_prefix)
+                ids = tok.encode(_decode_line(raw, index, errors, source), src_prefix)
                 prefix = list(tgt_prefix)
                 if target_prefix is not None and target_prefix[k]:
                     prefix += self._target_ids(target_prefix[k])
@@ -307,22 +309,23 @@ class Translator:
             except SentenceError:
                 raise
             except DeltaLMError as e:
-                raise SentenceError(index, str(e)) from None
+                raise SentenceError(index, str(e), source) from None
             if len(ids) == bare:  # nothing sentencepiece keeps (empty / blank line): nothing to decode
                 out.append(None)
                 continue
             if len(ids) > max_src:
                 if not options.truncate:
                     raise SentenceError(index, f"has {len(ids)} source tokens (with </s> and the source prefix); the "
-                                               f"model takes at most {max_src}. Pass --truncate to cut it")
-                self._warn(f"input line {index + 1}: {len(ids)} source tokens, truncated to the model's {max_src}")
+                                               f"model takes at most {max_src}. Pass --truncate to cut it", source)
+                self._warn(f"{source or 'input'} line {index + 1}: {len(ids)} source tokens, truncated to the "
+                           f"model's {max_src}")
                 ids = ids[: max_src - 1] + [tok.eos]
             seed = None if options.seed is None else (options.seed, index)
             sentence = Sentence(tuple(ids), options, tuple(prefix), seed, wanted)
             try:
                 Engine.check_sentence(cfg, sentence)
             except DeltaLMError as e:
-                raise SentenceError(index, str(e)) from None
+                raise SentenceError(index, str(e), source) from None
             out.append(sentence)
         return out
 
@@ -440,24 +443,43 @@ class Translator:
         batch_size: int | None = DEFAULT_BATCH_SIZE,
         max_tokens: int | None = None,
         errors: str = "strict",
+        target_prefix: Iterable[str | None] | None = None,
+        constraints: Iterable[Sequence[str] | None] | None = None,
+        source: str | None = None,
+        start: int = 0,
         **overrides,
     ) -> Iterator[Translation]:
         """As ``translate_iterable``, with the grouping chosen by the caller: each element of
         ``chunks`` is a list of lines decoded together (e.g. the lines a pipe had ready), and its
-        translations are yielded before the next chunk is read. Indices run on across chunks."""
+        translations are yielded before the next chunk is read. Indices run on across chunks,
+        from ``start`` (the position of the first line in ``source``, the name messages give the
+        input: a file's name and line numbers). ``target_prefix`` / ``constraints``: per line,
+        in step with the lines of the chunks (iterables read as the lines are)."""
         opts = self.options(options, **overrides)
         batching = BatchOptions(batch_size, max_tokens)
         batching.validate()
         if errors not in ("strict", "replace"):
             raise OptionError("errors", f"must be strict or replace, got {errors!r}")
-        return self._chunks(iter(chunks), opts, batching, errors)
+        per_line = {"target_prefix": target_prefix, "constraints": constraints}
+        return self._chunks(iter(chunks), opts, batching, errors, source, start,
+                            {k: iter(v) for k, v in per_line.items() if v is not None})
 
-    def _chunks(self, chunks: Iterator, opts: TranslateOptions, batching: BatchOptions, errors: str) -> Iterator[Translation]:
-        start = 0
+    def _chunks(self, chunks: Iterator, opts: TranslateOptions, batching: BatchOptions, errors: str,
+                source: str | None, start: int, per_line: dict[str, Iterator]) -> Iterator[Translation]:
         for chunk in chunks:
             chunk = list(chunk)
-            yield from self._decode(self.prepare(chunk, opts, start=start, errors=errors), start, batching)
+            extra = {}
+            for name, values in per_line.items():
+                extra[name] = list(itertools.islice(values, len(chunk)))
+                if len(extra[name]) < len(chunk):
+                    raise InputError(f"the {name.replace('_', ' ')} lines end before {source or 'the input'} does "
+                                     f"(at line {start + len(extra[name]) + 1})")
+            prepared = self.prepare(chunk, opts, start=start, errors=errors, source=source, **extra)
+            yield from self._decode(prepared, start, batching, source)
             start += len(chunk)
+        for name, values in per_line.items():
+            if next(values, _END) is not _END:
+                raise InputError(f"there are more {name.replace('_', ' ')} lines than lines of {source or 'input'}")
 
     def translate_stream(
         self,
@@ -484,7 +506,7 @@ class Translator:
         return self._events(prepared, 0, batching, partials=True)
 
     def score_batch(self, sources: Sequence[str], targets: Sequence[str], *, options: TranslateOptions | None = None,
-                    max_tokens: int | None = None, **overrides) -> list[Score]:
+                    max_tokens: int | None = None, source_name: str | None = None, **overrides) -> list[Score]:
         """The score of each (source, target) pair, in input order: the target's ids (forced
         target prefix symbols of ``tgt_prefix`` first, final ``</s>`` included), the natural-log
         probability of each given the source and the tokens before it, and their mean (fairseq's
@@ -492,7 +514,7 @@ class Translator:
         ``tgt_prefix`` and ``truncate`` (of sources) apply. ``max_tokens``: padded target tokens
         per decoder run (default: as many as fit 256 MB of logits). A pair the model cannot take
         (an empty target, a source or target longer than the model's positions) raises
-        ``SentenceError`` naming its position."""
+        ``SentenceError`` naming its position (in ``source_name``, a file, when given)."""
         for name, value in (("sources", sources), ("targets", targets)):
             if isinstance(value, (str, bytes)):
                 raise InputError(f"score_batch takes lists of sentences; {name} is one string")
@@ -501,45 +523,52 @@ class Translator:
         opts = self.options(options, **overrides)
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise OptionError("max_tokens", f"must be >= 1, got {max_tokens}")
-        prepared = self.prepare(list(sources), opts)
+        prepared = self.prepare(list(sources), opts, source=source_name)
         tgt_prefix = self._prefixes(opts)[1]
         limit = self.config.max_positions
         pairs: list[tuple[int, tuple[int, ...], list[int]]] = []
         for k, (sentence, target) in enumerate(zip(prepared, targets)):
             if sentence is None:
-                raise SentenceError(k, "has an empty source")
+                raise SentenceError(k, "has an empty source", source_name)
             if not isinstance(target, str):
-                raise SentenceError(k, f"has a target that is a {type(target).__name__}, not text")
-            ids = list(tgt_prefix) + self.tokenizer.encode(target, [])
+                raise SentenceError(k, f"has a target that is a {type(target).__name__}, not text", source_name)
+            try:
+                ids = list(tgt_prefix) + self.tokenizer.encode(target, [])
+            except DeltaLMError as e:
+                raise SentenceError(k, f"target: {e}", source_name) from None
             if len(ids) == len(tgt_prefix) + 1:
-                raise SentenceError(k, "has an empty target")
+                raise SentenceError(k, "has an empty target", source_name)
             if len(ids) > limit:
-                raise SentenceError(k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}")
+                raise SentenceError(k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}",
+                                    source_name)
             pairs.append((k, sentence.src, ids))
         with self._lock:
             try:
                 scored = score_pairs(self.backend, [p[1] for p in pairs], [p[2] for p in pairs], max_tokens)
             except DecodeError as e:
-                lines = sorted(e.keys)
-                raise DecodeError(lines, e.cause, f"scoring failed for input line{'s' if len(lines) > 1 else ''} "
+                lines = sorted(pairs[k][0] for k in e.keys)
+                raise DecodeError(lines, e.cause, f"scoring failed for {source_name or 'input'} "
+                                                  f"line{'s' if len(lines) > 1 else ''} "
                                                   f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
                                                   f"{e.cause}") from e.cause
-        return [Score(k, ids, float(np.mean(np.asarray(pos, dtype=np.float32))), pos)
+        # the mean as fairseq's SequenceScorer takes it: a float32 sum over the target's length
+        return [Score(k, ids, float(np.sum(np.asarray(pos, dtype=np.float32), dtype=np.float32) / np.float32(len(ids))), pos)
                 for (k, _, ids), pos in zip(pairs, scored)]
 
-    def _decode(self, prepared: list[Sentence | None], start: int, batching: BatchOptions) -> list[Translation]:
+    def _decode(self, prepared: list[Sentence | None], start: int, batching: BatchOptions,
+                source: str | None = None) -> list[Translation]:
         results: list[Translation | None] = [None] * len(prepared)
-        for event in self._events(prepared, start, batching, partials=False):
+        for event in self._events(prepared, start, batching, partials=False, source=source):
             results[event.index - start] = event
         return results  # type: ignore[return-value]  # every slot is filled
 
     def _events(self, prepared: list[Sentence | None], start: int, batching: BatchOptions,
-                partials: bool) -> Iterator[PartialTranslation | Translation]:
+                partials: bool, source: str | None = None) -> Iterator[PartialTranslation | Translation]:
         if batching.max_tokens is not None:
             for k, sentence in enumerate(prepared):
                 if sentence is not None and len(sentence.src) > batching.max_tokens:
                     raise SentenceError(start + k, f"has {len(sentence.src)} source tokens, more than --max-tokens "
-                                                   f"{batching.max_tokens}")
+                                                   f"{batching.max_tokens}", source)
         beams = {s.options.beam for s in prepared if s is not None}
         max_rows = batching.batch_size * max(beams) if batching.batch_size is not None and beams else None
         engine = Engine(self.backend, max_rows=max_rows, max_tokens=batching.max_tokens, shortlist=self.shortlist,
@@ -558,7 +587,8 @@ class Translator:
                     events = engine.step()
                 except DecodeError as e:
                     lines = sorted(start + k for k in e.keys)
-                    raise DecodeError(lines, e.cause, f"translation failed for input line{'s' if len(lines) > 1 else ''} "
+                    raise DecodeError(lines, e.cause, f"translation failed for {source or 'input'} "
+                                                      f"line{'s' if len(lines) > 1 else ''} "
                                                       f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
                                                       f"{e.cause}") from e.cause
             for event in events:
@@ -620,18 +650,18 @@ def _check_vocabulary(cfg, tokenizer: Tokenizer) -> None:
         )
 
 
-def _decode_line(raw: str | bytes, index: int, errors: str) -> str:
+def _decode_line(raw: str | bytes, index: int, errors: str, source: str | None = None) -> str:
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8", errors=errors)
         except UnicodeDecodeError as e:
             raise SentenceError(
                 index, f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); pass --errors "
-                       f"replace to translate it with U+FFFD for bad bytes") from None
+                       f"replace to translate it with U+FFFD for bad bytes", source) from None
     elif isinstance(raw, str):
         text = raw
     else:
-        raise SentenceError(index, f"is a {type(raw).__name__}, not text")
+        raise SentenceError(index, f"is a {type(raw).__name__}, not text", source)
     text = text.removesuffix("\n").removesuffix("\r")
     if index == 0:
         text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark is not text

@@ -513,7 +513,7 @@ def test_a_translation_gives_its_record_as_a_dict_and_as_the_json_line_translate
 
     from deltalm.translator import Hypothesis, Translation, format_translation
 
-    t = Translation(3, [Hypothesis("Hallo", [17, 2], -0.5, [-0.25, float("-inf")])])
+    t = Translation(3, [Hypothesis(tokens=[17, 2], score=-0.5, positional_scores=[-0.25, float("-inf")], text="Hallo")])
     record = {"id": 3, "nbest": [{"tokens": [17, 2], "score": -0.5, "positional_scores": [-0.25, None],
                                   "text": "Hallo"}]}
     assert t.to_dict() == record

@@ -11,10 +11,9 @@ Output: stdout (flushed after every chunk) or ``--output FILE``, written atomica
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import dataclasses
 import os
-import re
 import stat
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from ..atomic import atomic_output, check_output_file
 from ..backends import BACKENDS
-from ..errors import DeltaLMError, InputError
+from ..errors import InputError
 from ..translator import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LINES, TranslateOptions, Translator, format_translation
 
 
@@ -54,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="forced source prefix tokens, e.g. a language tag (put SOURCE before this option)")
     io_.add_argument("--tgt-prefix", nargs="+", metavar="SYM",
                      help="forced target prefix tokens, removed from the output text")
+    io_.add_argument("--target-prefix", metavar="FILE",
+                     help="one target prefix a line, parallel to the input (empty line: none): each translation "
+                          "starts with its prefix (tokenized as a target; kept in the output)")
+    io_.add_argument("--constraints", nargs="?", const="ordered", choices=("ordered", "unordered"),
+                     help="lexically constrained decoding (fairseq-interactive's input: the source, then each "
+                          "constraint after a tab, on one line): every hypothesis contains each constraint, in the "
+                          "given order (ordered, the default) or in any (unordered)")
     io_.add_argument("--buffer-size", type=int, metavar="N",
                      help="stdin: read N lines, then translate them (fairseq-interactive); default: translate "
                           "whatever lines are waiting as soon as they arrive")
@@ -101,6 +107,7 @@ def translate_options(args) -> TranslateOptions:
         min_len=args.min_len, unkpen=args.unkpen, no_repeat_ngram_size=args.no_repeat_ngram_size,
         sampling=args.sampling, temperature=args.temperature, sampling_topk=args.sampling_topk,
         sampling_topp=args.sampling_topp, seed=args.seed, truncate=args.truncate,
+        constraint_order=getattr(args, "constraints", None) or "ordered",
     )
     opts.validate()
     return opts
@@ -155,28 +162,23 @@ def _check_model_arguments(args) -> None:
         raise InputError("--device applies to the ort and trt backends; the torch backend runs on the CPU")
 
 
-def _check_paths(inp: str | None, out: str | None) -> None:
+def _check_paths(inp: str | None, out: str | None, prefixes: str | None = None) -> None:
     if inp is not None and not Path(inp).is_file():
         raise InputError(f"input file {inp} does not exist" if not Path(inp).exists() else f"--input {inp} is not a file")
+    if prefixes is not None and not Path(prefixes).is_file():
+        raise InputError(f"--target-prefix {prefixes}: no such file")
     if out is not None:
         check_output_file(out, "--output")
 
 
-def in_file(message: str, name: str | None) -> str:
-    """The translator numbers the lines of its input ("input line 3", "input lines 2, 5"); with
-    ``--input FILE`` they are the lines of FILE, so the message names it."""
-    return message if name is None else re.sub(r"\binput (lines?) (?=\d)", lambda m: f"{name} {m[1]} ", message)
-
-
-def _warning(message: str, name: str | None) -> None:
-    print(f"deltalm: warning: {in_file(message, name)}", file=sys.stderr, flush=True)
+def _warning(message: str) -> None:
+    print(f"deltalm: warning: {message}", file=sys.stderr, flush=True)
 
 
 def open_translator(args) -> Translator:
     """The Translator the model options name (the tokenizer, and so a wrong prefix symbol, is
     checked before the slow backend load)."""
-    name = _stdio_path(getattr(args, "input", None))
-    warn = lambda message: _warning(message, name)  # noqa: E731
+    warn = _warning
     if args.checkpoint:
         return Translator(args.checkpoint, backend="torch", threads=args.threads, spm=args.spm,
                           dictionary=args.dict, config=args.config, src_prefix=args.src_prefix,
@@ -252,7 +254,10 @@ def run(args) -> int:
     batching = _batching(args)
     _check_model_arguments(args)
     inp, out_path = _stdio_path(args.input), _stdio_path(args.output)
-    _check_paths(inp, out_path)
+    _check_paths(inp, out_path, args.target_prefix)
+    if args.constraints and (args.target_prefix or args.tgt_prefix):
+        raise InputError("--constraints cannot be combined with a forced target prefix (--target-prefix, --tgt-prefix): "
+                         "fairseq's constrained search drops the forced tokens")
     translator = open_translator(args)
     if translator.topk and translator.config.vocab_size > opts.beam > translator.topk // 2 and not opts.sampling:
         print(f"deltalm: note: --beam {opts.beam} is more than half the artifact's in-graph top-k "
@@ -286,7 +291,7 @@ def run(args) -> int:
             stack.callback(progress.close)  # runs first on the way out: errors start on a new line
         counts = {"lines": 0, "tokens": 0}
 
-        def feed() -> Iterator[list[bytes]]:
+        def feed_of(chunks) -> Iterator[list[bytes]]:
             # translate_chunks asks for the next chunk only once every translation of the previous
             # one has been yielded (and written): the moment to flush and to show progress
             for chunk in chunks:
@@ -297,18 +302,44 @@ def run(args) -> int:
                     progress.update(source.tell(), counts["lines"], counts["tokens"])
                 counts["lines"] = counts["tokens"] = 0
 
-        try:
-            for t in translator.translate_chunks(feed(), errors=args.errors, **batching, **_option_kwargs(opts)):
-                out.write((format_translation(t, args.format) + "\n").encode("utf-8"))
-                counts["lines"] += 1
-                counts["tokens"] += len(t.hypotheses[0].tokens) if t.hypotheses else 0
-        except DeltaLMError as e:
-            named = in_file(str(e), inp)
-            if named == str(e):
-                raise
-            raise InputError(named) from None
+        per_line = {}
+        if args.target_prefix:
+            prefix_file = stack.enter_context(open(args.target_prefix, "rb"))
+            per_line["target_prefix"] = (_text_of(line, args.target_prefix, k) or None for k, line in enumerate(prefix_file))
+        if args.constraints:
+            chunks, per_line["constraints"] = _split_constraints(chunks)
+        for t in translator.translate_chunks(feed_of(chunks), options=opts, errors=args.errors, source=inp, **batching,
+                                             **per_line):
+            out.write((format_translation(t, args.format) + "\n").encode("utf-8"))
+            counts["lines"] += 1
+            counts["tokens"] += len(t.hypotheses[0].tokens) if t.hypotheses else 0
     return 0
 
 
-def _option_kwargs(opts: TranslateOptions) -> dict:
-    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+def _text_of(line: bytes, name: str, index: int) -> str:
+    try:
+        return line.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise InputError(f"{name} line {index + 1} is not valid UTF-8") from None
+
+
+def _split_constraints(chunks: Iterator[list[bytes]]) -> tuple[Iterator[list[bytes]], Iterator[list[str]]]:
+    """fairseq-interactive's input with --constraints: ``source<TAB>constraint<TAB>...`` a line.
+    Returns the chunks of sources and, in step, each line's constraints: the translator reads a
+    chunk's constraints right after the chunk, when they are there."""
+    pending: collections.deque[list[str]] = collections.deque()
+
+    def sources() -> Iterator[list[bytes]]:
+        for chunk in chunks:
+            out = []
+            for line in chunk:
+                text, *terms = line.rstrip(b"\r\n").split(b"\t")
+                out.append(text + b"\n")
+                pending.append([t.decode("utf-8", errors="replace") for t in terms])
+            yield out
+
+    def constraints() -> Iterator[list[str]]:
+        while pending:
+            yield pending.popleft()
+
+    return sources(), constraints()
