@@ -4,7 +4,6 @@ A plain class (Ray Data makes the actor of it), so it imports no Ray and can be 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
@@ -27,18 +26,16 @@ class TranslateActor:
 
     A chunk is sorted by length and cut into backend batches exactly as ``deltalm translate``
     cuts the same ``--chunk-lines`` lines of the file, so the scores agree to the bit, not only
-    the texts. ``shortlist``: a vocabulary shortlist file, read at that path on the actor's node
-    and checked to have ``shortlist_sha256`` (the SHA-256 the driver fingerprinted the run with)."""
+    the texts. ``job`` (``deltalm.cluster.CorpusJob``): the model, options and batching; its
+    vocabulary shortlist file, if any, is read at that path on the actor's node and checked to
+    have ``job.shortlist_sha256`` (the SHA-256 the driver fingerprinted the run with)."""
 
-    def __init__(self, model: str, backend: str | None, device: str | None, threads: int | None,
-                 src_prefix: list[str] | None, tgt_prefix: list[str] | None, fmt: str, options: dict,
-                 batching: dict, errors: str, shard_names: dict[int, str], shortlist: str | None = None,
-                 shortlist_sha256: str | None = None) -> None:
-        if shortlist is not None and shortlist_sha256 is not None:
-            _check_shortlist_file(shortlist, shortlist_sha256)
-        self.translator = Translator(model, backend=backend, device=device, threads=threads,
-                                     src_prefix=src_prefix, tgt_prefix=tgt_prefix, shortlist=shortlist)
-        self.fmt, self.options, self.batching, self.errors = fmt, options, batching, errors
+    def __init__(self, job, threads: int | None, device: str | None, shard_names: dict[int, str]) -> None:
+        if job.shortlist is not None:
+            _check_shortlist_file(job.shortlist, job.shortlist_sha256)
+        self.translator = Translator(job.model, backend=job.backend, device=device, threads=threads,
+                                     src_prefix=job.src_prefix, tgt_prefix=job.tgt_prefix, shortlist=job.shortlist)
+        self.job = job
         self.shard_names = shard_names
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.calls = 0
@@ -53,7 +50,7 @@ class TranslateActor:
                 cols["shard"].append(shard)
                 cols["line"].append(start + k)
                 cols["n_lines"].append(int(n_lines))
-                cols["out"].append(format_translation(dataclasses.replace(t, index=start + k), self.fmt))
+                cols["out"].append(format_translation(t, self.job.fmt))
                 cols["tokens"].append(len(t.hypotheses[0].tokens) if t.hypotheses else 0)
         self.calls += 1
         n = len(cols["line"])
@@ -69,8 +66,10 @@ class TranslateActor:
         # The translator is told where the chunk lies (the file's name, its first line), so its
         # messages name the file and line, and a byte order mark is stripped only at the start of
         # the file (``start`` 0; the file's own mark is removed when it is read: shards.split_lines).
-        return list(self.translator.translate_chunks([lines], errors=self.errors, source=self.shard_names.get(shard, "?"),
-                                                     start=start, **self.batching, **self.options))
+        job = self.job
+        return list(self.translator.translate_chunks([lines], options=job.options, batch_size=job.batch_size,
+                                                     max_tokens=job.max_tokens, errors=job.errors,
+                                                     source=self.shard_names.get(shard, "?"), start=start))
 
 
 def _check_shortlist_file(path: str, sha256: str) -> None:

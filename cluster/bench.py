@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
-    from . import ClusterOptions, translate_corpus
+    from . import ClusterOptions, CorpusJob, translate_corpus
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deltalm-corpus-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for actors in (1, 2):
         out = work / f"ray{actors}"
         t = time.perf_counter()
-        s = translate_corpus(args.artifact, [str(src)], out, options=opts, chunk_lines=args.chunk_lines,
+        s = translate_corpus(CorpusJob(args.artifact, options=opts, chunk_lines=args.chunk_lines), [str(src)], out,
                              progress=False, cluster=ClusterOptions(actors=actors, threads_per_actor=1),
                              log=lambda line: None)
         wall = time.perf_counter() - t

@@ -55,6 +55,72 @@ class ClusterOptions:
             raise InputError(f"--max-restarts must be >= 0, got {self.max_restarts}")
 
 
+@dataclass(frozen=True)
+class CorpusJob:
+    """What to do with every line of a run: the model, the output format, the search options and
+    how the lines are read and batched. Frozen and picklable: the driver checks it once and every
+    actor gets the same object. ``shortlist``: a vocabulary shortlist file (ort backend), read by
+    every node at this path; the driver sets ``shortlist_sha256`` (``checked``) and each actor
+    verifies it."""
+
+    model: str
+    fmt: str = "text"
+    options: TranslateOptions = field(default_factory=TranslateOptions)
+    batch_size: int | None = DEFAULT_BATCH_SIZE
+    max_tokens: int | None = None
+    chunk_lines: int = DEFAULT_CHUNK_LINES
+    errors: str = "strict"
+    backend: str | None = None
+    src_prefix: tuple[str, ...] | None = None
+    tgt_prefix: tuple[str, ...] | None = None
+    shortlist: str | None = None
+    shortlist_sha256: str | None = None
+
+    def validate(self) -> None:
+        self.options.validate()
+        BatchOptions(self.batch_size, self.max_tokens).validate()
+        if self.fmt not in ("text", "jsonl"):
+            raise InputError(f"--format must be text or jsonl, got {self.fmt!r}")
+        if self.options.nbest > 1 and self.fmt != "jsonl":
+            raise InputError("--nbest > 1 needs --format jsonl (text output has one line per input line)")
+        if not isinstance(self.chunk_lines, int) or self.chunk_lines < 1:
+            raise InputError(f"--chunk-lines must be >= 1, got {self.chunk_lines}")
+        if self.errors not in ("strict", "replace"):
+            raise InputError(f"--errors must be strict or replace, got {self.errors!r}")
+
+    def checked(self) -> "CorpusJob":
+        """This job with its model directory resolved and its shortlist file checked (format, the
+        model's dictionary) and fingerprinted, in the driver, before Ray starts."""
+        model = Path(self.model)
+        if not model.is_dir():
+            raise InputError(f"artifact directory {model} does not exist" if not model.exists()
+                             else f"{model} is a file (a checkpoint?), not an artifact directory: export it first "
+                                  f"with `deltalm export {model} --spm SPM --dict DICT --out DIR`")
+        job = dataclasses.replace(self, model=str(model.resolve()))
+        if self.shortlist is not None:
+            path, digest = _open_shortlist(model, self.shortlist, self.backend)
+            job = dataclasses.replace(job, shortlist=path, shortlist_sha256=digest)
+        return job
+
+    def settings(self) -> dict:
+        """What decides the output of a shard. Batching only where it changes the output: with a
+        shortlist, a batch's candidates are those of its sentences (beam search, greedy and
+        sampling, whose generators are seeded per sentence, do not depend on it)."""
+        from ..artifact import MANIFEST
+
+        manifest = Path(self.model) / MANIFEST
+        settings = {
+            "model": str(Path(self.model).resolve()),
+            "model_manifest": fingerprint({"m": manifest.read_text()}) if manifest.is_file() else None,
+            "format": self.fmt, "options": dataclasses.asdict(self.options), "errors": self.errors,
+            "backend": self.backend, "src_prefix": self.src_prefix, "tgt_prefix": self.tgt_prefix,
+        }
+        if self.shortlist_sha256 is not None:
+            settings["shortlist_sha256"] = self.shortlist_sha256  # the bytes, not the path: a moved copy is the same
+            settings["batching"] = [self.batch_size, self.max_tokens, self.chunk_lines]
+        return settings
+
+
 @dataclass
 class ActorStats:
     lines: int = 0
@@ -116,62 +182,33 @@ def import_ray():
 
 
 def translate_corpus(
-    model: str | Path,
+    job: CorpusJob,
     inputs: list[str],
     output_dir: str | Path,
     *,
-    fmt: str = "text",
-    options: TranslateOptions | None = None,
-    batch_size: int | None = DEFAULT_BATCH_SIZE,
-    max_tokens: int | None = None,
-    chunk_lines: int = DEFAULT_CHUNK_LINES,
-    errors: str = "strict",
-    backend: str | None = None,
-    src_prefix: list[str] | None = None,
-    tgt_prefix: list[str] | None = None,
     cluster: ClusterOptions = ClusterOptions(),
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_commit: Callable[[str], None] | None = None,
-    shortlist: str | Path | None = None,
 ) -> CorpusSummary:
     """Translates every input file into ``output_dir`` (``NAME.txt`` -> ``NAME.txt`` or
     ``NAME.jsonl``), each output line for the input line of the same number, exactly as
-    ``deltalm translate --input NAME.txt`` would write it (beam search and greedy; with sampling
-    the batches, and so the samples, differ). Shards complete from an earlier run with the same
-    settings are skipped; the others are (re)done and committed one by one (``on_commit`` is
-    called with each output name once its file and manifest entry are written). ``log`` gets the
-    summary lines (default: this module's logger at INFO, silent unless configured; the command
-    prints them); Ray's own console output is kept quiet (``deltalm.cluster.quiet``).
-
-    ``shortlist``: a vocabulary shortlist file (``deltalm shortlist``; ort backend) every actor
-    opens its Translator with; like the model directory, every node reads it at this path. The
-    SHA-256 of its bytes is part of the settings fingerprint (and so are the batching options,
-    since a batch's candidates are those of all its sentences): a rerun with another shortlist,
-    or without one, redoes every shard."""
+    ``deltalm translate --input NAME.txt`` would write it. Shards complete from an earlier run with
+    the same settings (``CorpusJob.settings``) are skipped; the others are (re)done and committed
+    one by one (``on_commit`` is called with each output name once its file and manifest entry are
+    written). ``log`` gets the summary lines (default: this module's logger at INFO, silent unless
+    configured; the command prints them); Ray's own console output is kept quiet
+    (``deltalm.cluster.quiet``). Inputs may be glob patterns, local or on a pyarrow file system."""
     started = time.perf_counter()
     log = log or logger.info  # silent unless the caller configures logging (the command prints it)
-    options = options or TranslateOptions()
-    options.validate()
-    BatchOptions(batch_size, max_tokens).validate()
+    job.validate()
     cluster.validate()
-    if fmt not in ("text", "jsonl"):
-        raise InputError(f"--format must be text or jsonl, got {fmt!r}")
-    if options.nbest > 1 and fmt != "jsonl":
-        raise InputError("--nbest > 1 needs --format jsonl (text output has one line per input line)")
-    if not isinstance(chunk_lines, int) or chunk_lines < 1:
-        raise InputError(f"--chunk-lines must be >= 1, got {chunk_lines}")
-    model = Path(model)
-    if not model.is_dir():
-        raise InputError(f"artifact directory {model} does not exist" if not model.exists()
-                         else f"{model} is a file (a checkpoint?), not an artifact directory: export it first "
-                              f"with `deltalm export {model} --spm SPM --dict DICT --out DIR`")
+    job = job.checked()
     out_dir = Path(output_dir)
     check_output_directory(out_dir, "--output")
-    shortlist_run = _open_shortlist(model, shortlist, backend) if shortlist is not None else None
     ray = import_ray()
 
-    shards = resolve_shards(list(inputs), fmt, out_dir)
+    shards = resolve_shards(list(inputs), job.fmt, out_dir)
     manifest = Manifest(out_dir)
     for shard in shards:  # never replace a file this command did not write
         path = out_dir / shard.output
@@ -183,8 +220,7 @@ def translate_corpus(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create --output {out_dir}: {e.strerror or e}") from None
-    config = fingerprint(_settings(model, fmt, options, errors, backend, src_prefix, tgt_prefix,
-                                   batch_size, max_tokens, chunk_lines, shortlist_run))
+    config = fingerprint(job.settings())
     summary = CorpusSummary(shards=len(shards))
     todo = []
     for shard in shards:
@@ -208,9 +244,7 @@ def translate_corpus(
         summary.ray_init_seconds = time.perf_counter() - t0
         try:
             with ray_data_console_filtered(), native_stderr_without():
-                _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size,
-                              max_tokens, chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster, progress,
-                              on_commit, shortlist_run)
+                _run_pipeline(ray, todo, out_dir, manifest, config, summary, job, cluster, progress, on_commit)
         finally:
             if own_runtime:
                 ray.shutdown()
@@ -240,25 +274,10 @@ def _open_shortlist(model: Path, path: str | Path, backend: str | None) -> tuple
     return str(resolved), sha256_file(resolved)
 
 
-def _settings(model: Path, fmt, options, errors, backend, src_prefix, tgt_prefix, batch_size, max_tokens,
-              chunk_lines, shortlist: tuple[str, str] | None = None) -> dict:
-    """What decides the output of a shard (batching only where it changes the output: with
-    sampling, one generator per batch; with a shortlist, the candidates of the batch's sentences).
-    Without a shortlist the settings are those of earlier versions, so their manifests stay valid."""
-    from ..artifact import MANIFEST
-
-    manifest = model / MANIFEST
-    settings = {
-        "model": str(model.resolve()),
-        "model_manifest": fingerprint({"m": manifest.read_text()}) if manifest.is_file() else None,
-        "format": fmt, "options": dataclasses.asdict(options), "errors": errors, "backend": backend,
-        "src_prefix": src_prefix, "tgt_prefix": tgt_prefix,
-    }
-    if shortlist is not None:
-        settings["shortlist_sha256"] = shortlist[1]  # the bytes, not the path: a moved copy is the same
-    if options.sampling or shortlist is not None:
-        settings["batching"] = [batch_size, max_tokens, chunk_lines]
-    return settings
+# Ray Data has no parameter for the CPUs of repartition's tasks: they are set on the logical
+# operator, an attribute of Ray's (pinned: ray[data]==2.60.0; tests/test_cluster.py checks it is
+# there and set)
+NO_CPU = {"num_cpus": 0}
 
 
 def _dataset(ray, shards: list[Shard], chunk_lines: int):
@@ -304,26 +323,21 @@ def _dataset(ray, shards: list[Shard], chunk_lines: int):
     # one chunk a block (streaming, no shuffle): a block goes to one actor, and a file read as one
     # block would otherwise be translated by one actor however many are waiting
     ds = ds.repartition(target_num_rows_per_block=1)
-    # its tasks take no CPU either (Ray Data has no parameter for it: set on the logical operator;
-    # without it they wait for a CPU the actors hold and the run never ends)
+    # its tasks take no CPU either (see NO_CPU: without it they wait for a CPU the actors hold and
+    # the run never ends)
     op = ds._logical_plan.dag
-    if hasattr(op, "ray_remote_args"):
-        object.__setattr__(op, "ray_remote_args", {**(op.ray_remote_args or {}), "num_cpus": 0})
+    object.__setattr__(op, "ray_remote_args", {**(op.ray_remote_args or {}), **NO_CPU})
     return ds
 
 
-def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, options, batch_size, max_tokens,
-                  chunk_lines, errors, backend, src_prefix, tgt_prefix, cluster: ClusterOptions, progress,
-                  on_commit, shortlist: tuple[str, str] | None = None) -> None:
+def _run_pipeline(ray, todo, out_dir, manifest, config, summary, job: CorpusJob, cluster: ClusterOptions, progress,
+                  on_commit) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    device = "cuda" if cluster.gpus_per_actor > 0 else None
-    option_kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     names = {s.index: s.uri for s in todo}
     with warnings.catch_warnings():  # max_restarts / max_task_retries are only taken as **ray_remote_args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        translated = _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines,
-                                      errors, backend, src_prefix, tgt_prefix, cluster, device, names, shortlist)
+        translated = _translate_stage(ray, todo, job, cluster, names)
 
     pending: dict[int, dict[int, str]] = defaultdict(dict)
     expected: dict[int, int] = {}
@@ -367,17 +381,11 @@ def _run_pipeline(ray, todo, out_dir, manifest, config, summary, model, fmt, opt
         raise DeltaLMError(f"the cluster returned incomplete results for {', '.join(missing)}; rerun to redo them")
 
 
-def _translate_stage(ray, todo, model, fmt, option_kwargs, batch_size, max_tokens, chunk_lines, errors, backend,
-                     src_prefix, tgt_prefix, cluster, device, names, shortlist=None):
-    return _dataset(ray, todo, chunk_lines).map_batches(
+def _translate_stage(ray, todo, job: CorpusJob, cluster: ClusterOptions, names: dict[int, str]):
+    device = "cuda" if cluster.gpus_per_actor > 0 else None
+    return _dataset(ray, todo, job.chunk_lines).map_batches(
         TranslateActor,
-        fn_constructor_kwargs=dict(
-            model=str(model.resolve()), backend=backend, device=device, threads=cluster.threads_per_actor,
-            src_prefix=src_prefix, tgt_prefix=tgt_prefix, fmt=fmt, options=option_kwargs,
-            batching={"batch_size": batch_size, "max_tokens": max_tokens}, errors=errors,
-            shard_names=names, shortlist=shortlist[0] if shortlist else None,
-            shortlist_sha256=shortlist[1] if shortlist else None,
-        ),
+        fn_constructor_kwargs=dict(job=job, threads=cluster.threads_per_actor, device=device, shard_names=names),
         compute=ray.data.ActorPoolStrategy(size=cluster.actors), batch_size=1, batch_format="numpy",
         num_cpus=cluster.threads_per_actor, num_gpus=cluster.gpus_per_actor or None,
         max_restarts=cluster.max_restarts, max_task_retries=cluster.max_restarts,

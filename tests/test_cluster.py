@@ -101,13 +101,13 @@ def test_every_file_is_what_deltalm_translate_writes(ray_runtime, tiny, corpus, 
     assert "4 files written" in res.err
 
 
-def _translate(tiny, corpus: Path, out: Path, **kw):
+def _translate(tiny, corpus: Path, out: Path, on_commit=None):
     from deltalm import TranslateOptions
-    from deltalm.cluster import ClusterOptions, translate_corpus
+    from deltalm.cluster import ClusterOptions, CorpusJob, translate_corpus
 
-    return translate_corpus(tiny.artifact, [str(p) for p in sorted(corpus.iterdir())], out, chunk_lines=3,
-                            options=TranslateOptions(beam=2, max_len_b=4), progress=False,
-                            cluster=ClusterOptions(actors=2), log=lambda line: None, **kw)
+    job = CorpusJob(str(tiny.artifact), chunk_lines=3, options=TranslateOptions(beam=2, max_len_b=4))
+    return translate_corpus(job, [str(p) for p in sorted(corpus.iterdir())], out, progress=False,
+                            cluster=ClusterOptions(actors=2), log=lambda line: None, on_commit=on_commit)
 
 
 def test_a_rerun_after_an_interrupted_run_redoes_only_the_unfinished_shards(ray_runtime, tiny, corpus, tmp_path):
@@ -257,15 +257,14 @@ def test_with_a_shortlist_every_file_is_what_translate_writes_with_it_and_reruns
 
 def test_the_fingerprint_holds_the_shortlist_and_its_batching(tiny, shortlists):
     from deltalm import TranslateOptions
-    from deltalm.cluster.runner import _open_shortlist, _settings
+    from deltalm.cluster import CorpusJob
     from deltalm.cluster.shards import fingerprint
 
     a, b = shortlists
 
     def config(shortlist, batch_size=32):
-        opened = _open_shortlist(Path(tiny.artifact), shortlist, None) if shortlist else None
-        return fingerprint(_settings(Path(tiny.artifact), "text", TranslateOptions(), "strict", None, None, None,
-                                     batch_size, None, 2000, opened))
+        job = CorpusJob(str(tiny.artifact), batch_size=batch_size, shortlist=str(shortlist) if shortlist else None)
+        return fingerprint(job.checked().settings())
 
     plain = config(None)
     assert len({plain, config(a), config(b)}) == 3
@@ -294,9 +293,26 @@ def test_an_actor_refuses_a_shortlist_that_is_not_the_runs(tiny, shortlists):
     from deltalm.errors import InputError
 
     a, b = shortlists
-    args = dict(model=str(tiny.artifact), backend=None, device=None, threads=1, src_prefix=None, tgt_prefix=None,
-                fmt="text", options={}, batching={}, errors="strict", shard_names={})
+    from deltalm.cluster import CorpusJob
+
+    def actor(shortlist, digest):
+        job = CorpusJob(str(tiny.artifact), shortlist=shortlist, shortlist_sha256=digest)
+        return TranslateActor(job, threads=1, device=None, shard_names={})
+
     with pytest.raises(InputError, match="not the file the run started with"):
-        TranslateActor(**args, shortlist=str(b), shortlist_sha256=hashlib.sha256(a.read_bytes()).hexdigest())
+        actor(str(b), hashlib.sha256(a.read_bytes()).hexdigest())
     with pytest.raises(InputError, match="cannot read the shortlist"):
-        TranslateActor(**args, shortlist=str(a) + ".gone", shortlist_sha256="0" * 64)
+        actor(str(a) + ".gone", "0" * 64)
+
+
+def test_the_read_stage_takes_no_cpu_on_the_pinned_ray(ray_runtime, tiny, corpus):
+    """The repartition's tasks must reserve no CPU (the actors may hold them all): set on Ray
+    Data's logical operator, an attribute of Ray's own; this breaks loudly if Ray moves it."""
+    import ray
+
+    from deltalm.cluster.runner import NO_CPU, _dataset
+    from deltalm.cluster.shards import resolve_shards
+
+    shards = resolve_shards([str(corpus / "a.txt")], "text", corpus.parent / "unused")
+    op = _dataset(ray, shards, chunk_lines=2)._logical_plan.dag
+    assert op.ray_remote_args["num_cpus"] == NO_CPU["num_cpus"] == 0

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..cluster import ClusterOptions, translate_corpus
+    from ..cluster import ClusterOptions, CorpusJob, translate_corpus
 
     require_directory_not_checkpoint(args.source, "translate-corpus")
     check_output_directory(args.output, "--output")  # before Ray starts or a model is loaded
@@ -70,8 +70,9 @@ def run(args) -> int:
         raise InputError("--backend trt runs on GPUs: give --gpus-per-actor")
     cluster = ClusterOptions(address=args.address, actors=args.actors, threads_per_actor=args.threads_per_actor,
                              gpus_per_actor=args.gpus_per_actor, max_restarts=args.max_restarts)
-    translate_corpus(args.source, args.input, args.output, fmt=args.format, options=opts, batch_size=batch_size,
-                     max_tokens=args.max_tokens, chunk_lines=args.chunk_lines, errors=args.errors,
-                     backend=args.backend, src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, cluster=cluster,
-                     progress=not args.no_progress and sys.stderr.isatty(), shortlist=args.shortlist)
+    job = CorpusJob(args.source, fmt=args.format, options=opts, batch_size=batch_size, max_tokens=args.max_tokens,
+                    chunk_lines=args.chunk_lines, errors=args.errors, backend=args.backend,
+                    src_prefix=tuple(args.src_prefix) if args.src_prefix else None,
+                    tgt_prefix=tuple(args.tgt_prefix) if args.tgt_prefix else None, shortlist=args.shortlist)
+    translate_corpus(job, args.input, args.output, cluster=cluster, progress=not args.no_progress and sys.stderr.isatty())
     return 0
