@@ -30,6 +30,7 @@ class TimedBackend:
         self.topk = inner.topk
         self.step_spec = inner.step_spec
         self.float_dtype = inner.float_dtype
+        self.limits = inner.limits
         self.encode_s: list[float] = []
         self.step_s: list[float] = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deltalm.backends.interface import Encoded, StepOutput
+from deltalm.backends.interface import BatchLimits, Encoded, StepOutput
 from deltalm.errors import InputError
 
 from .graphs import DecoderStepGraph, EncoderGraph
@@ -24,6 +24,7 @@ class TorchBackend:
         self.topk = self.decoder.k
         self.step_spec = self.decoder.spec()
         self.float_dtype = np.dtype(np.float32)
+        self.limits = BatchLimits()
         if threads:
             torch.set_num_threads(threads)
 

@@ -522,7 +522,7 @@ class Engine:
 
     ``max_rows``: live hypotheses at most (beam x sentences, over every lane); ``max_tokens``:
     padded source tokens at most (per lane, its sentences x its longest source; summed over the
-    lanes); None: no limit. A sentence waits
+    lanes); None: no limit (the backend's ``limits`` apply in any case). A sentence waits
     until it fits; the first waiting sentence is admitted into an idle engine whatever its size.
     ``shortlist``: a vocabulary shortlist (``deltalm.Shortlist``; the backend must have been opened
     for it). ``partials``: report a ``Partial`` event per live sentence and step (streaming)."""
@@ -534,6 +534,10 @@ class Engine:
                              "every step scores the whole vocabulary)")
         self.backend = backend
         self.cfg = backend.cfg
+        limits = backend.limits
+        if limits.rows is not None:
+            max_rows = limits.rows if max_rows is None else min(max_rows, limits.rows)
+        self.max_sentences = limits.sentences
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.shortlist = shortlist
@@ -559,6 +563,9 @@ class Engine:
     @property
     def live_rows(self) -> int:
         return sum(lane.rows for lane in self._lanes.values())
+
+    def _lane_sentences(self, group: int) -> int:
+        return len(self._lanes[group].live) if group in self._lanes else 0
 
     def _padded_tokens(self, extra: dict[int, list[int]]) -> int:
         """Padded source tokens of the live sentences plus ``extra`` (beam -> source lengths)."""
@@ -656,7 +663,8 @@ class Engine:
             beam = sentence.options.beam
             more = {**extra, beam: extra.get(beam, []) + [len(sentence.src)]}
             fits = ((self.max_rows is None or rows + beam <= self.max_rows)
-                    and (self.max_tokens is None or self._padded_tokens(more) <= self.max_tokens))
+                    and (self.max_tokens is None or self._padded_tokens(more) <= self.max_tokens)
+                    and (self.max_sentences is None or len(more[beam]) + self._lane_sentences(beam) <= self.max_sentences))
             if not fits and (rows or arrivals):
                 break
             arrivals.append(self._waiting.popleft())

@@ -48,6 +48,7 @@ class FakeBackend:
 
     def __init__(self, vocab=6, seed=0, max_positions=512, topk=0, temperature_scale=2.0):
         from deltalm.config import ModelConfig
+        from deltalm.backends import BatchLimits
         from deltalm.graphs import decoder_step_spec
 
         self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
@@ -57,6 +58,7 @@ class FakeBackend:
         self.scale = temperature_scale
         self.step_spec = decoder_step_spec(self.cfg, min(max(topk, 1), vocab))
         self.float_dtype = np.dtype(np.float32)
+        self.limits = BatchLimits()
         self.calls = []  # (positions of the rows, rows, sentences) per step
 
     def log_probs(self, src, hist):

@@ -335,3 +335,18 @@ def test_partial_events_report_the_best_live_hypothesis(fake_backend):
     final = [e for e in events if isinstance(e, Finished)][0].hypotheses[0]
     assert [len(t) for t in partials] == [1, 2, 3, 4]
     assert partials[-1] == final.tokens[:-1]
+
+
+def test_a_backends_limits_bound_each_step(fake_backend):
+    """A TensorRT engine runs steps of at most its profile's rows and sentences: the engine admits
+    no more, whatever the caller asked for."""
+    from deltalm.backends import BatchLimits
+
+    model = fake_backend(vocab=9, seed=2)
+    model.limits = BatchLimits(rows=6, sentences=2)
+    engine = Engine(model, max_rows=100)
+    for k in range(5):
+        engine.add(k, Sentence((4 + k, EOS), Options(beam=1, min_len=3, max_len_b=3)))
+    done = [e.key for e in engine.run() if isinstance(e, Finished)]
+    assert sorted(done) == list(range(5))
+    assert max(sents for _, _, sents in model.calls) == 2

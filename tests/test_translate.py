@@ -37,6 +37,7 @@ class CopyBackend:
 
     def __init__(self, vocab_size, max_positions=512, src_skip=0, tgt_skip=0, fail_on_batch=None, on_encode=None,
                  fail_on_step=None):
+        from deltalm.backends import BatchLimits
         from deltalm.graphs import decoder_step_spec
 
         self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
@@ -44,6 +45,7 @@ class CopyBackend:
         self.topk = 0  # candidates always come from the full log-probs
         self.step_spec = decoder_step_spec(self.cfg, 1)
         self.float_dtype = np.dtype(np.float32)
+        self.limits = BatchLimits()
         self.src_skip, self.tgt_skip = src_skip, tgt_skip
         self.fail_on_batch, self.fail_on_step = fail_on_batch, fail_on_step
         self.on_encode = on_encode

@@ -398,9 +398,10 @@ def test_trt_backend_refuses_shapes_outside_the_profile(trt_and_ort):
         trt.encode(sources(trt.cfg, (2, 2, 2, 2)))
     with pytest.raises(InputError, match="a source of 21 tokens exceeds the engine profile maximum 20"):
         trt.encode(sources(trt.cfg, (21,)))
-    with pytest.raises(InputError, match="batch x beam = 15 rows exceeds the engine profile maximum 12; "
-                                         "rebuild engines with --max-batch/--max-beam"):
-        generate(trt, sources(trt.cfg, (3, 3, 3)), TranslateOptions(beam=5))
+    # more rows than the profile allows are never asked for: the search admits what fits (2 x 5 of
+    # 12 rows), then the third sentence
+    assert trt.limits.rows == 12 and trt.limits.sentences == 3
+    assert len(generate(trt, sources(trt.cfg, (3, 3, 3)), TranslateOptions(beam=5, max_len_b=8))) == 3
     with pytest.raises(InputError, match="target length 21 exceeds the engine profile maximum 20; "
                                          r"rebuild engines with --max-tgt-len \(or translate with a smaller --max-len-b\)"):
         generate(trt, sources(trt.cfg, (3,)), TranslateOptions(beam=1, max_len_b=30, min_len=25))
@@ -597,6 +598,7 @@ class Shifted:
     def __init__(self, backend, shift):
         self.backend, self.shift = backend, shift
         self.cfg, self.topk, self.step_spec, self.float_dtype = backend.cfg, backend.topk, backend.step_spec, backend.float_dtype
+        self.limits = backend.limits
 
     def encode(self, src):
         return self.backend.encode(src)

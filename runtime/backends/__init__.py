@@ -9,9 +9,9 @@ their caches, the rules of each row) is the caller's, handed over as the step gr
 from __future__ import annotations
 
 from ..errors import InputError
-from .interface import Backend, Encoded, StepOutput, step_feeds
+from .interface import Backend, BatchLimits, Encoded, StepOutput, step_feeds
 
-__all__ = ["BACKENDS", "Backend", "Encoded", "StepOutput", "step_feeds", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "BatchLimits", "Encoded", "StepOutput", "step_feeds", "load_backend"]
 
 BACKENDS = ("torch", "ort", "trt")
 

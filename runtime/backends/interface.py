@@ -57,6 +57,15 @@ class StepOutput:
         )
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """The largest step a backend can run (a TensorRT engine's optimization profile); None: no
+    limit. The search engine admits no more sentences or rows than this per decoder step."""
+
+    rows: int | None = None
+    sentences: int | None = None
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the search needs of a backend.
@@ -64,13 +73,15 @@ class Backend(Protocol):
     ``cfg``: the model's configuration; ``topk``: k of the step graph's in-graph top-k;
     ``step_spec``: the step graph's interface (``decoder_step`` or, for a backend opened for a
     vocabulary shortlist, ``decoder_step_shortlist``, which also takes ``candidates``);
-    ``float_dtype``: the dtype of the caches and cross K/V the step takes.
+    ``float_dtype``: the dtype of the caches and cross K/V the step takes; ``limits``: the largest
+    step it runs.
     """
 
     cfg: ModelConfig
     topk: int
     step_spec: GraphSpec
     float_dtype: np.dtype
+    limits: BatchLimits
 
     def encode(self, src_tokens: np.ndarray) -> Encoded:
         """src_tokens [batch, src_len] int64, left-padded -> the encoder's cross K/V."""

@@ -15,7 +15,7 @@ import numpy as np
 from ..artifact import Artifact, check_can_decode, open_artifact, verify_files
 from ..errors import ArtifactError, InputError
 from ..graphs import SHORTLIST_STEP, cross_names, per_layer
-from .interface import Encoded, StepOutput, step_output_shapes
+from .interface import BatchLimits, Encoded, StepOutput, step_output_shapes
 
 
 def session_options(threads: int | None = None):
@@ -83,6 +83,7 @@ class OrtBackend:
         self.topk = int(self.step_spec.outputs[0].shape[-1])
         self.float_dtype = np.dtype(self.step_spec.outputs[-1].dtype)
         self._cross_names = per_layer(self.cfg, cross_names)
+        self.limits = BatchLimits()
 
     @classmethod
     def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, shortlist: bool = False,

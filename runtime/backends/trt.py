@@ -66,7 +66,7 @@ from ..artifact import Artifact, check_can_decode, open_artifact
 from ..config import ModelConfig
 from ..errors import ArtifactError, DeltaLMError, InputError
 from ..graphs import GraphSpec, cross_names, per_layer
-from .interface import Encoded, StepOutput, step_output_shapes
+from .interface import BatchLimits, Encoded, StepOutput, step_output_shapes
 
 ENGINE_GRAPHS = ("encoder", "decoder_step")
 # The one statement of the supported TensorRT versions: first supported, first unsupported.
@@ -463,6 +463,7 @@ class TrtBackend:
         self.topk = int(self.step_spec.outputs[0].shape[-1])
         self.float_dtype = self.step_engine.dtypes[self._cross_names[0]]
         self.max_target_len = self.step_engine.axes["cache_len"][2]
+        self.limits = BatchLimits(rows=self.step_engine.axes["rows"][2], sentences=self.step_engine.axes["sents"][2])
 
     @classmethod
     def from_artifact(cls, path, device: str = "cuda", threads: int | None = None, **_) -> "TrtBackend":
