@@ -661,3 +661,68 @@ def test_the_page_and_the_docs_need_nothing_from_outside(server):
                 assert resp.status == 200 and len(resp.read()) > 0, url
             finally:
                 conn.close()
+
+
+def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_before_it(tiny):
+    """64 clients, each a new connection per request (a third streamed, half of those cut after
+    their first event); SIGTERM while they run. A request whose connection was made before the
+    signal gets an HTTP answer (200 or 503), never a reset; the process exits 0."""
+    import random
+
+    s = Server(tiny.artifact)
+    stop = threading.Event()
+    lock = threading.Lock()
+    outcomes = []  # (connected at, what: status / "cut" / exception name, streamed)
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        for k in range(200):  # bounded; normally ended by the shutdown
+            if stop.is_set():
+                return
+            streamed, cut = rng.random() < 1 / 3, rng.random() < 0.5
+            body = json.dumps({"text": [SENTENCES[(c + k) % len(SENTENCES)]], "beam": 2,
+                               "max_len_b": rng.randint(3, 12), "stream": streamed}).encode()
+            connected = None
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=WAIT_S)
+                conn.connect()
+                connected = time.monotonic()
+                conn.request("POST", "/v1/translate", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                if streamed and cut and resp.status == 200:
+                    sse_events(resp, stop_after=1)
+                    what = "cut"
+                elif streamed and resp.status == 200:
+                    events = sse_events(resp)
+                    assert events[-1] == "[DONE]" and "nbest" in events[-2], events
+                    what = 200
+                else:
+                    answer = json.loads(resp.read())
+                    assert ("results" in answer) == (resp.status == 200), answer
+                    what = resp.status
+                conn.close()
+            except (OSError, http.client.HTTPException) as e:
+                what = type(e).__name__
+            with lock:
+                outcomes.append((connected, what, streamed))
+            if what not in (200, "cut"):
+                return  # 503 shutting_down, or the server is gone
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(64)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: sum(o[1] in (200, "cut") for o in outcomes) >= 64, "64 answers before the signal")
+        signalled = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=WAIT_S) == 0
+        for t in threads:
+            t.join(timeout=WAIT_S)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        stop.set()
+        s.stop()
+    before = [o for o in outcomes if o[0] is not None and o[0] < signalled]
+    assert all(what in (200, 503, "cut") for _, what, _ in before), [o for o in before if o[1] not in (200, 503, "cut")]
+    assert any(what == 503 for _, what, _ in outcomes)  # the signal came while clients were sending
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
