@@ -37,6 +37,7 @@ from deltalm import Finished, Partial, PartialTranslation, Sentence, Translation
 from deltalm.errors import DecodeError
 
 BATCHING_MODES = ("inflight", "request")
+REPORT_EVERY_S = 0.5  # step reports (metrics) reach the event loop at least this often while decoding
 
 
 class QueueFull(Exception):
@@ -126,6 +127,8 @@ class Scheduler:
 
     def __init__(self, translator: Translator, scheduling: Scheduling,
                  on_step: Callable[[StepReport, list[Translation]], None] | None = None) -> None:
+        """``on_step(report, finished)``: on the event loop, for every engine step (in order, at
+        the latest ``REPORT_EVERY_S`` after it), with the translations it finished."""
         if scheduling.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {scheduling.batching!r}")
         self.translator = translator
@@ -237,7 +240,7 @@ class Scheduler:
         return max(1, min(60, math.ceil(waiting / rate)))
 
     # -- back on the event loop
-    def _deliver(self, events: list, failures: list[tuple[list, BaseException]], report: StepReport | None) -> None:
+    def _deliver(self, events: list, failures: list[tuple[list, BaseException]], reports: list[StepReport]) -> None:
         now = time.monotonic()
         finished: list[Translation] = []
         for event in events:
@@ -265,8 +268,8 @@ class Scheduler:
                         with self._cond:
                             self._inbox.append(("cancel", rest))
                             self._cond.notify()
-        if report is not None:
-            self.on_step(report, finished)
+        for k, report in enumerate(reports):
+            self.on_step(report, finished if k == len(reports) - 1 else [])
         self._check_idle()
 
     # -- the worker thread
@@ -280,6 +283,8 @@ class Scheduler:
         pending: deque[tuple[Hashable, float, int]] = deque()
         flushing = False
         free_since = last_batch_s = batch_start = 0.0
+        reports: list[StepReport] = []  # not yet handed to the event loop
+        reported = time.monotonic()
 
         def forget(key: Hashable) -> None:
             in_engine.discard(key)
@@ -366,5 +371,10 @@ class Scheduler:
                 last_batch_s = free_since - batch_start
             with self._cond:
                 self._engine_waiting = engine.waiting
-            report = StepReport(seconds, engine.rows_last, engine.admitted_last, engine.live_rows, engine.waiting)
-            self._loop.call_soon_threadsafe(self._deliver, kept, failures, report)
+            reports.append(StepReport(seconds, engine.rows_last, engine.admitted_last, engine.live_rows, engine.waiting))
+            # wake the event loop only when there is something to route (or the reports are old):
+            # a wake-up per step costs each step a GIL hand-over
+            now = time.monotonic()
+            if kept or failures or engine.idle or now - reported >= REPORT_EVERY_S:
+                self._loop.call_soon_threadsafe(self._deliver, kept, failures, reports)
+                reports, reported = [], now
