@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .loadgen import Call, run_load
+from .loadgen import Call, LoadResult, run_load
 
 
 def _log(msg: str) -> None:
@@ -57,6 +57,7 @@ class BenchPlan:
     short_tokens: tuple[int, int] = (5, 10)  # mixed: target tokens of a short request (drawn uniformly)
     think_ms: float = 100.0  # mixed: a client waits U(0, think_ms) before each request
     stagger_s: float = 2.0  # mixed: a client's first request waits U(0, stagger_s)
+    rounds: int = 3  # a cell's duration is split into rounds, the modes taking turns
 
 
 def sentences() -> list[str]:
@@ -189,24 +190,46 @@ def make_calls(workload: str, plan: BenchPlan, long_texts: list[str]):
     return call
 
 
-def measure_cell(server: ServerProcess, mode: str, workload: str, clients: int, plan: BenchPlan, calls) -> dict:
+@dataclass
+class _Cell:
+    """What the rounds of one (workload, clients, mode) cell add up to."""
+
+    result: LoadResult
+    steps: float = 0.0
+    rows: float = 0.0
+    step_s: float = 0.0
+    loads: list = None
+
+
+def measure_round(server: ServerProcess, cell: _Cell, clients: int, duration_s: float, calls) -> None:
     before = server.metrics()
-    load0 = os.getloadavg()[0]
-    res = run_load(server.url, calls, clients, plan.duration_s)
+    cell.loads.append(round(os.getloadavg()[0], 2))
+    res = run_load(server.url, calls, clients, duration_s)
     after = server.metrics()
-    steps = after["deltalm_serve_step_rows_count"] - before["deltalm_serve_step_rows_count"]
-    rows = after["deltalm_serve_step_rows_sum"] - before["deltalm_serve_step_rows_sum"]
-    step_s = after["deltalm_serve_step_seconds_sum"] - before["deltalm_serve_step_seconds_sum"]
-    cell = {"mode": mode, "workload": workload, **res.summary(),
-            "mean_rows_per_step": round(rows / steps, 2) if steps else None,
-            "mean_step_ms": round(1000 * step_s / steps, 1) if steps else None,
-            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    cell.loads.append(round(os.getloadavg()[0], 2))
+    cell.result.add(res)
+    cell.steps += after["deltalm_serve_step_rows_count"] - before["deltalm_serve_step_rows_count"]
+    cell.rows += after["deltalm_serve_step_rows_sum"] - before["deltalm_serve_step_rows_sum"]
+    cell.step_s += after["deltalm_serve_step_seconds_sum"] - before["deltalm_serve_step_seconds_sum"]
+
+
+def summarize(mode: str, workload: str, cell: _Cell) -> dict:
+    steps = cell.steps
+    out = {"mode": mode, "workload": workload, **cell.result.summary(),
+           "mean_rows_per_step": round(cell.rows / steps, 2) if steps else None,
+           "mean_step_ms": round(1000 * cell.step_s / steps, 1) if steps else None,
+           "loadavg_1m": [min(cell.loads), max(cell.loads)]}
+    log_cell(out)
+    return out
+
+
+def log_cell(cell: dict) -> None:
+    clients, mode, workload = cell["clients"], cell["mode"], cell["workload"]
     kinds = cell.get("by_kind", {})
     lat = " ".join(f"{k} p50/p99 {v['latency_ms']['p50']}/{v['latency_ms']['p99']} ms" for k, v in kinds.items()) or \
         f"p50/p99 {cell.get('latency_ms', {}).get('p50')}/{cell.get('latency_ms', {}).get('p99')} ms"
     _log(f"  {workload:7s} {mode:8s} {clients:3d} clients: {cell.get('sentences_per_s')} sent/s, "
          f"{cell.get('tokens_per_s')} tok/s, {lat}, rows/step {cell['mean_rows_per_step']}, load {cell['loadavg_1m']}")
-    return cell
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -261,8 +284,8 @@ def format_markdown(report: dict) -> str:
            f"{report['machine']}. Servers: `deltalm serve --threads {plan['threads']} --max-batch-rows "
            f"{plan['max_batch_rows']}`, `--batching inflight` and `--batching request --max-wait-ms "
            f"{plan['max_wait_ms']:g}`, both up for the whole run, their cells interleaved. Each client sends one "
-           f"sentence a request, the next once answered, for {plan['duration_s']:g} s a cell (then the requests in "
-           f"flight finish); beam {plan['beam']}. Load generator: threads in one process on the same machine. "
+           f"sentence a request, the next once answered, for {plan['duration_s']:g} s a cell in {plan['rounds']} rounds, "
+           f"the two servers taking turns (after each round the requests in flight finish); beam {plan['beam']}. Load generator: threads in one process on the same machine. "
            f"Load average (1 min) at the start {report['loadavg_1m_start']}, at the end {report.get('loadavg_1m_end')}.",
            "",
            f"Reference, `deltalm translate` answering one line at a time through a pipe (warm process, "
@@ -368,9 +391,14 @@ def run_bench(artifact: Path, model_name: str, out: Path, plan: BenchPlan) -> di
         for workload in plan.workloads:
             calls = make_calls(workload, plan, long_texts)
             for clients in plan.clients:
-                for mode in plan.modes:
-                    report["cells"].append(measure_cell(servers[mode], mode, workload, clients, plan, calls))
-                    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+                # the modes take turns, round by round, so that a change of the machine's load
+                # falls on both
+                cells = {mode: _Cell(LoadResult(clients), loads=[]) for mode in plan.modes}
+                for _ in range(plan.rounds):
+                    for mode in plan.modes:
+                        measure_round(servers[mode], cells[mode], clients, plan.duration_s / plan.rounds, calls)
+                report["cells"] += [summarize(mode, workload, cells[mode]) for mode in plan.modes]
+                (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
         codes = {mode: server.stop() for mode, server in servers.items()}
     if any(codes.values()):

@@ -42,6 +42,22 @@ class LoadResult:
     samples: list[Sample] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # transport errors (no HTTP status)
 
+    walls: list[float] = field(default_factory=list)  # of the runs added (add)
+
+    def add(self, other: "LoadResult") -> None:
+        """Count the samples of another run of the same clients as part of this one (its time
+        added to this one's)."""
+        self.samples += other.samples
+        self.failures += other.failures
+        self.walls += other.walls or [other.wall()]
+
+    def wall(self) -> float:
+        """From the first request sent to the last answer received (summed over added runs)."""
+        if self.walls:
+            return sum(self.walls)
+        ok = self.ok
+        return max(s.end for s in ok) - min(s.start for s in self.samples) if ok else 0.0
+
     @property
     def ok(self) -> list[Sample]:
         return [s for s in self.samples if s.status == 200]
@@ -50,7 +66,7 @@ class LoadResult:
         ok = self.ok
         if not ok:
             return {"clients": self.clients, "requests": len(self.samples), "ok": 0, "failures": len(self.failures)}
-        wall = max(s.end for s in ok) - min(s.start for s in self.samples)
+        wall = self.wall()
         out = {
             "clients": self.clients,
             "requests": len(self.samples),

@@ -99,6 +99,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out/serve", help="where bench.json / bench.md / bench.png go")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients per cell (default %(default)s)")
     parser.add_argument("--duration-s", type=float, default=10.0, help="per cell (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="a cell's duration in this many rounds, the two servers taking turns (default %(default)s)")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--length", type=int, default=20, help="target tokens forced per sentence (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the server's backend (default %(default)s)")
@@ -125,8 +127,8 @@ def run_bench(args) -> int:
         clients = tuple(int(c) for c in args.clients.split(","))
     except ValueError:
         raise InputError(f"--clients takes numbers separated by commas, got {args.clients!r}") from None
-    if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1:
-        raise InputError("--clients, --duration-s, --length and --beam must be positive")
+    if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1 or args.rounds < 1:
+        raise InputError("--clients, --duration-s, --length, --beam and --rounds must be positive")
     out = Path(args.out)
     if args.model in ("tiny", "base"):
         from deltalm.serve.bench import prepare_artifact
@@ -139,7 +141,7 @@ def run_bench(args) -> int:
     plan = BenchPlan(clients, args.beam, args.length, args.duration_s, args.threads,
                      max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
                      modes=tuple(args.modes.split(",")), workloads=tuple(args.workloads.split(",")),
-                     long_share=args.long_share, long_tokens=args.long_tokens)
+                     long_share=args.long_share, long_tokens=args.long_tokens, rounds=args.rounds)
     if not set(plan.modes) <= {"inflight", "request"}:
         raise InputError(f"--modes takes inflight and / or request, got {args.modes!r}")
     if not set(plan.workloads) <= {"uniform", "mixed"}:
