@@ -218,11 +218,15 @@ def test_result_records_have_the_shape_of_translate_jsonl(server, cli_reference)
         assert_same_translation(result, cli_reference["beam2-nbest2"][i])
 
 
-def test_sampling_with_a_seed_answers_each_sentence(server):
-    status, _, body = translate(server.port, SENTENCES[:2], sampling=True, beam=3, nbest=3, seed=7,
-                                sampling_topk=5, max_len_b=6)
+def test_sampling_with_a_seed_draws_per_sentence_as_the_library_does(server, translator):
+    options = {"sampling": True, "beam": 3, "nbest": 3, "seed": 7, "sampling_topk": 5, "max_len_b": 6}
+    status, _, body = translate(server.port, SENTENCES[:2], **options)
     assert status == 200
     assert [len(r["nbest"]) for r in body["results"]] == [3, 3]
+    # each sentence draws from a generator seeded by (seed, its position in the request), whatever
+    # else decodes: the library's results for the same request
+    for got, want in zip(body["results"], translator.translate_batch(SENTENCES[:2], **options)):
+        assert_same_translation(got, want.to_dict())
 
 
 def test_health_ready_and_openapi(server):
