@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import queue
 import re
 import signal
@@ -669,8 +670,9 @@ def test_the_page_and_the_docs_need_nothing_from_outside(server):
 
 def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_before_it(tiny):
     """64 clients, each a new connection per request (a third streamed, half of those cut after
-    their first event); SIGTERM while they run. A request whose connection was made before the
-    signal gets an HTTP answer (200 or 503), never a reset; the process exits 0."""
+    their first event), and 32 connections waiting in the accept queue; SIGTERM while they run. A
+    request whose connection was made before the signal gets an HTTP answer (200 or 503), never a
+    reset; the process exits 0."""
     import random
 
     s = Server(tiny.artifact)
@@ -717,8 +719,32 @@ def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_be
         for t in threads:
             t.start()
         wait_for(lambda: sum(o[1] in (200, "cut") for o in outcomes) >= 64, "64 answers before the signal")
-        signalled = time.monotonic()
-        s.proc.send_signal(signal.SIGTERM)
+        # and a burst the server has not accepted yet: made while it is stopped, so that at the
+        # signal they wait in the kernel's accept queue with their requests sent
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            burst = [socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S) for _ in range(32)]
+            body = json.dumps({"text": [SENTENCES[0]], "beam": 1, "max_len_b": 3}).encode()
+            for sock in burst:
+                sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            signalled = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        for sock in burst:
+            received = b""
+            try:
+                while b"\r\n" not in received:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+            except OSError as e:
+                received = repr(e).encode()
+            finally:
+                sock.close()
+            assert received.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")), received
         assert s.proc.wait(timeout=WAIT_S) == 0
         for t in threads:
             t.join(timeout=WAIT_S)
