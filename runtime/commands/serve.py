@@ -135,7 +135,9 @@ def run_bench(args) -> int:
 
         artifact, name = prepare_artifact(args.model, out), args.model
     else:
-        artifact, name = Path(args.model), Path(args.model).name
+        artifact = Path(args.model)
+        # an export's directory is often named "artifact": the report names its parent then
+        name = artifact.resolve().parent.name if artifact.name == "artifact" else artifact.name
         if not (artifact / "manifest.json").exists():
             raise InputError(f"--model {args.model}: not tiny, base or an artifact directory")
     plan = BenchPlan(clients, args.beam, args.length, args.duration_s, args.threads,
