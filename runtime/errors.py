@@ -39,6 +39,16 @@ class SentenceError(InputError):
         super().__init__(f"{source or 'input'} line {index + 1}{joint}{reason}")
 
 
+class SentenceTooLong(SentenceError):
+    """A sentence with more source tokens (``length``, ``</s>`` and the source prefix included)
+    than the model's positions (``limit``), translated without ``truncate``."""
+
+    def __init__(self, index: int, length: int, limit: int, source: str | None = None):
+        self.length, self.limit = length, limit
+        super().__init__(index, f"has {length} source tokens (with </s> and the source prefix); the model takes at "
+                                f"most {limit}. Pass --truncate to cut it", source)
+
+
 class DecodeError(DeltaLMError):
     """The backend failed while encoding or decoding a batch. ``keys`` are the sentences it was
     working on (as the caller named them to ``Engine.add``); ``cause`` the backend's exception."""

@@ -546,6 +546,7 @@ class Engine:
         self._lanes: dict[int, _Lane] = {}
         self.steps = 0  # decoder steps run (one per lane and engine step)
         self.admitted_last = 0  # sentences admitted by the last step()
+        self.rows_last = 0  # rows (hypotheses) the last step() decoded, over every lane
 
     # -- state
     @property
@@ -629,15 +630,22 @@ class Engine:
         return False
 
     # -- the loop
-    def step(self) -> list:
+    def step(self, admit: bool = True) -> list:
         """Admit what fits (one encoder run for all arrivals), advance every live sentence by one
         token, retire the finished ones. Returns this step's events. A failure of the backend is
-        a ``DecodeError`` naming the sentences of the failed run."""
-        self._admit()
+        a ``DecodeError`` naming the sentences of the failed run. ``admit=False``: no waiting
+        sentence joins at this step (a scheduler that runs a batch to its end before the next,
+        e.g. ``deltalm serve --batching request``, admits only while nothing is live)."""
+        if admit:
+            self._admit()
+        else:
+            self.admitted_last = 0
         events: list = []
+        self.rows_last = 0
         for group in sorted(self._lanes):
             lane = self._lanes[group]
             if lane.live:
+                self.rows_last += lane.rows
                 try:
                     events += lane.step()
                 except DeltaLMError:

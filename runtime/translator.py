@@ -41,7 +41,7 @@ import numpy as np
 from .artifact import MANIFEST, read_manifest, verify_files
 from .atomic import previous_artifact_of
 from .backends import BACKENDS, Backend, load_backend
-from .errors import DecodeError, DeltaLMError, InputError, SentenceError
+from .errors import DecodeError, DeltaLMError, InputError, SentenceError, SentenceTooLong
 from .options import OptionError, TranslateOptions
 from .scoring import Score, score_pairs
 from .search import Engine, Finished, Hypothesis, Partial, Sentence
@@ -274,9 +274,17 @@ class Translator:
         return opts
 
     def _prefixes(self, opts: TranslateOptions) -> tuple[list[int], list[int]]:
+        """The source and forced target prefix ids of ``opts``; a symbol the dictionary lacks is an
+        ``OptionError`` naming the option."""
         tok = self.tokenizer
-        src = tok.src_prefix if opts.src_prefix is None else tok.encode_source_prefix(opts.src_prefix)
-        tgt = self.tgt_prefix if opts.tgt_prefix is None else tok.encode_target_prefix(opts.tgt_prefix)
+        try:
+            src = tok.src_prefix if opts.src_prefix is None else tok.encode_source_prefix(opts.src_prefix)
+        except DeltaLMError as e:
+            raise OptionError("src_prefix", f"{opts.src_prefix}: {e}") from None
+        try:
+            tgt = self.tgt_prefix if opts.tgt_prefix is None else tok.encode_target_prefix(opts.tgt_prefix)
+        except DeltaLMError as e:
+            raise OptionError("tgt_prefix", f"{opts.tgt_prefix}: {e}") from None
         return src, tgt
 
     def prepare(self, lines: Sequence[str | bytes], options: TranslateOptions, *, start: int = 0,
@@ -315,8 +323,7 @@ class Translator:
                 continue
             if len(ids) > max_src:
                 if not options.truncate:
-                    raise SentenceError(index, f"has {len(ids)} source tokens (with </s> and the source prefix); the "
-                                               f"model takes at most {max_src}. Pass --truncate to cut it", source)
+                    raise SentenceTooLong(index, len(ids), max_src, source)
                 self._warn(f"{source or 'input'} line {index + 1}: {len(ids)} source tokens, truncated to the "
                            f"model's {max_src}")
                 ids = ids[: max_src - 1] + [tok.eos]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import select
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 import uvicorn
@@ -47,11 +49,53 @@ class _Server(uvicorn.Server):
     """uvicorn's server, but a signal ends it gracefully and is not re-raised at the end (uvicorn
     re-raises it so that the process dies of the signal: exit code -15 instead of 0). The first
     SIGTERM / SIGINT also tells the service to stop taking requests and to decode what is queued
-    without waiting for more; a second SIGINT forces the exit."""
+    without waiting for more; a second SIGINT forces the exit.
 
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+    Shutdown keeps the listening socket open until every accepted request is answered, answering
+    what comes meanwhile with 503 (uvicorn closes it first: the connections the kernel had
+    completed into its accept queue, and the requests already sent on idle kept-alive connections,
+    were then reset unanswered)."""
+
+    # after the last accepted request is answered, how long connections still waiting in the
+    # accept queue (or requests unread on idle connections) are taken in and answered 503, at most
+    LAST_CALL_S = 2.0
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None], service) -> None:
         super().__init__(config)
         self._on_signal = on_signal
+        self._service = service
+
+    async def shutdown(self, sockets=None) -> None:
+        while not self.force_exit:
+            try:
+                await asyncio.wait_for(self._service.wait_answered(), 0.1)
+                break
+            except asyncio.TimeoutError:
+                continue
+        last_call = time.monotonic() + self.LAST_CALL_S
+        while not self.force_exit and time.monotonic() < last_call and (
+                self._service.accepted or self._queued_connections() or self._unread_requests()):
+            await asyncio.sleep(0.01)  # the event loop accepts and reads them
+        await super().shutdown(sockets)
+
+    def _queued_connections(self) -> bool:
+        """A connection waits in a listening socket's accept queue (the socket is readable)."""
+        fds = [sock.fileno() for server in self.servers for sock in server.sockets]
+        return bool(fds) and bool(select.select(fds, [], [], 0)[0])
+
+    def _unread_requests(self) -> bool:
+        """An idle connection (no request in progress) has bytes the server has not read: closing it
+        now would reset it."""
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if (cycle is not None and not cycle.response_complete) or transport is None or transport.is_closing():
+                continue
+            buffered = getattr(getattr(connection, "conn", None), "trailing_data", (b"", False))[0]
+            sock = transport.get_extra_info("socket")
+            if buffered or (sock is not None and select.select([sock.fileno()], [], [], 0)[0]):
+                return True
+        return False
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -79,7 +123,7 @@ def serve_app(app: FastAPI, host: str, port: int, on_ready: Callable[[str], None
     service = app.state.service
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None)
-    server = _Server(config, service.begin_drain)
+    server = _Server(config, service.begin_drain, service)
 
     async def main() -> None:
         serving = asyncio.get_running_loop().create_task(server.serve())

@@ -59,6 +59,8 @@ def test_the_wheel_has_one_top_level_package_and_the_presets(wheel):
     for preset in ("deltalm-base", "deltalm-large", "tiny"):
         assert f"deltalm/configs/{preset}.json" in names
     assert "deltalm/export/pipeline.py" in names and "deltalm/backends/ort.py" in names
+    for page in ("index.html", "page.js", "page.css"):  # deltalm serve's page
+        assert f"deltalm/serve/static/{page}" in names
 
 
 def test_the_wheel_declares_what_each_command_needs(wheel):

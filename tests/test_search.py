@@ -327,6 +327,17 @@ def test_budget_admits_sentences_as_rows_free_up(fake_backend):
     assert sorted(done) == [0, 1, 2]
 
 
+def test_a_step_without_admission_lets_nobody_join(fake_backend):
+    engine = Engine(fake_backend(vocab=9, seed=3))
+    engine.add("a", Sentence((4, EOS), Options(beam=2, min_len=3, max_len_b=3)))
+    engine.step()
+    engine.add("b", Sentence((5, EOS), Options(beam=3, min_len=1, max_len_b=1)))
+    engine.step(admit=False)
+    assert (engine.live, engine.waiting, engine.admitted_last, engine.rows_last) == (1, 1, 0, 2)
+    engine.step()
+    assert (engine.live, engine.waiting, engine.admitted_last, engine.rows_last) == (2, 0, 1, 2 + 3)
+
+
 def test_partial_events_report_the_best_live_hypothesis(fake_backend):
     engine = Engine(fake_backend(vocab=9, seed=4), partials=True)
     engine.add("x", Sentence((4, EOS), Options(beam=2, nbest=1, min_len=4, max_len_b=4)))

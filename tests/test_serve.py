@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import queue
 import re
 import signal
@@ -168,9 +169,10 @@ def server(tiny):
 
 @pytest.fixture(scope="module")
 def held_server(tiny):
-    """Sentences wait up to 5 s for a batch (unless 64 come); the queue holds 4; timeout 2 s."""
-    s = Server(tiny.artifact, "--max-wait-ms", "5000", "--max-batch-sentences", "64", "--max-queue-sentences", "4",
-               "--timeout-s", "2")
+    """Request-level batching: sentences wait up to 5 s for a batch (unless 320 rows come); the
+    queue holds 4; timeout 2 s."""
+    s = Server(tiny.artifact, "--batching", "request", "--max-wait-ms", "5000", "--max-batch-rows", "320",
+               "--max-queue-sentences", "4", "--timeout-s", "2")
     yield s
     assert s.stop() == 0
     assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
@@ -179,10 +181,10 @@ def held_server(tiny):
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def test_concurrent_clients_share_batches_and_get_the_cli_outputs(tiny, cli_reference):
-    # 8 clients at once, 2 option sets, 3 sentences each: a batch is decoded only when the 12
-    # sentences of its option set are there (or after 20 s), so each batch holds 4 requests
-    s = Server(tiny.artifact, "--max-wait-ms", "20000", "--max-batch-sentences", "12")
+@pytest.mark.parametrize("batching", ["inflight", "request"])
+def test_concurrent_clients_share_steps_and_get_the_cli_outputs(tiny, cli_reference, batching):
+    # 8 clients at once, 2 option sets (two beam sizes decoding side by side), 3 sentences each
+    s = Server(tiny.artifact, "--batching", batching)
     try:
         jobs = []
         for client in range(8):
@@ -198,10 +200,10 @@ def test_concurrent_clients_share_batches_and_get_the_cli_outputs(tiny, cli_refe
             for result, i in zip(body["results"], picks):
                 assert_same_translation(result, cli_reference[name][i])
         m = metrics(s.port)
-        assert m[("deltalm_serve_batch_sentences_count", ())] == 2
-        assert m[("deltalm_serve_batch_sentences_sum", ())] == 24
-        assert m[("deltalm_serve_batch_requests_sum", ())] == 8
-        assert m[("deltalm_serve_sentences_total", ())] == 24
+        assert m[("deltalm_serve_sentences_total", ())] == 24 + 1  # and the warm-up sentence
+        assert m[("deltalm_serve_admitted_sentences_sum", ())] == 24 + 1
+        assert m[("deltalm_serve_step_rows_count", ())] == m[("deltalm_serve_step_seconds_count", ())] > 0
+        assert m[("deltalm_serve_live_rows", ())] == 0
     finally:
         assert s.stop() == 0
 
@@ -217,11 +219,15 @@ def test_result_records_have_the_shape_of_translate_jsonl(server, cli_reference)
         assert_same_translation(result, cli_reference["beam2-nbest2"][i])
 
 
-def test_sampling_with_a_seed_answers_each_sentence(server):
-    status, _, body = translate(server.port, SENTENCES[:2], sampling=True, beam=3, nbest=3, seed=7,
-                                sampling_topk=5, max_len_b=6)
+def test_sampling_with_a_seed_draws_per_sentence_as_the_library_does(server, translator):
+    options = {"sampling": True, "beam": 3, "nbest": 3, "seed": 7, "sampling_topk": 5, "max_len_b": 6}
+    status, _, body = translate(server.port, SENTENCES[:2], **options)
     assert status == 200
     assert [len(r["nbest"]) for r in body["results"]] == [3, 3]
+    # each sentence draws from a generator seeded by (seed, its position in the request), whatever
+    # else decodes: the library's results for the same request
+    for got, want in zip(body["results"], translator.translate_batch(SENTENCES[:2], **options)):
+        assert_same_translation(got, want.to_dict())
 
 
 def test_health_ready_and_openapi(server):
@@ -233,7 +239,8 @@ def test_health_ready_and_openapi(server):
     from deltalm import TranslateOptions
     import dataclasses
 
-    assert set(schema["properties"]) == {"text"} | {f.name for f in dataclasses.fields(TranslateOptions)}
+    assert set(schema["properties"]) == {"text", "stream", "target_prefix"} | {f.name for f in
+                                                                             dataclasses.fields(TranslateOptions)}
     assert "sampling_topk" in schema["properties"] and "topk" not in schema["properties"]
 
 
@@ -377,8 +384,9 @@ def test_metrics_parse_as_prometheus_text_and_count_errors(server):
     request(server.port, "POST", "/v1/translate", b"not json")
     assert translate(server.port, [SENTENCES[2]], beam=1, max_len_b=4)[0] == 200
     after = metrics(server.port)
-    for name in ("deltalm_serve_request_seconds_bucket", "deltalm_serve_batch_sentences_bucket",
-                 "deltalm_serve_queue_sentences", "deltalm_serve_tokens_per_second", "deltalm_serve_ready"):
+    for name in ("deltalm_serve_request_seconds_bucket", "deltalm_serve_step_rows_bucket",
+                 "deltalm_serve_step_seconds_bucket", "deltalm_serve_admitted_sentences_bucket",
+                 "deltalm_serve_live_rows", "deltalm_serve_queue_sentences", "deltalm_serve_ready"):
         assert any(key[0] == name for key in after), name
     assert after[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] == \
         before[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] + 1
@@ -408,7 +416,7 @@ def test_timeout_is_504_and_frees_the_queue(held_server):
     port = held_server.port
     status, _, body = translate(port, SENTENCES[:2], beam=1, max_len_b=4)
     assert_error(status, body, 504, "timeout", "2 s")
-    assert queued(port) == 0
+    wait_for(lambda: queued(port) == 0, "the queue to empty")
     # the room is there again
     with ThreadPoolExecutor(1) as pool:
         again = pool.submit(translate, port, SENTENCES[:4], beam=1, max_len_b=4)
@@ -457,7 +465,7 @@ def _own_addresses() -> list[str]:
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny, cli_reference):
-    s = Server(tiny.artifact, "--max-wait-ms", "20000", "--max-batch-sentences", "64")
+    s = Server(tiny.artifact, "--batching", "request", "--max-wait-ms", "20000", "--max-batch-rows", "320")
     try:
         jobs = [[k % len(SENTENCES), (k + 1) % len(SENTENCES)] for k in range(6)]
         with ThreadPoolExecutor(len(jobs)) as pool:
@@ -478,64 +486,308 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny, cli
     assert "Traceback" not in "".join(s.stderr)
 
 
-# --- the batcher in-process (real Translator), for what HTTP timing cannot pin down ----------------
+# --- in-flight batching ------------------------------------------------------------------------------
 
 
-def _run_batcher(tiny, submissions, max_wait_s=0.0, max_batch_sentences=32):
-    """Submit every (texts, options) at once (before the schedule runs), wait for all; returns
-    (results per submission, batch reports)."""
-    import asyncio
-
-    from deltalm import TranslateOptions, Translator
-    from deltalm.serve.batcher import Batcher, BatchLimits
-
-    reports = []
-
-    async def main(translator):
-        batcher = Batcher(translator, BatchLimits(max_batch_sentences, 4096, max_wait_s, 100), reports.append)
-        batcher.start()
-        tok = translator.tokenizer
-        futures = []
-        for texts, options in submissions:
-            lengths = [len(tok.encode(t, tok.src_prefix)) for t in texts]
-            futures.append(batcher.submit(texts, lengths, TranslateOptions.from_mapping(options))[1])
-        results = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
-        await asyncio.wait_for(batcher.drain(), WAIT_S)
-        return results
-
-    with Translator(tiny.artifact, threads=1) as translator:
-        results = asyncio.run(main(translator))
-        alone = [[translator.translate_batch([t], **options)[0] for t in texts] for texts, options in submissions]
-    return results, reports, alone
-
-
-def test_batcher_groups_requests_by_options_in_arrival_order(tiny):
-    a, b = {"beam": 2, "max_len_b": 5}, {"beam": 3, "max_len_b": 5}
-    submissions = [(SENTENCES[:2], a), (SENTENCES[2:3], b), (SENTENCES[3:5], a)]
-    results, reports, alone = _run_batcher(tiny, submissions)
-    assert [(r.sentences, r.requests) for r in reports] == [(4, 2), (1, 1)]
-    for got, want in zip(results, alone):
-        assert [t.index for t in got] == list(range(len(want)))
-        assert [t.hypotheses[0].tokens for t in got] == [t.hypotheses[0].tokens for t in want]
-
-
-def test_batcher_splits_a_request_over_batches_of_the_size_limit(tiny):
-    results, reports, alone = _run_batcher(tiny, [(SENTENCES[:5], {"beam": 1, "max_len_b": 4})],
-                                           max_batch_sentences=2)
-    assert [r.sentences for r in reports] == [2, 2, 1]
-    assert [t.hypotheses[0].tokens for t in results[0]] == [t.hypotheses[0].tokens for t in alone[0]]
-
-
-def test_batcher_with_max_len_a_batches_only_equal_source_lengths(tiny):
-    # the maximum length is max_len_a x padded source width: batched with a longer sentence, a
-    # short one could grow longer than when translated alone
-    options = {"beam": 2, "max_len_a": 1.0, "max_len_b": 0, "min_len": 0}
-    texts = ["Ja.", "Die Katze sieht den roten Apfel im Garten.", "Nein."]
-    results, reports, alone = _run_batcher(tiny, [(texts, options)])
+@pytest.fixture(scope="module")
+def translator(tiny):
+    """The tests' reference: the library, each sentence decoded alone."""
     from deltalm import Translator
 
-    with Translator(tiny.artifact, threads=1) as translator:
-        lengths = [len(translator.tokenizer.encode(t)) for t in texts]
-    assert sorted(r.sentences for r in reports) == sorted([lengths.count(n) for n in set(lengths)])
-    for got, want in zip(results[0], alone[0]):
-        assert got.hypotheses[0].tokens == want.hypotheses[0].tokens
+    with Translator(tiny.artifact, threads=1) as t:
+        yield t
+
+
+def alone(translator, text: str, **options) -> dict:
+    return translator.translate_batch([text], **options)[0].to_dict()
+
+
+def live_rows(port: int) -> float:
+    return metrics(port)[("deltalm_serve_live_rows", ())]
+
+
+def test_a_short_request_is_answered_long_before_a_long_batch_ends(tiny, translator):
+    # forced lengths: the long sentences take 500 steps (of 6 x 8 rows: seconds even on an idle
+    # machine), the short one 4
+    long_opts, short_opts = {"beam": 8, "min_len": 500, "max_len_b": 500}, {"beam": 5, "min_len": 3, "max_len_b": 3}
+    s = Server(tiny.artifact)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(lambda: (translate(s.port, SENTENCES[:6], **long_opts), time.monotonic()))
+            wait_for(lambda: live_rows(s.port) == 48, "the long batch to decode")
+            sent = time.monotonic()
+            status, _, short = translate(s.port, [SENTENCES[4]], **short_opts)
+            short_done = time.monotonic()
+            (long_status, _, long_body), long_done = long.result(timeout=WAIT_S)
+        assert status == 200 and long_status == 200
+        assert short_done - sent <= 0.25 * (long_done - sent), (short_done - sent, long_done - sent)
+        assert_same_translation(short["results"][0], alone(translator, SENTENCES[4], **short_opts))
+        for k in range(6):
+            assert_same_translation(long_body["results"][k], alone(translator, SENTENCES[k], **long_opts))
+    finally:
+        assert s.stop() == 0
+
+
+def sse_events(resp, stop_after: int | None = None) -> list:
+    """The data of each server-sent event of a response (JSON decoded, "[DONE]" as is)."""
+    events, data = [], []
+    while stop_after is None or len(events) < stop_after:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            text = "\n".join(data)
+            events.append(text if text == "[DONE]" else json.loads(text))
+            data = []
+    return events
+
+
+def stream(port: int, texts, **options):
+    """(status, content type, events) of a streamed translate request over a real socket."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+    try:
+        conn.request("POST", "/v1/translate", body=json.dumps({"text": texts, "stream": True, **options}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, resp.getheader("Content-Type"), json.loads(resp.read())
+        return resp.status, resp.getheader("Content-Type"), sse_events(resp)
+    finally:
+        conn.close()
+
+
+def test_sentences_at_random_moments_with_mixed_lengths_equal_translate_alone(tiny, translator):
+    import random
+
+    rng = random.Random(25)
+    calls = []
+    for k in range(12):
+        max_len_b = rng.choice([3, 6, 12, 30])
+        options = {"beam": rng.choice([1, 2, 4]), "max_len_b": max_len_b, "min_len": rng.randint(0, max_len_b)}
+        calls.append((SENTENCES[k % len(SENTENCES)], options, rng.uniform(0, 0.5), k % 2 == 1))
+    s = Server(tiny.artifact)
+
+    def call(job):
+        text, options, delay, streamed = job
+        time.sleep(delay)
+        if streamed:
+            status, ctype, events = stream(s.port, [text], **options)
+            assert status == 200 and ctype.startswith("text/event-stream"), events
+            assert events[-1] == "[DONE]" and not events[-2].get("partial"), events
+            return events[-2]
+        status, _, body = translate(s.port, [text], **options)
+        assert status == 200, body
+        return body["results"][0]
+
+    try:
+        with ThreadPoolExecutor(len(calls)) as pool:
+            got = list(pool.map(call, calls))
+    finally:
+        assert s.stop() == 0
+    for (text, options, _, _), result in zip(calls, got):
+        assert_same_translation(result, alone(translator, text, **options))
+        # the library's stream gives the same final record
+        [final] = [e for e in translator.translate_stream([text], **options) if not hasattr(e, "tokens")]
+        assert_same_translation(result, final.to_dict())
+
+
+def test_a_stream_sends_partials_then_each_final_record_then_done(server, translator):
+    options = {"beam": 3, "nbest": 2, "min_len": 300, "max_len_b": 300}  # long enough to be read while decoding
+    status, ctype, events = stream(server.port, [SENTENCES[0], "", SENTENCES[1]], **options)
+    assert status == 200 and ctype.startswith("text/event-stream")
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    finals = {e["id"]: e for e in events[:-1] if not e.get("partial")}
+    assert sorted(finals) == [0, 1, 2] and len(finals) == len(events) - 1 - sum(bool(e.get("partial")) for e in events[:-1])
+    _, _, plain = translate(server.port, [SENTENCES[0], "", SENTENCES[1]], **options)
+    for k in range(3):
+        assert finals[k] == plain["results"][k] or k != 1  # the blank one: exactly the plain record
+        assert_same_translation(finals[k], plain["results"][k])
+    for k in (0, 2):
+        mine = [e for e in events[:-1] if e["id"] == k]
+        assert mine[-1] is finals[k]  # nothing of a sentence after its final record
+        partials = mine[:-1]
+        assert 1 <= len(partials) <= 301  # at most one a step
+        for p in partials:
+            assert set(p) == {"id", "partial", "tokens", "text"} and p["partial"] is True
+            assert p["text"] == translator.tokenizer.decode(p["tokens"])
+        assert [len(p["tokens"]) for p in partials] == sorted({len(p["tokens"]) for p in partials})  # grows
+
+
+def test_a_stream_error_after_it_began_is_an_event(held_server):
+    # held for 5 s, the timeout is 2 s: the stream has begun (the blank sentence's record) when it times out
+    status, ctype, events = stream(held_server.port, ["", SENTENCES[0]], beam=1, max_len_b=4)
+    assert status == 200 and ctype.startswith("text/event-stream")
+    assert events[0] == {"id": 0, "nbest": []}
+    assert events[1]["error"]["type"] == "timeout" and "2 s" in events[1]["error"]["message"]
+    assert events[2:] == ["[DONE]"]
+    wait_for(lambda: queued(held_server.port) == 0, "the queue to empty")
+
+
+def test_errors_before_a_stream_begins_are_http_statuses(server):
+    status, ctype, body = stream(server.port, ["Hallo"], beam=0)
+    assert_error(status, body, 422, "invalid_option", "beam")
+    status, _, body = translate(server.port, ["Hallo"], stream="yes")
+    assert_error(status, body, 422, "invalid_option", "stream")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_client_that_disconnects_takes_its_decoding_sentences_out_of_the_batch(tiny, streamed):
+    s = Server(tiny.artifact)
+    try:
+        before = metrics(s.port)
+        # 6 sentences x 8 rows x 500 steps: seconds even on an idle machine
+        body = json.dumps({"text": SENTENCES, "beam": 8, "min_len": 500, "max_len_b": 500,
+                           "stream": streamed}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)
+        sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        if streamed:
+            received = b""
+            while b"data: " not in received:  # a partial record: it is decoding
+                chunk = sock.recv(4096)
+                assert chunk, received
+                received += chunk
+        else:
+            wait_for(lambda: live_rows(s.port) == 48, "the sentences to decode")
+        sock.close()
+        wait_for(lambda: live_rows(s.port) == 0, "the sentences to leave the batch")
+        after = metrics(s.port)
+        # they left unfinished (a finished sentence counts in sentences_total)
+        assert after[("deltalm_serve_sentences_total", ())] == before[("deltalm_serve_sentences_total", ())]
+        wait_for(lambda: metrics(s.port)[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))] ==
+                 before[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))] + 1, "the 499 counted")
+    finally:
+        assert s.stop() == 0
+
+
+def test_target_prefix_per_sentence(server, translator):
+    texts = [SENTENCES[0], SENTENCES[1]]
+    status, _, body = translate(server.port, texts, beam=2, max_len_b=8, target_prefix=["der Hund", None])
+    assert status == 200, body
+    want = translator.translate_batch(texts, beam=2, max_len_b=8, target_prefix=["der Hund", None])
+    for got, expected in zip(body["results"], want):
+        assert_same_translation(got, expected.to_dict())
+    prefix = translator.tokenizer.encode("der Hund", [])[:-1]
+    assert body["results"][0]["nbest"][0]["tokens"][:len(prefix)] == prefix
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (["a"], "one entry per sentence of text (2), got 1 entries"),
+    ("a", "got a str"),
+    (["a", 3], "target_prefix[1] must be a target prefix text or null"),
+])
+def test_a_bad_target_prefix_is_422(server, value, fragment):
+    status, _, body = translate(server.port, ["Hallo", "Welt"], target_prefix=value)
+    assert_error(status, body, 422, "invalid_option", fragment)
+    assert body["error"]["option"] == "target_prefix"
+
+
+def test_the_page_and_the_docs_need_nothing_from_outside(server):
+    status, _, page = request(server.port, "GET", "/")
+    assert status == 200 and "<textarea" in page
+    for path in ("/docs", "/redoc"):
+        status, _, html = request(server.port, "GET", path)
+        assert status == 200
+        urls = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert urls and all(u.startswith("/") for u in urls), urls  # no CDN
+        for url in urls:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
+            try:
+                conn.request("GET", url)
+                resp = conn.getresponse()
+                assert resp.status == 200 and len(resp.read()) > 0, url
+            finally:
+                conn.close()
+
+
+def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_before_it(tiny):
+    """64 clients, each a new connection per request (a third streamed, half of those cut after
+    their first event), and 32 connections waiting in the accept queue; SIGTERM while they run. A
+    request whose connection was made before the signal gets an HTTP answer (200 or 503), never a
+    reset; the process exits 0."""
+    import random
+
+    s = Server(tiny.artifact)
+    stop = threading.Event()
+    lock = threading.Lock()
+    outcomes = []  # (connected at, what: status / "cut" / exception name, streamed)
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        for k in range(200):  # bounded; normally ended by the shutdown
+            if stop.is_set():
+                return
+            streamed, cut = rng.random() < 1 / 3, rng.random() < 0.5
+            body = json.dumps({"text": [SENTENCES[(c + k) % len(SENTENCES)]], "beam": 2,
+                               "max_len_b": rng.randint(3, 12), "stream": streamed}).encode()
+            connected = None
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=WAIT_S)
+                conn.connect()
+                connected = time.monotonic()
+                conn.request("POST", "/v1/translate", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                if streamed and cut and resp.status == 200:
+                    sse_events(resp, stop_after=1)
+                    what = "cut"
+                elif streamed and resp.status == 200:
+                    events = sse_events(resp)
+                    assert events[-1] == "[DONE]" and "nbest" in events[-2], events
+                    what = 200
+                else:
+                    answer = json.loads(resp.read())
+                    assert ("results" in answer) == (resp.status == 200), answer
+                    what = resp.status
+                conn.close()
+            except (OSError, http.client.HTTPException) as e:
+                what = type(e).__name__
+            with lock:
+                outcomes.append((connected, what, streamed))
+            if what not in (200, "cut"):
+                return  # 503 shutting_down, or the server is gone
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(64)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: sum(o[1] in (200, "cut") for o in outcomes) >= 64, "64 answers before the signal")
+        # and a burst the server has not accepted yet: made while it is stopped, so that at the
+        # signal they wait in the kernel's accept queue with their requests sent
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            burst = [socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S) for _ in range(32)]
+            body = json.dumps({"text": [SENTENCES[0]], "beam": 1, "max_len_b": 3}).encode()
+            for sock in burst:
+                sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            signalled = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        for sock in burst:
+            received = b""
+            try:
+                while b"\r\n" not in received:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+            except OSError as e:
+                received = repr(e).encode()
+            finally:
+                sock.close()
+            assert received.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")), received
+        assert s.proc.wait(timeout=WAIT_S) == 0
+        for t in threads:
+            t.join(timeout=WAIT_S)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        stop.set()
+        s.stop()
+    before = [o for o in outcomes if o[0] is not None and o[0] < signalled]
+    assert all(what in (200, 503, "cut") for _, what, _ in before), [o for o in before if o[1] not in (200, 503, "cut")]
+    assert any(what == 503 for _, what, _ in outcomes)  # the signal came while clients were sending
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)

@@ -30,14 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level on stderr (default %(default)s)")
 
-    b = parser.add_argument_group("dynamic batching")
-    b.add_argument("--max-batch-sentences", type=int, default=32, help="sentences per decoded batch (default %(default)s)")
+    b = parser.add_argument_group("batching")
+    b.add_argument("--batching", choices=("inflight", "request"), default="inflight",
+                   help="inflight: sentences join the decoding batch at the next step and leave it when done; "
+                        "request: a batch forms while nothing decodes and runs to its last sentence "
+                        "(default %(default)s)")
+    b.add_argument("--max-batch-rows", type=int, default=160,
+                   help="hypotheses decoding at once, beam x sentences (default %(default)s)")
     b.add_argument("--max-batch-tokens", type=int, default=8192,
-                   help="padded source tokens per batch, rows x longest (default %(default)s)")
+                   help="padded source tokens decoding at once, sentences x longest source (default %(default)s)")
     b.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="how long an idle worker waits for more sentences to join a batch (default %(default)s)")
+                   help="--batching request: how long a forming batch waits for more sentences (default %(default)s)")
     b.add_argument("--max-queue-sentences", type=int, default=1024,
-                   help="sentences waiting at most; beyond, requests get 503 with Retry-After (default %(default)s)")
+                   help="sentences waiting to join the batch at most; beyond, requests get 503 with Retry-After "
+                        "(default %(default)s)")
 
     r = parser.add_argument_group("request limits")
     r.add_argument("--max-body-bytes", type=int, default=1 << 20, help="413 beyond (default %(default)s)")
@@ -49,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     require_directory_not_checkpoint(args.dir, "serve")
-    for flag in ("threads", "max_batch_sentences", "max_batch_tokens", "max_queue_sentences", "max_body_bytes",
+    for flag in ("threads", "max_batch_rows", "max_batch_tokens", "max_queue_sentences", "max_body_bytes",
                  "max_sentences", "max_sentence_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -60,7 +66,7 @@ def run(args) -> int:
         raise InputError(f"--port must be between 0 and 65535, got {args.port}")
     try:
         from deltalm.serve.app import RequestLimits, create_app
-        from deltalm.serve.batcher import BatchLimits
+        from deltalm.serve.scheduler import Scheduling
         from deltalm.serve.server import check_listen_address, serve_app
     except ImportError as e:
         raise InputError(f"deltalm serve needs the serve extra ({install_extra('serve')}): {e}") from None
@@ -73,14 +79,12 @@ def run(args) -> int:
                             src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist,
                             warn=serve_warning)
     max_src = translator.config.max_positions
-    sentence_tokens = min(args.max_sentence_tokens or max_src, max_src)
-    if args.max_batch_tokens < sentence_tokens:
-        raise InputError(f"--max-batch-tokens {args.max_batch_tokens} is less than the longest sentence allowed "
-                         f"({sentence_tokens} tokens): raise it or lower --max-sentence-tokens")
     app = create_app(
         translator,
-        BatchLimits(args.max_batch_sentences, args.max_batch_tokens, args.max_wait_ms / 1000, args.max_queue_sentences),
-        RequestLimits(args.max_body_bytes, args.max_sentences, sentence_tokens, args.timeout_s),
+        Scheduling(args.batching, args.max_batch_rows, args.max_batch_tokens, args.max_queue_sentences,
+                   args.max_wait_ms / 1000),
+        RequestLimits(args.max_body_bytes, args.max_sentences, min(args.max_sentence_tokens or max_src, max_src),
+                      args.timeout_s),
         shortlist_file=args.shortlist,
     )
 
@@ -110,12 +114,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out/serve", help="where bench.json / bench.md / bench.png go")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients per cell (default %(default)s)")
     parser.add_argument("--duration-s", type=float, default=10.0, help="per cell (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="a cell's duration in this many rounds, the two servers taking turns (default %(default)s)")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--length", type=int, default=20, help="target tokens forced per sentence (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the server's backend (default %(default)s)")
-    parser.add_argument("--max-batch-sentences", type=int, default=32, help="of the batched server (default %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="of the batched server (default %(default)s)")
-    parser.add_argument("--modes", default="batched,unbatched", help="servers to measure (default %(default)s)")
+    parser.add_argument("--max-batch-rows", type=int, default=160, help="of both servers (default %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0,
+                        help="of the --batching request server (default %(default)s)")
+    parser.add_argument("--modes", default="inflight,request", help="servers to measure (default %(default)s)")
+    parser.add_argument("--workloads", default="uniform,mixed",
+                        help="uniform (every output --length tokens) and / or mixed (mostly short requests, "
+                             "some long: --long-share, --long-tokens) (default %(default)s)")
+    parser.add_argument("--long-share", type=float, default=0.1, help="mixed: share of long requests (default %(default)s)")
+    parser.add_argument("--long-tokens", type=int, default=100,
+                        help="mixed: source and target tokens of a long request (default %(default)s)")
 
 
 def run_bench(args) -> int:
@@ -129,8 +142,8 @@ def run_bench(args) -> int:
         clients = tuple(int(c) for c in args.clients.split(","))
     except ValueError:
         raise InputError(f"--clients takes numbers separated by commas, got {args.clients!r}") from None
-    if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1:
-        raise InputError("--clients, --duration-s, --length and --beam must be positive")
+    if min(clients) < 1 or args.duration_s <= 0 or args.length < 1 or args.beam < 1 or args.rounds < 1:
+        raise InputError("--clients, --duration-s, --length, --beam and --rounds must be positive")
     out = Path(args.out)
     check_output_directory(out, "--out")  # before any model is built or loaded
     if args.model in ("tiny", "base"):
@@ -138,13 +151,20 @@ def run_bench(args) -> int:
 
         artifact, name = prepare_artifact(args.model, out), args.model
     else:
-        artifact, name = Path(args.model), Path(args.model).name
+        artifact = Path(args.model)
+        # an export's directory is often named "artifact": the report names its parent then
+        name = artifact.resolve().parent.name if artifact.name == "artifact" else artifact.name
         if not (artifact / "manifest.json").exists():
             raise InputError(f"--model {args.model}: not tiny, base or an artifact directory")
     plan = BenchPlan(clients, args.beam, args.length, args.duration_s, args.threads,
-                     max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms,
-                     modes=tuple(args.modes.split(",")))
-    if not set(plan.modes) <= {"batched", "unbatched"}:
-        raise InputError(f"--modes takes batched and / or unbatched, got {args.modes!r}")
+                     max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
+                     modes=tuple(args.modes.split(",")), workloads=tuple(args.workloads.split(",")),
+                     long_share=args.long_share, long_tokens=args.long_tokens, rounds=args.rounds)
+    if not set(plan.modes) <= {"inflight", "request"}:
+        raise InputError(f"--modes takes inflight and / or request, got {args.modes!r}")
+    if not set(plan.workloads) <= {"uniform", "mixed"}:
+        raise InputError(f"--workloads takes uniform and / or mixed, got {args.workloads!r}")
+    if not 0 <= args.long_share <= 1 or args.long_tokens < 1:
+        raise InputError("--long-share must be between 0 and 1 and --long-tokens positive")
     bench(artifact, name, out, plan)
     return 0
