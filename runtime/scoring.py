@@ -26,6 +26,22 @@ LOGITS_BUDGET = 256 << 20
 
 
 @dataclass(frozen=True)
+class ScorePair:
+    """A (source, target) pair ready to be scored: ``index`` its position in the input, ``src``
+    the source ids (``</s>`` included), ``tokens`` the target ids (final ``</s>`` included)."""
+
+    index: int
+    src: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    def score(self, positional_scores: Sequence[float]) -> "Score":
+        """The pair's ``Score``: the mean as fairseq's SequenceScorer takes it, a float32 sum over
+        the target's length."""
+        total = np.sum(np.asarray(positional_scores, dtype=np.float32), dtype=np.float32)
+        return Score(self.index, list(self.tokens), float(total / np.float32(len(self.tokens))), list(positional_scores))
+
+
+@dataclass(frozen=True)
 class Score:
     """The score of one (source, target) pair. ``tokens``: the target's dictionary ids with the
     final ``</s>`` (and the forced target prefix, if any); ``positional_scores``: the natural-log

@@ -36,14 +36,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .artifact import MANIFEST, read_manifest, verify_files
 from .atomic import previous_artifact_of
 from .backends import BACKENDS, Backend, load_backend
 from .errors import DecodeError, DeltaLMError, InputError, SentenceError, SentenceTooLong
 from .options import OptionError, TranslateOptions
-from .scoring import Score, score_pairs
+from .scoring import Score, ScorePair, score_pairs
 from .search import Engine, Finished, Hypothesis, Partial, Sentence
 from .shortlist import Shortlist
 from .tokenizer import Tokenizer
@@ -522,45 +521,52 @@ class Translator:
         per decoder run (default: as many as fit 256 MB of logits). A pair the model cannot take
         (an empty target, a source or target longer than the model's positions) raises
         ``SentenceError`` naming its position (in ``source_name``, a file, when given)."""
-        for name, value in (("sources", sources), ("targets", targets)):
-            if isinstance(value, (str, bytes)):
-                raise InputError(f"score_batch takes lists of sentences; {name} is one string")
-        if len(sources) != len(targets):
-            raise InputError(f"{len(sources)} sources but {len(targets)} targets: give one target per source")
-        opts = self.options(options, **overrides)
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise OptionError("max_tokens", f"must be >= 1, got {max_tokens}")
-        prepared = self.prepare(list(sources), opts, source=source_name)
-        tgt_prefix = self._prefixes(opts)[1]
-        limit = self.config.max_positions
-        pairs: list[tuple[int, tuple[int, ...], list[int]]] = []
-        for k, (sentence, target) in enumerate(zip(prepared, targets)):
-            if sentence is None:
-                raise SentenceError(k, "has an empty source", source_name)
-            if not isinstance(target, str):
-                raise SentenceError(k, f"has a target that is a {type(target).__name__}, not text", source_name)
-            try:
-                ids = list(tgt_prefix) + self.tokenizer.encode(target, [])
-            except DeltaLMError as e:
-                raise SentenceError(k, f"target: {e}", source_name) from None
-            if len(ids) == len(tgt_prefix) + 1:
-                raise SentenceError(k, "has an empty target", source_name)
-            if len(ids) > limit:
-                raise SentenceError(k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}",
-                                    source_name)
-            pairs.append((k, sentence.src, ids))
+        pairs = self.prepare_scores(sources, targets, self.options(options, **overrides), source=source_name)
         with self._lock:
             try:
-                scored = score_pairs(self.backend, [p[1] for p in pairs], [p[2] for p in pairs], max_tokens)
+                scored = score_pairs(self.backend, [p.src for p in pairs], [p.tokens for p in pairs], max_tokens)
             except DecodeError as e:
-                lines = sorted(pairs[k][0] for k in e.keys)
+                lines = sorted(pairs[k].index for k in e.keys)
                 raise DecodeError(lines, e.cause, f"scoring failed for {source_name or 'input'} "
                                                   f"line{'s' if len(lines) > 1 else ''} "
                                                   f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
                                                   f"{e.cause}") from e.cause
-        # the mean as fairseq's SequenceScorer takes it: a float32 sum over the target's length
-        return [Score(k, ids, float(np.sum(np.asarray(pos, dtype=np.float32), dtype=np.float32) / np.float32(len(ids))), pos)
-                for (k, _, ids), pos in zip(pairs, scored)]
+        return [pair.score(positional) for pair, positional in zip(pairs, scored)]
+
+    def prepare_scores(self, sources: Sequence[str], targets: Sequence[str], options: TranslateOptions, *,
+                       source: str | None = None) -> list[ScorePair]:
+        """The pairs ``score_batch`` scores, checked (lengths of the lists, empty and over-long
+        sources and targets: one error naming the pair); for a scheduler of your own (``deltalm
+        serve`` scores the pairs of concurrent requests together with ``deltalm.scoring.score_pairs``)."""
+        for name, value in (("sources", sources), ("targets", targets)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise InputError(f"{name} must be a list of sentences")
+        if len(sources) != len(targets):
+            raise InputError(f"{len(sources)} sources but {len(targets)} targets: give one target per source")
+        if "candidates" in self.backend.step_spec.input_names:
+            raise InputError("scoring needs the full decoder step: open the model without a vocabulary shortlist")
+        prepared = self.prepare(list(sources), options, source=source)
+        tgt_prefix = self._prefixes(options)[1]
+        limit = self.config.max_positions
+        pairs = []
+        for k, (sentence, target) in enumerate(zip(prepared, targets)):
+            if sentence is None:
+                raise SentenceError(k, "has an empty source", source)
+            if not isinstance(target, str):
+                raise SentenceError(k, f"has a target that is a {type(target).__name__}, not text", source)
+            try:
+                ids = list(tgt_prefix) + self.tokenizer.encode(target, [])
+            except DeltaLMError as e:
+                raise SentenceError(k, f"target: {e}", source) from None
+            if len(ids) == len(tgt_prefix) + 1:
+                raise SentenceError(k, "has an empty target", source)
+            if len(ids) > limit:
+                raise SentenceError(k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}",
+                                    source)
+            pairs.append(ScorePair(k, sentence.src, tuple(ids)))
+        return pairs
 
     def _decode(self, prepared: list[Sentence | None], start: int, batching: BatchOptions,
                 source: str | None = None) -> list[Translation]:

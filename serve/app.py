@@ -43,9 +43,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deltalm import OptionError, PartialTranslation, Sentence, TranslateOptions, Translation, Translator, __version__
 from deltalm.artifact import sha256_file
 from deltalm.errors import DecodeError, DeltaLMError, SentenceError, SentenceTooLong
+from deltalm.scoring import Score, ScorePair
 
 from .metrics import ServeMetrics
-from .scheduler import Job, QueueFull, Scheduler, Scheduling, ShuttingDown, StepReport
+from .scheduler import Job, QueueFull, Scheduler, Scheduling, ScoreJob, ShuttingDown, StepReport
 
 WARMUP_TEXT = "warm up"
 STATIC = Path(__file__).parent / "static"
@@ -65,6 +66,8 @@ class RequestLimits:
 # ``Translator.prepare`` under its own name: name -> (check of one entry, what an entry is).
 PER_SENTENCE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target_prefix": (lambda v: v is None or isinstance(v, str), "a target prefix text or null"),
+    "constraints": (lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                    "a list of target texts (lexical constraints) or null"),
 }
 REQUEST_FIELDS = ("text", "stream", *PER_SENTENCE)  # the body's fields that are not TranslateOptions
 
@@ -88,6 +91,9 @@ def _request_model() -> type[pydantic.BaseModel]:
                                                            "as the decoding goes, then [DONE]")),
         "target_prefix": (list[str | None] | None, pydantic.Field(
             None, description="per sentence, a target text the translation must begin with (or null)")),
+        "constraints": (list[list[str] | None] | None, pydantic.Field(
+            None, description="per sentence, target texts every hypothesis must contain (lexically constrained "
+                              "decoding; constraint_order says in which order), or null")),
     }
     hints = typing.get_type_hints(TranslateOptions)
     for f in dataclasses.fields(TranslateOptions):
@@ -113,6 +119,29 @@ class TranslationOut(pydantic.BaseModel):
 
 class TranslateResponse(pydantic.BaseModel):
     results: list[TranslationOut]
+
+
+class ScoreRequest(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    source: list[str] = pydantic.Field(description="source sentences")
+    target: list[str] = pydantic.Field(description="their translations, one per source")
+    src_prefix: list[str] | None = None
+    tgt_prefix: list[str] | None = pydantic.Field(None, description="symbols put before every target")
+    truncate: bool = False
+
+
+class ScoreOut(pydantic.BaseModel):
+    id: int = pydantic.Field(description="position of the pair in the request")
+    tokens: list[int] = pydantic.Field(description="the target's fairseq dictionary ids, </s> included")
+    score: float | None = pydantic.Field(description="mean of the positional scores (natural log)")
+    positional_scores: list[float | None] = pydantic.Field(description="log-prob of each target token")
+
+
+class ScoreResponse(pydantic.BaseModel):
+    results: list[ScoreOut]
+
+
+SCORE_OPTIONS = ("src_prefix", "tgt_prefix", "truncate")  # the TranslateOptions a score request takes
 
 
 class ErrorDetail(pydantic.BaseModel):
@@ -204,6 +233,7 @@ class TranslationService:
         self.accepted += 1
         self._answered.clear()
 
+
     def answered(self) -> None:
         """An accepted request has had its answer (``submit`` counted it)."""
         self.accepted -= 1
@@ -249,6 +279,63 @@ class TranslationService:
         except OptionError as e:
             raise ApiError(422, "invalid_option", str(e), option=e.option) from None
         return TranslateCall(texts, options, per_sentence, stream)
+
+    def parse_scores(self, body: bytes) -> list[ScorePair]:
+        """A ``POST /v1/score`` body, its pairs checked (``Translator.prepare_scores``)."""
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "malformed_json", f"the body is not JSON: {e}") from None
+        if not isinstance(payload, dict) or "source" not in payload or "target" not in payload:
+            raise ApiError(422, "invalid_request", 'the body must be a JSON object {"source": [...], "target": [...]}')
+        sources, targets = payload.pop("source"), payload.pop("target")
+        for name, value in (("source", sources), ("target", targets)):
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise ApiError(422, "invalid_request", f'"{name}" must be a list of strings')
+        if len(sources) != len(targets):
+            raise ApiError(422, "invalid_request", f'"source" has {len(sources)} sentences but "target" has '
+                                                   f"{len(targets)}: give one target per source")
+        if len(sources) > self.limits.max_sentences:
+            raise ApiError(413, "too_many_sentences",
+                           f"{len(sources)} pairs in one request; the limit is {self.limits.max_sentences}")
+        unknown = sorted(set(payload) - set(SCORE_OPTIONS))
+        if unknown:
+            raise ApiError(422, "invalid_option", f"{unknown[0]} is not an option of a score request (options: "
+                                                  f"{', '.join(SCORE_OPTIONS)})", option=unknown[0])
+        try:
+            options = self.translator.options(TranslateOptions.from_mapping(payload))
+        except OptionError as e:
+            raise ApiError(422, "invalid_option", str(e), option=e.option) from None
+        try:
+            pairs = self.translator.prepare_scores(sources, targets, options)
+        except SentenceTooLong as e:
+            raise self._too_long(e.index, e.length, e.limit == self.max_sentence_tokens) from None
+        except SentenceError as e:
+            raise ApiError(422, "invalid_sentence", f"pair {e.index} {e.reason}" if e.reason.startswith(("is ", "has "))
+                           else f"pair {e.index}: {e.reason}", sentence=e.index) from None
+        except DeltaLMError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        for pair in pairs:
+            if len(pair.src) > self.max_sentence_tokens:
+                raise self._too_long(pair.index, len(pair.src), False)
+        return pairs
+
+    def submit_scores(self, pairs: list[ScorePair]) -> ScoreJob:
+        """Queue a score request (counted as accepted: ``answered`` ends it)."""
+        try:
+            job = self.scheduler.submit_scores(pairs)
+        except ShuttingDown:
+            raise shutting_down() from None
+        self._accept()
+        return job
+
+    async def scores(self, job: ScoreJob, deadline: float) -> list[Score]:
+        done, _ = await asyncio.wait({job.done}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise self._timeout()
+        if job.done.exception() is not None:
+            raise self._failure(job.done.exception())
+        return job.done.result()
 
     def prepare(self, call: TranslateCall) -> list[Sentence | None]:
         """The engine's sentences of ``call`` (``Translator.prepare``, on the event loop: ~0.02 ms a
@@ -483,6 +570,34 @@ def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),
             response = error_response(e)
         finally:
             watcher.cancel()
+            service.answered()
+        return response
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses={400: errors, 413: errors, 422: errors,
+                                                                    503: errors, 504: errors},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": ScoreRequest.model_json_schema()}}}},
+              summary="Score given translations (fairseq's --score-reference; one result per pair, input order)")
+    async def score(request: Request):
+        t0 = time.monotonic()
+        metrics.in_progress.inc()
+        try:
+            if service.draining:
+                raise shutting_down()
+            if not service.ready.is_set():
+                raise ApiError(503, "not_ready", "the model is still warming up", headers={"Retry-After": "1"})
+            job = service.submit_scores(service.parse_scores(await _read_body(request, limits.max_body_bytes)))
+        except ApiError as e:
+            finish(t0, e.status, e.kind)
+            return error_response(e)
+        try:
+            scores = await service.scores(job, t0 + limits.timeout_s)
+            response = JSONResponse({"results": [s.to_dict() for s in scores]})
+            finish(t0, 200)
+        except ApiError as e:
+            finish(t0, e.status, e.kind)
+            response = error_response(e)
+        finally:
             service.answered()
         return response
 

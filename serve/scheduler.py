@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from deltalm import Finished, Partial, PartialTranslation, Sentence, Translation, Translator
 from deltalm.errors import DecodeError
+from deltalm.scoring import ScorePair, score_pairs
 
 BATCHING_MODES = ("inflight", "request")
 REPORT_EVERY_S = 0.5  # step reports (metrics) reach the event loop at least this often while decoding
@@ -121,6 +122,25 @@ class Job:
             self.events.put_nowait(error)
 
 
+class ScoreJob:
+    """The pairs of one score request (``Translator.prepare_scores``); ``done`` resolves to their
+    ``Score`` records (request order) or to the error that failed them."""
+
+    def __init__(self, number: int, pairs: list[ScorePair]) -> None:
+        self.number = number
+        self.pairs = pairs
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def _scored(self, positional: list[list[float]]) -> None:
+        if not self.done.done():
+            self.done.set_result([pair.score(p) for pair, p in zip(self.pairs, positional)])
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+            self.done.exception()
+
+
 class Scheduler:
     """Owns the Translator's engine through one worker thread. Use from one event loop:
     ``start()``, ``submit()`` / ``cancel()`` from request handlers, ``close()`` at shutdown."""
@@ -136,12 +156,14 @@ class Scheduler:
         self.on_step = on_step or (lambda report, finished: None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: dict[int, Job] = {}
+        self._score_jobs: set[int] = set()
         self._numbers = iter(range(1 << 62))
         self._finished_times: deque[float] = deque(maxlen=256)  # when recent sentences finished (Retry-After)
         self._closing = False
         # shared with the worker, under _cond
         self._cond = threading.Condition()
-        self._inbox: list[tuple] = []  # ("add", [(key, sentence)], stream) / ("cancel", [key]) / ("flush",)
+        self._inbox: list[tuple] = []  # ("add", [(key, sentence)], stream) / ("cancel", [key]) / ("flush",) /
+        # ("score", ScoreJob)
         self._inbox_sentences = 0
         self._engine_waiting = 0
         self._stop = False
@@ -213,6 +235,23 @@ class Scheduler:
                 job._final(Translation(k))
         return job
 
+    def submit_scores(self, pairs: list[ScorePair]) -> ScoreJob:
+        """Queue a score request's pairs: the worker scores the pairs of every request waiting at
+        that moment together, between two decoder steps. Raises ``ShuttingDown`` after shutdown."""
+        if self._closing:
+            raise ShuttingDown()
+        job = ScoreJob(next(self._numbers), pairs)
+        if not pairs:
+            job._scored([])
+            return job
+        with self._cond:
+            self._inbox.append(("score", job))
+            self._cond.notify()
+        self._score_jobs.add(job.number)
+        self._idle.clear()
+        job.done.add_done_callback(lambda _: (self._score_jobs.discard(job.number), self._check_idle()))
+        return job
+
     def cancel(self, job: Job) -> None:
         """Forget a job (its client is gone, or it timed out): its waiting sentences leave the
         queue, its decoding ones the batch at the next step; nothing more is delivered to it."""
@@ -228,7 +267,7 @@ class Scheduler:
         self._check_idle()
 
     def _check_idle(self) -> None:
-        if not self._jobs:
+        if not self._jobs and not self._score_jobs:
             self._idle.set()
 
     def _retry_after(self, waiting: int) -> int:
@@ -273,6 +312,23 @@ class Scheduler:
         self._check_idle()
 
     # -- the worker thread
+    def _score(self, jobs: list[ScoreJob]) -> None:
+        """Every waiting score request's pairs in one call (``score_pairs`` groups them by target
+        length), the results routed back to each request."""
+        pairs = [pair for job in jobs for pair in job.pairs]
+        try:
+            with self.translator.lock:
+                scored = score_pairs(self.translator.backend, [p.src for p in pairs], [p.tokens for p in pairs])
+        except Exception as e:  # noqa: BLE001 - delivered to the requests
+            for job in jobs:
+                self._loop.call_soon_threadsafe(job._fail, e)
+            return
+        start = 0
+        for job in jobs:
+            part = scored[start : start + len(job.pairs)]
+            start += len(job.pairs)
+            self._loop.call_soon_threadsafe(job._scored, part)
+
     def _work(self) -> None:
         sched = self.scheduling
         engine = self.translator.engine(max_rows=sched.max_batch_rows, max_tokens=sched.max_batch_tokens)
@@ -313,6 +369,9 @@ class Scheduler:
                 if self._stop and not inbox and engine.idle:
                     return
             now = time.monotonic()
+            scoring = [op[1] for op in inbox if op[0] == "score"]
+            if scoring:
+                self._score(scoring)
             for op in inbox:
                 if op[0] == "add":
                     for key, sentence in op[1]:

@@ -239,9 +239,11 @@ def test_health_ready_and_openapi(server):
     from deltalm import TranslateOptions
     import dataclasses
 
-    assert set(schema["properties"]) == {"text", "stream", "target_prefix"} | {f.name for f in
+    assert set(schema["properties"]) == {"text", "stream", "target_prefix", "constraints"} | {f.name for f in
                                                                              dataclasses.fields(TranslateOptions)}
     assert "sampling_topk" in schema["properties"] and "topk" not in schema["properties"]
+    score = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(score["properties"]) == {"source", "target", "src_prefix", "tgt_prefix", "truncate"}
 
 
 def test_a_server_with_a_shortlist_answers_as_translate_with_it_and_health_names_it(tiny, shortlist_file,
@@ -791,3 +793,50 @@ def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_be
     assert all(what in (200, 503, "cut") for _, what, _ in before), [o for o in before if o[1] not in (200, 503, "cut")]
     assert any(what == 503 for _, what, _ in outcomes)  # the signal came while clients were sending
     assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
+
+
+# --- decoding control over HTTP ----------------------------------------------------------------------
+
+
+def test_score_answers_the_records_of_deltalm_score_and_batches_concurrent_requests(server, tiny, tmp_path):
+    sources = ["Die Katze sieht den roten Apfel.", "Hallo"]
+    targets = ["Die Katze sieht den roten Apfel.", "Hallo Welt"]
+    src, tgt = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    src.write_text("".join(s + "\n" for s in sources), encoding="utf-8")
+    tgt.write_text("".join(t + "\n" for t in targets), encoding="utf-8")
+    res = run_cli(["score", tiny.artifact, "--source", src, "--target", tgt, "--format", "jsonl", "--threads", "1"])
+    want = [json.loads(line) for line in res.lines]
+    with ThreadPoolExecutor(6) as pool:  # at once: the worker scores the waiting requests' pairs together
+        answers = list(pool.map(lambda _: request(server.port, "POST", "/v1/score", {"source": sources, "target": targets}),
+                                range(6)))
+    for status, _, body in answers:
+        assert status == 200, body
+        for got, w in zip(body["results"], want):
+            assert got["id"] == w["id"] and got["tokens"] == w["tokens"]
+            assert abs(got["score"] - w["score"]) <= 1e-4
+            assert all(abs(a - b) <= 1e-4 for a, b in zip(got["positional_scores"], w["positional_scores"]))
+
+
+@pytest.mark.parametrize("body, status, kind, fragment", [
+    ({"source": ["a", "b"], "target": ["x"]}, 422, "invalid_request", '"source" has 2 sentences but "target" has 1'),
+    ({"source": ["a"], "target": [" "]}, 422, "invalid_sentence", "pair 0 has an empty target"),
+    ({"source": ["a"], "target": ["x"], "beam": 4}, 422, "invalid_option", "beam is not an option of a score request"),
+    ({"text": ["a"]}, 422, "invalid_request", '{"source": [...], "target": [...]}'),
+])
+def test_bad_score_requests_are_refused_with_the_reason(server, body, status, kind, fragment):
+    got_status, _, got = request(server.port, "POST", "/v1/score", body)
+    assert_error(got_status, got, status, kind, fragment)
+
+
+def test_constraints_per_sentence_are_in_every_hypothesis_and_bad_ones_refused(server):
+    status, _, body = translate(server.port, ["Ein Kind will frisches Brot.", "Hallo"], beam=3, nbest=2,
+                                constraints=[["Brot", "Kind"], None], constraint_order="unordered")
+    assert status == 200, body
+    for h in body["results"][0]["nbest"]:
+        assert "Brot" in h["text"] and "Kind" in h["text"]
+    status, _, body = translate(server.port, ["a", "b"], constraints=[["x"]])
+    assert_error(status, body, 422, "invalid_option", "constraints must be a list with one entry per sentence")
+    status, _, body = translate(server.port, ["a"], constraints=[["猫"]])
+    assert_error(status, body, 422, "invalid_sentence", "sentence 0: the constraint '猫' has pieces the dictionary")
+    status, _, body = translate(server.port, ["a"], constraints=[["x"]], sampling=True, beam=2)
+    assert_error(status, body, 422, "invalid_sentence", "sampling cannot be combined with lexical constraints")
