@@ -82,42 +82,26 @@ def export_checkpoint(
                          "(top-1 agreement and identical sentences, see the README)")
     if out.exists() and not force:  # before the slow load
         raise InputError(f"{out} already exists (use --force to replace it)")
-    from .checkpoints import load_for_export
+    from .stage_meter import StageMeter
 
     t0 = time.perf_counter()
-    loaded = load_for_export(checkpoint, config, dictionary, as_deltalm)
+    meter = StageMeter()  # wall time and peak RSS of each stage (parity.json's "memory")
+    with meter.active(), meter.stage("load") as stage:
+        loaded, model, spm, versions = _load_model(checkpoint, config, dictionary, as_deltalm, spm)
     cfg = loaded.config
-    if cfg.is_encoder_decoder and not (spm and dictionary):
-        raise InputError("exporting a DeltaLM needs --spm and --dict (the tokenizer travels with the artifact)")
-    if not spm and loaded.format == "hf-xlmr":
-        candidate = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        if (candidate / "sentencepiece.bpe.model").exists():
-            spm = candidate / "sentencepiece.bpe.model"
-    if spm and not Path(spm).exists():
-        raise InputError(f"{spm}: no such sentencepiece model")
-    if dictionary and not Path(dictionary).exists():
-        raise InputError(f"{dictionary}: no such dictionary")
-    if spm and dictionary:  # fail on a bad tokenizer before the long part
-        from deltalm.tokenizer import Tokenizer
-
-        Tokenizer(spm, dictionary)
-
-    from .checkpoints import build_model
+    t_load = stage.seconds
+    log(f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
+        f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) "
+        f"in {t_load:.1f}s, {_peak(stage)}")
     from .onnx_export import export_graphs, ort_fusions
     from .parity import end_to_end, format_table, graph_parity, summarize
 
-    model = build_model(loaded)
-    versions = _versions()  # imports onnxruntime before any file is written
-    t_load = time.perf_counter() - t0
-    log(f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
-        f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) "
-        f"in {t_load:.1f}s")
     limits = Thresholds.for_precision(precision, tolerance)
     with atomic_directory(out, force) as tmp:
-        t1 = time.perf_counter()
-        graphs = export_graphs(model, tmp, precision, topk)
-        t_export = time.perf_counter() - t1
-        log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s")
+        with meter.active(), meter.stage("export") as stage:
+            graphs = export_graphs(model, tmp, precision, topk)
+        t_export = stage.seconds
+        log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s, {_peak(stage)}")
         files = sorted({f for g in graphs.values() for f in g["files"]})  # weights.data is shared
         tokenizer = {}
         if spm:
@@ -128,7 +112,10 @@ def export_checkpoint(
             shutil.copyfile(dictionary, tmp / "dict.txt")
             files.append("dict.txt")
             tokenizer["dict"] = "dict.txt"
-        fusions = {name: ort_fusions(tmp / g["file"]) for name, g in graphs.items()} if optimize else {}
+        with meter.stage("fusions") as stage:
+            fusions = {name: ort_fusions(tmp / g["file"]) for name, g in graphs.items()} if optimize else {}
+        if optimize:
+            log(f"listed ONNX Runtime's fusions in {stage.seconds:.1f}s, {_peak(stage)}")
         manifest = Manifest(
             model=cfg,
             precision=precision,
@@ -146,14 +133,17 @@ def export_checkpoint(
         )
         manifest.write(tmp)
         artifact = open_artifact(tmp, verify=False)  # hashes were computed just above
-        t2 = time.perf_counter()
-        rows = graph_parity(model, artifact)
-        e2e = end_to_end(model, artifact) if cfg.is_encoder_decoder and spm else []
+        with meter.active(), meter.stage("parity") as parity_stage:
+            with meter.stage("graphs"):
+                rows = graph_parity(model, artifact)
+            with meter.stage("end to end"):
+                e2e = end_to_end(model, artifact) if cfg.is_encoder_decoder and spm else []
         ok, failures = summarize(rows, precision, tolerance, e2e)
         report = {"precision": precision, "tolerance": limits.max_abs, "thresholds": limits.__dict__, "passed": ok,
                   "failures": failures, "graphs": rows, "end_to_end": e2e,
                   "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2),
-                                "parity": round(time.perf_counter() - t2, 2)}}
+                                "parity": round(parity_stage.seconds, 2)},
+                  "memory": meter.report()}
         write_json_atomic(tmp / "parity.json", report)
         manifest.files |= hash_files(tmp, ["parity.json"])  # the other files have not changed
         manifest.write(tmp)
@@ -169,9 +159,38 @@ def export_checkpoint(
                                   f"{failures[0]}); nothing written")
             log("parity check failed; the artifact is written anyway (--allow-parity-failure; parity.json says passed: false)")
         else:
-            log(f"parity: passed ({_verdict_text(limits)}) in {time.perf_counter() - t2:.1f}s")
-    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+            log(f"parity: passed ({_verdict_text(limits)}) in {parity_stage.seconds:.1f}s, {_peak(parity_stage)}")
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s, peak RSS {meter.peak_mb:.0f} MB")
     return open_artifact(out, verify=False)
+
+
+def _load_model(checkpoint, config, dictionary, as_deltalm, spm):
+    """The checkpoint loaded and checked, its model built; (loaded, model, spm, versions)."""
+    from .checkpoints import build_model, load_for_export
+
+    loaded = load_for_export(checkpoint, config, dictionary, as_deltalm)
+    cfg = loaded.config
+    if cfg.is_encoder_decoder and not (spm and dictionary):
+        raise InputError("exporting a DeltaLM needs --spm and --dict (the tokenizer travels with the artifact)")
+    if not spm and loaded.format == "hf-xlmr":
+        candidate = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        if (candidate / "sentencepiece.bpe.model").exists():
+            spm = candidate / "sentencepiece.bpe.model"
+    if spm and not Path(spm).exists():
+        raise InputError(f"{spm}: no such sentencepiece model")
+    if dictionary and not Path(dictionary).exists():
+        raise InputError(f"{dictionary}: no such dictionary")
+    if spm and dictionary:  # fail on a bad tokenizer before the long part
+        from deltalm.tokenizer import Tokenizer
+
+        Tokenizer(spm, dictionary)
+    model = build_model(loaded)
+    versions = _versions()  # imports onnxruntime before any file is written
+    return loaded, model, spm, versions
+
+
+def _peak(stage) -> str:
+    return f"peak RSS {stage.peak_mb:.0f} MB"
 
 
 def _verdict_text(limits: Thresholds) -> str:
