@@ -1,13 +1,15 @@
 """Wall time and peak RSS of each stage of an export (load, graphs, fusions, parity).
 
-The peak of a stage is the kernel's own high-water mark (``VmHWM`` in /proc/self/status), reset
-when the stage starts (``5`` into /proc/self/clear_refs), so it is exact, not sampled: a spike of a
-few milliseconds counts. Stages nest; a stage's peak includes its children's. Resetting the mark
-makes ``VmHWM`` alone meaningless for the process as a whole afterwards, so the meter keeps the
-process's peak itself (``peak_mb``): the largest mark it read, the one before its first reset
-included. Where the kernel refuses the reset (not Linux, or a restricted /proc), each stage's peak
-is the process's peak so far and ``exact`` is False. Linux only for the figures; elsewhere they
-are NaN and everything else works.
+Peaks come from the kernel's own high-water mark (``VmHWM`` in /proc/self/status), so a spike of a
+few milliseconds counts. By default the mark is never reset: a stage's peak is the process's peak
+*so far* (the stage that raised it shows it first), and tools that read the mark afterwards
+(``/usr/bin/time``, a parent's ``wait4``) still see the process's true peak. With
+``exact_stages`` (``DELTALM_STAGE_PEAKS=1`` for ``deltalm export``) the mark is reset when each
+stage starts (``5`` into /proc/self/clear_refs), so every stage gets its own peak; the meter then
+keeps the process's peak itself (``peak_mb``: the largest mark it read, the one before its first
+reset included), because the kernel's mark no longer holds it. Stages nest; a stage's peak
+includes its children's. Where the kernel refuses the reset, stages fall back to peaks so far
+(``exact`` False). Linux only for the figures; elsewhere they are NaN and everything else works.
 """
 from __future__ import annotations
 
@@ -60,17 +62,19 @@ class Stage:
 
 @dataclass
 class StageMeter:
-    """``with meter.stage("export"): ...`` records the block's wall time and peak RSS; ``stages``
-    in the order they started, ``peak_mb`` the process's peak since the meter was made (and, as
-    far as the kernel's mark goes, before: the mark is not reset until the first stage)."""
+    """``with meter.stage("export"): ...`` records the block's wall time and peak RSS (its own with
+    ``exact_stages``, else the process's so far); ``stages`` in the order they started,
+    ``peak_mb`` the process's peak (before the meter was made included)."""
 
+    exact_stages: bool = False
     stages: list[Stage] = field(default_factory=list)
     peak_mb: float = float("nan")
-    exact: bool = True
+    exact: bool = False  # True while every stage's peak is its own (resets allowed and asked for)
     _open: list[Stage] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.peak_mb = _status_mb("VmHWM")
+        self.exact = self.exact_stages
 
     def _mark(self) -> None:
         """Fold the kernel's mark into every open stage and the process peak, then reset it."""
@@ -80,7 +84,7 @@ class StageMeter:
             for s in self._open:
                 s.peak_mb = hwm if s.peak_mb != s.peak_mb else max(s.peak_mb, hwm)
         if self.exact and not _reset_peak():
-            self.exact = False
+            self.exact = False  # peaks so far from here on
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -111,7 +115,7 @@ class StageMeter:
 
     def report(self) -> dict:
         """What parity.json records under ``memory``."""
-        return {"peak_rss_mb": round(self.peak_mb), "exact": self.exact,
+        return {"peak_rss_mb": round(self.peak_mb), "stage_peaks": "own" if self.exact else "so far",
                 "stages": [s.to_dict() for s in self.stages]}
 
     def table(self) -> str:
