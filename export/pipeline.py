@@ -9,6 +9,7 @@ an artifact's parity. Plain arguments in, typed results out; the ``deltalm`` com
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import sys
@@ -61,6 +62,7 @@ def export_checkpoint(
     optimize: bool = True,
     force: bool = False,
     allow_parity_failure: bool = False,
+    parity_corpus: str | Path | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> Artifact:
     """Export ``checkpoint`` to the artifact directory ``out`` (ONNX graphs, tokenizer, manifest,
@@ -70,8 +72,10 @@ def export_checkpoint(
     the fast path). ``tolerance``: fp32 parity limit on log-probs (max abs, default 1e-4); reduced
     precisions have a verdict of their own (``deltalm.compare.Thresholds``) and refuse it.
     ``allow_parity_failure`` writes the artifact even when the verdict fails (parity.json then says
-    ``passed: false``): for benchmarks of random-weight models only. ``log`` receives one line per
-    stage, with its time."""
+    ``passed: false``): for benchmarks of random-weight models only. ``parity_corpus``: a text file
+    of the user's sentences (one a line) for the check, instead of text sampled from ``spm``
+    (``deltalm.export.parity.parity_text``). ``log`` receives one line per stage, with its time and
+    peak RSS."""
     out = Path(out)
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -82,10 +86,16 @@ def export_checkpoint(
                          "(top-1 agreement and identical sentences, see the README)")
     if out.exists() and not force:  # before the slow load
         raise InputError(f"{out} already exists (use --force to replace it)")
+    if parity_corpus:
+        from .parity import corpus_lines
+
+        corpus_lines(parity_corpus)
     from .stage_meter import StageMeter
 
     t0 = time.perf_counter()
-    meter = StageMeter()  # wall time and peak RSS of each stage (parity.json's "memory")
+    # wall time and peak RSS of each stage (parity.json's "memory"); DELTALM_STAGE_PEAKS=1: each
+    # stage's own peak (the process's mark is then reset per stage: see deltalm.export.stage_meter)
+    meter = StageMeter(exact_stages=os.environ.get("DELTALM_STAGE_PEAKS") == "1")
     with meter.active(), meter.stage("load") as stage:
         loaded, model, spm, versions = _load_model(checkpoint, config, dictionary, as_deltalm, spm)
     cfg = loaded.config
@@ -94,8 +104,9 @@ def export_checkpoint(
         f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) "
         f"in {t_load:.1f}s, {_peak(stage)}")
     from .onnx_export import export_graphs, ort_fusions
-    from .parity import end_to_end, format_table, graph_parity, summarize
+    from .parity import end_to_end_checks, format_table, graph_parity, parity_text, summarize
 
+    text = parity_text(spm, dictionary, parity_corpus)  # a bad corpus file fails here, before the export
     limits = Thresholds.for_precision(precision, tolerance)
     with atomic_directory(out, force) as tmp:
         with meter.active(), meter.stage("export") as stage:
@@ -135,12 +146,13 @@ def export_checkpoint(
         artifact = open_artifact(tmp, verify=False)  # hashes were computed just above
         with meter.active(), meter.stage("parity") as parity_stage:
             with meter.stage("graphs"):
-                rows = graph_parity(model, artifact)
+                rows = graph_parity(model, artifact, text=text)
             with meter.stage("end to end"):
-                e2e = end_to_end(model, artifact) if cfg.is_encoder_decoder and spm else []
-        ok, failures = summarize(rows, precision, tolerance, e2e)
+                e2e, teacher = end_to_end_checks(model, artifact, text) if cfg.is_encoder_decoder and spm else ([], None)
+        ok, failures = summarize(rows, precision, tolerance, e2e, teacher)
         report = {"precision": precision, "tolerance": limits.max_abs, "thresholds": limits.__dict__, "passed": ok,
-                  "failures": failures, "graphs": rows, "end_to_end": e2e,
+                  "failures": failures, "sources": text.origin if text else "random ids", "graphs": rows,
+                  "end_to_end": e2e, "teacher_forced": teacher,
                   "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2),
                                 "parity": round(parity_stage.seconds, 2)},
                   "memory": meter.report()}
@@ -148,9 +160,8 @@ def export_checkpoint(
         manifest.files |= hash_files(tmp, ["parity.json"])  # the other files have not changed
         manifest.write(tmp)
         log(format_table(rows))
-        for r in e2e:
-            log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences, "
-                f"max score diff {r['max_score_diff']:.1e}")
+        for line in end_to_end_lines(e2e, teacher, text):
+            log(line)
         if not ok:
             for line in failures:
                 log(f"  {line}")
@@ -190,7 +201,7 @@ def _load_model(checkpoint, config, dictionary, as_deltalm, spm):
 
 
 def _peak(stage) -> str:
-    return f"peak RSS {stage.peak_mb:.0f} MB"
+    return f"peak RSS {stage.peak_mb:.0f} MB"  # the stage's own or the process's so far (StageMeter)
 
 
 def _verdict_text(limits: Thresholds) -> str:
@@ -198,10 +209,25 @@ def _verdict_text(limits: Thresholds) -> str:
     if limits.max_abs is not None:
         parts.append(f"float outputs within {limits.max_abs:.0e}")
     if limits.min_top1 is not None:
-        parts.append(f"top-1 agreement >= {limits.min_top1}")
+        parts.append(f"decisive top-1 agreement >= {limits.min_top1} (teacher-forced)")
     if limits.min_identical is not None:
         parts.append(f"identical sentences >= {limits.min_identical:.0%}")
+    if limits.min_graph_top1 is not None:
+        parts.append(f"graph top-1 >= {limits.min_graph_top1}")
     return ", ".join(parts)
+
+
+def end_to_end_lines(e2e: list[dict], teacher: dict | None, text) -> list[str]:
+    """The end-to-end results of the check, one line each."""
+    lines = [f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} "
+             f"sentences, max score diff {r['max_score_diff']:.1e}" for r in e2e]
+    if teacher is not None:
+        lines.append(f"end to end, teacher-forced {teacher['steps']} steps x {teacher['rows']} sentences: top-1 "
+                     f"agreement {teacher['top1_agreement']:.3f}, decisive {teacher['decisive_top1_agreement']:.3f} "
+                     f"of {teacher['decisive_rows']}")
+    if e2e:
+        lines.append(f"end to end sources: {text.origin if text else 'random ids'}")
+    return lines
 
 
 def check_parity(
@@ -209,12 +235,14 @@ def check_parity(
     checkpoint: str | Path | None = None,
     tolerance: float | None = None,
     log: Callable[[str], None] = print,
+    parity_corpus: str | Path | None = None,
 ) -> dict:
     """Re-run the parity checks of an artifact against its checkpoint (by default the one its
-    manifest records). Returns the report (``passed``, ``failures``, ``graphs``, ``end_to_end``);
+    manifest records), on text sampled from the artifact's sentencepiece model or the sentences of
+    ``parity_corpus``. Returns the report (``passed``, ``failures``, ``graphs``, ``end_to_end``);
     raises ``ExportError`` when the verdict fails."""
     from .checkpoints import build_model, load_checkpoint
-    from .parity import end_to_end, format_table, graph_parity, summarize
+    from .parity import end_to_end_checks, format_table, graph_parity, parity_text, summarize
 
     artifact = open_artifact(artifact_dir)
     if tolerance is not None and artifact.precision != "fp32":
@@ -233,18 +261,22 @@ def check_parity(
     if tolerance is None and artifact.precision == "fp32":
         tolerance = artifact.manifest.export_options.tolerance
     limits = Thresholds.for_precision(artifact.precision, tolerance)
-    rows = graph_parity(model, artifact)
-    e2e = end_to_end(model, artifact) if artifact.config.is_encoder_decoder else []
-    ok, failures = summarize(rows, artifact.precision, tolerance, e2e)
+    spm, dictionary = (artifact.path / artifact.manifest.tokenizer[k] if k in artifact.manifest.tokenizer else None
+                       for k in ("spm", "dict"))
+    text = parity_text(spm, dictionary, parity_corpus)
+    rows = graph_parity(model, artifact, text=text)
+    e2e, teacher = end_to_end_checks(model, artifact, text) if artifact.config.is_encoder_decoder else ([], None)
+    ok, failures = summarize(rows, artifact.precision, tolerance, e2e, teacher)
     log(format_table(rows))
-    for r in e2e:
-        log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences")
+    for line in end_to_end_lines(e2e, teacher, text):
+        log(line)
     if not ok:
         for line in failures:
             log(f"  {line}")
         raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]})")
     log(f"parity: passed ({artifact.precision}: {_verdict_text(limits)})")
-    return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e}
+    return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e,
+            "teacher_forced": teacher, "sources": text.origin if text else "random ids"}
 
 
 __all__ = ["export_checkpoint", "inspect_checkpoint", "check_parity", "PRECISIONS"]

@@ -49,14 +49,21 @@ def add_export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
     s.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     s.add_argument("--allow-parity-failure", action="store_true",
-                   help="write the artifact even if its parity verdict fails (parity.json records it); for benchmarks "
-                        "of random-weight models, whose near-flat distributions no reduced precision reproduces")
+                   help="write the artifact even if its parity verdict fails (parity.json records it)")
+    _parity_corpus_argument(s)
+
+
+def _parity_corpus_argument(parser) -> None:
+    parser.add_argument("--parity-corpus", metavar="FILE",
+                        help="sentences of yours (UTF-8, one a line; 16 are used) for the parity check, instead of "
+                             "text sampled from the sentencepiece model")
 
 
 def add_parity_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir")
     s.add_argument("--checkpoint", help="checkpoint to compare with (default: the one recorded in the manifest)")
     s.add_argument("--tolerance", type=float, default=None, help="fp32 only: limit on log-probs (max abs)")
+    _parity_corpus_argument(s)
 
 
 def run_inspect(args) -> int:
@@ -112,7 +119,7 @@ def run_export(args) -> int:
     export_checkpoint(args.checkpoint, args.out, spm=args.spm, dictionary=args.dict, precision=args.precision,
                       config=args.config, topk=args.topk, tolerance=args.tolerance, as_deltalm=args.as_deltalm,
                       optimize=not args.no_optimize, force=args.force,
-                      allow_parity_failure=args.allow_parity_failure)
+                      allow_parity_failure=args.allow_parity_failure, parity_corpus=args.parity_corpus)
     return 0
 
 
@@ -120,7 +127,8 @@ def run_parity(args) -> int:
     require_export_extra("parity")
     from ..export import check_parity
 
-    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print)
+    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print,
+                 parity_corpus=args.parity_corpus)
     return 0
 
 
