@@ -8,6 +8,7 @@ For top-k outputs: the fraction of equal ids, and of rows whose top-1 id agrees.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from deltalm.errors import ExportError, InputError
 from deltalm.tokenizer import collate
 from deltalm.graphs import SHORTLIST_STEP, GraphSpec, cross_names, past_names
 
+from .file_pages import TakeTurns, mapped_files
 from .graphs import DecoderStepGraph, EncoderGraph
 
 
@@ -194,12 +196,65 @@ def without_prepacking(session_options):
     return options
 
 
+# The check compares the PyTorch model (its weights mapped from the checkpoint) with ONNX Runtime
+# (its weights mapped from weights.data), one computation after the other: each side's mapped
+# pages are given back before the other side runs (deltalm.export.file_pages.TakeTurns), so that
+# the two models' weights are not resident at once. Set for the duration of graph_parity.
+_turns: contextvars.ContextVar[TakeTurns | None] = contextvars.ContextVar("deltalm_parity_turns", default=None)
+
+
+def take_turns(model, artifact) -> TakeTurns:
+    """The check's two sides: "torch" (the files the model's tensors are mapped from, if any) and
+    "ort" (the artifact's weight files)."""
+    weights = {f for g in artifact.manifest.graphs.values() for f in g.files if not f.endswith(".onnx")}
+    torch_files = mapped_files(t.data_ptr() for t in [*model.parameters(), *model.buffers()])
+    return TakeTurns({"torch": torch_files, "ort": [artifact.path / f for f in sorted(weights)]})
+
+
+class _TurnSession:
+    """An ONNX Runtime session whose every ``run`` takes the "ort" turn and hands it back after
+    (the PyTorch side runs next, between two runs, without this session's pages)."""
+
+    def __init__(self, session, turns: TakeTurns):
+        self._session, self._turns = session, turns
+
+    def run(self, *args, **kwargs):
+        self._turns.turn("ort")
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            self._turns.turn("torch")
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+class _TurnBackend:
+    """A backend (``encode`` / ``step``) that takes ``side``'s turn before it computes."""
+
+    def __init__(self, backend, turns: TakeTurns, side: str):
+        self._backend, self._turns, self._side = backend, turns, side
+
+    def encode(self, *args, **kwargs):
+        self._turns.turn(self._side)
+        return self._backend.encode(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        self._turns.turn(self._side)
+        return self._backend.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
 def _ort_session(path):
     import onnxruntime as ort
 
     from deltalm.backends.ort import session_options
 
-    return ort.InferenceSession(str(path), without_prepacking(session_options)(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), without_prepacking(session_options)(), providers=["CPUExecutionProvider"])
+    turns = _turns.get()
+    return _TurnSession(session, turns) if turns is not None else session
 
 
 @contextlib.contextmanager
@@ -219,8 +274,15 @@ def _backend_sessions_without_prepacking():
 def graph_parity(model, artifact, seed: int = 0, text: ParityText | None = None) -> list[dict]:
     """Every output of every graph, ORT (CPU) against the PyTorch graphs, per case; the cases'
     sources drawn from ``text`` when given (``make_sources``)."""
+    token = _turns.set(take_turns(model, artifact))
+    try:
+        return _graph_parity(model, artifact, SourceRng(seed, text))
+    finally:
+        _turns.reset(token)
+
+
+def _graph_parity(model, artifact, rng) -> list[dict]:
     cfg = model.cfg
-    rng = SourceRng(seed, text)
     enc_cases, step_cases = default_cases(cfg)
     encoder = EncoderGraph(model).eval()
     enc_spec: GraphSpec = artifact.graph_spec("encoder")
@@ -327,9 +389,10 @@ def end_to_end_checks(model, artifact, text: ParityText | None = None, seed: int
         rng = np.random.default_rng(seed)
         sources = [make_sources(cfg, lengths, rng) for lengths in [(5, 9, 3), (12,)]]
         everything = collate([list(row[row != cfg.pad]) for src in sources for row in src], cfg.pad)
-    ref = TorchBackend(model, topk=artifact.graph_spec("decoder_step").outputs[0].shape[1])
+    turns = take_turns(model, artifact)
+    ref = _TurnBackend(TorchBackend(model, topk=artifact.graph_spec("decoder_step").outputs[0].shape[1]), turns, "torch")
     with _backend_sessions_without_prepacking():
-        candidate = OrtBackend(artifact)
+        candidate = _TurnBackend(OrtBackend(artifact), turns, "ort")
     rows = compare_translations(ref, candidate, sources, beams=(1, 5), max_len_b=16)
     return rows, compare_steps(ref, candidate, everything, TEACHER_FORCED_STEPS)
 

@@ -90,6 +90,7 @@ def export_checkpoint(
         from .parity import corpus_lines
 
         corpus_lines(parity_corpus)
+    from .file_pages import mapped_files, release
     from .stage_meter import StageMeter
 
     t0 = time.perf_counter()
@@ -113,6 +114,8 @@ def export_checkpoint(
             graphs = export_graphs(model, tmp, precision, topk)
         t_export = stage.seconds
         log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s, {_peak(stage)}")
+        # the checkpoint's pages, all read to write weights.data, are given back (its mapping stays)
+        release(mapped_files(t.data_ptr() for t in model.parameters()))
         files = sorted({f for g in graphs.values() for f in g["files"]})  # weights.data is shared
         tokenizer = {}
         if spm:

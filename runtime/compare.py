@@ -73,38 +73,58 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
     agree (rows whose reference score is -inf excluded: their ids are arbitrary ties);
     ``decisive_rows`` / ``decisive_top1_agreement``: the same over the (row, step) where the
     reference's best token leads its second by at least DECISIVE_MARGIN (``decisive_top1``);
-    ``log_probs_max_abs``: the largest difference of the raw log-probs."""
+    ``log_probs_max_abs``: the largest difference of the raw log-probs.
+
+    The reference decodes first, all its steps, then the candidate (with the same tokens): the two
+    never run at the same time, so a caller can keep only one backend's weights in memory at a
+    time. The reference's log-probs wait in a temporary file meanwhile, not in memory."""
+    import tempfile
+
     from .search import SearchOptions, apply_rules, step_rules
 
     opts = SearchOptions(beam=1, max_len_b=steps, min_len=steps)  # no </s> before the last step
+    cfg = reference.cfg
     rows = src.shape[0]
-    state_a, state_b = reference.encode(src), candidate.encode(src)
-    tokens = np.full(rows, reference.cfg.eos, dtype=np.int64)
     keep = np.arange(rows, dtype=np.int64)
-    same = total = decisive_same = decisive = 0
-    worst = 0.0
-    for step in range(steps + 1):
-        rules = step_rules(opts, step, steps, rows)
-        lp_a = reference.step(state_a, tokens, step, keep, keep, rules, want="logprobs")
-        lp_b = candidate.step(state_b, tokens, step, keep, keep, rules, want="logprobs")
-        worst = max(worst, compare_arrays(np.asarray(lp_b, np.float32), np.asarray(lp_a, np.float32))["max_abs"])
-        cfg = reference.cfg
-        ruled_a = apply_rules(np.asarray(lp_a, np.float32), rules, cfg.pad, cfg.unk, cfg.eos)
-        ruled_b = apply_rules(np.asarray(lp_b, np.float32), rules, cfg.pad, cfg.unk, cfg.eos)
-        top_a, top_b = ruled_a.argmax(axis=1), ruled_b.argmax(axis=1)
-        finite = np.isfinite(ruled_a.max(axis=1))
-        same += int(np.sum((top_a == top_b) & finite))
-        total += int(finite.sum())
-        if ruled_a.shape[1] > 1:
-            top2 = np.partition(ruled_a, [-2, -1], axis=1)[:, -2:]  # [second, best]
-            with np.errstate(invalid="ignore"):
-                lead = top2[:, 1] - top2[:, 0]
-        else:
-            lead = np.full(rows, np.inf)
-        sure = finite & (np.nan_to_num(lead, nan=0.0, posinf=np.inf) >= DECISIVE_MARGIN)
-        decisive += int(sure.sum())
-        decisive_same += int(np.sum((top_a == top_b) & sure))
-        tokens = top_a.astype(np.int64)
+    fed = [np.full(rows, cfg.eos, dtype=np.int64)]  # the token each step is given
+    chosen, sure, finite = [], [], []
+    with tempfile.TemporaryFile(prefix="deltalm-steps-") as spill:
+        shape = None
+        state = reference.encode(src)
+        for step in range(steps + 1):
+            rules = step_rules(opts, step, steps, rows)
+            lp = np.ascontiguousarray(reference.step(state, fed[step], step, keep, keep, rules, want="logprobs"),
+                                      dtype=np.float32)
+            shape = lp.shape
+            spill.write(lp.tobytes())
+            ruled = apply_rules(lp, rules, cfg.pad, cfg.unk, cfg.eos)
+            top = ruled.argmax(axis=1)
+            finite.append(np.isfinite(ruled.max(axis=1)))
+            if ruled.shape[1] > 1:
+                top2 = np.partition(ruled, [-2, -1], axis=1)[:, -2:]  # [second, best]
+                with np.errstate(invalid="ignore"):
+                    lead = top2[:, 1] - top2[:, 0]
+            else:
+                lead = np.full(rows, np.inf)
+            sure.append(finite[-1] & (np.nan_to_num(lead, nan=0.0, posinf=np.inf) >= DECISIVE_MARGIN))
+            chosen.append(top)
+            fed.append(top.astype(np.int64))
+        del state
+        spill.seek(0)
+        same = total = decisive_same = decisive = 0
+        worst = 0.0
+        state = candidate.encode(src)
+        for step in range(steps + 1):
+            rules = step_rules(opts, step, steps, rows)
+            lp_b = np.asarray(candidate.step(state, fed[step], step, keep, keep, rules, want="logprobs"), np.float32)
+            lp_a = np.frombuffer(spill.read(4 * int(np.prod(shape))), dtype=np.float32).reshape(shape)
+            worst = max(worst, compare_arrays(lp_b, lp_a)["max_abs"])
+            top_b = apply_rules(lp_b, rules, cfg.pad, cfg.unk, cfg.eos).argmax(axis=1)
+            agree = top_b == chosen[step]
+            same += int(np.sum(agree & finite[step]))
+            total += int(finite[step].sum())
+            decisive += int(sure[step].sum())
+            decisive_same += int(np.sum(agree & sure[step]))
     return {"rows": rows, "steps": steps + 1, "top1_agreement": same / max(total, 1),
             "decisive_rows": decisive, "decisive_top1_agreement": decisive_same / decisive if decisive else 1.0,
             "log_probs_max_abs": worst}

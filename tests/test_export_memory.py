@@ -344,3 +344,26 @@ def test_an_unreadable_parity_corpus_is_one_line_before_the_export(tiny, tmp_pat
                    str(tmp_path / "art"), "--parity-corpus", str(tmp_path / "missing.txt")])
     assert_one_line_error(res, "--parity-corpus", "missing.txt")
     assert not (tmp_path / "art").exists()
+
+
+def test_mapped_files_and_release_give_back_a_files_pages(tmp_path):
+    """A file's mapped pages leave this process's RSS when given back, and read the same after."""
+    from deltalm.export.file_pages import mapped_files, release
+    from deltalm.export.stage_meter import rss_mb
+
+    path = tmp_path / "weights.bin"
+    np.arange(64 << 20, dtype=np.uint8).tofile(path)  # 64 MB
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    total = int(mapped.sum(dtype=np.uint64))  # touches every page
+    assert mapped_files([mapped.ctypes.data]) == {str(path.resolve())}
+    before = rss_mb()
+    assert release([path]) >= 64 << 20
+    assert before - rss_mb() > 50
+    assert int(mapped.sum(dtype=np.uint64)) == total
+
+
+def test_export_memory_bench_refuses_unknown_shapes(tmp_path):
+    from cli_support import assert_one_line_error, run_cli
+
+    res = run_cli(["bench", "--export-memory", "--shapes", "huge", "--out", str(tmp_path)])
+    assert_one_line_error(res, "--shapes", "huge")
