@@ -179,18 +179,26 @@ def compare(name: str, got: np.ndarray, want: np.ndarray) -> dict:
 # 1.4 GB of anonymous memory after, instead of mapping weights.data); the arena keeps the largest
 # activations of any case (the encoder at 508 tokens: 0.6 GB). Neither changes a graph or a weight;
 # prepacking moves results by about 1e-6 (measured on base's step log-probs: 2.9e-6), far under
-# every threshold of the verdict.
+# every threshold of the verdict. fp16 graphs also run without ONNX Runtime's graph optimizations:
+# the CPU has no fp16 kernels for most of them, and the optimizer would fold an fp32 copy of every
+# fp16 weight into memory (1.5 GB of anonymous memory on base, which no turn can give back);
+# unoptimized, each node casts its fp16 weight when it runs. That is the same arithmetic (fp32 on
+# fp16-rounded weights) without the fusions: the step's log-probs move by 8e-3 (base), under the
+# fp16 verdict's resolution. On a GPU (fp16's target) the GPU check runs the optimized graph.
 PREPACKING_OFF = ("session.disable_prepacking", "1")
 
 
-def without_prepacking(session_options):
-    """``session_options`` (a function of ``threads``) with ONNX Runtime's prepacking and memory
-    arena turned off (see PREPACKING_OFF)."""
+def check_options(session_options, precision: str = "fp32"):
+    """``session_options`` (a function of ``threads``) as the check runs ONNX Runtime: prepacking
+    and memory arena off, and for fp16 graph optimizations off (see PREPACKING_OFF)."""
+    import onnxruntime as ort
 
     def options(threads: int | None = None):
         so = session_options(threads)
         so.add_session_config_entry(*PREPACKING_OFF)
         so.enable_cpu_mem_arena = False
+        if precision == "fp16":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return so
 
     return options
@@ -199,8 +207,18 @@ def without_prepacking(session_options):
 # The check compares the PyTorch model (its weights mapped from the checkpoint) with ONNX Runtime
 # (its weights mapped from weights.data), one computation after the other: each side's mapped
 # pages are given back before the other side runs (deltalm.export.file_pages.TakeTurns), so that
-# the two models' weights are not resident at once. Set for the duration of graph_parity.
-_turns: contextvars.ContextVar[TakeTurns | None] = contextvars.ContextVar("deltalm_parity_turns", default=None)
+# the two models' weights are not resident at once.
+
+
+@dataclass
+class _Check:
+    """What the sessions of one graph_parity call need: the turns, the artifact's precision."""
+
+    turns: TakeTurns
+    precision: str
+
+
+_check: contextvars.ContextVar[_Check | None] = contextvars.ContextVar("deltalm_parity_check", default=None)
 
 
 def take_turns(model, artifact) -> TakeTurns:
@@ -248,23 +266,26 @@ class _TurnBackend:
 
 
 def _ort_session(path):
+    """A session of the graph at ``path`` as the check runs it (``check_options``; inside
+    graph_parity, taking turns with the PyTorch model)."""
     import onnxruntime as ort
 
     from deltalm.backends.ort import session_options
 
-    session = ort.InferenceSession(str(path), without_prepacking(session_options)(), providers=["CPUExecutionProvider"])
-    turns = _turns.get()
-    return _TurnSession(session, turns) if turns is not None else session
+    check = _check.get()
+    options = check_options(session_options, check.precision if check else "fp32")
+    session = ort.InferenceSession(str(path), options(), providers=["CPUExecutionProvider"])
+    return _TurnSession(session, check.turns) if check is not None else session
 
 
 @contextlib.contextmanager
-def _backend_sessions_without_prepacking():
+def _backend_sessions_for_check(precision: str):
     """``OrtBackend`` builds its sessions from ``deltalm.backends.ort.session_options``; inside the
-    block, with prepacking off (see PREPACKING_OFF)."""
+    block, as the check runs them (``check_options``)."""
     import deltalm.backends.ort as ort_backend
 
     real = ort_backend.session_options
-    ort_backend.session_options = without_prepacking(real)
+    ort_backend.session_options = check_options(real, precision)
     try:
         yield
     finally:
@@ -274,11 +295,11 @@ def _backend_sessions_without_prepacking():
 def graph_parity(model, artifact, seed: int = 0, text: ParityText | None = None) -> list[dict]:
     """Every output of every graph, ORT (CPU) against the PyTorch graphs, per case; the cases'
     sources drawn from ``text`` when given (``make_sources``)."""
-    token = _turns.set(take_turns(model, artifact))
+    token = _check.set(_Check(take_turns(model, artifact), artifact.precision))
     try:
         return _graph_parity(model, artifact, SourceRng(seed, text))
     finally:
-        _turns.reset(token)
+        _check.reset(token)
 
 
 def _graph_parity(model, artifact, rng) -> list[dict]:
@@ -391,7 +412,7 @@ def end_to_end_checks(model, artifact, text: ParityText | None = None, seed: int
         everything = collate([list(row[row != cfg.pad]) for src in sources for row in src], cfg.pad)
     turns = take_turns(model, artifact)
     ref = _TurnBackend(TorchBackend(model, topk=artifact.graph_spec("decoder_step").outputs[0].shape[1]), turns, "torch")
-    with _backend_sessions_without_prepacking():
+    with _backend_sessions_for_check(artifact.precision):
         candidate = _TurnBackend(OrtBackend(artifact), turns, "ort")
     rows = compare_translations(ref, candidate, sources, beams=(1, 5), max_len_b=16)
     return rows, compare_steps(ref, candidate, everything, TEACHER_FORCED_STEPS)
@@ -408,7 +429,7 @@ def end_to_end(model, artifact, sources: list[np.ndarray] | None = None, seed: i
     from .torch_backend import TorchBackend
 
     ref = TorchBackend(model, topk=artifact.graph_spec("decoder_step").outputs[0].shape[1])
-    with _backend_sessions_without_prepacking():
+    with _backend_sessions_for_check(artifact.precision):
         candidate = OrtBackend(artifact)
     return compare_translations(ref, candidate, sources, beams=(1, 5), max_len_b=16)
 
