@@ -23,7 +23,7 @@ QUICK     ?=
 PORT      ?= 8000
 HOST      ?= 127.0.0.1
 
-.PHONY: venv demo test test-fairseq export parity translate score engines bench soak gpu-check clean serve bench-serve
+.PHONY: venv demo test test-fairseq export parity translate score engines bench bench-export-memory soak gpu-check clean serve bench-serve
 
 venv: $(STAMP)
 
@@ -81,6 +81,12 @@ bench-serve: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/deltalm bench --model $(MODEL) --out bench_out/$(notdir $(MODEL))$(if $(COMPARE),-$(COMPARE)) \
 		$(if $(COMPARE),--compare $(COMPARE)) $(if $(QUICK),--quick)
+
+# The export's memory: peak RSS and time of every stage of deltalm export (fp32 and int8) on fairseq
+# checkpoints of deltalm-base's and deltalm-large's shapes written here (large: 3.4 GB, ~10 GB of RAM free).
+SHAPES ?= base,large
+bench-export-memory: $(STAMP)
+	$(VENV)/bin/deltalm bench --export-memory --shapes $(SHAPES) --out bench_out/export-memory
 
 soak: $(STAMP)
 	$(PY) scripts/soak.py

@@ -94,16 +94,18 @@ def bench_child_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "deltalm.bench", *args]
 
 
-def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False) -> ChildResult:
+def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False, env: dict | None = None) -> ChildResult:
     """Run ``cmd`` and return its exit code, wall time, CPU time and the share of the machine other
     processes used meanwhile. ``echo``: copy the child's stderr lines to our log as they come.
+    ``env``: variables set for the child on top of ours.
 
     Peak RSS is not taken from here: Linux folds the parent's high-water mark into a
     (v)forked child's ru_maxrss at exec, so the children report their own ``VmHWM``."""
     t0 = time.perf_counter()
     busy0 = machine_busy_s()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env} if env else None)
     # threads drain the pipes; the child is reaped by wait4 below, not by Popen
     out_chunks, err_chunks = [], []
 
@@ -130,11 +132,12 @@ def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False) -> C
     return ChildResult(proc.returncode, wall, cpu, others, "".join(out_chunks), "".join(err_chunks))
 
 
-def run_cli(cli_args: list[str], record: Path, stdin: str | None = None) -> tuple[float, ChildResult]:
+def run_cli(cli_args: list[str], record: Path, stdin: str | None = None,
+            env: dict | None = None) -> tuple[float, ChildResult]:
     """``deltalm CLI_ARGS`` in a child that reports its own peak RSS (MB) into ``record``."""
     record.parent.mkdir(parents=True, exist_ok=True)
     record.unlink(missing_ok=True)
-    res = run_child(bench_child_command("cli", str(record), *cli_args), stdin=stdin)
+    res = run_child(bench_child_command("cli", str(record), *cli_args), stdin=stdin, env=env)
     peak = json.loads(record.read_text())["peak_rss_mb"] if record.exists() else float("nan")
     record.unlink(missing_ok=True)
     return peak, res

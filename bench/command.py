@@ -40,6 +40,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shortlist", metavar="FILE",
                         help="with --compare shortlist: this shortlist (default: built from the toy corpus for tiny, "
                              "random lists of the default sizes otherwise)")
+    parser.add_argument("--export-memory", action="store_true",
+                        help="only the export's memory: peak RSS and time of every stage of deltalm export on fairseq "
+                             "checkpoints of the --shapes written here (deltalm-large: 3.4 GB, ~10 GB of RAM free)")
+    parser.add_argument("--shapes", default="base,large",
+                        help="with --export-memory: checkpoint shapes, comma-separated (base, large; default base,large)")
+    parser.add_argument("--precisions", default="fp32,int8",
+                        help="with --export-memory: export precisions, comma-separated (default fp32,int8)")
 
 
 def _require(module: str, extra: str, what: str) -> None:
@@ -90,6 +97,8 @@ def bench_command(args) -> int:
     out = Path(args.out)
     check_output_directory(out, "--out")  # before any model is built or loaded
     out.mkdir(parents=True, exist_ok=True)
+    if args.export_memory:
+        return _export_memory_run(args, out)
     with Progress(total=2, desc="bench") as progress:  # model, export; the run adds its own stages
         if args.compare == "shortlist":
             return _shortlist_run(args, out, progress)
@@ -215,6 +224,29 @@ def _full_run(args, out: Path, progress) -> int:
     progress.close()
     print(format_console_summary(results, out), end="")
     log(f"wrote {out}/bench.json, bench.md, bench.png, profile.md in {results['wall_s']:.0f}s")
+    return 0
+
+
+def _export_memory_run(args, out: Path) -> int:
+    from deltalm.errors import InputError
+
+    from .export_memory import SHAPES, format_export_memory, run_export_memory
+    from .models import PRECISIONS
+
+    _require("torch", "export", "--export-memory")
+    shapes = [s for s in args.shapes.split(",") if s]
+    precisions = [p for p in args.precisions.split(",") if p]
+    bad = [s for s in shapes if s not in SHAPES] + [p for p in precisions if p not in PRECISIONS]
+    if bad or not shapes or not precisions:
+        raise InputError(f"--shapes takes {', '.join(SHAPES)} and --precisions {', '.join(PRECISIONS)}; got "
+                         f"{', '.join(bad) or 'nothing'}")
+    t0 = time.perf_counter()
+    results = run_export_memory(out, shapes, precisions)
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    md = format_export_memory(results)
+    (out / "export-memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "export-memory.md").write_text(md)
+    print(md)
     return 0
 
 

@@ -804,9 +804,32 @@ def _interpret(source: _Source, overrides, vocab_size, as_deltalm, unilm_ffn_ord
 
 
 def build_model(loaded: LoadedCheckpoint) -> torch.nn.Module:
-    """The canonical PyTorch model for ``loaded``, weights loaded strictly, in eval mode."""
-    model = _build_canonical(loaded.config)
-    model.load_state_dict(loaded.state_dict, strict=True)
+    """The canonical PyTorch model for ``loaded``, in eval mode, its parameters *being* the tensors
+    of ``loaded.state_dict`` (no copy: the model is built on the meta device and the tensors are
+    assigned; a memory-mapped checkpoint stays mapped). Tied parameters stay one parameter.
+    Every parameter must be given, with its shape."""
+    with torch.device("meta"):
+        model = _build_canonical(loaded.config)
+    state = loaded.state_dict
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    expected = {n for names in owners.values() for n in names} | {n for n, _ in model.named_buffers()}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"state dict does not fit the model: missing {_names(missing)}; unexpected {_names(unexpected)}")
+    for names in owners.values():
+        tensor = state[names[0]]
+        shape = model.get_parameter(names[0]).shape
+        if tensor.shape != shape:
+            raise CheckpointError(f"{names[0]}: shape {list(tensor.shape)}, the model expects {list(shape)}")
+        param = torch.nn.Parameter(tensor, requires_grad=False)
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, param)
+    for name, _ in list(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, state[name])
     return model.eval()
 
 

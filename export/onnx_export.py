@@ -9,10 +9,8 @@ TensorRT's parser are tested against; and it needs no onnxscript. Revisit when i
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,19 @@ import torch
 from deltalm.graphs import GraphSpec, cache_names, cross_names, per_layer
 
 from .graphs import DecoderStepGraph, EncoderGraph
+from .stage_meter import stage
+from .weights import (  # noqa: F401 - SharedWeights, quantize_table and the constants are also this module's API
+    ALIGN,
+    INLINE_LIMIT,
+    WEIGHTS_FILE,
+    SharedWeights,
+    convert_fp16,
+    derive,
+    module_tensors,
+    quantize_matmuls,
+    quantize_table,
+    trace_without_weights,
+)
 
 OPSET = 17
 FP16_BLOCKED_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "TopK", "IsNaN", "CumSum", "Range"]
@@ -59,89 +70,15 @@ def step_trace_inputs(step_graph, k_cross: list[torch.Tensor], src: torch.Tensor
     return step_graph.inputs(feeds)
 
 
-def _torch_export(module: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(),
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-
-WEIGHTS_FILE = "weights.data"
-INLINE_LIMIT = 1024  # bytes: smaller tensors (shapes, scalars) stay inside the .onnx file
-ALIGN = 4096  # every tensor in weights.data starts on a page: ONNX Runtime maps it from the file
-
-
-class SharedWeights:
-    """Writes the initializers of every graph of an artifact into one file, ``weights.data``, each
-    distinct tensor once: a tensor whose bytes are already in the file (the embedding table, read
-    by the encoder and by the step, and by the step's output projection) is pointed at, not
-    written again. Offsets are page-aligned so that ONNX Runtime maps the file instead of copying
-    it: pages of a table that is only gathered from (the embedding rows) are read from disk when a
-    token needs them, and two sessions mapping the same bytes share the same physical pages."""
-
-    def __init__(self, out_dir: Path, name: str = WEIGHTS_FILE):
-        self.path = out_dir / name
-        self.name = name
-        self._offsets: dict[tuple, int] = {}
-        self._file = open(self.path, "wb")
-
-    def externalize(self, model) -> None:
-        """Move every initializer of ``model`` of at least INLINE_LIMIT bytes into the file."""
-        import hashlib
-
-        import onnx
-        from onnx import numpy_helper
-
-        for t in model.graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                raise ValueError(f"initializer {t.name} is already external")
-            if t.HasField("raw_data"):
-                if len(t.raw_data) < INLINE_LIMIT:
-                    continue
-                data = t.raw_data
-            else:
-                data = numpy_helper.to_array(t).tobytes()
-                if len(data) < INLINE_LIMIT:
-                    continue
-            key = (t.data_type, hashlib.sha256(data).digest(), len(data))
-            offset = self._offsets.get(key)
-            if offset is None:
-                pos = self._file.tell()
-                offset = -(-pos // ALIGN) * ALIGN
-                self._file.write(b"\0" * (offset - pos))
-                self._file.write(data)
-                self._offsets[key] = offset
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(field)
-            del t.external_data[:]
-            for k, v in (("location", self.name), ("offset", str(offset)), ("length", str(len(data)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del data
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def tie_output_projection(model, cfg) -> int:
     """The step's output projection as ``Gemm(x, table, transB=1)`` on the [V, D] table itself,
     instead of the MatMul with the [D, V] transposed copy that tracing folds in: the bytes are
     then those of the embedding table, stored once (``SharedWeights``). The Gemm gets its own
     initializer name, so ONNX Runtime prepacks it from a mapping of its own and releases that
-    mapping, while the gathers keep reading rows of the table on demand. Returns the MatMuls
-    rewritten (0 or 1)."""
-    from onnx import helper, numpy_helper
+    mapping, while the gathers keep reading rows of the table on demand. Works on pending
+    initializers (nothing is computed) and on ones that hold data. Returns the MatMuls rewritten
+    (0 or 1)."""
+    from onnx import helper
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -152,29 +89,16 @@ def tie_output_projection(model, cfg) -> int:
         weight = inits[node.input[1]]
         if list(weight.dims) != [cfg.embed_dim, cfg.vocab_size]:
             continue
-        transposed = numpy_helper.to_array(weight)
+        table = derive(weight, "output_projection.weight", "T")
         del inits[weight.name]
         graph.initializer.remove(weight)
-        del weight
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(transposed.T), "output_projection.weight"))
-        del transposed
-        table = graph.initializer[-1]
+        graph.initializer.append(table)
         gemm = helper.make_node("Gemm", [node.input[0], table.name], list(node.output), name=node.name or "output_projection",
                                 transB=1)
         graph.node.remove(node)
         graph.node.insert(i, gemm)
         rewritten += 1
     return rewritten
-
-
-def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row of the [V, D] embedding table: ``q`` [D, V] int8 (laid out as the
-    step's quantized output projection reads it: one column per token) and ``scale`` [V] float32,
-    ``table[v] ~= q[:, v] * scale[v]``."""
-    absmax = np.abs(table).max(axis=1)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(q.T), scale
 
 
 INT8_TABLE, INT8_SCALE = "embed_tokens.int8", "embed_tokens.scale"
@@ -185,7 +109,9 @@ def int8_embeddings(model, cfg) -> int:
     the float table. Each ``Gather(table, ids)`` becomes ``Transpose(Cast(Gather(q, ids, axis=1)) *
     Gather(scale, ids))``; the step's quantized output projection (MatMulInteger on a [D, V]
     int8 weight, per-column scales) is given the same q and scale, so the artifact stores one int8
-    table for the encoder, the step's embedding and its projection. Returns the gathers rewritten."""
+    table for the encoder, the step's embedding and its projection. Works on pending initializers
+    (the table is quantized when it is written) and on ones that hold data. Returns the gathers
+    rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -195,8 +121,8 @@ def int8_embeddings(model, cfg) -> int:
                and list(inits[n.input[0]].dims) == [cfg.vocab_size, cfg.embed_dim]]
     if not gathers:
         return 0
-    table = numpy_helper.to_array(inits[gathers[0].input[0]])
-    q, scale = quantize_table(table)
+    table = inits[gathers[0].input[0]]
+    q, scale = derive(table, INT8_TABLE, "q8table"), derive(table, INT8_SCALE, "s8table")
     for node in gathers:
         if node.input[1] not in ranks:
             raise ValueError(f"{node.name}: the embedding is gathered with computed ids, not a graph input")
@@ -212,8 +138,8 @@ def int8_embeddings(model, cfg) -> int:
         graph.node.remove(node)
         for k, n in enumerate(nodes):
             graph.node.insert(at + k, n)
-    graph.initializer.remove(inits[gathers[0].input[0]])
-    graph.initializer.extend([numpy_helper.from_array(q, INT8_TABLE), numpy_helper.from_array(scale, INT8_SCALE)])
+    graph.initializer.remove(table)
+    graph.initializer.extend([q, scale])
     # the quantized output projection: an int8 [D, V] weight, read with the same q and scale
     for node in graph.node:
         if node.op_type == "MatMulInteger" and node.input[1] in inits and list(inits[node.input[1]].dims) == [cfg.embed_dim, cfg.vocab_size]:
@@ -221,18 +147,10 @@ def int8_embeddings(model, cfg) -> int:
             scale_name = weight.name[: -len("_quantized")] + "_scale"
             if scale_name not in inits or list(inits[scale_name].dims) != [cfg.vocab_size]:
                 raise ValueError(f"the quantized output projection {weight.name} has no per-column scale")
-            weight.CopyFrom(numpy_helper.from_array(q, weight.name))
+            weight.CopyFrom(derive(table, weight.name, "q8table"))
             zero.CopyFrom(numpy_helper.from_array(np.zeros(cfg.vocab_size, np.int8), zero.name))
-            inits[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
+            inits[scale_name].CopyFrom(derive(table, scale_name, "s8table"))
     return len(gathers)
-
-
-def _convert_fp16(model, spec16: GraphSpec):
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    keep = [t.name for t in spec16.inputs + spec16.outputs if t.dtype == "float32"]
-    return convert_float_to_float16(model, keep_io_types=keep, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_BLOCKED_OPS,
-                                    node_block_list=head_nodes(model))
 
 
 def head_nodes(model, output: str = "log_probs") -> list[str]:
@@ -299,71 +217,42 @@ def _toposort(model):
     return model
 
 
-@contextlib.contextmanager
-def _without_log_message(fragment: str):
-    """Drop root-logger records whose message contains ``fragment`` while the block runs."""
-    import logging
-
-    def keep(record: logging.LogRecord) -> bool:
-        return fragment not in record.getMessage()
-
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
-
-
-def _quantize_int8(model, scratch: Path):
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dst = scratch / "fp32.onnx", scratch / "q.onnx"
-    _save_for_tool(model, src)
-    # MatMul only: the output projection and every linear layer (the embedding: int8_embeddings).
-    # ONNX Runtime's quantizer advises "pre-processing" (symbolic shape inference + its graph
-    # optimizer) on every call. Not done: dynamic quantization of MatMuls with constant weights needs
-    # no shape inference, and the optimizer would bake ORT-only fused ops into the artifact, which
-    # ORT applies at session creation anyway (and TensorRT could not parse). So the advice is dropped.
-    with _without_log_message("pre-processing before quantization"):
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=True)
-    import onnx
-
-    return onnx.load(str(dst))
-
-
-def _save_for_tool(model, path: Path) -> None:
-    import onnx
-
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=INLINE_LIMIT)
-
-
 def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, precision: str,
                  weights: SharedWeights) -> list[str]:
     """Trace ``module`` to ``out_dir/{spec.name}.onnx`` in the given precision, its weights into
-    ``weights`` (the artifact's shared weights file); returns the files the graph reads."""
+    ``weights`` (the artifact's shared weights file); returns the files the graph reads. The graph
+    is traced and rewritten without its weights (``deltalm.export.weights``); each weight is
+    computed and written when the graph is done, one at a time."""
     import onnx
 
     final = out_dir / f"{spec.name}.onnx"
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        raw = Path(scratch) / "raw.onnx"
-        _torch_export(module, args, spec, raw)
-        model = onnx.load(str(raw))
-        if spec.name == "decoder_step" and precision != "int8":
-            tie_output_projection(model, module.cfg)
-        if precision == "fp16":
-            model = _toposort(_convert_fp16(model, module.spec("float16")))
-        elif precision == "int8":
-            model = _quantize_int8(model, Path(scratch))
-            int8_embeddings(model, module.cfg)
-        weights.externalize(model)
-        onnx.save_model(model, str(final))
-        del model
-        gc.collect()
-    onnx.checker.check_model(str(final))
+    with stage(spec.name):
+        with stage("trace"):
+            model = trace_without_weights(module, args, spec, OPSET)
+        with stage("rewrite"):
+            if spec.name == "decoder_step" and precision != "int8":
+                tie_output_projection(model, module.cfg)
+            if precision == "fp16":
+                keep = [t.name for t in module.spec("float16").inputs + module.spec("float16").outputs
+                        if t.dtype == "float32"]
+                model = _toposort(convert_fp16(model, keep, _fp16_block_list(), head_nodes(model)))
+            elif precision == "int8":
+                model = quantize_matmuls(model)
+                int8_embeddings(model, module.cfg)
+        with stage("weights"):
+            weights.externalize(model, module_tensors(module))
+        with stage("save and check"):
+            onnx.save_model(model, str(final))
+            del model
+            gc.collect()
+            onnx.checker.check_model(str(final))
     return [final.name, weights.name]
+
+
+def _fp16_block_list() -> list[str]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    return DEFAULT_OP_BLOCK_LIST + FP16_BLOCKED_OPS
 
 
 def export_graphs(model: torch.nn.Module, out_dir: Path, precision: str, topk: int) -> dict:
@@ -404,6 +293,11 @@ def ort_fusions(path: Path) -> dict[str, int]:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         so.log_severity_level = 3
+        # Only the optimized graph's op types are read: no prepacked copy of the weights, and the
+        # weights of the optimized model go to a file of their own, not into one in-memory proto.
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         before = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
         after = collections.Counter(n.op_type for n in onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False).graph.node)

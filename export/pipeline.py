@@ -10,6 +10,7 @@ an artifact's parity. Plain arguments in, typed results out; the ``deltalm`` com
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import time
@@ -66,6 +67,7 @@ def export_checkpoint(
     optimize: bool = True,
     force: bool = False,
     allow_parity_failure: bool = False,
+    parity_corpus: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     verbose: bool = False,
 ) -> Artifact:
@@ -76,8 +78,10 @@ def export_checkpoint(
     the fast path). ``tolerance``: fp32 parity limit on log-probs (max abs, default 1e-4); reduced
     precisions have a verdict of their own (``deltalm.compare.Thresholds``) and refuse it.
     ``allow_parity_failure`` writes the artifact even when the verdict fails (parity.json then says
-    ``passed: false``): for benchmarks of random-weight models only. ``log`` receives one line per
-    stage, with its time, and the parity verdict with a short summary (default: the logger
+    ``passed: false``): for benchmarks of random-weight models only. ``parity_corpus``: a text file
+    of the user's sentences (one a line) for the check, instead of text sampled from ``spm``
+    (``deltalm.export.parity.parity_text``). ``log`` receives one line per stage, with its time and
+    peak RSS, and the parity verdict with a short summary (default: the logger
     ``deltalm.export.pipeline`` at INFO, silent unless configured); ``verbose`` adds the parity
     table (every output and case; parity.json always holds it)."""
     log = _log_to(log)
@@ -90,42 +94,36 @@ def export_checkpoint(
         raise InputError(f"--tolerance applies to fp32 exports; {precision} has its own verdict "
                          "(top-1 agreement and identical sentences, see the README)")
     check_artifact_destination(out, force)  # before the slow load
-    from .checkpoints import load_for_export
+    if parity_corpus:
+        from .parity import corpus_lines
+
+        corpus_lines(parity_corpus)
+    from .file_pages import mapped_files, release
+    from .stage_meter import StageMeter
 
     t0 = time.perf_counter()
-    loaded = load_for_export(checkpoint, config, dictionary, as_deltalm)
+    # wall time and peak RSS of each stage (parity.json's "memory"); DELTALM_STAGE_PEAKS=1: each
+    # stage's own peak (the process's mark is then reset per stage: see deltalm.export.stage_meter)
+    meter = StageMeter(exact_stages=os.environ.get("DELTALM_STAGE_PEAKS") == "1")
+    with meter.active(), meter.stage("load") as stage:
+        loaded, model, spm, versions = _load_model(checkpoint, config, dictionary, as_deltalm, spm)
     cfg = loaded.config
-    if cfg.is_encoder_decoder and not (spm and dictionary):
-        raise InputError("exporting a DeltaLM needs --spm and --dict (the tokenizer travels with the artifact)")
-    if not spm and loaded.format == "hf-xlmr":
-        candidate = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        if (candidate / "sentencepiece.bpe.model").exists():
-            spm = candidate / "sentencepiece.bpe.model"
-    if spm and not Path(spm).exists():
-        raise InputError(f"{spm}: no such sentencepiece model")
-    if dictionary and not Path(dictionary).exists():
-        raise InputError(f"{dictionary}: no such dictionary")
-    if spm and dictionary:  # fail on a bad tokenizer before the long part
-        from deltalm.tokenizer import Tokenizer
-
-        Tokenizer(spm, dictionary)
-
-    from .checkpoints import build_model
-    from .onnx_export import export_graphs, ort_fusions
-    from .parity import end_to_end, format_summary, format_table, graph_parity, summarize
-
-    model = build_model(loaded)
-    versions = _versions()  # imports onnxruntime before any file is written
-    t_load = time.perf_counter() - t0
+    t_load = stage.seconds
     log(f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
         f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) "
-        f"in {t_load:.1f}s")
+        f"in {t_load:.1f}s, {_peak(stage)}")
+    from .onnx_export import export_graphs, ort_fusions
+    from .parity import end_to_end_checks, format_summary, format_table, graph_parity, parity_text, summarize
+
+    text = parity_text(spm, dictionary, parity_corpus)  # a bad corpus file fails here, before the export
     limits = Thresholds.for_precision(precision, tolerance)
     with atomic_directory(out, force) as tmp:
-        t1 = time.perf_counter()
-        graphs = export_graphs(model, tmp, precision, topk)
-        t_export = time.perf_counter() - t1
-        log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s")
+        with meter.active(), meter.stage("export") as stage:
+            graphs = export_graphs(model, tmp, precision, topk)
+        t_export = stage.seconds
+        log(f"exported {', '.join(graphs)} ({precision}) in {t_export:.1f}s, {_peak(stage)}")
+        # the checkpoint's pages, all read to write weights.data, are given back (its mapping stays)
+        release(mapped_files(t.data_ptr() for t in model.parameters()))
         files = sorted({f for g in graphs.values() for f in g["files"]})  # weights.data is shared
         tokenizer = {}
         if spm:
@@ -136,7 +134,10 @@ def export_checkpoint(
             shutil.copyfile(dictionary, tmp / "dict.txt")
             files.append("dict.txt")
             tokenizer["dict"] = "dict.txt"
-        fusions = {name: ort_fusions(tmp / g["file"]) for name, g in graphs.items()} if optimize else {}
+        with meter.stage("fusions") as stage:
+            fusions = {name: ort_fusions(tmp / g["file"]) for name, g in graphs.items()} if optimize else {}
+        if optimize:
+            log(f"listed ONNX Runtime's fusions in {stage.seconds:.1f}s, {_peak(stage)}")
         manifest = Manifest(
             model=cfg,
             precision=precision,
@@ -154,22 +155,25 @@ def export_checkpoint(
         )
         manifest.write(tmp)
         artifact = open_artifact(tmp, verify=False)  # hashes were computed just above
-        t2 = time.perf_counter()
-        rows = graph_parity(model, artifact)
-        e2e = end_to_end(model, artifact) if cfg.is_encoder_decoder and spm else []
-        ok, failures = summarize(rows, precision, tolerance, e2e)
+        with meter.active(), meter.stage("parity") as parity_stage:
+            with meter.stage("graphs"):
+                rows = graph_parity(model, artifact, text=text)
+            with meter.stage("end to end"):
+                e2e, teacher = end_to_end_checks(model, artifact, text) if cfg.is_encoder_decoder and spm else ([], None)
+        ok, failures = summarize(rows, precision, tolerance, e2e, teacher)
         report = {"precision": precision, "tolerance": limits.max_abs, "thresholds": limits.__dict__, "passed": ok,
-                  "failures": failures, "graphs": rows, "end_to_end": e2e,
+                  "failures": failures, "sources": text.origin if text else "random ids", "graphs": rows,
+                  "end_to_end": e2e, "teacher_forced": teacher,
                   "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2),
-                                "parity": round(time.perf_counter() - t2, 2)}}
+                                "parity": round(parity_stage.seconds, 2)},
+                  "memory": meter.report()}
         write_json_atomic(tmp / "parity.json", report)
         manifest.files |= hash_files(tmp, ["parity.json"])  # the other files have not changed
         manifest.write(tmp)
         if verbose:
             log(format_table(rows))
-        for r in e2e:
-            log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences, "
-                f"max score diff {r['max_score_diff']:.1e}")
+        for line in end_to_end_lines(e2e, teacher, text):
+            log(line)
         if not ok:
             for line in failures:
                 log(f"  {line}")
@@ -178,10 +182,39 @@ def export_checkpoint(
                                   f"{failures[0]}); nothing written")
             log("parity check failed; the artifact is written anyway (--allow-parity-failure; parity.json says passed: false)")
         else:
-            log(f"parity: passed ({_verdict_text(limits)}) in {time.perf_counter() - t2:.1f}s")
+            log(f"parity: passed ({_verdict_text(limits)}) in {parity_stage.seconds:.1f}s, {_peak(parity_stage)}")
         log(format_summary(rows, out / "parity.json", verbose))
-    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s, peak RSS {meter.peak_mb:.0f} MB")
     return open_artifact(out, verify=False)
+
+
+def _load_model(checkpoint, config, dictionary, as_deltalm, spm):
+    """The checkpoint loaded and checked, its model built; (loaded, model, spm, versions)."""
+    from .checkpoints import build_model, load_for_export
+
+    loaded = load_for_export(checkpoint, config, dictionary, as_deltalm)
+    cfg = loaded.config
+    if cfg.is_encoder_decoder and not (spm and dictionary):
+        raise InputError("exporting a DeltaLM needs --spm and --dict (the tokenizer travels with the artifact)")
+    if not spm and loaded.format == "hf-xlmr":
+        candidate = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        if (candidate / "sentencepiece.bpe.model").exists():
+            spm = candidate / "sentencepiece.bpe.model"
+    if spm and not Path(spm).exists():
+        raise InputError(f"{spm}: no such sentencepiece model")
+    if dictionary and not Path(dictionary).exists():
+        raise InputError(f"{dictionary}: no such dictionary")
+    if spm and dictionary:  # fail on a bad tokenizer before the long part
+        from deltalm.tokenizer import Tokenizer
+
+        Tokenizer(spm, dictionary)
+    model = build_model(loaded)
+    versions = _versions()  # imports onnxruntime before any file is written
+    return loaded, model, spm, versions
+
+
+def _peak(stage) -> str:
+    return f"peak RSS {stage.peak_mb:.0f} MB"  # the stage's own or the process's so far (StageMeter)
 
 
 def _verdict_text(limits: Thresholds) -> str:
@@ -189,10 +222,25 @@ def _verdict_text(limits: Thresholds) -> str:
     if limits.max_abs is not None:
         parts.append(f"float outputs within {limits.max_abs:.0e}")
     if limits.min_top1 is not None:
-        parts.append(f"top-1 agreement >= {limits.min_top1}")
+        parts.append(f"decisive top-1 agreement >= {limits.min_top1} (teacher-forced)")
     if limits.min_identical is not None:
         parts.append(f"identical sentences >= {limits.min_identical:.0%}")
+    if limits.min_graph_top1 is not None:
+        parts.append(f"graph top-1 >= {limits.min_graph_top1}")
     return ", ".join(parts)
+
+
+def end_to_end_lines(e2e: list[dict], teacher: dict | None, text) -> list[str]:
+    """The end-to-end results of the check, one line each."""
+    lines = [f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} "
+             f"sentences, max score diff {r['max_score_diff']:.1e}" for r in e2e]
+    if teacher is not None:
+        lines.append(f"end to end, teacher-forced {teacher['steps']} steps x {teacher['rows']} sentences: top-1 "
+                     f"agreement {teacher['top1_agreement']:.3f}, decisive {teacher['decisive_top1_agreement']:.3f} "
+                     f"of {teacher['decisive_rows']}")
+    if e2e:
+        lines.append(f"end to end sources: {text.origin if text else 'random ids'}")
+    return lines
 
 
 def check_parity(
@@ -201,14 +249,16 @@ def check_parity(
     tolerance: float | None = None,
     log: Callable[[str], None] | None = None,
     verbose: bool = False,
+    parity_corpus: str | Path | None = None,
 ) -> dict:
     """Re-run the parity checks of an artifact against its checkpoint (by default the one its
-    manifest records). Returns the report (``passed``, ``failures``, ``graphs``, ``end_to_end``);
+    manifest records), on text sampled from the artifact's sentencepiece model or the sentences of
+    ``parity_corpus``. Returns the report (``passed``, ``failures``, ``graphs``, ``end_to_end``);
     raises ``ExportError`` when the verdict fails. ``log`` / ``verbose``: as ``export_checkpoint``
     (the verdict and a summary; the table with ``verbose``)."""
     log = _log_to(log)
     from .checkpoints import build_model, load_checkpoint
-    from .parity import end_to_end, format_summary, format_table, graph_parity, summarize
+    from .parity import end_to_end_checks, format_summary, format_table, graph_parity, parity_text, summarize
 
     artifact = open_artifact(artifact_dir)
     if tolerance is not None and artifact.precision != "fp32":
@@ -227,20 +277,24 @@ def check_parity(
     if tolerance is None and artifact.precision == "fp32":
         tolerance = artifact.manifest.export_options.tolerance
     limits = Thresholds.for_precision(artifact.precision, tolerance)
-    rows = graph_parity(model, artifact)
-    e2e = end_to_end(model, artifact) if artifact.config.is_encoder_decoder else []
-    ok, failures = summarize(rows, artifact.precision, tolerance, e2e)
+    spm, dictionary = (artifact.path / artifact.manifest.tokenizer[k] if k in artifact.manifest.tokenizer else None
+                       for k in ("spm", "dict"))
+    text = parity_text(spm, dictionary, parity_corpus)
+    rows = graph_parity(model, artifact, text=text)
+    e2e, teacher = end_to_end_checks(model, artifact, text) if artifact.config.is_encoder_decoder else ([], None)
+    ok, failures = summarize(rows, artifact.precision, tolerance, e2e, teacher)
     if verbose:
         log(format_table(rows))
-    for r in e2e:
-        log(f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} sentences")
+    for line in end_to_end_lines(e2e, teacher, text):
+        log(line)
     if not ok:
         for line in failures:
             log(f"  {line}")
         raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]})")
     log(f"parity: passed ({artifact.precision}: {_verdict_text(limits)})")
     log(format_summary(rows, None, verbose))
-    return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e}
+    return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e,
+            "teacher_forced": teacher, "sources": text.origin if text else "random ids"}
 
 
 __all__ = ["export_checkpoint", "inspect_checkpoint", "check_parity", "PRECISIONS"]

@@ -302,6 +302,10 @@ def _check_zip(path: Path) -> None:
 
 def safe_torch_load(path: str | Path) -> object:
     """Load a ``torch.save`` file (zip or legacy format) onto the CPU without running its code.
+    Zip files (every ``torch.save`` since torch 1.6) are memory-mapped (``torch.load(mmap=True)``, a
+    private mapping: writing to a tensor never changes the file): a tensor's pages are read when
+    first touched, and what is never touched (an optimizer's state) is never read. A checkpoint
+    replaced by a rename while it is mapped (as fairseq saves) is safe; one rewritten in place is not.
 
     Raises CheckpointError, one line naming the file, for a missing / empty / truncated / foreign
     file and for any pickled global outside the allowlist (named as ``module.attr``)."""
@@ -315,8 +319,11 @@ def safe_torch_load(path: str | Path) -> object:
             "expected a zip archive or a pickle)"
         )
     try:
+        # A zip checkpoint is mapped, not read: a tensor's bytes come from the file when they are
+        # used, and those never used (fairseq's optimizer state) never are.
         return torch.load(
-            path, map_location="cpu", weights_only=False, mmap=False, pickle_module=_RestrictedPickleModule
+            path, map_location="cpu", weights_only=False, mmap=head.startswith(b"PK\x03\x04"),
+            pickle_module=_RestrictedPickleModule
         )
     except _RefusedGlobal as e:
         raise CheckpointError(

@@ -151,7 +151,7 @@ def test_runtime_never_imports_torch(artifact):
 def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_path, precision, caplog, capsys):
     art = export(tiny_ckpt, tmp_path / precision, "--precision", precision)
     # the export states its own verdict, and the quantizer's advice is not passed on
-    assert "parity: passed (top-1 agreement >= " in capsys.readouterr().err
+    assert "parity: passed (decisive top-1 agreement >= " in capsys.readouterr().err
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     m = open_artifact(art).manifest.to_dict()
     assert m["precision"] == precision
@@ -210,9 +210,10 @@ def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
 def test_export_prints_its_stages_the_verdict_and_a_summary_not_the_table(exported):
     out, err = exported
     lines = err.splitlines()
-    starts = ["loaded fairseq-deltalm checkpoint", "exported encoder", "end to end, beam 1", "end to end, beam 5",
-              "parity: passed", "parity summary: 100 outputs compared over 14 graph cases; largest difference",
-              f"wrote {out}"]
+    starts = ["loaded fairseq-deltalm checkpoint", "exported encoder", "listed ONNX Runtime's fusions",
+              "end to end, beam 1", "end to end, beam 5", "end to end, teacher-forced 21 steps x 16 sentences",
+              "end to end sources: 16 sentences sampled from spm.model", "parity: passed",
+              "parity summary: 100 outputs compared over 14 graph cases; largest difference", f"wrote {out}"]
     assert len(lines) == len(starts) and all(line.startswith(s) for line, s in zip(lines, starts)), "\n".join(lines)
     assert lines[-2].endswith(f"; every output and case in {out / 'parity.json'} (--verbose prints the table)")
     assert "max_rel" not in err

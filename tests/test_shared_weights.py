@@ -80,10 +80,12 @@ def test_int8_table_is_a_per_row_quantization_of_the_embedding():
 def test_int8_export_fails_when_the_int8_embedding_loses_the_tokens(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """The int8 parity verdict covers the embedding: a table that does not represent the tokens
     (every scale 0: all embeddings zero) fails the export, and nothing is written."""
-    import deltalm.export.onnx_export as ox
+    import dataclasses
 
-    real = ox.quantize_table
-    monkeypatch.setattr(ox, "quantize_table", lambda table: (real(table)[0], np.zeros(table.shape[0], np.float32)))
+    import deltalm.export.weights as W
+
+    zero_scales = dataclasses.replace(W.TRANSFORMS["s8table"], apply=lambda table: np.zeros(table.shape[0], np.float32))
+    monkeypatch.setitem(W.TRANSFORMS, "s8table", zero_scales)
     ckpt, spm, dct, _ = tiny_ckpt
     out = tmp_path / "int8"
     assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize",

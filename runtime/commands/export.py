@@ -49,8 +49,14 @@ def add_export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--verbose", action="store_true",
                    help="print the parity table (every graph output and case; parity.json always holds it)")
     s.add_argument("--allow-parity-failure", action="store_true",
-                   help="write the artifact even if its parity verdict fails (parity.json records it); for benchmarks "
-                        "of random-weight models, whose near-flat distributions no reduced precision reproduces")
+                   help="write the artifact even if its parity verdict fails (parity.json records it)")
+    _parity_corpus_argument(s)
+
+
+def _parity_corpus_argument(parser) -> None:
+    parser.add_argument("--parity-corpus", metavar="FILE",
+                        help="sentences of yours (UTF-8, one a line; 16 are used) for the parity check, instead of "
+                             "text sampled from the sentencepiece model")
 
 
 def add_parity_arguments(s: argparse.ArgumentParser) -> None:
@@ -58,6 +64,7 @@ def add_parity_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint", help="checkpoint to compare with (default: the one recorded in the manifest)")
     s.add_argument("--tolerance", type=float, default=None, help="fp32 only: limit on log-probs (max abs)")
     s.add_argument("--verbose", action="store_true", help="print the parity table (every graph output and case)")
+    _parity_corpus_argument(s)
 
 
 def run_inspect(args) -> int:
@@ -132,7 +139,8 @@ def run_export(args) -> int:
     export_checkpoint(args.checkpoint, args.out, spm=args.spm, dictionary=args.dict, precision=args.precision,
                       config=args.config, topk=args.topk, tolerance=args.tolerance, as_deltalm=args.as_deltalm,
                       optimize=not args.no_optimize, force=args.force,
-                      allow_parity_failure=args.allow_parity_failure, verbose=args.verbose)
+                      allow_parity_failure=args.allow_parity_failure, verbose=args.verbose,
+                      parity_corpus=args.parity_corpus)
     return 0
 
 
@@ -140,7 +148,8 @@ def run_parity(args) -> int:
     require_export_extra("parity")
     from ..export import check_parity
 
-    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print, verbose=args.verbose)
+    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print, verbose=args.verbose,
+                 parity_corpus=args.parity_corpus)
     return 0
 
 
