@@ -92,7 +92,7 @@ def export_checkpoint(
         raise InputError(f"--topk must be >= 2, got {topk}")
     if tolerance is not None and precision != "fp32":
         raise InputError(f"--tolerance applies to fp32 exports; {precision} has its own verdict "
-                         "(top-1 agreement and identical sentences, see the README)")
+                         "(top-1 agreement and identical sentences, see docs/export.md)")
     check_artifact_destination(out, force)  # before the slow load
     if parity_corpus:
         from .parity import corpus_lines
@@ -263,7 +263,7 @@ def check_parity(
     artifact = open_artifact(artifact_dir)
     if tolerance is not None and artifact.precision != "fp32":
         raise InputError(f"--tolerance applies to fp32 artifacts; this one is {artifact.precision}, whose verdict is "
-                         "top-1 agreement and identical sentences (see the README)")
+                         "top-1 agreement and identical sentences (see docs/export.md)")
     src = artifact.manifest.source
     checkpoint = checkpoint or src.checkpoint
     if not checkpoint or not Path(checkpoint).exists():

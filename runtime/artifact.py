@@ -50,7 +50,7 @@ def check_can_decode(artifact: "Artifact") -> None:
         raise ArtifactError(
             f"{artifact.path} was exported by an older deltalm (artifact format {version}); this version decodes "
             f"format {DECODER_FORMAT} (a decoder step with per-row positions): export it again with "
-            f"`deltalm export {source} --out {artifact.path} --force`"
+            f"`deltalm export {source} --spm {artifact.spm_path} --dict {artifact.dict_path} --out NEW_DIR`"
         )
 
 

@@ -4,7 +4,7 @@ Every feed is bound in place through IO binding (on the CPU, ONNX Runtime reads 
 arrays, the caches included, without copying them) and every output is written into an array
 allocated here for it, so a step adds nothing to ONNX Runtime's arena but its intermediates. With
 ``device="cuda"`` the feeds are copied to the GPU at every step (the caches live on the host: see
-the README's limits).
+docs/limits.md).
 """
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def add_export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tolerance", type=float, default=None,
                    help="fp32 parity limit on log-probs (max abs, default 1e-4); fp16 / int8 have their own verdict")
     s.add_argument("--as-deltalm", action="store_true", help="seed a DeltaLM from an XLM-R checkpoint")
-    s.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    s.add_argument("--no-optimize", action="store_true", help="do not list ONNX Runtime's transformer fusions in the manifest (saves time; "
+                   "the graphs are the same, ONNX Runtime still fuses them when it loads them)")
     s.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     s.add_argument("--verbose", action="store_true",
                    help="print the parity table (every graph output and case; parity.json always holds it)")

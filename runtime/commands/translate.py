@@ -76,7 +76,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--beam", type=int, default=5, help="beam size; with --sampling, samples per line" + d)
     s.add_argument("--nbest", type=int, default=1, help="hypotheses per line, more than 1 needs --format jsonl" + d)
     s.add_argument("--lenpen", type=float, default=1.0, help="score = sum of log-probs / length ** lenpen" + d)
-    s.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * source width + b" + d)
+    s.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * the sentence's source length + b" + d)
     s.add_argument("--max-len-b", type=int, default=200, help=d.strip())
     s.add_argument("--min-len", type=int, default=1, help="</s> banned before this many tokens" + d)
     s.add_argument("--unkpen", type=float, default=0.0, help="subtracted from <unk>'s log-prob" + d)
@@ -95,7 +95,7 @@ def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group("batching")
     b.add_argument("--batch-size", type=int,
                    help=f"sentences per batch (default {DEFAULT_BATCH_SIZE}; no limit when only --max-tokens is given)")
-    b.add_argument("--max-tokens", type=int, help="padded source tokens per batch (rows x longest source)")
+    b.add_argument("--max-tokens", type=int, help="padded source tokens per batch (sentences x longest source)")
     b.add_argument("--chunk-lines", type=int, default=DEFAULT_CHUNK_LINES,
                    help="lines read, sorted by length and batched at a time")
 
