@@ -23,7 +23,7 @@ QUICK     ?=
 PORT      ?= 8000
 HOST      ?= 127.0.0.1
 
-.PHONY: venv demo test test-fairseq export parity translate score engines bench bench-export-memory soak gpu-check clean serve bench-serve
+.PHONY: venv demo test docs lint test-fairseq export parity translate score engines bench bench-export-memory soak gpu-check clean serve bench-serve
 
 venv: $(STAMP)
 
@@ -38,6 +38,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The documentation site, strictly (a broken link or a moved API fails): build/site/index.html.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# What make test checks of the code's form, alone: ruff (lint, format) and mypy on the library.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Opt-in: our search loop against fairseq's own SequenceGenerator (builds fairseq, ~5 minutes once).
 FSVENV := .venv-fairseq

@@ -25,7 +25,7 @@ from .progress import log
 SHAPES = {"base": "deltalm-base", "large": "deltalm-large"}
 DEFAULT_SHAPES = ("base", "large")
 DEFAULT_PRECISIONS = ("fp32", "int8")
-TARGET_RATIO = 2.5  # issue 23: peak RSS <= 2.5 x the checkpoint file
+TARGET_RATIO = 2.5  # the goal: peak RSS <= 2.5 x the checkpoint file
 
 
 def write_shaped_checkpoint(shape: str, model_dir: Path, seed: int = 0, std: float = 0.02) -> ModelFiles:
