@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from deltalm.backends.interface import BatchLimits, Encoded, StepOutput
+from deltalm.config import ModelConfig
 from deltalm.errors import InputError
 
 from .graphs import DecoderStepGraph, EncoderGraph
@@ -17,7 +18,7 @@ class TorchBackend:
     def __init__(self, model: torch.nn.Module, topk: int = DEFAULT_TOPK, threads: int | None = None):
         if not model.cfg.is_encoder_decoder:
             raise InputError(f"an encoder-only model ({model.cfg.kind}) cannot translate")
-        self.cfg = model.cfg
+        self.cfg: ModelConfig = model.cfg  # the model's own attribute: torch types it Tensor | Module
         self.model = model.eval()
         self.encoder = EncoderGraph(model)
         self.decoder = DecoderStepGraph(model, topk)

@@ -30,7 +30,7 @@ __all__ = ["Artifact", "open_artifact", "check_can_decode", "read_manifest", "ve
            "describe_artifact", "Manifest", "FORMAT_VERSION", "MANIFEST"]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -214,7 +214,7 @@ class VerifiedFiles:
         self.changed = True
 
     def save(self) -> None:
-        if not self.changed:
+        if not self.changed or self.path is None:  # add() records nothing without a path
             return
         from .atomic import atomic_output
 
@@ -265,9 +265,10 @@ def describe_artifact(artifact: Artifact) -> dict:
     }
     report = artifact.parity
     if report is None:
-        info["parity"] = "no parity report"
+        parity = "no parity report"
     else:
-        info["parity"] = "passed" if report.get("passed") else f"FAILED ({len(report.get('failures', []))} failures)"
+        parity = "passed" if report.get("passed") else f"FAILED ({len(report.get('failures', []))} failures)"
         for r in report.get("end_to_end") or []:
-            info["parity"] += f"; beam {r['beam']}: {r['identical_ids']:.0%} identical"
+            parity += f"; beam {r['beam']}: {r['identical_ids']:.0%} identical"
+    info["parity"] = parity
     return info

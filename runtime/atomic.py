@@ -101,7 +101,8 @@ def previous_artifact_of(out: str | Path) -> Path | None:
     out = Path(out).absolute()
     if out.exists():
         return None
-    old = [p for p in stale_work_dirs(out) if _WORK_DIR.match(p.name)["kind"] == "old"]
+    # stale_work_dirs returns only names that _WORK_DIR matches
+    old = [p for p in stale_work_dirs(out) if (m := _WORK_DIR.match(p.name)) and m["kind"] == "old"]
     return old[-1] if old else None
 
 

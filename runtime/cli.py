@@ -11,6 +11,7 @@ import difflib
 import logging
 import re
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .commands import corpus as cmd_corpus
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deltalm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    # the commands' functions, in the tables of the two loops below (their parameter names differ)
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
     for name, help_, add_arguments, run in (
         ("inspect", "describe a checkpoint, an artifact directory or a preset", cmd_export.add_inspect_arguments,
          cmd_export.run_inspect),
@@ -186,11 +190,12 @@ def _as_command_line(e: DeltaLMError) -> str:
 
 def _caused_by_interrupt(e: BaseException) -> bool:
     seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
             return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     return False
 
 

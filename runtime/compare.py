@@ -109,7 +109,7 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
     fed = [np.full(rows, cfg.eos, dtype=np.int64)]  # the token each step is given
     chosen, sure, finite = [], [], []
     with tempfile.TemporaryFile(prefix="deltalm-steps-") as spill:
-        shape = None
+        shape: tuple[int, ...] | None = None
         for step, lp in run(reference, lambda step, _: fed[step]):
             shape = lp.shape
             spill.write(lp.tobytes())
@@ -129,6 +129,7 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
         same = total = decisive_same = decisive = 0
         worst = 0.0
         for step, lp_b in run(candidate, lambda step, _: fed[step]):
+            assert shape is not None  # the reference ran this step too and set it
             lp_a = np.frombuffer(spill.read(4 * int(np.prod(shape))), dtype=np.float32).reshape(shape)
             worst = max(worst, compare_arrays(lp_b, lp_a)["max_abs"])
             top_b = apply_rules(lp_b, rules_at(step), cfg.pad, cfg.unk, cfg.eos).argmax(axis=1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -113,9 +114,10 @@ class _Trie:
             for t in c:
                 node = node.children.setdefault(int(t), _Node(int(t), node))
             node.ends += 1
-            while node is not None:
-                node.below += 1
-                node = node.parent
+            up: _Node | None = node
+            while up is not None:
+                up.below += 1
+                up = up.parent
         self.distinct = len({t for c in constraints for t in c})
 
 
@@ -164,7 +166,7 @@ class UnorderedState:
             out |= set(self.node.children)
         return out
 
-    def _open(self, node: _Node | None) -> bool:
+    def _open(self, node: _Node | None) -> TypeGuard[_Node]:
         return node is not None and self.generated.get(node, 0) < node.below
 
     def advance(self, token: int) -> "UnorderedState":
@@ -182,6 +184,7 @@ class UnorderedState:
                 nxt.completed[node] = nxt.completed.get(node, 0) + 1
                 break
             nxt.generated[node] = nxt.generated.get(node, 0) - 1
+            assert node.parent is not None  # only the root has no parent, and the loop stops there
             node = node.parent
         return nxt
 

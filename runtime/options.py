@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError
 
@@ -52,7 +53,7 @@ class TranslateOptions:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise OptionError(unknown[0], f"is not an option (options: {', '.join(fields)})")
-        checked = {}
+        checked: dict[str, Any] = {}  # each value checked against its field's type below
         for name, value in values.items():
             default = fields[name].default
             if name in ("src_prefix", "tgt_prefix"):

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -348,8 +349,8 @@ class _Lane:
         width = max([1] + [len(t) for per in nexts if per for t in per])
         score_ids = np.full((rows, 1, width), cfg.eos, dtype=np.int64)
         for s, per in enumerate(nexts):
-            for b, ids in enumerate(per or ()):
-                score_ids[s * g + b, 0, : len(ids)] = ids
+            for b, next_ids in enumerate(per or ()):
+                score_ids[s * g + b, 0, : len(next_ids)] = next_ids
         feeds = self.batch.feeds(backend.step_spec, np.concatenate([live.hist[:, -1:] for live in self.live]),
                                  positions, rules, score_ids=score_ids, want_log_probs=want, candidates=self.candidates)
         out = backend.run_step(feeds)
@@ -374,19 +375,23 @@ class _Lane:
                 continue
             live = self.live[s]
             mine = slice(s * g, (s + 1) * g)
+            lp: np.ndarray | None
             if full[s]:
+                assert log_probs is not None  # want = any(full)
                 lp = self._full_log_probs(live, log_probs[mine], rules, s)
                 vals, ids = _row_topk(lp, 2 * g)
             else:
                 lp, vals, ids = None, topk[0][s], topk[1][s]
+            per = nexts[s]
             if live.opts.sampling:
+                assert lp is not None  # sampling needs_log_probs, so full[s]
                 self._advance([s], self._sampled_candidates(live, lp), parents, keep, events)
-            elif nexts[s] is None:
+            elif per is None:
                 self._advance([s], self._beam_candidates([s], vals[None], ids[None]), parents, keep, events)
             else:
                 token_scores = _ruled_scores(out.token_scores[mine, 0, :], score_ids[mine, 0, :], rules, mine, cfg) \
                     if lp is None else np.take_along_axis(lp, score_ids[mine, 0, :], axis=1)
-                self._advance_constrained(s, vals, ids, nexts[s], token_scores, parents, keep, events)
+                self._advance_constrained(s, vals, ids, per, token_scores, parents, keep, events)
         self.batch.reorder(parents)
         if not keep.all():
             order = self.batch.retire(keep)
@@ -433,6 +438,7 @@ class _Lane:
         """fairseq Sampling.step: one draw per hypothesis (``beam`` draws from the first at step
         0); each hypothesis continues itself."""
         g = self.group
+        assert live.rng is not None  # a sampling sentence has its generator
         if live.step == 0:
             tokens, drawn = sample_rows(lp[:1], g, live.opts, live.rng)
             beams = np.zeros((1, g), dtype=np.int64)
@@ -449,6 +455,7 @@ class _Lane:
         ``vals`` / ``ids`` [group, k] and the scores of each row's next constraint tokens (rules
         applied), then the common finish / continue, the constraint states following the beams."""
         live, g, vocab = self.live[s], self.group, self.engine.cfg.vocab_size
+        assert live.states is not None  # only sentences with constraints get here
         width = min(2 * g, g * vocab - 1)
         top = self._beam_candidates([s], vals[None], ids[None])
         if live.step >= live.max_len and not any(state.finished for state in live.states):
@@ -707,5 +714,5 @@ def generate(backend: Backend, sources: Sequence[Sequence[int]] | np.ndarray, op
     results: list[list[Hypothesis]] = [[] for _ in sources]
     for event in engine.run():
         if isinstance(event, Finished):
-            results[event.key] = event.hypotheses
+            results[cast(int, event.key)] = event.hypotheses  # the keys added above: 0 .. len(sources) - 1
     return results

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 
 from .artifact import MANIFEST, read_manifest, verify_files
@@ -174,6 +175,7 @@ class Translator:
         if loaded is not None and (kind != "artifact" or backend_name != "ort"):
             raise OptionError("shortlist", "runs on an artifact with the ort backend")
         if kind == "checkpoint":
+            assert spm is not None and dictionary is not None  # _resolve refuses a checkpoint without them
             tokenizer = Tokenizer(spm, dictionary, list(src_prefix or []))
             tokenizer.encode_target_prefix(tgt_prefix or [])  # unknown symbols fail before the model loads
             opened = load_backend("torch", str(model), config=config, dict_path=str(dictionary), threads=threads)
@@ -211,7 +213,8 @@ class Translator:
         self._lock = threading.Lock()
         self._warn = warn
         self.backend_name, self.device, self.model_path = backend_name, device, model_path
-        self.tokenizer, self._backend, self.config = tokenizer, backend, backend.cfg
+        self._backend: Backend | None = backend  # None once closed
+        self.tokenizer, self.config = tokenizer, backend.cfg
         self.tgt_prefix = tokenizer.encode_target_prefix(tgt_prefix or [])
         self.shortlist = shortlist
         _check_vocabulary(self.config, tokenizer)
@@ -220,7 +223,7 @@ class Translator:
     @property
     def topk(self) -> int:
         """k of the backend's in-graph top-k: beams up to k // 2 take the fast path."""
-        return int(self._backend.topk)
+        return int(self.backend.topk)
 
     @property
     def max_target_len(self) -> int | None:
@@ -310,8 +313,9 @@ class Translator:
             try:
                 ids = tok.encode(_decode_line(raw, index, errors, source), src_prefix)
                 prefix = list(tgt_prefix)
-                if target_prefix is not None and target_prefix[k]:
-                    prefix += self._target_ids(target_prefix[k])
+                line_prefix = target_prefix[k] if target_prefix is not None else None
+                if line_prefix:
+                    prefix += self._target_ids(line_prefix)
                 wanted = self._constraint_ids(constraints[k] if constraints is not None else None)
             except SentenceError:
                 raise
@@ -572,6 +576,7 @@ class Translator:
                 source: str | None = None) -> list[Translation]:
         results: list[Translation | None] = [None] * len(prepared)
         for event in self._events(prepared, start, batching, partials=False, source=source):
+            assert isinstance(event, Translation)  # partials=False: no PartialTranslation
             results[event.index - start] = event
         return results  # type: ignore[return-value]  # every slot is filled
 
@@ -586,12 +591,18 @@ class Translator:
         max_rows = batching.batch_size * max(beams) if batching.batch_size is not None and beams else None
         engine = Engine(self.backend, max_rows=max_rows, max_tokens=batching.max_tokens, shortlist=self.shortlist,
                         partials=partials)
+
+        def longest_first(k: int) -> int:
+            sentence = prepared[k]
+            return -len(sentence.src) if sentence else 0
+
         # longest first: sentences of similar length decode together (less padding)
-        for k in sorted(range(len(prepared)), key=lambda k: -len(prepared[k].src) if prepared[k] else 0):
-            if prepared[k] is None:
+        for k in sorted(range(len(prepared)), key=longest_first):
+            sentence = prepared[k]
+            if sentence is None:
                 yield Translation(start + k)
             else:
-                engine.add(k, prepared[k])
+                engine.add(k, sentence)
         while not engine.idle:
             with self._lock:
                 if self._backend is None:
@@ -604,11 +615,15 @@ class Translator:
                                                       f"line{'s' if len(lines) > 1 else ''} "
                                                       f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
                                                       f"{e.cause}") from e.cause
-            for event in events:
+            for event in events:  # their keys are the ones added above: positions in prepared
                 if isinstance(event, Finished):
-                    yield self.translation(start + event.key, prepared[event.key], event.hypotheses)
+                    key = cast(int, event.key)
+                    yield self.translation(start + key, prepared[key], event.hypotheses)
                 elif isinstance(event, Partial):
-                    yield self.partial(start + event.key, prepared[event.key], event.tokens)
+                    key = cast(int, event.key)
+                    added = prepared[key]
+                    assert added is not None  # the engine was given only sentences
+                    yield self.partial(start + key, added, event.tokens)
 
 
 def _hypothesis_text(tokenizer: Tokenizer, tokens: list[int], prefix: list[int]) -> str:

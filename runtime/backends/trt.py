@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -383,7 +384,7 @@ class _Engine:
                 self.profile[t.name] = (tuple(t.shape),) * 3
         self.axes = profile_axes(spec, self.profile)
         self.plan = plan_buffers(spec, self.profile, {n: str(d) for n, d in self.dtypes.items()}, output_axes)
-        self.buffers = {}  # name -> DeviceArray, filled by the backend
+        self.buffers: dict[str, Any] = {}  # name -> polygraphy DeviceArray (untyped), filled by the backend
 
 
 def _preallocated_outputs(trt, buffers: dict):

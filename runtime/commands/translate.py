@@ -302,14 +302,16 @@ def run(args) -> int:
                     progress.update(source.tell(), counts["lines"], counts["tokens"])
                 counts["lines"] = counts["tokens"] = 0
 
-        per_line = {}
+        # per line, in step with the chunks' lines (None: not given)
+        target_prefix: Iterator[str | None] | None = None
+        constraints: Iterator[list[str]] | None = None
         if args.target_prefix:
             prefix_file = stack.enter_context(open(args.target_prefix, "rb"))
-            per_line["target_prefix"] = (_text_of(line, args.target_prefix, k) or None for k, line in enumerate(prefix_file))
+            target_prefix = (_text_of(line, args.target_prefix, k) or None for k, line in enumerate(prefix_file))
         if args.constraints:
-            chunks, per_line["constraints"] = _split_constraints(chunks)
+            chunks, constraints = _split_constraints(chunks)
         for t in translator.translate_chunks(feed_of(chunks), options=opts, errors=args.errors, source=inp, **batching,
-                                             **per_line):
+                                             target_prefix=target_prefix, constraints=constraints):
             out.write((format_translation(t, args.format) + "\n").encode("utf-8"))
             counts["lines"] += 1
             counts["tokens"] += len(t.hypotheses[0].tokens) if t.hypotheses else 0
