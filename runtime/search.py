@@ -679,7 +679,9 @@ class Engine:
             more = {**extra, beam: extra.get(beam, []) + [len(sentence.src)]}
             fits = ((self.max_rows is None or rows + beam <= self.max_rows)
                     and (self.max_tokens is None or self._padded_tokens(more) <= self.max_tokens)
-                    and (self.max_sentences is None or len(more[beam]) + self._lane_sentences(beam) <= self.max_sentences))
+                    and (self.max_sentences is None
+                         or (len(more[beam]) + self._lane_sentences(beam) <= self.max_sentences
+                             and len(arrivals) < self.max_sentences)))  # the encoder runs all arrivals at once
             if not fits and (rows or arrivals):
                 break
             arrivals.append(self._waiting.popleft())

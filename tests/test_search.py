@@ -361,3 +361,21 @@ def test_a_backends_limits_bound_each_step(fake_backend):
     done = [e.key for e in engine.run() if isinstance(e, Finished)]
     assert sorted(done) == list(range(5))
     assert max(sents for _, _, sents in model.calls) == 2
+
+
+def test_a_backends_sentence_limit_bounds_each_encoder_run_across_beam_sizes(fake_backend):
+    """Arrivals of different beam sizes join different lanes but are encoded in one run: that run
+    too holds no more sentences than the backend's profile."""
+    from deltalm.backends import BatchLimits
+
+    model = fake_backend(vocab=9, seed=3)
+    model.limits = BatchLimits(rows=40, sentences=2)
+    encoded = []
+    encode = model.encode
+    model.encode = lambda src: (encoded.append(len(src)), encode(src))[1]
+    engine = Engine(model, max_rows=100)
+    for k in range(6):
+        engine.add(k, Sentence((4 + k, EOS), Options(beam=1 + k % 2, min_len=2, max_len_b=2)))
+    done = [e.key for e in engine.run() if isinstance(e, Finished)]
+    assert sorted(done) == list(range(6))
+    assert encoded and max(encoded) == 2 and sum(encoded) == 6
