@@ -561,3 +561,51 @@ def test_compare_table_puts_ours_next_to_ctranslate2_with_ratios_and_marks_busy_
     assert lines[6] == "| model files, MB | 1384 | 2116 (1.53x) |"
     assert lines[8] == "| peak RSS while translating, MB | 2252 | 4661 (2.07x) |"
     assert lines[9] == "| load, s | 1.00 | 6.50 (6.50x) |"
+
+
+def test_peak_meter_gives_each_section_its_own_peak():
+    meter = children.PeakMeter()
+    meter.start()
+    big = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB written: resident
+    del big
+    first = meter.stop()
+    if not meter.resettable:
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    start = meter.start()
+    second = meter.stop()
+    assert first - start >= 60  # the first section saw the 64 MiB
+    assert second < first - 60  # the second did not: its mark was reset
+    assert meter.overall >= first
+
+
+def test_memory_table_gives_each_cell_its_peak_and_ratio_to_the_rss_after_load():
+    r = _results()
+    for kind, peaks in (("ort-fp32", (330, 390)), ("ort-int8", (220, 400))):
+        r["backends"][kind]["rss_after_load_mb"] = 300 if kind == "ort-fp32" else 200
+        for c, peak in zip(r["backends"][kind]["cells"], peaks):
+            c["peak_rss_cell_mb"] = peak
+    lines = report.memory_table(r).splitlines()
+    assert lines[0] == "| workload | torch | ort-fp32 | ort-int8 |"
+    assert lines[2] == "| RSS after load, MB | - | 300 | 200 |"
+    assert lines[4] == "| beam 5, batch 32, src ~30 | - | 390 (1.30x) | 400 (2.00x) |"
+    report.add_derived(r)
+    r["model"]["name"] = "base"
+    targets = {t["target"]: t for t in report.evaluate_targets(r)}
+    assert targets["ort-fp32: peak RSS of every cell / RSS after load"]["met"] is False
+    assert targets["ort-fp32: peak RSS of every cell / RSS after load"]["measured"].startswith("up to 1.30x")
+
+
+def test_compare_table_gives_each_cells_peak_rss_next_to_ctranslate2s():
+    def engine(rss, peaks):
+        cells = [{"beam": b, "batch": n, "tokens_per_s": 1.0, "peak_rss_cell_mb": peaks[(b, n)]} for b in (1, 5) for n in (1, 32)]
+        return {"cells": cells, "rss_after_load_mb": rss}
+
+    peaks = {(1, 1): 1500, (1, 32): 1600, (5, 1): 1500, (5, 32): 2000}
+    cmp = {"workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]], "n": 50, "reps": 5, "threads": 2,
+           "engines": {"ctranslate2 fp32": engine(1000.0, peaks),
+                       "ours fp32": engine(1250.0, {k: v // 2 for k, v in peaks.items()})}}
+    table = report.compare_table(cmp).splitlines()
+    assert "| beam 5 batch 32, peak RSS MB | 2000 | 1000 (0.50x) |" in table
+    ratios = report.compare_peak_ratios(cmp).splitlines()
+    assert ratios[0] == "| peak RSS / RSS after load | ctranslate2 fp32 | ours fp32 |"
+    assert ratios[5] == "| beam 5 batch 32 | 2.00x | 0.80x |"
