@@ -296,6 +296,8 @@ def format_markdown(results: dict) -> str:
                              f"{t['sentences']}" for t in a.get("translations", []))
             lines.append(f"- {p}: top-1 agreement {a['top1_agreement']:.2%} over {a['rows']} rows x {a['steps']} steps"
                          + (f"; identical sentences: {same}" if same else ""))
+    if results.get("control"):
+        lines += ["", control_section(results["control"])]
     if results.get("targets"):
         lines += ["", "## Targets (issue 5)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
         for t in results["targets"]:
@@ -304,6 +306,68 @@ def format_markdown(results: dict) -> str:
     if results.get("ctranslate2"):
         lines += ["", compare_section(results["ctranslate2"])]
     return "\n".join(lines) + "\n"
+
+
+def control_section(control: dict) -> str:
+    """The decoding-control section of bench.md: variants, scoring, the demo model's constraint
+    share."""
+    lines = ["## Decoding control", ""]
+    ok = {k: b for k, b in control.get("backends", {}).items() if "variants" in b}
+    for k, b in control.get("backends", {}).items():
+        if k not in ok:
+            lines += [f"{k}: failed: {b.get('error', '')[-300:]}", ""]
+    if ok:
+        b = next(iter(ok.values()))
+        lines += [f"Beam {b['beam']}, batch {b['batch']}, source ~{b['src_len']}, every sentence forced to {b['n_target']} "
+                  f"tokens + </s> as in the cells; the variants interleaved, {b['variants']['plain']['reps']} repetition(s) "
+                  "each, medians, in one process per backend. prefix: a forced target prefix of "
+                  f"{b['prefix_len']} random ids per sentence (counted in the output tokens: each costs a step); ordered / "
+                  f"unordered: {b['constraints_per_sentence']} lexical constraints of {b['constraint_len']} random ids per "
+                  "sentence. met: share of constraints found in the best hypothesis; ratio: tok/s over plain beam "
+                  "search's of the same run.", "",
+                  "| backend | plain tok/s | prefix tok/s (ratio) | ordered constraints tok/s (ratio, met) | "
+                  "unordered constraints tok/s (ratio, met) | other processes' CPU |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for k, b in ok.items():
+            v = b["variants"]
+            cons = [f"{v[o]['tokens_per_s']:.1f} ({v[o]['ratio_to_plain']:.2f}x, {v[o].get('constraints_met', 0):.0%})"
+                    for o in ("ordered", "unordered")]
+            lines.append(f"| {k} | {v['plain']['tokens_per_s']:.1f} | {v['prefix']['tokens_per_s']:.1f} "
+                         f"({v['prefix']['ratio_to_plain']:.2f}x) | {cons[0]} | {cons[1]} | {b['others_cpu_share']:.0%} |")
+        lines += ["", "Scoring the plain variant's best hypotheses (the same pairs): `score_pairs`, one teacher-forced run "
+                  "of the step graph over whole targets per batch (what `deltalm score` does), against per-token "
+                  "teacher forcing (one step run per target position over the self-attention cache, as the search "
+                  "steps; measured here only), and next to translating the same batch (beam search, plain).", "",
+                  "| backend | pairs | target tokens | one run: pairs/s | one run: target tok/s | per token: target tok/s | "
+                  "one run / per token | one run / translation tok/s | max score diff |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, b in ok.items():
+            sc = b["scoring"]
+            lines.append(f"| {k} | {sc['pairs']} | {sc['target_tokens']} | {sc['one_run']['pairs_per_s']:.1f} | "
+                         f"{sc['one_run']['target_tokens_per_s']:.0f} | {sc['per_step']['target_tokens_per_s']:.0f} | "
+                         f"{sc['speedup_over_per_step']:.1f}x | {sc['ratio_to_translation']:.1f}x | "
+                         f"{sc['max_abs_score_diff']:.1e} |")
+    share = control.get("constraint_share")
+    if share:
+        lines += ["", f"### Constraints in the output ({share.get('model', 'demo model')})", ""]
+        if "error" in share:
+            lines.append(f"not measured: {share['error']}")
+        else:
+            lines += [f"{share['sentences']} corpus sentences, beam {share['beam']}, one constraint (a word) per sentence. "
+                      "reference: a word of the sentence's reference (the demo is a copy task); nbest: a word of a "
+                      "lower-ranked hypothesis whose ids the best one lacks (0% without constraints by construction). "
+                      "Share of constraints found in the best hypothesis; completed: hypotheses that ended before the "
+                      "maximum length.", "",
+                      "| constraint from | constraints | without | ordered | unordered | ordered, completed hypotheses |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for kind in ("reference", "nbest"):
+                r = share.get(kind, {})
+                if not r.get("constraints"):
+                    continue
+                done = r["ordered"]
+                lines.append(f"| {kind} | {r['constraints']} | {r['without']:.0%} | {r['ordered']['share']:.0%} | "
+                             f"{r['unordered']['share']:.0%} | {_fmt(done['share_completed'], '.0%')} of {done['completed']} |")
+    return "\n".join(lines)
 
 
 def write_chart(results: dict, path: Path) -> None:
