@@ -2,6 +2,7 @@
 
     worker SPEC.json OUT.json     every workload of one backend (measure.worker)
     profile SPEC.json OUT.json    ONNX Runtime's profiler on the decoder step
+    control SPEC.json OUT.json    decoding control of one ort backend (control.control_worker)
     engine SPEC.json              an engine of the side-by-side comparison (JSON lines on stdin / stdout)
     cli OUT.json ARGS...          ``deltalm ARGS``, then its peak RSS into OUT.json
 
@@ -41,6 +42,10 @@ def main(argv: list[str]) -> int:
         from .measure import worker
 
         result = worker(spec)
+    elif task == "control":
+        from .control import control_worker
+
+        result = control_worker(spec)
     elif task == "profile":
         from .profile import profile_decoder_step
 

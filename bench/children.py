@@ -59,6 +59,34 @@ def reset_peak_rss() -> bool:
     return True
 
 
+class PeakMeter:
+    """Peak RSS of measured sections of this process (a cell of the benchmark): ``start`` resets
+    the kernel's high-water mark (VmHWM), ``stop`` reads the section's peak. ``overall`` is the
+    peak over every section and whatever ran between them, so that one process can report both
+    its peak per cell and its peak while translating. Where the mark cannot be reset, a section's
+    peak is the process's peak so far (``resettable`` False)."""
+
+    def __init__(self) -> None:
+        self.resettable = True
+        self._overall = peak_rss_mb()
+
+    def start(self) -> float:
+        """Begin a section: returns the RSS (MB) it starts from."""
+        self._overall = max(self._overall, peak_rss_mb())
+        self.resettable = reset_peak_rss() and self.resettable
+        return current_rss_mb()
+
+    def stop(self) -> float:
+        """The peak RSS (MB) since ``start``."""
+        peak = peak_rss_mb()
+        self._overall = max(self._overall, peak)
+        return peak
+
+    @property
+    def overall(self) -> float:
+        return max(self._overall, peak_rss_mb())
+
+
 # --- the machine's load ---------------------------------------------------------------------------
 
 

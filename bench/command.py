@@ -182,6 +182,10 @@ def _full_run(args, out: Path, progress) -> int:
     phases["backends"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    results["control"] = _control_run(args, out, st, artifacts, available, threads, work, progress)
+    phases["control"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     progress.stage("memory check")
     log(f"memory check: deltalm translate through ort {ref_dir.name}")
     results["memory_check"] = memory_check(ref_dir, st.memory_lines, st.memory_len, threads, work)
@@ -225,6 +229,52 @@ def _full_run(args, out: Path, progress) -> int:
     print(format_console_summary(results, out), end="")
     log(f"wrote {out}/bench.json, bench.md, bench.png, profile.md in {results['wall_s']:.0f}s")
     return 0
+
+
+CONTROL_KINDS = ("ort-fp32", "ort-int8")
+
+
+def _control_run(args, out: Path, st, artifacts: dict, available: dict, threads: int, work: Path, progress) -> dict:
+    """Decoding control (bench/control.py): per ort backend (fp32, int8) plain beam search against
+    a target prefix and lexical constraints on one batch, and teacher-forced scoring against
+    per-token teacher forcing, each in a child; then, on the demo model (this run's for --model
+    tiny, built once under OUT/demo for base, the given one for an artifact directory), the share
+    of constraints that reach the output."""
+    from .children import run_task
+    from .control import constraint_share
+    from .models import export_artifacts, prepare_tiny
+    from .progress import log
+    from .settings import artifact_for
+
+    kinds = [k for k in CONTROL_KINDS if available[k][0]]
+    progress.add(len(kinds) + 1)
+    src = 30 if 30 in st.src_lens else st.src_lens[0]
+    control: dict = {"backends": {}}
+    for kind in kinds:
+        progress.stage(f"control {kind}")
+        log(f"{kind}: decoding control (beam 5 x batch {st.control_batch}: plain, prefix, constraints; scoring)")
+        spec = {"kind": kind, "artifact": str(artifact_for(kind, artifacts)), "threads": threads, "beam": 5,
+                "batch": st.control_batch, "src_len": src, "n": st.n, "prefix_len": st.control_prefix_len,
+                "constraints": st.control_constraints, "constraint_len": st.control_constraint_len,
+                "reps": st.control_reps, "seed": 0, "quiet_wait_s": st.quiet_wait_s}
+        res, child = run_task("control", spec, work, f"control-{kind}")
+        control["backends"][kind] = res if res is not None else {"error": child.stderr[-2000:]}
+        progress.done()
+    progress.stage("constraint share (demo model)")
+    try:
+        if args.model == "base":
+            log(f"constraint share: the demo model (built once under {out / 'demo'})")
+            files = prepare_tiny(out / "demo" / "model")
+            export_artifacts(files, out / "demo" / "artifacts", ("fp32",))
+            demo, which = out / "demo" / "artifacts" / "fp32", "the demo model"
+        else:  # tiny: the demo model this run exported; an artifact directory: that model
+            demo = artifact_for("ort-fp32", artifacts)
+            which = "the demo model" if args.model == "tiny" else f"the artifact {demo.name}"
+        control["constraint_share"] = constraint_share(demo, threads) | {"model": which, "artifact": str(demo)}
+    except Exception as e:  # noqa: BLE001 - the report says why (no torch to build the demo model, ...)
+        control["constraint_share"] = {"error": f"{type(e).__name__}: {e}"}
+    progress.done()
+    return control
 
 
 def _export_memory_run(args, out: Path) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .children import (current_rss_mb, machine_busy_s, peak_rss_mb, reset_peak_rss, run_cli, wait_for_quiet)
+from .children import (PeakMeter, current_rss_mb, machine_busy_s, peak_rss_mb, reset_peak_rss, run_cli,
+                       wait_for_quiet)
 from .models import graph_bytes, loaded_files_bytes
 from .progress import log
 from .workloads import Workload, forced_length_options, make_sources, plan_cell, time_stats
@@ -68,15 +69,19 @@ def generate_timed(timed: TimedBackend, src: np.ndarray, beam: int, n: int) -> d
 
 
 def measure_cell(timed: TimedBackend, wl: Workload, src: np.ndarray, n_target: int, budget_s: float,
-                 max_reps: int, min_reps: int = 3) -> dict:
+                 max_reps: int, min_reps: int = 3, meter: PeakMeter | None = None) -> dict:
     """Warm-up, then repeated forced-length generations of one workload. Figures are medians
-    over the repetitions; step latencies pool the steps of every repetition."""
+    over the repetitions; step latencies pool the steps of every repetition. With ``meter``, the
+    cell's own peak RSS (warm-up included) and the RSS before and after it."""
+    meter = meter or PeakMeter()
+    rss_before = meter.start()
     busy0, cpu0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
     warm = generate_timed(timed, src, wl.beam, min(n_target, 2))  # shapes, allocations, caches
     warm_step = float(np.median(warm["step_s"][1:] or warm["step_s"]))
     steps, reps = plan_cell(n_target, warm["encode_s"], warm_step, budget_s, max_reps, min_reps)
     runs = [generate_timed(timed, src, wl.beam, steps) for _ in range(reps)]
     wall = time.perf_counter() - t0
+    peak = meter.stop()
     others = max(0.0, machine_busy_s() - busy0 - (time.process_time() - cpu0)) / (wall * (os.cpu_count() or 1))
     extrapolated = steps < n_target
     # per run, the time of the whole loop beyond the encoder, spread over its steps (search and
@@ -96,7 +101,7 @@ def measure_cell(timed: TimedBackend, wl: Workload, src: np.ndarray, n_target: i
         "first_step_ms": float(np.median([r["step_s"][0] for r in runs]) * 1e3),
         "time_to_first_token_ms": first * 1e3, "loop_overhead_ms_per_step":
             float(np.median([(r["total_s"] - r["encode_s"] - sum(r["step_s"])) / (steps + 1) for r in runs]) * 1e3),
-        "peak_rss_so_far_mb": round(peak_rss_mb()),
+        "rss_before_cell_mb": round(rss_before), "peak_rss_cell_mb": round(peak), "rss_after_cell_mb": round(current_rss_mb()),
         "others_cpu_share": round(others, 3),  # CPU other processes took meanwhile (/ wall x cores)
     }
 
@@ -141,9 +146,9 @@ def load_figures(kind: str, artifact: str, threads: int, shortlist: bool = False
     return backend, figures
 
 
-def translating_peak(figures: dict) -> dict:
+def translating_peak(figures: dict, meter: PeakMeter) -> dict:
     """The peak RSS while translating (since the load), and of the whole process."""
-    now = peak_rss_mb()
+    now = meter.overall
     whole = max(now, figures["peak_rss_load_mb"])
     return {"peak_rss_translating_mb": now if figures["peak_reset"] else None, "peak_rss_mb": whole}
 
@@ -153,6 +158,7 @@ def worker(spec: dict) -> dict:
     budget_s, max_reps, min_reps, seed, threads}."""
     backend, figures = load_figures(spec["kind"], spec["artifact"], spec["threads"])
     timed = TimedBackend(backend)
+    meter = PeakMeter()
     cfg = backend.cfg
     if spec["workloads"]:  # the process's first generation pays one-time costs (thread pools, first pages)
         beam, batch, src_len = spec["workloads"][0]
@@ -167,7 +173,7 @@ def worker(spec: dict) -> dict:
         for attempt in range(2 if quiet_wait else 1):  # one retry when other processes got busy meanwhile
             quiet = wait_for_quiet(quiet_wait) if quiet_wait else None
             t1 = time.perf_counter()
-            again = measure_cell(timed, wl, src, spec["n"], budget, spec["max_reps"], spec.get("min_reps", 3))
+            again = measure_cell(timed, wl, src, spec["n"], budget, spec["max_reps"], spec.get("min_reps", 3), meter)
             again |= {"cell_wall_s": round(time.perf_counter() - t1, 1), "quiet_gate": quiet, "attempt": attempt + 1}
             if cell is None or again["others_cpu_share"] < cell["others_cpu_share"]:
                 cell = again
@@ -175,8 +181,9 @@ def worker(spec: dict) -> dict:
                 break
         cells.append(cell)
         log(f"  {spec['kind']:<9} {wl.name:<30} {cell['tokens_per_s']:9.1f} tok/s  step p50 "
-            f"{cell['step']['p50_ms']:8.2f} ms{'  (extrapolated)' if cell['extrapolated'] else ''}  [{cell['cell_wall_s']}s]")
-    return {"kind": spec["kind"], **figures, **translating_peak(figures), "cells": cells}
+            f"{cell['step']['p50_ms']:8.2f} ms  peak RSS {cell['peak_rss_cell_mb']} MB"
+            f"{'  (extrapolated)' if cell['extrapolated'] else ''}  [{cell['cell_wall_s']}s]")
+    return {"kind": spec["kind"], **figures, **translating_peak(figures, meter), "cells": cells}
 
 
 # --- checks run from the parent --------------------------------------------------------------------

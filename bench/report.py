@@ -83,6 +83,13 @@ def evaluate_targets(results: dict) -> list[dict]:
     if speedups:
         add("ort fp32 vs torch, every workload", f"{min(speedups):.2f}x .. {max(speedups):.2f}x", "reported", None,
             base_only=False)
+    for kind in ("ort-fp32", "ort-int8"):
+        b = results["backends"].get(kind, {})
+        ratios = [(cell_peak_ratio(c, b), c) for c in b.get("cells", []) if cell_peak_ratio(c, b) is not None]
+        if ratios:
+            worst, cell = max(ratios, key=lambda rc: rc[0])
+            add(f"{kind}: peak RSS of every cell / RSS after load", f"up to {worst:.2f}x ({Workload(cell['beam'], cell['batch'], cell['src_len']).name}: "
+                f"{cell['peak_rss_cell_mb']:.0f} MB / {b['rss_after_load_mb']:.0f} MB)", "<= 1.2x", worst <= 1.2)
     mem = results.get("memory_check")
     if mem and "ratio_to_graph_files" in mem:
         add("translate (ort fp32): peak RSS / weights loaded", f"{mem['ratio_to_graph_files']:.2f}x ({mem['peak_rss_mb']:.0f} MB / "
@@ -151,7 +158,30 @@ def detail_table(results: dict) -> str:
                 f"{_fmt(c['encoder']['p50_ms'])} | {_fmt(c['step']['p50_ms'], '.2f')} | {_fmt(c['step']['p90_ms'], '.2f')} | "
                 f"{_fmt(c['time_to_first_token_ms'])} | {_fmt(c.get('speedup_vs_torch'), '.2f')} | "
                 f"{_fmt(fl.get('floor_ms'), '.2f')} ({fl.get('bound', '-')}) | {_fmt(fl.get('efficiency'), '.0%')} | {steps} | "
-                f"{_fmt(results['backends'][k].get('peak_rss_mb'), '.0f')} |")
+                f"{_fmt(c.get('peak_rss_cell_mb', results['backends'][k].get('peak_rss_mb')), '.0f')} |")
+    return "\n".join(lines)
+
+
+def cell_peak_ratio(cell: dict, engine: dict) -> float | None:
+    """A cell's peak RSS over the engine's RSS after load (None where not measured)."""
+    peak, loaded = cell.get("peak_rss_cell_mb"), engine.get("rss_after_load_mb")
+    return peak / loaded if peak and loaded else None
+
+
+def memory_table(results: dict) -> str:
+    """Workloads as rows, backends as columns: each cell's peak RSS (warm-up included, MB) and its
+    ratio to the backend's RSS after load."""
+    kinds = [k for k in BACKEND_KINDS if results["backends"].get(k, {}).get("cells")]
+    lines = ["| workload | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds),
+             "| RSS after load, MB | " + " | ".join(_fmt(results["backends"][k].get("rss_after_load_mb"), ".0f")
+                                                 for k in kinds) + " |"]
+    for wl in results["settings"]["workloads"]:
+        row = []
+        for k in kinds:
+            c = _cell(results, k, *wl)
+            ratio = cell_peak_ratio(c, results["backends"][k]) if c else None
+            row.append("-" if ratio is None else f"{c['peak_rss_cell_mb']:.0f} ({ratio:.2f}x)")
+        lines.append(f"| {Workload(*wl).name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -224,6 +254,10 @@ def format_markdown(results: dict) -> str:
              "|---|---:|---:|---:|"]
     for p, c in results["step_graph"].items():
         lines.append(f"| {p} | {c['weight_bytes'] / 1e6:.1f} MB | {c['gathered_bytes'] / 1e6:.1f} MB | {c['matmul_weights'] / 1e6:.1f} M |")
+    lines += ["", "## Peak RSS per cell", "",
+              "Each cell's peak RSS (the kernel's high-water mark reset before its warm-up; MB) and, in parentheses, its "
+              "ratio to the backend's RSS after load. The cells run one after the other in the backend's process, so a "
+              "cell also carries what earlier cells left resident.", "", memory_table(results)]
     lines += ["", "## Backends: memory and load", "",
               "Each backend runs in its own process. Model files: what it loads (graphs with their weights and the "
               "tokenizer files; torch: the checkpoint). Load: open the artifact -> ready to translate (imports excluded). "
@@ -262,6 +296,8 @@ def format_markdown(results: dict) -> str:
                              f"{t['sentences']}" for t in a.get("translations", []))
             lines.append(f"- {p}: top-1 agreement {a['top1_agreement']:.2%} over {a['rows']} rows x {a['steps']} steps"
                          + (f"; identical sentences: {same}" if same else ""))
+    if results.get("control"):
+        lines += ["", control_section(results["control"])]
     if results.get("targets"):
         lines += ["", "## Targets (issue 5)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
         for t in results["targets"]:
@@ -270,6 +306,68 @@ def format_markdown(results: dict) -> str:
     if results.get("ctranslate2"):
         lines += ["", compare_section(results["ctranslate2"])]
     return "\n".join(lines) + "\n"
+
+
+def control_section(control: dict) -> str:
+    """The decoding-control section of bench.md: variants, scoring, the demo model's constraint
+    share."""
+    lines = ["## Decoding control", ""]
+    ok = {k: b for k, b in control.get("backends", {}).items() if "variants" in b}
+    for k, b in control.get("backends", {}).items():
+        if k not in ok:
+            lines += [f"{k}: failed: {b.get('error', '')[-300:]}", ""]
+    if ok:
+        b = next(iter(ok.values()))
+        lines += [f"Beam {b['beam']}, batch {b['batch']}, source ~{b['src_len']}, every sentence forced to {b['n_target']} "
+                  f"tokens + </s> as in the cells; the variants interleaved, {b['variants']['plain']['reps']} repetition(s) "
+                  "each, medians, in one process per backend. prefix: a forced target prefix of "
+                  f"{b['prefix_len']} random ids per sentence (counted in the output tokens: each costs a step); ordered / "
+                  f"unordered: {b['constraints_per_sentence']} lexical constraints of {b['constraint_len']} random ids per "
+                  "sentence. met: share of constraints found in the best hypothesis; ratio: tok/s over plain beam "
+                  "search's of the same run.", "",
+                  "| backend | plain tok/s | prefix tok/s (ratio) | ordered constraints tok/s (ratio, met) | "
+                  "unordered constraints tok/s (ratio, met) | other processes' CPU |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for k, b in ok.items():
+            v = b["variants"]
+            cons = [f"{v[o]['tokens_per_s']:.1f} ({v[o]['ratio_to_plain']:.2f}x, {v[o].get('constraints_met', 0):.0%})"
+                    for o in ("ordered", "unordered")]
+            lines.append(f"| {k} | {v['plain']['tokens_per_s']:.1f} | {v['prefix']['tokens_per_s']:.1f} "
+                         f"({v['prefix']['ratio_to_plain']:.2f}x) | {cons[0]} | {cons[1]} | {b['others_cpu_share']:.0%} |")
+        lines += ["", "Scoring the plain variant's best hypotheses (the same pairs): `score_pairs`, one teacher-forced run "
+                  "of the step graph over whole targets per batch (what `deltalm score` does), against per-token "
+                  "teacher forcing (one step run per target position over the self-attention cache, as the search "
+                  "steps; measured here only), and next to translating the same batch (beam search, plain).", "",
+                  "| backend | pairs | target tokens | one run: pairs/s | one run: target tok/s | per token: target tok/s | "
+                  "one run / per token | one run / translation tok/s | max score diff |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, b in ok.items():
+            sc = b["scoring"]
+            lines.append(f"| {k} | {sc['pairs']} | {sc['target_tokens']} | {sc['one_run']['pairs_per_s']:.1f} | "
+                         f"{sc['one_run']['target_tokens_per_s']:.0f} | {sc['per_step']['target_tokens_per_s']:.0f} | "
+                         f"{sc['speedup_over_per_step']:.1f}x | {sc['ratio_to_translation']:.1f}x | "
+                         f"{sc['max_abs_score_diff']:.1e} |")
+    share = control.get("constraint_share")
+    if share:
+        lines += ["", f"### Constraints in the output ({share.get('model', 'demo model')})", ""]
+        if "error" in share:
+            lines.append(f"not measured: {share['error']}")
+        else:
+            lines += [f"{share['sentences']} corpus sentences, beam {share['beam']}, one constraint (a word) per sentence. "
+                      "reference: a word of the sentence's reference (the demo is a copy task); nbest: a word of a "
+                      "lower-ranked hypothesis whose ids the best one lacks (0% without constraints by construction). "
+                      "Share of constraints found in the best hypothesis; completed: hypotheses that ended before the "
+                      "maximum length.", "",
+                      "| constraint from | constraints | without | ordered | unordered | ordered, completed hypotheses |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for kind in ("reference", "nbest"):
+                r = share.get(kind, {})
+                if not r.get("constraints"):
+                    continue
+                done = r["ordered"]
+                lines.append(f"| {kind} | {r['constraints']} | {r['without']:.0%} | {r['ordered']['share']:.0%} | "
+                             f"{r['unordered']['share']:.0%} | {_fmt(done['share_completed'], '.0%')} of {done['completed']} |")
+    return "\n".join(lines)
 
 
 def write_chart(results: dict, path: Path) -> None:
@@ -345,6 +443,21 @@ def compare_table(cmp: dict) -> str:
                 text += f" ({cell['tokens_per_s'] / oc['tokens_per_s']:.2f}x)"
             row.append(text)
         lines.append(f"| {Workload(beam, batch, src).search} batch {batch}, tok/s | " + " | ".join(row) + " |")
+    for beam, batch, src in cmp["workloads"]:
+        row = []
+        for lbl in labels:
+            cell = next((c for c in engines[lbl]["cells"] if (c["beam"], c["batch"]) == (beam, batch)), None)
+            if cell is None or cell.get("peak_rss_cell_mb") is None:
+                row.append("-")
+                continue
+            text = format_amount(cell["peak_rss_cell_mb"])
+            other = rival(lbl)
+            oc = next((c for c in other["cells"] if (c["beam"], c["batch"]) == (beam, batch)), None) if other else None
+            if oc and oc.get("peak_rss_cell_mb"):
+                text += f" ({cell['peak_rss_cell_mb'] / oc['peak_rss_cell_mb']:.2f}x)"
+            row.append(text)
+        if any(r != "-" for r in row):
+            lines.append(f"| {Workload(beam, batch, src).search} batch {batch}, peak RSS MB | " + " | ".join(row) + " |")
     for title, key in _COMPARE_FIGURES:
         row = []
         for lbl in labels:
@@ -355,6 +468,21 @@ def compare_table(cmp: dict) -> str:
                 text += f" ({value / other[key]:.2f}x)"
             row.append(text)
         lines.append(f"| {title} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def compare_peak_ratios(cmp: dict) -> str:
+    """Engines as columns, each cell's peak RSS over the engine's RSS after load."""
+    engines = cmp["engines"]
+    labels = [lbl for p in ("fp32", "int8") for lbl in (f"ctranslate2 {p}", f"ours {p}") if lbl in engines]
+    lines = ["| peak RSS / RSS after load | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for beam, batch, src in cmp["workloads"]:
+        row = []
+        for lbl in labels:
+            cell = next((c for c in engines[lbl]["cells"] if (c["beam"], c["batch"]) == (beam, batch)), None)
+            ratio = cell_peak_ratio(cell, engines[lbl]) if cell else None
+            row.append("-" if ratio is None else f"{ratio:.2f}x")
+        lines.append(f"| {Workload(beam, batch, src).search} batch {batch} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -371,6 +499,9 @@ def compare_section(cmp: dict) -> str:
              "other). In parentheses: ours / CTranslate2 at the same precision. `†`: the machine was not quiet before the "
              "cell (other processes kept it busy through the wait): both engines ran slower, their ratio is what to read.",
              "", compare_table(cmp)]
+    if any(c.get("peak_rss_cell_mb") for e in cmp["engines"].values() for c in e["cells"]):
+        lines += ["", "Peak RSS of a cell: the engine process's high-water mark, reset before the cell's warm-up (the "
+                  "cells run one after the other in each engine's process).", "", compare_peak_ratios(cmp)]
     return "\n".join(lines)
 
 

@@ -26,6 +26,13 @@ class BenchSettings:
     gemm_n: int = 3072  # floors: GEMM size and bytes summed
     read_bytes: int = 1 << 30
     compare_reps: int = 3  # --compare: interleaved repetitions per cell and engine
+    # decoding control (bench/control.py): beam 5 x this batch at the middle source length, the
+    # variants interleaved this many times; per-sentence prefix / constraints of these lengths
+    control_batch: int = 8
+    control_reps: int = 3
+    control_prefix_len: int = 4
+    control_constraints: int = 2
+    control_constraint_len: int = 2
 
 
 def settings_for(model: str, quick: bool) -> BenchSettings:
@@ -34,10 +41,10 @@ def settings_for(model: str, quick: bool) -> BenchSettings:
     if model == "tiny":
         if quick:
             return BenchSettings(8, (10, 30), {"default": 0.3}, 3, 2, 6, 8, 8, gemm_n=2048, read_bytes=1 << 29,
-                                 compare_reps=2)
+                                 compare_reps=2, control_batch=4, control_reps=1)
         return BenchSettings(50, (10, 30, 100), {"default": 0.5}, 5, 3, 20, 32, 20, gemm_n=2048, read_bytes=1 << 29)
     if quick:
-        return BenchSettings(10, (30,), {"default": 10.0}, 2, 2, 4, 8, 8, quiet_wait_s=30.0)
+        return BenchSettings(10, (30,), {"default": 10.0}, 2, 2, 4, 8, 8, quiet_wait_s=30.0, control_reps=2)
     budgets = {"default": 10.0}
     for s in (10, 30, 100):
         budgets[f"b5-n32-s{s}"] = 45.0

@@ -8,6 +8,8 @@ order alternating each repetition), so that a change in the machine's load slows
 Protocol of an engine process (``python -m deltalm.bench engine SPEC.json``): one JSON line on
 stdout when loaded (its load figures), then one JSON line per command read from stdin:
 ``{"op": "run", "beam", "batch", "src_len", "n", "seed"}`` -> ``{"total_s"}``;
+``{"op": "cell_start"}`` -> ``{"rss_mb"}`` (the peak RSS of a cell is measured from here);
+``{"op": "cell_stop"}`` -> ``{"peak_rss_mb", "rss_mb"}`` (the cell's peak, the RSS after it);
 ``{"op": "finish"}`` -> its peak RSS figures, and the process exits."""
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .children import bench_child_command, current_rss_mb, peak_rss_mb, reset_peak_rss, wait_for_quiet
+from .children import PeakMeter, bench_child_command, current_rss_mb, peak_rss_mb, reset_peak_rss, wait_for_quiet
 from .measure import load_figures, translating_peak
 from .progress import log
 from .workloads import Workload, forced_length_options, make_sources
@@ -107,11 +109,18 @@ def serve_engine(spec: dict, stdin, stdout) -> int:
         stdout.flush()
 
     say(engine.figures)
+    meter = PeakMeter()
     for line in stdin:
         cmd = json.loads(line)
         if cmd["op"] == "finish":
-            say(translating_peak(engine.figures))
+            say(translating_peak(engine.figures, meter))
             return 0
+        if cmd["op"] == "cell_start":
+            say({"rss_mb": meter.start()})
+            continue
+        if cmd["op"] == "cell_stop":
+            say({"peak_rss_mb": meter.stop(), "rss_mb": current_rss_mb()})
+            continue
         say({"total_s": engine.run(cmd["beam"], cmd["batch"], cmd["src_len"], cmd["n"], cmd["seed"])})
     return 0
 
@@ -179,6 +188,7 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
                     progress.stage(f"{wl.name} ({precision})")
                 quiet = wait_for_quiet(quiet_wait_s) if quiet_wait_s else None
                 seed = cell_seed(wl)
+                before = {p.label: p.ask(op="cell_start")["rss_mb"] for p in procs}
                 for p in procs:  # warm-up: shapes, allocations, thread pools
                     p.ask(op="run", beam=wl.beam, batch=wl.batch, src_len=wl.src_len, n=min(n, 2), seed=seed)
                 times = {p.label: [] for p in procs}
@@ -186,14 +196,18 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
                     for p in (procs if r % 2 == 0 else procs[::-1]):
                         times[p.label].append(p.ask(op="run", beam=wl.beam, batch=wl.batch, src_len=wl.src_len, n=n,
                                                     seed=seed)["total_s"])
+                after = {p.label: p.ask(op="cell_stop") for p in procs}
                 line = []
                 for p in procs:
                     total = float(np.median(times[p.label]))
                     tps = wl.batch * (n + 1) / total
                     results[p.label]["cells"].append({"workload": wl.key, "name": wl.name, "beam": wl.beam, "batch": wl.batch,
                                                       "src_len": wl.src_len, "n": n, "reps": reps, "runs_s": times[p.label],
-                                                      "total_s": total, "tokens_per_s": tps, "quiet_gate": quiet})
-                    line.append(f"{p.label} {tps:.1f}")
+                                                      "total_s": total, "tokens_per_s": tps, "quiet_gate": quiet,
+                                                      "rss_before_cell_mb": round(before[p.label]),
+                                                      "peak_rss_cell_mb": round(after[p.label]["peak_rss_mb"]),
+                                                      "rss_after_cell_mb": round(after[p.label]["rss_mb"])})
+                    line.append(f"{p.label} {tps:.1f} (peak {after[p.label]['peak_rss_mb']:.0f} MB)")
                 log(f"  compare {wl.name:<30} tok/s: " + ", ".join(line))
                 if progress is not None:
                     progress.done()

@@ -455,6 +455,13 @@ def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
     assert f"| ort-fp32 | measured | {b['ort-fp32']['model_files_mb']:.1f} |" in md
     assert r["memory_check"]["precision"] == "fp32" and r["memory_check"]["peak_rss_mb"] > 0
     assert (tmp_path / "out" / "profile.md").exists() and (tmp_path / "out" / "bench.png").exists()
+    control = r["control"]  # the ort backends there are (fp32 only here), and the given model's constraint share
+    assert set(control["backends"]) == {"ort-fp32"}
+    v = control["backends"]["ort-fp32"]["variants"]
+    assert v["ordered"]["constraints_met"] == v["unordered"]["constraints_met"] == 1.0 and v["prefix"]["prefix_kept"] == 1.0
+    assert control["backends"]["ort-fp32"]["scoring"]["agree"] == 1.0
+    assert control["constraint_share"]["model"] == f"the artifact {tiny.artifact.name}"
+    assert "## Decoding control" in md and "### Constraints in the output (the artifact" in md
 
 
 # --- side by side with CTranslate2 -------------------------------------------------------------------
@@ -561,3 +568,156 @@ def test_compare_table_puts_ours_next_to_ctranslate2_with_ratios_and_marks_busy_
     assert lines[6] == "| model files, MB | 1384 | 2116 (1.53x) |"
     assert lines[8] == "| peak RSS while translating, MB | 2252 | 4661 (2.07x) |"
     assert lines[9] == "| load, s | 1.00 | 6.50 (6.50x) |"
+
+
+def test_peak_meter_gives_each_section_its_own_peak():
+    meter = children.PeakMeter()
+    meter.start()
+    big = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB written: resident
+    del big
+    first = meter.stop()
+    if not meter.resettable:
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    start = meter.start()
+    second = meter.stop()
+    assert first - start >= 60  # the first section saw the 64 MiB
+    assert second < first - 60  # the second did not: its mark was reset
+    assert meter.overall >= first
+
+
+def test_memory_table_gives_each_cell_its_peak_and_ratio_to_the_rss_after_load():
+    r = _results()
+    for kind, peaks in (("ort-fp32", (330, 390)), ("ort-int8", (220, 400))):
+        r["backends"][kind]["rss_after_load_mb"] = 300 if kind == "ort-fp32" else 200
+        for c, peak in zip(r["backends"][kind]["cells"], peaks):
+            c["peak_rss_cell_mb"] = peak
+    lines = report.memory_table(r).splitlines()
+    assert lines[0] == "| workload | torch | ort-fp32 | ort-int8 |"
+    assert lines[2] == "| RSS after load, MB | - | 300 | 200 |"
+    assert lines[4] == "| beam 5, batch 32, src ~30 | - | 390 (1.30x) | 400 (2.00x) |"
+    report.add_derived(r)
+    r["model"]["name"] = "base"
+    targets = {t["target"]: t for t in report.evaluate_targets(r)}
+    assert targets["ort-fp32: peak RSS of every cell / RSS after load"]["met"] is False
+    assert targets["ort-fp32: peak RSS of every cell / RSS after load"]["measured"].startswith("up to 1.30x")
+
+
+def test_compare_table_gives_each_cells_peak_rss_next_to_ctranslate2s():
+    def engine(rss, peaks):
+        cells = [{"beam": b, "batch": n, "tokens_per_s": 1.0, "peak_rss_cell_mb": peaks[(b, n)]} for b in (1, 5) for n in (1, 32)]
+        return {"cells": cells, "rss_after_load_mb": rss}
+
+    peaks = {(1, 1): 1500, (1, 32): 1600, (5, 1): 1500, (5, 32): 2000}
+    cmp = {"workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]], "n": 50, "reps": 5, "threads": 2,
+           "engines": {"ctranslate2 fp32": engine(1000.0, peaks),
+                       "ours fp32": engine(1250.0, {k: v // 2 for k, v in peaks.items()})}}
+    table = report.compare_table(cmp).splitlines()
+    assert "| beam 5 batch 32, peak RSS MB | 2000 | 1000 (0.50x) |" in table
+    ratios = report.compare_peak_ratios(cmp).splitlines()
+    assert ratios[0] == "| peak RSS / RSS after load | ctranslate2 fp32 | ours fp32 |"
+    assert ratios[5] == "| beam 5 batch 32 | 2.00x | 0.80x |"
+
+
+# --- decoding control ----------------------------------------------------------------------------------
+
+
+def test_occurs_finds_contiguous_runs_only():
+    from deltalm.bench.control import occurs
+
+    assert occurs([5, 6, 7, 2], [6, 7]) and occurs([5, 6, 7, 2], [5])
+    assert not occurs([5, 6, 7, 2], [5, 7]) and not occurs([5, 6], [6, 7]) and not occurs([5], [])
+
+
+def test_pick_constraint_takes_the_first_word_the_best_lacks():
+    from deltalm.bench.control import pick_constraint
+
+    ids = {"a": [4], "b": [5], "cd": [6, 7], "e": [8]}.get
+    assert pick_constraint([4, 5, 2], ["a", "b", "cd", "e"], ids) == "cd"
+    assert pick_constraint([4, 6, 7, 2], ["a", "cd"], ids) is None
+
+
+def test_control_variants_keep_forced_lengths_prefixes_and_constraints(artifact_dir):
+    """Plain / prefix / constraints on one batch of a real (random tiny) step graph: every
+    variant emits n + 1 tokens per sentence, the prefixes are kept, every constraint is met, and
+    scoring in one run agrees with per-token teacher forcing. No timing is asserted."""
+    from deltalm.backends import load_backend
+    from deltalm.bench.control import VARIANTS, measure_control
+
+    backend = load_backend("ort", artifact_dir, device="cpu", threads=1)
+    spec = {"beam": 5, "batch": 3, "src_len": 10, "n": 8, "prefix_len": 3, "constraints": 2, "constraint_len": 2,
+            "reps": 1, "seed": 0}
+    r = measure_control(backend, spec)
+    backend.close()
+    v = r["variants"]
+    assert set(v) == set(VARIANTS)
+    for name in VARIANTS:
+        assert v[name]["lengths"] == [9] and v[name]["output_tokens"] == 3 * 9
+        assert v[name]["tokens_per_s"] > 0 and v[name]["ratio_to_plain"] > 0
+    assert v["plain"]["ratio_to_plain"] == 1.0
+    assert v["prefix"]["prefix_kept"] == 1.0
+    for order in ("ordered", "unordered"):
+        assert v[order]["constraints"] == 6 and v[order]["constraints_met"] == 1.0
+    sc = r["scoring"]
+    assert sc["pairs"] == 3 and sc["target_tokens"] == 27 and sc["agree"] == 1.0 and sc["max_abs_score_diff"] < 1e-3
+    assert sc["one_run"]["pairs_per_s"] > 0 and sc["per_step"]["target_tokens_per_s"] > 0
+    assert sc["speedup_over_per_step"] > 0 and sc["translation_tokens_per_s"] == v["plain"]["tokens_per_s"]
+
+
+def test_score_per_step_equals_score_pairs_on_targets_of_different_lengths(artifact_dir):
+    from deltalm.backends import load_backend
+    from deltalm.bench.control import score_per_step
+    from deltalm.scoring import score_pairs
+
+    backend = load_backend("ort", artifact_dir, device="cpu", threads=1)
+    sources = [(5, 6, 7, 2), (8, 2)]
+    targets = [(9, 10, 11, 12, 2), (13, 2)]
+    want, got = score_pairs(backend, sources, targets), score_per_step(backend, sources, targets)
+    backend.close()
+    assert [len(g) for g in got] == [5, 2]
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_constraint_share_on_the_demo_model_is_whole_with_constraints(tiny):
+    """Every constraint is in the best hypothesis of constrained decoding where that hypothesis
+    ended before the maximum length (the tests' demo model is fitted for a few steps only: a
+    hypothesis may run to the maximum and end without); the nbest constraints are, by
+    construction, in none of the best hypotheses without constraints."""
+    from deltalm.bench.control import constraint_share
+
+    r = constraint_share(tiny.artifact, threads=1, sentences=6)
+    assert r["sentences"] == 6 and r["reference"]["constraints"] == 6
+    for kind in ("reference", "nbest"):
+        rec = r[kind]
+        if not rec["constraints"]:
+            continue
+        for order in ("ordered", "unordered"):
+            assert 1 <= rec[order]["completed"] <= rec["constraints"]
+            assert rec[order]["share_completed"] == 1.0
+            assert rec[order]["share"] >= rec[order]["completed"] / rec["constraints"]
+        assert 0.0 <= rec["without"] <= 1.0
+    assert r["nbest"]["constraints"] > 0 and r["nbest"]["without"] == 0.0
+    again = constraint_share(tiny.artifact, threads=1, sentences=6)
+    assert again == r  # deterministic
+
+
+def test_control_section_reports_ratios_scoring_and_the_constraint_share():
+    variants = {v: {"tokens_per_s": t, "ratio_to_plain": t / 100.0, "reps": 3} for v, t in
+                (("plain", 100.0), ("prefix", 98.0), ("ordered", 80.0), ("unordered", 75.0))}
+    variants["ordered"]["constraints_met"] = variants["unordered"]["constraints_met"] = 1.0
+    scoring = {"pairs": 8, "target_tokens": 408, "one_run": {"pairs_per_s": 40.0, "target_tokens_per_s": 2040.0},
+               "per_step": {"target_tokens_per_s": 300.0}, "speedup_over_per_step": 6.8, "ratio_to_translation": 20.4,
+               "max_abs_score_diff": 2e-6}
+    rec = {"beam": 5, "batch": 8, "src_len": 30, "n_target": 50, "prefix_len": 4, "constraints_per_sentence": 2,
+           "constraint_len": 2, "variants": variants, "scoring": scoring, "others_cpu_share": 0.02}
+    share = {"sentences": 24, "beam": 5, "model": "the demo model",
+             "reference": {"constraints": 24, "without": 0.958, "ordered": {"share": 1.0, "completed": 24, "share_completed": 1.0},
+                           "unordered": {"share": 1.0}},
+             "nbest": {"constraints": 20, "without": 0.0, "ordered": {"share": 1.0, "completed": 20, "share_completed": 1.0},
+                       "unordered": {"share": 1.0}}}
+    md = report.control_section({"backends": {"ort-fp32": rec, "ort-int8": {"error": "boom"}}, "constraint_share": share})
+    assert "| ort-fp32 | 100.0 | 98.0 (0.98x) | 80.0 (0.80x, 100%) | 75.0 (0.75x, 100%) | 2% |" in md
+    assert "| ort-fp32 | 8 | 408 | 40.0 | 2040 | 300 | 6.8x | 20.4x | 2.0e-06 |" in md
+    assert "ort-int8: failed: boom" in md
+    assert "### Constraints in the output (the demo model)" in md
+    assert "| reference | 24 | 96% | 100% | 100% | 100% of 24 |" in md and "| nbest | 20 | 0% | 100% | 100% | 100% of 20 |" in md
