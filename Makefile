@@ -27,7 +27,19 @@ HOST      ?= 127.0.0.1
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+# The package is installed editable in setuptools' strict mode (a tree of links, which mypy and the
+# docs generator read as a plain package): a module added or removed needs the install again, so
+# the list of the package's files is a prerequisite, rewritten only when it changes.
+PACKAGE_FILES := $(sort $(wildcard runtime/*.py runtime/*/*.py export/*.py bench/*.py serve/*.py serve/static/* \
+                                   cluster/*.py configs/*.json))
+build/package-files: FORCE
+	@mkdir -p build
+	@echo '$(PACKAGE_FILES)' | cmp -s - $@ || echo '$(PACKAGE_FILES)' > $@
+
+.PHONY: FORCE
+FORCE:
+
+$(STAMP): requirements.lock pyproject.toml build/package-files
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . --config-settings editable_mode=strict

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .children import (PeakMeter, current_rss_mb, machine_busy_s, peak_rss_mb, reset_peak_rss, run_cli,
-                       wait_for_quiet)
+from .children import PeakMeter, current_rss_mb, machine_busy_s, peak_rss_mb, reset_peak_rss, run_cli, wait_for_quiet
 from .models import graph_bytes, loaded_files_bytes
 from .progress import log
 from .workloads import Workload, forced_length_options, make_sources, plan_cell, time_stats

@@ -72,7 +72,7 @@ class Progress:
         if _active is self:
             _active = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .measure import CONTENDED
 from .settings import BACKEND_KINDS, GPU_KINDS
-from .step_cost import step_bytes, step_flops, step_floor
+from .step_cost import step_bytes, step_floor, step_flops
 from .workloads import Workload
 
 

@@ -25,8 +25,6 @@ from .measure import load_figures, translating_peak
 from .progress import log
 from .workloads import Workload, forced_length_options, make_sources
 
-
-
 # --- inside an engine process ----------------------------------------------------------------------
 
 

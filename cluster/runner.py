@@ -88,7 +88,7 @@ class CorpusJob:
         if self.errors not in ("strict", "replace"):
             raise InputError(f"--errors must be strict or replace, got {self.errors!r}")
 
-    def checked(self) -> "CorpusJob":
+    def checked(self) -> CorpusJob:
         """This job with its model directory resolved and its shortlist file checked (format, the
         model's dictionary) and fingerprinted, in the driver, before Ray starts."""
         model = Path(self.model)

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from deltalm.export.model import build_model as _build_canonical
-from deltalm.export.safe_load import load_safetensors, safe_torch_load, to_plain
 from deltalm.config import ConfigError, ModelConfig, config_overrides
 from deltalm.errors import CheckpointError, DeltaLMError, InputError
+from deltalm.export.model import build_model as _build_canonical
+from deltalm.export.safe_load import load_safetensors, safe_torch_load, to_plain
 
 __all__ = [
     "FORMATS",
@@ -105,10 +105,10 @@ def _unilm_table(ffn_order: str) -> list:
         ("tgt_embedding.embed_positions.weight", "decoder.embed_positions.weight"),
         ("tgt_embedding.emb_layer_norm.{w}", "decoder.layernorm_embedding.{w}"),
         ("encoder.layers.{n}.ffn.{fc}.{w}", "encoder.layers.{n}.{fc}.{w}"),
-        ("decoder.layers.{n}.ffn_1.fc1.{w}", "decoder.layers.{n}.%s.{w}" % first[0]),
-        ("decoder.layers.{n}.ffn_1.fc2.{w}", "decoder.layers.{n}.%s.{w}" % first[1]),
-        ("decoder.layers.{n}.ffn_2.fc1.{w}", "decoder.layers.{n}.%s.{w}" % second[0]),
-        ("decoder.layers.{n}.ffn_2.fc2.{w}", "decoder.layers.{n}.%s.{w}" % second[1]),
+        ("decoder.layers.{n}.ffn_1.fc1.{w}", "decoder.layers.{n}." + first[0] + ".{w}"),
+        ("decoder.layers.{n}.ffn_1.fc2.{w}", "decoder.layers.{n}." + first[1] + ".{w}"),
+        ("decoder.layers.{n}.ffn_2.fc1.{w}", "decoder.layers.{n}." + second[0] + ".{w}"),
+        ("decoder.layers.{n}.ffn_2.fc2.{w}", "decoder.layers.{n}." + second[1] + ".{w}"),
         ("encoder.layers.{n}.{rest}", "encoder.layers.{n}.{rest}"),
         ("decoder.layers.{n}.{rest}", "decoder.layers.{n}.{rest}"),
     ]

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 from deltalm.artifact import hash_files, open_artifact, read_manifest
-from deltalm.manifest import Engines
 from deltalm.atomic import atomic_directory, write_json_atomic
 from deltalm.backends.trt import (
     ENGINE_GRAPHS,
@@ -63,6 +62,7 @@ from deltalm.backends.trt import (
 from deltalm.config import ModelConfig
 from deltalm.errors import DeltaLMError, ExportError, InputError
 from deltalm.graphs import GraphSpec, decoder_step_spec, encoder_spec
+from deltalm.manifest import Engines
 
 ENGINES_DIR = "engines"
 METADATA = "engines.json"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from deltalm.artifact import Artifact, hash_files, open_artifact
 from deltalm.atomic import atomic_directory, check_artifact_destination, write_json_atomic
-from deltalm.manifest import ExportOptions, GraphEntry, Manifest, Source
 from deltalm.compare import Thresholds
 from deltalm.config import config_overrides
 from deltalm.errors import ArtifactError, ExportError, InputError
+from deltalm.manifest import ExportOptions, GraphEntry, Manifest, Source
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_TOPK = 10

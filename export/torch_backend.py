@@ -30,7 +30,7 @@ class TorchBackend:
             torch.set_num_threads(threads)
 
     @classmethod
-    def from_source(cls, source, config=None, dict_path=None, threads=None, device="cpu", **_) -> "TorchBackend":
+    def from_source(cls, source, config=None, dict_path=None, threads=None, device="cpu", **_) -> TorchBackend:
         """source: an nn.Module with .cfg, a LoadedCheckpoint, a checkpoint path, or an artifact
         directory (whose manifest names the checkpoint it was exported from)."""
         from pathlib import Path

@@ -68,7 +68,7 @@ def train_copy_model(tokenizer, cfg: ModelConfig, steps: int = 300, batch_size: 
     torch.manual_seed(seed)
     model = DeltaLM(cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim > 1:
                 torch.nn.init.normal_(p, std=0.05)
     sentences = [tokenizer.encode(s) for s in toy_corpus()]

@@ -150,7 +150,7 @@ class Ref:
     source: str
     transforms: tuple[str, ...] = ()
 
-    def then(self, transform: str) -> "Ref":
+    def then(self, transform: str) -> Ref:
         if transform not in TRANSFORMS:
             raise KeyError(f"unknown weight transform {transform!r}")
         if transform == "T" and self.transforms[-1:] == ("T",):  # a transpose of a transpose

@@ -12,9 +12,9 @@ from importlib import metadata as _metadata
 
 from .artifact import Artifact, open_artifact
 from .errors import ArtifactError, CheckpointError, DeltaLMError, ExportError, InputError, SentenceError, TokenizerError
-from .shortlist import Shortlist, build_shortlist, shortlist_from_corpus
 from .options import OptionError, TranslateOptions
 from .search import Engine, Finished, Hypothesis, Partial, Sentence
+from .shortlist import Shortlist, build_shortlist, shortlist_from_corpus
 from .translator import PartialTranslation, Translation, Translator
 
 try:

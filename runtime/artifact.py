@@ -38,7 +38,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_can_decode(artifact: "Artifact") -> None:
+def check_can_decode(artifact: Artifact) -> None:
     """ArtifactError in one line unless this runtime can translate with ``artifact``: an
     encoder-decoder model whose decoder step has this runtime's interface (format >= DECODER_FORMAT)."""
     cfg = artifact.config
@@ -177,7 +177,7 @@ class VerifiedFiles:
         self.path, self.entries, self.changed = path, entries, False
 
     @classmethod
-    def open(cls) -> "VerifiedFiles":
+    def open(cls) -> VerifiedFiles:
         import os
 
         if os.environ.get("DELTALM_VERIFY") == "full":

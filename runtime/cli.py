@@ -16,8 +16,8 @@ from collections.abc import Callable
 from . import __version__
 from .commands import corpus as cmd_corpus
 from .commands import export as cmd_export
-from .commands import serve as cmd_serve
 from .commands import score as cmd_score
+from .commands import serve as cmd_serve
 from .commands import shortlist as cmd_shortlist
 from .commands import translate as cmd_translate
 from .errors import DeltaLMError

@@ -179,7 +179,7 @@ class Thresholds:
     min_graph_top1: float | None = None  # top-1 of a graph's top-k ids, pooled over the graph cases
 
     @classmethod
-    def for_precision(cls, precision: str, tolerance: float | None = None) -> "Thresholds":
+    def for_precision(cls, precision: str, tolerance: float | None = None) -> Thresholds:
         """The export's verdict, on the check's realistic sentences (text sampled from the model's
         sentencepiece model, or the user's ``--parity-corpus``; ``deltalm.export.parity``).
 

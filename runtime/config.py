@@ -71,14 +71,14 @@ class ModelConfig:
     def position_rows(self) -> int:
         return self.max_positions + self.first_position
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -96,7 +96,7 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         data = _read_json_object(Path(path))
         try:
             return cls.from_dict(data)
@@ -104,7 +104,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
-    def from_name(cls, name: str) -> "ModelConfig":
+    def from_name(cls, name: str) -> ModelConfig:
         """A preset from ``configs/NAME.json`` (deltalm-base, deltalm-large, tiny, ...)."""
         path = CONFIG_DIR / f"{name}.json"
         if not path.exists():

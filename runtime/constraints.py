@@ -55,7 +55,7 @@ class OrderedState:
         self.seq, self.position = seq, position
 
     @classmethod
-    def start(cls, constraints: Sequence[Sequence[int]]) -> "OrderedState":
+    def start(cls, constraints: Sequence[Sequence[int]]) -> OrderedState:
         return cls(_Sequence(constraints))
 
     @property
@@ -80,7 +80,7 @@ class OrderedState:
             out.add(self.seq.tokens[self.position + 1])
         return out
 
-    def advance(self, token: int) -> "OrderedState":
+    def advance(self, token: int) -> OrderedState:
         seq, pos = self.seq, self.position
         if self.finished:
             return self
@@ -99,7 +99,7 @@ class _Node:
 
     __slots__ = ("token", "parent", "children", "ends", "below")
 
-    def __init__(self, token: int | None, parent: "_Node | None"):
+    def __init__(self, token: int | None, parent: _Node | None):
         self.token, self.parent = token, parent
         self.children: dict[int, _Node] = {}
         self.ends = 0
@@ -131,11 +131,11 @@ class UnorderedState:
         self.trie, self.node, self.generated, self.completed = trie, node, generated, completed
 
     @classmethod
-    def start(cls, constraints: Sequence[Sequence[int]]) -> "UnorderedState":
+    def start(cls, constraints: Sequence[Sequence[int]]) -> UnorderedState:
         trie = _Trie(constraints)
         return cls(trie, trie.root, {}, {})
 
-    def _moved_to(self, node: _Node) -> "UnorderedState":
+    def _moved_to(self, node: _Node) -> UnorderedState:
         """A copy of this state's counts, at ``node`` (counted as generated unless the root)."""
         generated = dict(self.generated)
         if node is not self.trie.root:
@@ -169,7 +169,7 @@ class UnorderedState:
     def _open(self, node: _Node | None) -> TypeGuard[_Node]:
         return node is not None and self.generated.get(node, 0) < node.below
 
-    def advance(self, token: int) -> "UnorderedState":
+    def advance(self, token: int) -> UnorderedState:
         root = self.trie.root
         child = self.node.children.get(token)
         if self._open(child):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from .config import ModelConfig
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -51,7 +52,7 @@ class GraphSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GraphSpec":
+    def from_dict(cls, d: dict) -> GraphSpec:
         def tensors(items):
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
 

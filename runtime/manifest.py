@@ -38,7 +38,7 @@ class GraphEntry:
         return {"file": self.file, "files": list(self.files), "spec": self.spec.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GraphEntry":
+    def from_dict(cls, d: dict) -> GraphEntry:
         return cls(d["file"], tuple(d.get("files", [d["file"]])), GraphSpec.from_dict(d["spec"]))
 
 
@@ -116,7 +116,7 @@ class Manifest:
         write_json_atomic(Path(directory) / MANIFEST, self.to_dict())
 
     @classmethod
-    def from_dict(cls, d, where: str = MANIFEST) -> "Manifest":
+    def from_dict(cls, d, where: str = MANIFEST) -> Manifest:
         """Check and type a parsed manifest; every problem is an ArtifactError naming ``where``."""
         if not isinstance(d, dict) or "format_version" not in d:
             raise ArtifactError(f"{where}: not a deltalm manifest (no format_version)")
@@ -175,7 +175,7 @@ class Manifest:
         )
 
     @classmethod
-    def read(cls, directory: str | Path) -> "Manifest":
+    def read(cls, directory: str | Path) -> Manifest:
         path = Path(directory) / MANIFEST
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))

@@ -46,7 +46,7 @@ class TranslateOptions:
     constraint_order: str = "ordered"  # lexical constraints: "ordered" (in the given order) or "unordered"
 
     @classmethod
-    def from_mapping(cls, values: dict) -> "TranslateOptions":
+    def from_mapping(cls, values: dict) -> TranslateOptions:
         """Options from a JSON-like mapping, each value checked for its type (``OptionError``
         naming the option). Unknown names are refused."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -89,7 +89,7 @@ class TranslateOptions:
         opts.validate()
         return opts
 
-    def replace(self, **changes) -> "TranslateOptions":
+    def replace(self, **changes) -> TranslateOptions:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
@@ -131,7 +131,7 @@ class TranslateOptions:
         return self.sampling or self.temperature != 1.0 or self.no_repeat_ngram_size > 0
 
     @classmethod
-    def resolve(cls, options: "TranslateOptions | None" = None, **overrides) -> "TranslateOptions":
+    def resolve(cls, options: TranslateOptions | None = None, **overrides) -> TranslateOptions:
         """``options`` (default: the defaults) with ``overrides`` (field names) applied, validated.
         An unknown name is an InputError listing the options."""
         base = options if options is not None else cls()

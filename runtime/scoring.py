@@ -34,7 +34,7 @@ class ScorePair:
     src: tuple[int, ...]
     tokens: tuple[int, ...]
 
-    def score(self, positional_scores: Sequence[float]) -> "Score":
+    def score(self, positional_scores: Sequence[float]) -> Score:
         """The pair's ``Score``: the mean as fairseq's SequenceScorer takes it, a float32 sum over
         the target's length."""
         total = np.sum(np.asarray(positional_scores, dtype=np.float32), dtype=np.float32)

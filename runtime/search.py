@@ -292,7 +292,7 @@ class _Candidates:
 class _Lane:
     """The sentences of one beam size: their rows share each decoder step."""
 
-    def __init__(self, engine: "Engine", group: int):
+    def __init__(self, engine: Engine, group: int):
         self.engine = engine
         self.group = group
         self.batch = DecoderBatch(engine.cfg, engine.backend.float_dtype, group)

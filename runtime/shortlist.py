@@ -78,7 +78,7 @@ class Shortlist:
             f.write(buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Shortlist":
+    def load(cls, path: str | Path) -> Shortlist:
         try:
             with open(path, "rb") as f:
                 if f.read(4) != b"PK\x03\x04":

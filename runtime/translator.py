@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-
 from .artifact import MANIFEST, read_manifest, verify_files
 from .atomic import previous_artifact_of
 from .backends import BACKENDS, Backend, load_backend
@@ -200,7 +199,7 @@ class Translator:
 
     @classmethod
     def from_backend(cls, backend: Backend, tokenizer: Tokenizer, tgt_prefix: Sequence[str] | None = None,
-                     warn: Callable[[str], None] = _warn_stderr) -> "Translator":
+                     warn: Callable[[str], None] = _warn_stderr) -> Translator:
         """A Translator over a backend object of your own (``deltalm.backends.Backend``) and a
         tokenizer."""
         self = cls.__new__(cls)
@@ -245,7 +244,7 @@ class Translator:
         if backend is not None:
             backend.close()
 
-    def __enter__(self) -> "Translator":
+    def __enter__(self) -> Translator:
         return self
 
     def __exit__(self, *exc) -> None:

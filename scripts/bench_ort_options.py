@@ -41,7 +41,8 @@ VARIANTS = {
 def measure_variant(artifact: str, variant: str, steps: int, threads: int) -> dict:
     """In this process: load OrtBackend with the variant's session config entries, time steps."""
     import deltalm.backends.ort as ort_backend
-    from deltalm.bench.children import current_rss_mb as _current_rss_mb, peak_rss_mb as _peak_rss_mb
+    from deltalm.bench.children import current_rss_mb as _current_rss_mb
+    from deltalm.bench.children import peak_rss_mb as _peak_rss_mb
     from deltalm.bench.measure import TimedBackend, generate_timed
     from deltalm.bench.workloads import make_sources, time_stats
 
@@ -77,8 +78,8 @@ def tail_graphs(vocab: int, k: int, tmp: Path) -> dict[str, Path]:
     import torch
     from onnx import TensorProto, helper
 
-    from deltalm.export.graphs import apply_rules, topk_with_rules
     from deltalm.config import ModelConfig
+    from deltalm.export.graphs import apply_rules, topk_with_rules
 
     cfg = ModelConfig.from_name("deltalm-base").replace(vocab_size=vocab)
 

@@ -28,12 +28,12 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
+from deltalm.config import ModelConfig  # noqa: E402
 from deltalm.export.model import DeltaLM  # noqa: E402
 from deltalm.export.torch_backend import TorchBackend  # noqa: E402
-from deltalm.config import ModelConfig  # noqa: E402
 from deltalm.options import TranslateOptions  # noqa: E402
-from deltalm.search import Engine, Finished, Sentence, generate  # noqa: E402
 from deltalm.scoring import score_pairs  # noqa: E402
+from deltalm.search import Engine, Finished, Sentence, generate  # noqa: E402
 
 
 class _Encoder(FairseqEncoder):

@@ -1,24 +1,29 @@
 """One measurement in a fresh process: load time, RSS after load, per-case tok/s, peak RSS, ids.
 usage: python scripts/measure_load_memory.py ARTIFACT OUT.json [greedy1,beam5x1,greedy32,beam5x32]"""
-import json, sys, time
+import json
+import sys
+import time
+
 import numpy as np
 
+
 def rss_mb():
-    for l in open('/proc/self/status'):
-        if l.startswith('VmRSS'):
-            return int(l.split()[1]) / 1024
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) / 1024
 
 def hwm_mb():
-    for l in open('/proc/self/status'):
-        if l.startswith('VmHWM'):
-            return int(l.split()[1]) / 1024
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            return int(line.split()[1]) / 1024
 
 art_path, out_path = sys.argv[1], sys.argv[2]
 cases = sys.argv[3].split(',') if len(sys.argv) > 3 else ['greedy1', 'beam5x1', 'greedy32', 'beam5x32']
-t0 = time.perf_counter()
-from deltalm.backends.ort import OrtBackend
-from deltalm.options import TranslateOptions
-from deltalm.search import generate
+t0 = time.perf_counter()  # the imports below are part of the load measured
+from deltalm.backends.ort import OrtBackend  # noqa: E402
+from deltalm.options import TranslateOptions  # noqa: E402
+from deltalm.search import generate  # noqa: E402
+
 t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
 be = OrtBackend.from_artifact(art_path, threads=2)  # open + sha256 check + sessions

@@ -32,8 +32,8 @@ def prepare(workdir: Path, steps: int) -> Path:
     """Fit the tiny demo model and export it (in this process: run as the child)."""
     import torch
 
-    from deltalm.export.toy_model import build_demo_checkpoint
     from deltalm.cli import main
+    from deltalm.export.toy_model import build_demo_checkpoint
 
     torch.set_num_threads(1)  # threads waiting on each other on a busy machine cost more than they give
     spm, dict_path, ckpt = build_demo_checkpoint(workdir, steps=steps)

@@ -484,7 +484,7 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),
+def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),  # noqa: B008 (frozen)
                limits: RequestLimits = RequestLimits(), warmup: bool = True,
                shortlist_file: str | Path | None = None) -> FastAPI:
     """The ASGI app. The scheduler starts with the app's lifespan (warm-up included: /ready turns

@@ -44,7 +44,7 @@ class LoadResult:
 
     walls: list[float] = field(default_factory=list)  # of the runs added (add)
 
-    def add(self, other: "LoadResult") -> None:
+    def add(self, other: LoadResult) -> None:
         """Count the samples of another run of the same clients as part of this one (its time
         added to this one's)."""
         self.samples += other.samples

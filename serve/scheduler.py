@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deltalm import Finished, Partial, PartialTranslation, Sentence, Translation, Translator
 from deltalm.errors import DecodeError

@@ -281,7 +281,7 @@ def write_unilm_deltalm(model, path, **kwargs) -> Path:
 # --- C: Hugging Face XLM-R ------------------------------------------------------------------------
 
 
-def hf_state_dict(model, *, token_type_seed: int = 2) -> tuple[dict[str, torch.Tensor], "object"]:
+def hf_state_dict(model, *, token_type_seed: int = 2) -> tuple[dict[str, torch.Tensor], object]:
     """Canonical encoder-only (kind xlmr, roberta head) -> (XLMRobertaForMaskedLM state dict,
     XLMRobertaConfig). A random token-type row is split off the position table, so that
     HF's positions + token type 0 equal the canonical positions."""

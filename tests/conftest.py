@@ -47,8 +47,8 @@ class FakeBackend:
     search's batch changes its answers."""
 
     def __init__(self, vocab=6, seed=0, max_positions=512, topk=0, temperature_scale=2.0):
-        from deltalm.config import ModelConfig
         from deltalm.backends import BatchLimits
+        from deltalm.config import ModelConfig
         from deltalm.graphs import decoder_step_spec
 
         self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
@@ -136,9 +136,9 @@ def tok(tiny):
 def artifact_dir(tmp_path_factory, tiny_model):
     """A real fp32 artifact of the tiny model: graphs and manifest, no tokenizer (engines need none)."""
     from deltalm.artifact import hash_files
+    from deltalm.atomic import write_json_atomic
     from deltalm.export.onnx_export import export_graphs
     from deltalm.manifest import FORMAT_VERSION, MANIFEST
-    from deltalm.atomic import write_json_atomic
 
     d = tmp_path_factory.mktemp("engines") / "artifact"
     d.mkdir()
@@ -164,6 +164,7 @@ def tiny_ckpt(tmp_path_factory):
     """A random tiny DeltaLM as a real fairseq checkpoint (cfg as an omegaconf DictConfig), with the
     toy tokenizer. Returns (checkpoint, spm, dict, model)."""
     import checkpoint_writers as W
+
     from deltalm.config import ModelConfig
     from deltalm.export.model import DeltaLM
     from deltalm.export.toy_data import build_toy_tokenizer

@@ -505,7 +505,7 @@ def test_compare_ctranslate2_runs_both_engines_interleaved_on_the_tiny_model(tin
     r = json.loads((tmp_path / "out" / "compare.json").read_text())["ctranslate2"]
     assert set(r["engines"]) == {"ctranslate2 fp32", "ours fp32"}  # the artifact is fp32: one pair
     assert r["workloads"] == [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]]
-    for label, e in r["engines"].items():
+    for e in r["engines"].values():
         assert [(c["beam"], c["batch"]) for c in e["cells"]] == [(1, 1), (1, 32), (5, 1), (5, 32)]
         for c in e["cells"]:
             assert len(c["runs_s"]) == r["reps"] == 2
@@ -523,6 +523,7 @@ def test_compare_shortlist_runs_ours_with_and_without_it(tiny, tmp_path, monkeyp
     import json
 
     from cli_support import run_cli
+
     from deltalm.shortlist import build_shortlist
 
     monkeypatch.chdir(tmp_path)

@@ -9,12 +9,14 @@ import pickletools
 import zipfile
 from pathlib import Path
 
+import checkpoint_writers as W
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint_writers as W
+from deltalm.config import ModelConfig
+from deltalm.errors import CheckpointError
 from deltalm.export.checkpoints import (
     UNILM_DELTALM,
     apply_table,
@@ -25,8 +27,6 @@ from deltalm.export.checkpoints import (
 )
 from deltalm.export.model import build_model as build_canonical
 from deltalm.export.safe_load import safe_torch_load, to_plain
-from deltalm.config import ModelConfig
-from deltalm.errors import CheckpointError
 
 V = 96  # dictionary size (dict.txt) in these tests
 DELTALM = ModelConfig(kind="deltalm", embed_dim=128, ffn_dim=96, encoder_layers=2, decoder_layers=2, heads=2,

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from cli_support import DELTALM, ENV, FAST, assert_one_line_error, run_cli
 
 SENTENCES = ["Die Katze sieht den roten Apfel.", "Der Hund schläft."]

@@ -256,7 +256,6 @@ def test_with_a_shortlist_every_file_is_what_translate_writes_with_it_and_reruns
 
 
 def test_the_fingerprint_holds_the_shortlist_and_its_batching(tiny, shortlists):
-    from deltalm import TranslateOptions
     from deltalm.cluster import CorpusJob
     from deltalm.cluster.shards import fingerprint
 

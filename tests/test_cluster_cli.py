@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from cli_support import DELTALM, ENV, FAST
 
 from deltalm.cluster.shards import expand_inputs

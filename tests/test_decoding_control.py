@@ -202,8 +202,8 @@ def test_target_prefix_per_sentence_is_forced_kept_in_tokens_and_scored(translat
 
 
 def test_scores_are_the_models_log_probs_of_the_target_and_their_mean(translator, tiny):
-    from deltalm.export.model import DeltaLM  # noqa: F401  (the checkpoint's model, rebuilt)
     from deltalm.export.checkpoints import build_model, load_for_export
+    from deltalm.export.model import DeltaLM  # noqa: F401  (the checkpoint's model, rebuilt)
 
     model = build_model(load_for_export(str(tiny.checkpoint), None, str(tiny.dict)))
     tok = translator.tokenizer

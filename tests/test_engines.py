@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import types
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from deltalm.export.engines import (
-    apply_profile_override,
-    derive_profiles,
-    engine_metadata,
-    engine_precision,
-    load_profile_override,
-    trtexec_command,
-)
 from deltalm.artifact import open_artifact
 from deltalm.backends.trt import (
     check_engine_compat,
@@ -38,6 +30,14 @@ from deltalm.backends.trt import (
 from deltalm.cli import main
 from deltalm.config import ModelConfig
 from deltalm.errors import ArtifactError, InputError
+from deltalm.export.engines import (
+    apply_profile_override,
+    derive_profiles,
+    engine_metadata,
+    engine_precision,
+    load_profile_override,
+    trtexec_command,
+)
 from deltalm.graphs import decoder_step_spec, encoder_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_writers as W
 import numpy as np
 import pytest
 
-import checkpoint_writers as W
 from deltalm.artifact import open_artifact
 from deltalm.cli import main as cli
 from deltalm.config import ModelConfig
@@ -75,8 +75,8 @@ def sources(cfg, rng, lengths):
 
 @pytest.mark.parametrize("beam,nbest", [(1, 1), (5, 3)])
 def test_ort_backend_gives_the_same_ids_and_scores_as_torch(artifact, tiny_ckpt, beam, nbest):
-    from deltalm.export.torch_backend import TorchBackend
     from deltalm.backends.ort import OrtBackend
+    from deltalm.export.torch_backend import TorchBackend
 
     model = tiny_ckpt[3]
     torch_b, ort_b = TorchBackend(model), OrtBackend.from_artifact(artifact)
@@ -113,7 +113,7 @@ def test_translate_cli_ort_equals_torch_jsonl(artifact, tiny_ckpt, tmp_path, cap
                        "torch": ["--checkpoint", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--backend", "torch"]}.items():
         assert cli(["translate", *args, "--input", str(inp), "--beam", "5", "--nbest", "2", "--format", "jsonl",
                     "--max-len-b", "10"]) == 0
-        outs[name] = [json.loads(l) for l in capsysbinary.readouterr().out.decode().splitlines()]
+        outs[name] = [json.loads(line) for line in capsysbinary.readouterr().out.decode().splitlines()]
     assert [o["id"] for o in outs["ort"]] == [0, 1, 2, 3]
     assert outs["ort"][1]["nbest"] == []
     for a, b in zip(outs["ort"], outs["torch"]):
@@ -200,8 +200,8 @@ def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
     sess = ort.InferenceSession(str(art.graph_path("encoder")), providers=["CPUExecutionProvider"])
     right = np.array([[0, 10, 11, 12, 2], [0, 13, 2, 1, 1]])
     left = np.array([[0, 10, 11, 12, 2], [1, 1, 0, 13, 2]])
-    r, l = sess.run(["encoder_out"], {"src_tokens": right})[0], sess.run(["encoder_out"], {"src_tokens": left})[0]
-    np.testing.assert_allclose(r[1, :3], l[1, 2:], atol=1e-5)
+    r, lt = sess.run(["encoder_out"], {"src_tokens": right})[0], sess.run(["encoder_out"], {"src_tokens": left})[0]
+    np.testing.assert_allclose(r[1, :3], lt[1, 2:], atol=1e-5)
     with torch.no_grad():
         want = model(torch.from_numpy(right))[0].numpy()
     np.testing.assert_allclose(r[0], want[0], atol=1e-5)

@@ -9,7 +9,6 @@ whose int8 scales or fp16 weights are corrupted, while the demo model's int8 exp
 from __future__ import annotations
 
 import collections
-import io
 import json
 import warnings
 from pathlib import Path
@@ -132,8 +131,8 @@ def test_shape_inference_without_the_weights_values_infers_the_same_graph(tiny_m
 def test_per_column_int8_matches_onnx_runtimes_quantizer():
     """``quantize_columns`` / ``column_scales``: ONNX Runtime's per-channel symmetric int8 of a
     MatMul weight (its own function, column by column), zero and tiny columns included."""
-    from onnxruntime.quantization.quant_utils import quantize_data
     from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
 
     from deltalm.export.weights import column_scales, quantize_columns
 
@@ -167,7 +166,6 @@ def test_a_checkpoints_optimizer_state_is_never_read(tiny_ckpt, tmp_path):
     """A fairseq checkpoint is mapped, not read: 400 MB of optimizer state add nothing to RSS."""
     from deltalm.export.checkpoints import load_checkpoint
     from deltalm.export.stage_meter import StageMeter
-
     from deltalm.export.toy_model import save_fairseq_checkpoint
 
     big = tmp_path / "with_optimizer.pt"

@@ -8,12 +8,12 @@ import json
 import re
 
 import pytest
+from cli_support import FAST, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_support import FAST, run_cli
-from deltalm.export.toy_data import toy_corpus
 from deltalm.errors import InputError, TokenizerError
+from deltalm.export.toy_data import toy_corpus
 from deltalm.tokenizer import Dictionary
 
 EOS = 2

@@ -8,7 +8,6 @@ import os
 import threading
 
 import pytest
-
 from cli_support import FAST, assert_one_line_error, run_cli
 
 from deltalm.atomic import check_artifact_destination, check_output_directory, check_output_file, foreign_entries

@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from cli_support import ENV, FAST
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from cli_support import ENV
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_support import DELTALM, ENV, FAST, ROOT, assert_one_line_error, run_cli
-from deltalm.export.toy_data import toy_corpus
+
 from deltalm.artifact import MANIFEST, open_artifact
 from deltalm.atomic import clean_stale_work_dirs, previous_artifact_of, work_dir_name
 from deltalm.errors import ArtifactError, DeltaLMError
+from deltalm.export.toy_data import toy_corpus
 
 
 @pytest.fixture

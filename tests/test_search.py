@@ -7,7 +7,17 @@ import pytest
 
 from deltalm.errors import InputError
 from deltalm.options import TranslateOptions as Options
-from deltalm.search import Engine, Finished, Partial, Sentence, StepRules, apply_rules, block_repeated_ngrams, generate, sentence_rules
+from deltalm.search import (
+    Engine,
+    Finished,
+    Partial,
+    Sentence,
+    StepRules,
+    apply_rules,
+    block_repeated_ngrams,
+    generate,
+    sentence_rules,
+)
 
 EOS, PAD, UNK = 2, 1, 3
 

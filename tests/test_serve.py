@@ -22,9 +22,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from cli_support import DELTALM, ENV, run_cli  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 SENTENCES = [
     "Die Katze sieht den roten Apfel.",
@@ -236,8 +235,9 @@ def test_health_ready_and_openapi(server):
     status, _, spec = request(server.port, "GET", "/openapi.json")
     assert status == 200
     schema = spec["paths"]["/v1/translate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    from deltalm import TranslateOptions
     import dataclasses
+
+    from deltalm import TranslateOptions
 
     assert set(schema["properties"]) == {"text", "stream", "target_prefix", "constraints"} | {f.name for f in
                                                                              dataclasses.fields(TranslateOptions)}

@@ -11,7 +11,6 @@ from deltalm.artifact import open_artifact
 from deltalm.cli import main as cli
 
 
-
 def _export(tiny_ckpt, out: Path, *extra) -> Path:
     ckpt, spm, dct, _ = tiny_ckpt
     assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize", *extra]) == 0

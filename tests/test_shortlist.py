@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cli_support import assert_one_line_error, run_cli
+
 from deltalm import Shortlist, Translator, build_shortlist, shortlist_from_corpus
 from deltalm.backends.ort import OrtBackend
-from deltalm.errors import InputError
 from deltalm.batch import DecoderBatch
+from deltalm.errors import InputError
 from deltalm.options import TranslateOptions
 from deltalm.search import Engine, StepRules, generate
-
 
 # -- building: exact semantics on a hand-made corpus
 

@@ -10,8 +10,8 @@ import sentencepiece
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltalm.export.toy_data import TOY_LANG_TAGS, build_toy_tokenizer, toy_corpus, toy_pairs
 from deltalm.errors import InputError, TokenizerError
+from deltalm.export.toy_data import TOY_LANG_TAGS, build_toy_tokenizer, toy_corpus, toy_pairs
 from deltalm.tokenizer import SPM_SPACE, Dictionary, Tokenizer, collate
 
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltalm.export.toy_data import build_toy_tokenizer, toy_corpus
 from deltalm import translator as translator_module
 from deltalm.cli import _as_command_line
-from deltalm.config import ModelConfig
-from deltalm.errors import DeltaLMError, InputError
-from deltalm.tokenizer import Tokenizer
 from deltalm.commands.translate import add_arguments as add_translate_arguments
 from deltalm.commands.translate import open_translator
 from deltalm.commands.translate import run as run_translate
+from deltalm.config import ModelConfig
+from deltalm.errors import DeltaLMError, InputError
+from deltalm.export.toy_data import build_toy_tokenizer, toy_corpus
+from deltalm.tokenizer import Tokenizer
 from deltalm.translator import Translator, format_translation
 
 EOS, PAD = 2, 1

@@ -14,17 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import trt_standin
 from trt_standin import FakeCuda, StandInError, make_tensorrt
 
 from deltalm.artifact import MANIFEST, open_artifact
 from deltalm.atomic import write_json_atomic
-from deltalm.manifest import Manifest
 from deltalm.backends.trt import check_engine_compat, graph_source_digest
 from deltalm.cli import main
 from deltalm.compare import Thresholds, compare_steps, compare_translations
 from deltalm.errors import ArtifactError, DeltaLMError, ExportError, InputError
+from deltalm.manifest import Manifest
 from deltalm.options import TranslateOptions
 
 pytest.importorskip("polygraphy")
@@ -113,7 +112,7 @@ def test_the_standin_catches_weak_typing(artifact_dir, trt):
         layer.set_output_type(0, trt.float32)
     if trt.__version__.startswith("11."):
         with pytest.raises(AttributeError):
-            trt.BuilderFlag.FP16
+            _ = trt.BuilderFlag.FP16
     else:
         trt.IBuilderConfig().set_flag(trt.BuilderFlag.FP16)
     assert [what for what, _ in trt.touched] == ["ILayer.precision", "ILayer.set_output_type", "BuilderFlag.FP16"]

@@ -45,7 +45,7 @@ class StepOutput:
     new_kv: list[np.ndarray]
 
     @classmethod
-    def from_outputs(cls, cfg: ModelConfig, outputs: dict[str, np.ndarray]) -> "StepOutput":
+    def from_outputs(cls, cfg: ModelConfig, outputs: dict[str, np.ndarray]) -> StepOutput:
         """From the step graph's outputs by name (any numeric types: ids become int64, scores
         float32)."""
         return cls(

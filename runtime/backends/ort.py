@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+
 import numpy as np
 
 from ..artifact import Artifact, check_can_decode, open_artifact, verify_files
@@ -87,7 +88,7 @@ class OrtBackend:
 
     @classmethod
     def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, shortlist: bool = False,
-                      **_) -> "OrtBackend":
+                      **_) -> OrtBackend:
         """Open and hash-check the artifact, and load its graphs. The sha256 check of every file
         runs in a thread while ONNX Runtime builds the sessions (hashlib releases the GIL), so the
         start-up costs the longer of the two, not their sum; a mismatch is reported before any

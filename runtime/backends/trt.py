@@ -467,7 +467,7 @@ class TrtBackend:
         self.limits = BatchLimits(rows=self.step_engine.axes["rows"][2], sentences=self.step_engine.axes["sents"][2])
 
     @classmethod
-    def from_artifact(cls, path, device: str = "cuda", threads: int | None = None, **_) -> "TrtBackend":
+    def from_artifact(cls, path, device: str = "cuda", threads: int | None = None, **_) -> TrtBackend:
         return cls(open_artifact(path), device=device, threads=threads)
 
     def close(self) -> None:

@@ -6,9 +6,9 @@ import argparse
 import re
 import sys
 
-from ..backends import BACKENDS
 from ..artifact import require_directory_not_checkpoint
 from ..atomic import check_output_directory
+from ..backends import BACKENDS
 from ..errors import InputError, install_extra
 
 
@@ -135,7 +135,8 @@ def run_bench(args) -> int:
     from pathlib import Path
 
     try:
-        from deltalm.serve.bench import BenchPlan, run_bench as bench
+        from deltalm.serve.bench import BenchPlan
+        from deltalm.serve.bench import run_bench as bench
     except ImportError as e:
         raise InputError(f"deltalm bench-serve needs the serve and bench extras: {e}") from None
     try:
