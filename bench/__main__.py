@@ -7,6 +7,7 @@
     cli OUT.json ARGS...          ``deltalm ARGS``, then its peak RSS into OUT.json
 
 The benchmark itself is ``deltalm bench`` (deltalm.bench.command)."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,9 @@ def main(argv: list[str]) -> int:
     elif task == "profile":
         from .profile import profile_decoder_step
 
-        result = profile_decoder_step(spec["artifact"], spec["cases"], spec["n"], spec["threads"], Path(spec["out_dir"]))
+        result = profile_decoder_step(
+            spec["artifact"], spec["cases"], spec["n"], spec["threads"], Path(spec["out_dir"])
+        )
     else:
         print(f"unknown task {task!r}\n{__doc__}", file=sys.stderr)
         return 2

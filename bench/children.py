@@ -1,6 +1,7 @@
 """Child processes of the benchmark: each backend, export and check runs in a process of its
 own, so that its wall time, CPU time and peak RSS are its own. Also this machine's load (other
 sessions share it) and a process's RSS from /proc."""
+
 from __future__ import annotations
 
 import json
@@ -131,9 +132,14 @@ def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False, env:
     (v)forked child's ru_maxrss at exec, so the children report their own ``VmHWM``."""
     t0 = time.perf_counter()
     busy0 = machine_busy_s()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env} if env else None)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env} if env else None,
+    )
     # threads drain the pipes; the child is reaped by wait4 below, not by Popen
     out_chunks, err_chunks = [], []
 
@@ -143,8 +149,10 @@ def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False, env:
             if tee:
                 log(line.rstrip("\n"))
 
-    threads = [threading.Thread(target=drain, args=(proc.stdout, out_chunks, False), daemon=True),
-               threading.Thread(target=drain, args=(proc.stderr, err_chunks, echo), daemon=True)]
+    threads = [
+        threading.Thread(target=drain, args=(proc.stdout, out_chunks, False), daemon=True),
+        threading.Thread(target=drain, args=(proc.stderr, err_chunks, echo), daemon=True),
+    ]
     for t in threads:
         t.start()
     if stdin is not None:
@@ -160,8 +168,9 @@ def run_child(cmd: list[str], stdin: str | None = None, echo: bool = False, env:
     return ChildResult(proc.returncode, wall, cpu, others, "".join(out_chunks), "".join(err_chunks))
 
 
-def run_cli(cli_args: list[str], record: Path, stdin: str | None = None,
-            env: dict | None = None) -> tuple[float, ChildResult]:
+def run_cli(
+    cli_args: list[str], record: Path, stdin: str | None = None, env: dict | None = None
+) -> tuple[float, ChildResult]:
     """``deltalm CLI_ARGS`` in a child that reports its own peak RSS (MB) into ``record``."""
     record.parent.mkdir(parents=True, exist_ok=True)
     record.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ every backend. Where a cell would take too long (the torch baseline at batch 32 
 steps are measured and the per-step median is extrapolated to N + 1 steps; such cells are marked.
 Everything is written under ``--out``; nothing is read by a path relative to the repository.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,21 +33,38 @@ from deltalm.atomic import check_output_directory
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="tiny", help="tiny | base | path to an artifact directory")
-    parser.add_argument("--out", default="bench_out", help="directory for the model, artifacts and reports (default bench_out)")
+    parser.add_argument(
+        "--out", default="bench_out", help="directory for the model, artifacts and reports (default bench_out)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer workloads and shorter generations")
-    parser.add_argument("--compare", choices=["ctranslate2", "shortlist"],
-                        help="ctranslate2: only ours against a FLOP-identical CTranslate2 model, interleaved in one run "
-                             "(needs the bench extra); shortlist: ours with and without a vocabulary shortlist")
-    parser.add_argument("--shortlist", metavar="FILE",
-                        help="with --compare shortlist: this shortlist (default: built from the toy corpus for tiny, "
-                             "random lists of the default sizes otherwise)")
-    parser.add_argument("--export-memory", action="store_true",
-                        help="only the export's memory: peak RSS and time of every stage of deltalm export on fairseq "
-                             "checkpoints of the --shapes written here (deltalm-large: 3.4 GB, ~10 GB of RAM free)")
-    parser.add_argument("--shapes", default="base,large",
-                        help="with --export-memory: checkpoint shapes, comma-separated (base, large; default base,large)")
-    parser.add_argument("--precisions", default="fp32,int8",
-                        help="with --export-memory: export precisions, comma-separated (default fp32,int8)")
+    parser.add_argument(
+        "--compare",
+        choices=["ctranslate2", "shortlist"],
+        help="ctranslate2: only ours against a FLOP-identical CTranslate2 model, interleaved in one run "
+        "(needs the bench extra); shortlist: ours with and without a vocabulary shortlist",
+    )
+    parser.add_argument(
+        "--shortlist",
+        metavar="FILE",
+        help="with --compare shortlist: this shortlist (default: built from the toy corpus for tiny, "
+        "random lists of the default sizes otherwise)",
+    )
+    parser.add_argument(
+        "--export-memory",
+        action="store_true",
+        help="only the export's memory: peak RSS and time of every stage of deltalm export on fairseq "
+        "checkpoints of the --shapes written here (deltalm-large: 3.4 GB, ~10 GB of RAM free)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default="base,large",
+        help="with --export-memory: checkpoint shapes, comma-separated (base, large; default base,large)",
+    )
+    parser.add_argument(
+        "--precisions",
+        default="fp32,int8",
+        help="with --export-memory: export precisions, comma-separated (default fp32,int8)",
+    )
 
 
 def _require(module: str, extra: str, what: str) -> None:
@@ -70,7 +88,11 @@ def _prepare(model: str, out: Path, precisions, progress) -> tuple[dict, dict, d
         exports = export_artifacts(files, art_root, precisions)
         progress.done()
         artifacts = {p: art_root / p for p in precisions if (art_root / p / "manifest.json").exists()}
-        return {"name": model, "checkpoint": str(files.checkpoint), "spm": str(files.spm), "dict": str(files.dict)}, artifacts, exports
+        return (
+            {"name": model, "checkpoint": str(files.checkpoint), "spm": str(files.spm), "dict": str(files.dict)},
+            artifacts,
+            exports,
+        )
     artifacts = given_artifact(Path(model))
     progress.done(2)
     path = next(iter(artifacts.values()))
@@ -137,10 +159,16 @@ def _full_run(args, out: Path, progress) -> int:
     results: dict = {
         "model": described | {"config": manifest.model.to_dict(), "size": size},
         "machine": machine_info(),
-        "settings": asdict(st) | {"threads": threads, "quick": bool(args.quick),
-                                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                                  "workloads": [[w.beam, w.batch, w.src_len] for w in wls]},
-        "exports": exports, "backends": {}, "phases_s": phases,
+        "settings": asdict(st)
+        | {
+            "threads": threads,
+            "quick": bool(args.quick),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "workloads": [[w.beam, w.batch, w.src_len] for w in wls],
+        },
+        "exports": exports,
+        "backends": {},
+        "phases_s": phases,
     }
 
     t = time.perf_counter()
@@ -167,10 +195,18 @@ def _full_run(args, out: Path, progress) -> int:
             continue
         progress.stage(kind)
         log(f"{kind}: {len(wls)} workloads")
-        spec = {"kind": kind, "artifact": str(artifact_for(kind, artifacts)), "n": st.n,
-                "workloads": [[w.beam, w.batch, w.src_len] for w in wls if (kind, w.key) not in st.skip],
-                "budget_s": st.budget_s, "max_reps": st.max_reps, "min_reps": st.min_reps, "seed": 0, "threads": threads,
-                "quiet_wait_s": st.quiet_wait_s}
+        spec = {
+            "kind": kind,
+            "artifact": str(artifact_for(kind, artifacts)),
+            "n": st.n,
+            "workloads": [[w.beam, w.batch, w.src_len] for w in wls if (kind, w.key) not in st.skip],
+            "budget_s": st.budget_s,
+            "max_reps": st.max_reps,
+            "min_reps": st.min_reps,
+            "seed": 0,
+            "threads": threads,
+            "quiet_wait_s": st.quiet_wait_s,
+        }
         res, child = run_task("worker", spec, work, kind)
         progress.done()
         if res is None:
@@ -202,9 +238,18 @@ def _full_run(args, out: Path, progress) -> int:
     prof_dir = out / "profile"
     prof_dir.mkdir(exist_ok=True)
     src = 30 if 30 in st.src_lens else st.src_lens[0]
-    prof, child = run_task("profile", {"artifact": str(ref_dir), "cases": [[5, 1, src], [5, 32, src]],
-                                       "n": st.profile_steps, "threads": threads, "out_dir": str(prof_dir.resolve())},
-                           work, "profile")
+    prof, child = run_task(
+        "profile",
+        {
+            "artifact": str(ref_dir),
+            "cases": [[5, 1, src], [5, 32, src]],
+            "n": st.profile_steps,
+            "threads": threads,
+            "out_dir": str(prof_dir.resolve()),
+        },
+        work,
+        "profile",
+    )
     results["profile"] = prof if prof is not None else {"error": child.stderr[-2000:]}
     if prof is not None:
         (out / "profile.md").write_text(format_profile(prof, precision))
@@ -253,10 +298,21 @@ def _control_run(args, out: Path, st, artifacts: dict, available: dict, threads:
     for kind in kinds:
         progress.stage(f"control {kind}")
         log(f"{kind}: decoding control (beam 5 x batch {st.control_batch}: plain, prefix, constraints; scoring)")
-        spec = {"kind": kind, "artifact": str(artifact_for(kind, artifacts)), "threads": threads, "beam": 5,
-                "batch": st.control_batch, "src_len": src, "n": st.n, "prefix_len": st.control_prefix_len,
-                "constraints": st.control_constraints, "constraint_len": st.control_constraint_len,
-                "reps": st.control_reps, "seed": 0, "quiet_wait_s": st.quiet_wait_s}
+        spec = {
+            "kind": kind,
+            "artifact": str(artifact_for(kind, artifacts)),
+            "threads": threads,
+            "beam": 5,
+            "batch": st.control_batch,
+            "src_len": src,
+            "n": st.n,
+            "prefix_len": st.control_prefix_len,
+            "constraints": st.control_constraints,
+            "constraint_len": st.control_constraint_len,
+            "reps": st.control_reps,
+            "seed": 0,
+            "quiet_wait_s": st.quiet_wait_s,
+        }
         res, child = run_task("control", spec, work, f"control-{kind}")
         control["backends"][kind] = res if res is not None else {"error": child.stderr[-2000:]}
         progress.done()
@@ -288,8 +344,10 @@ def _export_memory_run(args, out: Path) -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     bad = [s for s in shapes if s not in SHAPES] + [p for p in precisions if p not in PRECISIONS]
     if bad or not shapes or not precisions:
-        raise InputError(f"--shapes takes {', '.join(SHAPES)} and --precisions {', '.join(PRECISIONS)}; got "
-                         f"{', '.join(bad) or 'nothing'}")
+        raise InputError(
+            f"--shapes takes {', '.join(SHAPES)} and --precisions {', '.join(PRECISIONS)}; got "
+            f"{', '.join(bad) or 'nothing'}"
+        )
     t0 = time.perf_counter()
     results = run_export_memory(out, shapes, precisions)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -330,8 +388,9 @@ def _compare_run(args, out: Path, progress) -> int:
     described, artifacts, exports = _prepare(args.model, out, ("fp32", "int8"), progress)
     precisions = [p for p in ("fp32", "int8") if p in artifacts]
     if not precisions:
-        raise InputError(f"--compare ctranslate2 compares fp32 or int8 artifacts; {args.model} is "
-                         f"{', '.join(artifacts)}")
+        raise InputError(
+            f"--compare ctranslate2 compares fp32 or int8 artifacts; {args.model} is {', '.join(artifacts)}"
+        )
     manifest = read_manifest(artifacts[precisions[0]])
     cfg = manifest.model
     size = args.model if args.model in ("tiny", "base") else size_of(cfg.to_dict())
@@ -343,13 +402,20 @@ def _compare_run(args, out: Path, progress) -> int:
     for p in precisions:
         progress.stage(f"ctranslate2 model {p}")
         log(f"compare: building the CTranslate2 model ({p}) in {out / 'ctranslate2' / p}")
-        pairs[p] = {"ctranslate2": {"engine": "ctranslate2", "path": build_ct2_model(cfg, out / "ctranslate2" / p, p, seed=0)},
-                    "ours": {"engine": "ours", "path": artifacts[p]}}
+        pairs[p] = {
+            "ctranslate2": {"engine": "ctranslate2", "path": build_ct2_model(cfg, out / "ctranslate2" / p, p, seed=0)},
+            "ours": {"engine": "ours", "path": artifacts[p]},
+        }
         progress.done()
     cmp = compare_side_by_side(pairs, cells, st.n, st.compare_reps, threads, out / "work", st.quiet_wait_s, progress)
     cmp |= {"ctranslate2_version": ctranslate2.__version__, "seed": 0, "flops_per_token": ct2_step_flops_per_token(cfg)}
-    results = {"model": described | {"config": cfg.to_dict(), "size": size}, "machine": machine_info(),
-               "exports": exports, "ctranslate2": cmp, "wall_s": round(time.perf_counter() - t_start, 1)}
+    results = {
+        "model": described | {"config": cfg.to_dict(), "size": size},
+        "machine": machine_info(),
+        "exports": exports,
+        "ctranslate2": cmp,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
     return _write_report(out, "compare", results, format_compare_markdown(results), progress)
 
 
@@ -388,16 +454,31 @@ def _shortlist_run(args, out: Path, progress) -> int:
         shortlist.save(path)
     log(f"compare: shortlist {path} ({shortlist.info.get('built_from', '?')})")
     progress.done()
-    pairs = {precision: {"ours": {"engine": "ours", "path": artifact},
-                         "ours-shortlist": {"engine": "ours", "path": artifact, "shortlist": path}}}
+    pairs = {
+        precision: {
+            "ours": {"engine": "ours", "path": artifact},
+            "ours-shortlist": {"engine": "ours", "path": artifact, "shortlist": path},
+        }
+    }
     cmp = compare_side_by_side(pairs, cells, st.n, st.compare_reps, threads, out / "work", st.quiet_wait_s, progress)
     topk = read_manifest(artifact).export_options.topk
-    cmp["candidates"] = {w.key: int(shortlist.candidates(make_sources(cfg.vocab_size, cfg.eos, cfg.pad, w.batch, w.src_len,
-                                                                      cell_seed(w)), [cfg.eos, cfg.unk], topk + 3).size)
-                         for w in cells}
-    results = {"model": described | {"config": cfg.to_dict(), "size": size}, "machine": machine_info(),
-               "exports": exports, "shortlist": cmp | {"file": str(path), "info": shortlist.info, "agreement": agreement},
-               "wall_s": round(time.perf_counter() - t_start, 1)}
+    cmp["candidates"] = {
+        w.key: int(
+            shortlist.candidates(
+                make_sources(cfg.vocab_size, cfg.eos, cfg.pad, w.batch, w.src_len, cell_seed(w)),
+                [cfg.eos, cfg.unk],
+                topk + 3,
+            ).size
+        )
+        for w in cells
+    }
+    results = {
+        "model": described | {"config": cfg.to_dict(), "size": size},
+        "machine": machine_info(),
+        "exports": exports,
+        "shortlist": cmp | {"file": str(path), "info": shortlist.info, "agreement": agreement},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
     return _write_report(out, "shortlist", results, format_shortlist_markdown(results), progress)
 
 

@@ -20,6 +20,7 @@ repetition by repetition so that a change of the machine's load touches them ali
 
 Random sources and random ids: deterministic from the seed.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,17 @@ def occurs(seq, sub) -> bool:
     return n > 0 and any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
 
 
-def control_sentences(sources: np.ndarray, pad: int, vocab_size: int, options, variant: str, prefix_len: int,
-                      constraints: int, constraint_len: int, seed: int) -> list:
+def control_sentences(
+    sources: np.ndarray,
+    pad: int,
+    vocab_size: int,
+    options,
+    variant: str,
+    prefix_len: int,
+    constraints: int,
+    constraint_len: int,
+    seed: int,
+) -> list:
     """The ``deltalm.search.Sentence`` of every source row (left-padded [batch, width]) for
     ``variant`` (one of VARIANTS): random prefix / constraint ids in [4, vocab) drawn from
     ``seed`` (the same ids for both constraint orders)."""
@@ -91,14 +101,23 @@ def score_per_step(backend, sources, targets) -> list[list[float]]:
     prev = np.concatenate([np.full((rows, 1), cfg.eos, dtype=np.int64), target[:, :-1]], axis=1)
     batch = DecoderBatch(cfg, backend.float_dtype, 1)
     batch.admit(encoded.cross, encoded.padding, np.arange(rows))
-    rules = StepRules(np.full(rows, -1, dtype=np.int64), np.zeros(rows, dtype=bool), np.zeros(rows, dtype=bool),
-                      np.zeros(rows, dtype=np.float32))
+    rules = StepRules(
+        np.full(rows, -1, dtype=np.int64),
+        np.zeros(rows, dtype=bool),
+        np.zeros(rows, dtype=bool),
+        np.zeros(rows, dtype=np.float32),
+    )
     scores = np.empty((rows, width), dtype=np.float32)
     for t in range(width):
         positions = np.full(rows, t, dtype=np.int64)
         batch.fit_positions(t + 1)
-        feeds = batch.feeds(backend.step_spec, np.ascontiguousarray(prev[:, t : t + 1]), positions, rules,
-                            score_ids=np.ascontiguousarray(target[:, t : t + 1, None]))
+        feeds = batch.feeds(
+            backend.step_spec,
+            np.ascontiguousarray(prev[:, t : t + 1]),
+            positions,
+            rules,
+            score_ids=np.ascontiguousarray(target[:, t : t + 1, None]),
+        )
         out = backend.run_step(feeds)
         batch.write(out.new_kv, positions)
         scores[:, t] = out.token_scores[:, 0, 0]
@@ -115,15 +134,23 @@ def _variant_record(runs: list[float], hyps: list, sentences: list) -> dict:
     best = [h[0].tokens for h in hyps]
     tokens = sum(len(t) for t in best)  # </s> and any forced prefix included
     total = float(np.median(runs))
-    rec = {"reps": len(runs), "total_s": total, "runs_s": runs, "output_tokens": tokens,
-           "lengths": sorted({len(t) for t in best}), "tokens_per_s": tokens / total,
-           "sentences_per_s": len(best) / total}
+    rec = {
+        "reps": len(runs),
+        "total_s": total,
+        "runs_s": runs,
+        "output_tokens": tokens,
+        "lengths": sorted({len(t) for t in best}),
+        "tokens_per_s": tokens / total,
+        "sentences_per_s": len(best) / total,
+    }
     wanted = [c for s in sentences for c in s.constraints]
     if wanted:
         met = [occurs(t, c) for s, t in zip(sentences, best) for c in s.constraints]
         rec |= {"constraints": len(wanted), "constraints_met": float(np.mean(met))}
     if sentences[0].prefix:
-        rec["prefix_kept"] = float(np.mean([list(t[: len(s.prefix)]) == list(s.prefix) for s, t in zip(sentences, best)]))
+        rec["prefix_kept"] = float(
+            np.mean([list(t[: len(s.prefix)]) == list(s.prefix) for s, t in zip(sentences, best)])
+        )
     return rec
 
 
@@ -138,13 +165,37 @@ def measure_control(backend, spec: dict) -> dict:
     beam, batch, n, reps = spec["beam"], spec["batch"], spec["n"], spec["reps"]
     src = make_sources(cfg.vocab_size, cfg.eos, cfg.pad, batch, spec["src_len"], seed=spec["seed"] + 7)
     opts = forced_length_options(beam, n)
-    sentences = {v: control_sentences(src, cfg.pad, cfg.vocab_size, opts, v, spec["prefix_len"], spec["constraints"],
-                                      spec["constraint_len"], spec["seed"] + 11) for v in VARIANTS}
+    sentences = {
+        v: control_sentences(
+            src,
+            cfg.pad,
+            cfg.vocab_size,
+            opts,
+            v,
+            spec["prefix_len"],
+            spec["constraints"],
+            spec["constraint_len"],
+            spec["seed"] + 11,
+        )
+        for v in VARIANTS
+    }
     # warm-up: every variant once, shortened (shapes, allocations, thread pools)
     short = forced_length_options(beam, min(n, 4))
     for v in VARIANTS:
-        decode_sentences(backend, control_sentences(src, cfg.pad, cfg.vocab_size, short, v, min(spec["prefix_len"], 2),
-                                                    spec["constraints"], 1, spec["seed"] + 11))
+        decode_sentences(
+            backend,
+            control_sentences(
+                src,
+                cfg.pad,
+                cfg.vocab_size,
+                short,
+                v,
+                min(spec["prefix_len"], 2),
+                spec["constraints"],
+                1,
+                spec["seed"] + 11,
+            ),
+        )
     runs: dict = {v: [] for v in VARIANTS}
     hyps: dict = {}
     for _ in range(reps):
@@ -175,14 +226,29 @@ def measure_control(backend, spec: dict) -> dict:
         t = float(np.median(r))
         return {"total_s": t, "runs_s": r, "pairs_per_s": len(targets) / t, "target_tokens_per_s": tokens / t}
 
-    scoring = {"pairs": len(targets), "target_tokens": tokens, "target_len": max(len(t) for t in targets),
-               "one_run": rec(one_run), "per_step": rec(per_step), "max_abs_score_diff": float(diff),
-               "agree": float(np.mean(agree)), "translation_tokens_per_s": plain}
+    scoring = {
+        "pairs": len(targets),
+        "target_tokens": tokens,
+        "target_len": max(len(t) for t in targets),
+        "one_run": rec(one_run),
+        "per_step": rec(per_step),
+        "max_abs_score_diff": float(diff),
+        "agree": float(np.mean(agree)),
+        "translation_tokens_per_s": plain,
+    }
     scoring["speedup_over_per_step"] = scoring["per_step"]["total_s"] / scoring["one_run"]["total_s"]
     scoring["ratio_to_translation"] = scoring["one_run"]["target_tokens_per_s"] / plain
-    return {"beam": beam, "batch": batch, "src_len": spec["src_len"], "n_target": n, "prefix_len": spec["prefix_len"],
-            "constraints_per_sentence": spec["constraints"], "constraint_len": spec["constraint_len"],
-            "variants": variants, "scoring": scoring}
+    return {
+        "beam": beam,
+        "batch": batch,
+        "src_len": spec["src_len"],
+        "n_target": n,
+        "prefix_len": spec["prefix_len"],
+        "constraints_per_sentence": spec["constraints"],
+        "constraint_len": spec["constraint_len"],
+        "variants": variants,
+        "scoring": scoring,
+    }
 
 
 def control_worker(spec: dict) -> dict:
@@ -203,12 +269,20 @@ def control_worker(spec: dict) -> dict:
     others = max(0.0, machine_busy_s() - busy0 - (time.process_time() - cpu0)) / (wall * (os.cpu_count() or 1))
     backend.close()
     v = res["variants"]
-    log(f"  {spec['kind']:<9} control: plain {v['plain']['tokens_per_s']:.1f} tok/s, prefix x"
+    log(
+        f"  {spec['kind']:<9} control: plain {v['plain']['tokens_per_s']:.1f} tok/s, prefix x"
         f"{v['prefix']['ratio_to_plain']:.2f}, ordered x{v['ordered']['ratio_to_plain']:.2f}, unordered x"
         f"{v['unordered']['ratio_to_plain']:.2f}; scoring {res['scoring']['one_run']['target_tokens_per_s']:.0f} tok/s "
-        f"= {res['scoring']['speedup_over_per_step']:.1f}x per-step teacher forcing")
-    return res | {"kind": spec["kind"], "rss_after_load_mb": figures["rss_after_load_mb"], "peak_rss_mb": meter.stop(),
-                  "wall_s": round(wall, 1), "others_cpu_share": round(others, 3), "quiet_gate": quiet}
+        f"= {res['scoring']['speedup_over_per_step']:.1f}x per-step teacher forcing"
+    )
+    return res | {
+        "kind": spec["kind"],
+        "rss_after_load_mb": figures["rss_after_load_mb"],
+        "peak_rss_mb": meter.stop(),
+        "wall_s": round(wall, 1),
+        "others_cpu_share": round(others, 3),
+        "quiet_gate": quiet,
+    }
 
 
 # --- the demo model: how many constraints reach the output ----------------------------------------
@@ -242,15 +316,14 @@ def constraint_share(artifact, threads: int, sentences: int = 24, beam: int = 5)
     from deltalm.translator import Translator
 
     corpus = toy_corpus()
-    lines = corpus[3::len(corpus) // sentences][:sentences]
+    lines = corpus[3 :: len(corpus) // sentences][:sentences]
     out = {"sentences": len(lines), "beam": beam}
     with Translator(artifact, threads=threads) as tr:
         opts = tr.options(beam=beam, nbest=beam)
         ids_of = tr._target_ids
         plain = tr.translate_batch(lines, options=opts)
         best = [t.hypotheses[0].tokens for t in plain]
-        picks = {"reference": [(k, line.split()[k % len(line.split())]) for k, line in enumerate(lines)],
-                 "nbest": []}
+        picks = {"reference": [(k, line.split()[k % len(line.split())]) for k, line in enumerate(lines)], "nbest": []}
         for k, t in enumerate(plain):
             word = pick_constraint(best[k], [w for h in t.hypotheses[1:] for w in h.text.split()], ids_of)
             if word is not None:
@@ -261,20 +334,37 @@ def constraint_share(artifact, threads: int, sentences: int = 24, beam: int = 5)
                 continue
             keep, words = [k for k, _ in chosen], [w for _, w in chosen]
             ids = [ids_of(w) for w in words]
-            rec = {"constraints": len(chosen),
-                   "without": float(np.mean([occurs(best[k], c) for k, c in zip(keep, ids)]))}
+            rec = {
+                "constraints": len(chosen),
+                "without": float(np.mean([occurs(best[k], c) for k, c in zip(keep, ids)])),
+            }
             for order in ("ordered", "unordered"):
-                got = tr.translate_batch([lines[k] for k in keep], options=tr.options(beam=beam, constraint_order=order),
-                                         constraints=[[w] for w in words])
+                got = tr.translate_batch(
+                    [lines[k] for k in keep],
+                    options=tr.options(beam=beam, constraint_order=order),
+                    constraints=[[w] for w in words],
+                )
                 hyps = [g.hypotheses[0] for g in got]
                 met = [occurs(h.tokens, c) for h, c in zip(hyps, ids)]
-                limits = [max_length(opts, len(s.src), tr.config.max_positions)
-                          for s in tr.prepare([lines[k] for k in keep], opts)]
+                limits = [
+                    max_length(opts, len(s.src), tr.config.max_positions)
+                    for s in tr.prepare([lines[k] for k in keep], opts)
+                ]
                 done = [len(h.tokens) - 1 < m for h, m in zip(hyps, limits)]
-                rec[order] = {"share": float(np.mean(met)), "completed": int(sum(done)),
-                              "share_completed": float(np.mean([m for m, d in zip(met, done) if d])) if any(done) else None,
-                              "changed": float(np.mean([h.tokens != best[k] for h, k in zip(hyps, keep)]))}
-            rec["examples"] = [{"source": lines[k], "best": plain[k].hypotheses[0].text, "constraint": w,
-                                "constrained": g.hypotheses[0].text} for k, w, g in list(zip(keep, words, got))[:2]]
+                rec[order] = {
+                    "share": float(np.mean(met)),
+                    "completed": int(sum(done)),
+                    "share_completed": float(np.mean([m for m, d in zip(met, done) if d])) if any(done) else None,
+                    "changed": float(np.mean([h.tokens != best[k] for h, k in zip(hyps, keep)])),
+                }
+            rec["examples"] = [
+                {
+                    "source": lines[k],
+                    "best": plain[k].hypotheses[0].text,
+                    "constraint": w,
+                    "constrained": g.hypotheses[0].text,
+                }
+                for k, w, g in list(zip(keep, words, got))[:2]
+            ]
             out[kind] = rec
     return out

@@ -7,6 +7,7 @@ a standard decoder layer has one, so the FLOP-identical standard layer's FFN is 
 (2 x ffn_dim): the same multiply-adds per token, in one pair of matrices instead of two. The
 encoder is the same layer in both. Embedding, output projection and the two tables are tied as
 in DeltaLM (CTranslate2 stores a tied table once)."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,12 @@ def build_ct2_spec(cfg, seed: int = 0, std: float = 0.02):
         norm(spec.layer_norm)
 
     spec = transformer_spec.TransformerSpec.from_config(
-        (cfg.encoder_layers, cfg.decoder_layers), cfg.heads, pre_norm=False,
-        activation=common_spec.Activation.GELU, layernorm_embedding=cfg.layernorm_embedding)
+        (cfg.encoder_layers, cfg.decoder_layers),
+        cfg.heads,
+        pre_norm=False,
+        activation=common_spec.Activation.GELU,
+        layernorm_embedding=cfg.layernorm_embedding,
+    )
     table = normal(v, d)
     positions = normal(cfg.max_positions, d)
     for side in (spec.encoder, spec.decoder):

@@ -1,5 +1,6 @@
 """This machine's floors: its fp32 GEMM peak and its read bandwidth (the best of numpy and ONNX
 Runtime), and a description of the machine (CPU, cores, memory, library versions)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -23,7 +24,7 @@ def gemm_peak_gflops(n: int = 3072, reps: int = 3) -> float:
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best / 1e9
+    return 2.0 * n**3 / best / 1e9
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = None) -> float:
@@ -70,30 +71,41 @@ def ort_gemm_gflops(n: int = 3072, reps: int = 3, threads: int | None = None) ->
     """The same product through ONNX Runtime's MatMul (MLAS), which beats numpy's BLAS on some CPUs."""
     from onnx import TensorProto, helper
 
-    sess = _ort_session([helper.make_node("MatMul", ["a", "b"], ["c"])],
-                        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
-                        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], threads)
+    sess = _ort_session(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        threads,
+    )
     rng = np.random.default_rng(0)
     feeds = {x: rng.standard_normal((n, n), dtype=np.float32) for x in "ab"}
-    return 2.0 * n ** 3 / _best_time(lambda: sess.run(None, feeds), reps) / 1e9
+    return 2.0 * n**3 / _best_time(lambda: sess.run(None, feeds), reps) / 1e9
 
 
 def ort_read_gbs(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = None) -> float:
     """Bytes / time of ONNX Runtime's ReduceSum over a float32 [rows, 4096] array of ``nbytes``."""
     from onnx import TensorProto, helper
 
-    sess = _ort_session([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
-                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4096])],
-                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], threads)
+    sess = _ort_session(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        threads,
+    )
     x = np.ones((nbytes // 4 // 4096, 4096), dtype=np.float32)
     return x.nbytes / _best_time(lambda: sess.run(None, {"x": x}), reps) / 1e9
 
 
 def measure_floors(gemm_n: int = 3072, read_bytes: int = 1 << 30) -> dict:
     """This machine's fp32 GEMM peak and read bandwidth: the best of numpy and ONNX Runtime."""
-    f = {"gemm_n": gemm_n, "read_bytes": read_bytes,
-         "gemm_numpy_gflops": gemm_peak_gflops(gemm_n), "gemm_ort_gflops": ort_gemm_gflops(gemm_n),
-         "read_numpy_gbs": read_bandwidth_gbs(read_bytes), "read_ort_gbs": ort_read_gbs(read_bytes)}
+    f = {
+        "gemm_n": gemm_n,
+        "read_bytes": read_bytes,
+        "gemm_numpy_gflops": gemm_peak_gflops(gemm_n),
+        "gemm_ort_gflops": ort_gemm_gflops(gemm_n),
+        "read_numpy_gbs": read_bandwidth_gbs(read_bytes),
+        "read_ort_gbs": ort_read_gbs(read_bytes),
+    }
     f["gemm_gflops"] = max(f["gemm_numpy_gflops"], f["gemm_ort_gflops"])
     f["read_gbs"] = max(f["read_numpy_gbs"], f["read_ort_gbs"])
     return f
@@ -123,5 +135,11 @@ def machine_info() -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "platform": platform.platform(),
-            "ort_providers": onnxruntime.get_available_providers(), "versions": versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "platform": platform.platform(),
+        "ort_providers": onnxruntime.get_available_providers(),
+        "versions": versions,
+    }

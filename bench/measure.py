@@ -2,6 +2,7 @@
 as forced-length generations (encoder and per-step times, tokens/s, peak RSS while translating);
 and two checks run from the parent: the memory of ``deltalm translate``, and the agreement of
 reduced precisions with fp32 through the one comparator (deltalm.compare)."""
+
 from __future__ import annotations
 
 import importlib
@@ -67,8 +68,16 @@ def generate_timed(timed: TimedBackend, src: np.ndarray, beam: int, n: int) -> d
     return {"total_s": total, "encode_s": timed.encode_s[0], "step_s": list(timed.step_s)}
 
 
-def measure_cell(timed: TimedBackend, wl: Workload, src: np.ndarray, n_target: int, budget_s: float,
-                 max_reps: int, min_reps: int = 3, meter: PeakMeter | None = None) -> dict:
+def measure_cell(
+    timed: TimedBackend,
+    wl: Workload,
+    src: np.ndarray,
+    n_target: int,
+    budget_s: float,
+    max_reps: int,
+    min_reps: int = 3,
+    meter: PeakMeter | None = None,
+) -> dict:
     """Warm-up, then repeated forced-length generations of one workload. Figures are medians
     over the repetitions; step latencies pool the steps of every repetition. With ``meter``, the
     cell's own peak RSS (warm-up included) and the RSS before and after it."""
@@ -93,14 +102,29 @@ def measure_cell(timed: TimedBackend, wl: Workload, src: np.ndarray, n_target: i
     first = float(np.median([r["encode_s"] + r["step_s"][0] for r in runs]))
     tokens = wl.batch * (n_target + 1)  # every sentence's output: n tokens and </s>
     return {
-        "workload": wl.key, "name": wl.name, "beam": wl.beam, "batch": wl.batch, "src_len": wl.src_len,
-        "src_width": int(src.shape[1]), "n_target": n_target, "steps_measured": steps + 1, "reps": reps,
-        "extrapolated": extrapolated, "total_s": total, "tokens_per_s": tokens / total,
-        "sentences_per_s": wl.batch / total, "encoder": enc, "step": steps_stats,
+        "workload": wl.key,
+        "name": wl.name,
+        "beam": wl.beam,
+        "batch": wl.batch,
+        "src_len": wl.src_len,
+        "src_width": int(src.shape[1]),
+        "n_target": n_target,
+        "steps_measured": steps + 1,
+        "reps": reps,
+        "extrapolated": extrapolated,
+        "total_s": total,
+        "tokens_per_s": tokens / total,
+        "sentences_per_s": wl.batch / total,
+        "encoder": enc,
+        "step": steps_stats,
         "first_step_ms": float(np.median([r["step_s"][0] for r in runs]) * 1e3),
-        "time_to_first_token_ms": first * 1e3, "loop_overhead_ms_per_step":
-            float(np.median([(r["total_s"] - r["encode_s"] - sum(r["step_s"])) / (steps + 1) for r in runs]) * 1e3),
-        "rss_before_cell_mb": round(rss_before), "peak_rss_cell_mb": round(peak), "rss_after_cell_mb": round(current_rss_mb()),
+        "time_to_first_token_ms": first * 1e3,
+        "loop_overhead_ms_per_step": float(
+            np.median([(r["total_s"] - r["encode_s"] - sum(r["step_s"])) / (steps + 1) for r in runs]) * 1e3
+        ),
+        "rss_before_cell_mb": round(rss_before),
+        "peak_rss_cell_mb": round(peak),
+        "rss_after_cell_mb": round(current_rss_mb()),
         "others_cpu_share": round(others, 3),  # CPU other processes took meanwhile (/ wall x cores)
     }
 
@@ -139,9 +163,14 @@ def load_figures(kind: str, artifact: str, threads: int, shortlist: bool = False
     t0 = time.perf_counter()
     backend = load_bench_backend(kind, artifact, threads, shortlist)
     load_s = time.perf_counter() - t0
-    figures = {"load_s": load_s, "rss_before_load_mb": rss0, "rss_after_load_mb": current_rss_mb(),
-               "peak_rss_load_mb": peak_rss_mb(), "model_files_mb": loaded_files_bytes(Path(artifact), kind) / 2**20,
-               "peak_reset": reset_peak_rss()}
+    figures = {
+        "load_s": load_s,
+        "rss_before_load_mb": rss0,
+        "rss_after_load_mb": current_rss_mb(),
+        "peak_rss_load_mb": peak_rss_mb(),
+        "model_files_mb": loaded_files_bytes(Path(artifact), kind) / 2**20,
+        "peak_reset": reset_peak_rss(),
+    }
     return backend, figures
 
 
@@ -166,7 +195,11 @@ def worker(spec: dict) -> dict:
     for beam, batch, src_len in spec["workloads"]:
         wl = Workload(beam, batch, src_len)
         src = make_sources(cfg.vocab_size, cfg.eos, cfg.pad, batch, src_len, seed=spec["seed"] + 1000 * batch + src_len)
-        budget = spec["budget_s"].get(wl.key, spec["budget_s"]["default"]) if isinstance(spec["budget_s"], dict) else spec["budget_s"]
+        budget = (
+            spec["budget_s"].get(wl.key, spec["budget_s"]["default"])
+            if isinstance(spec["budget_s"], dict)
+            else spec["budget_s"]
+        )
         quiet_wait = spec.get("quiet_wait_s", 0.0)
         cell = None
         for attempt in range(2 if quiet_wait else 1):  # one retry when other processes got busy meanwhile
@@ -179,9 +212,11 @@ def worker(spec: dict) -> dict:
             if cell["others_cpu_share"] <= CONTENDED:
                 break
         cells.append(cell)
-        log(f"  {spec['kind']:<9} {wl.name:<30} {cell['tokens_per_s']:9.1f} tok/s  step p50 "
+        log(
+            f"  {spec['kind']:<9} {wl.name:<30} {cell['tokens_per_s']:9.1f} tok/s  step p50 "
             f"{cell['step']['p50_ms']:8.2f} ms  peak RSS {cell['peak_rss_cell_mb']} MB"
-            f"{'  (extrapolated)' if cell['extrapolated'] else ''}  [{cell['cell_wall_s']}s]")
+            f"{'  (extrapolated)' if cell['extrapolated'] else ''}  [{cell['cell_wall_s']}s]"
+        )
     return {"kind": spec["kind"], **figures, **translating_peak(figures, meter), "cells": cells}
 
 
@@ -195,8 +230,23 @@ def memory_check(artifact_dir: Path, lines: int, n: int, threads: int, work: Pat
     from deltalm.export.toy_data import toy_corpus
 
     text = "\n".join(toy_corpus()[:lines]) + "\n"
-    cmd = ["translate", str(artifact_dir), "--backend", "ort", "--beam", "5", "--batch-size", "32",
-           "--max-len-b", str(n), "--min-len", str(n), "--no-progress", "--threads", str(threads)]
+    cmd = [
+        "translate",
+        str(artifact_dir),
+        "--backend",
+        "ort",
+        "--beam",
+        "5",
+        "--batch-size",
+        "32",
+        "--max-len-b",
+        str(n),
+        "--min-len",
+        str(n),
+        "--no-progress",
+        "--threads",
+        str(threads),
+    ]
     peak, res = run_cli(cmd, work / "memory-check.json", stdin=text)
     if res.returncode != 0:
         return {"error": res.stderr[-2000:]}
@@ -208,17 +258,31 @@ def memory_check(artifact_dir: Path, lines: int, n: int, threads: int, work: Pat
     # copy of the embedding table (the encoder and the step graph each carry one)
     table = cfg["vocab_size"] * cfg["embed_dim"] * 4
     unique = max(weights - table, 1)
-    out = {"lines": lines, "beam": 5, "batch_size": 32, "tokens": n, "precision": precision, "wall_s": round(res.wall_s, 1),
-           "peak_rss_mb": peak, "graph_files_mb": weights / 2**20, "unique_weights_mb": unique / 2**20,
-           "ratio_to_graph_files": peak * 2**20 / weights, "ratio_to_unique_weights": peak * 2**20 / unique}
+    out = {
+        "lines": lines,
+        "beam": 5,
+        "batch_size": 32,
+        "tokens": n,
+        "precision": precision,
+        "wall_s": round(res.wall_s, 1),
+        "peak_rss_mb": peak,
+        "graph_files_mb": weights / 2**20,
+        "unique_weights_mb": unique / 2**20,
+        "ratio_to_graph_files": peak * 2**20 / weights,
+        "ratio_to_unique_weights": peak * 2**20 / unique,
+    }
     head = f"`deltalm translate` of {lines} sentences (ort {precision}, beam 5, batch 32, {n} tokens forced): peak RSS "
     if weights < 64 * 2**20:  # the interpreter and libraries dominate: a ratio to the weights says nothing
-        out["summary"] = (f"{head}{out['peak_rss_mb']:.0f} MB, mostly Python and its libraries (the graphs it loads "
-                          f"are {out['graph_files_mb']:.1f} MB).")
+        out["summary"] = (
+            f"{head}{out['peak_rss_mb']:.0f} MB, mostly Python and its libraries (the graphs it loads "
+            f"are {out['graph_files_mb']:.1f} MB)."
+        )
         return out
-    out["summary"] = (f"{head}{out['peak_rss_mb']:.0f} MB = {out['ratio_to_graph_files']:.2f}x the {out['graph_files_mb']:.0f} MB of "
-                      f"graphs it loads (encoder + decoder_step), {out['ratio_to_unique_weights']:.2f}x the "
-                      f"{out['unique_weights_mb']:.0f} MB of distinct weights (the embedding table counted once).")
+    out["summary"] = (
+        f"{head}{out['peak_rss_mb']:.0f} MB = {out['ratio_to_graph_files']:.2f}x the {out['graph_files_mb']:.0f} MB of "
+        f"graphs it loads (encoder + decoder_step), {out['ratio_to_unique_weights']:.2f}x the "
+        f"{out['unique_weights_mb']:.0f} MB of distinct weights (the embedding table counted once)."
+    )
     return out
 
 
@@ -235,7 +299,7 @@ def measure_agreement(artifacts: dict, spm: Path, dict_path: Path, threads: int)
     tok = Tokenizer(str(spm), str(dict_path))
     sentences = [tok.encode(s) for s in toy_corpus()[::7][:48]]
     src = tok.collate(sentences)
-    batches = [tok.collate(sentences[i:i + 16]) for i in range(0, len(sentences), 16)]
+    batches = [tok.collate(sentences[i : i + 16]) for i in range(0, len(sentences), 16)]
     ref = OrtBackend.from_artifact(artifacts["fp32"], threads=threads)
     out = {}
     for p in ("int8", "fp16"):
@@ -265,6 +329,8 @@ def shortlist_agreement(artifact: Path, threads: int):
                 want, got = full.translate_batch(test, beam=beam), short.translate_batch(test, beam=beam)
                 same = [a.hypotheses[0].tokens == b.hypotheses[0].tokens for a, b in zip(want, got, strict=True)]
                 diffs = [abs(a.hypotheses[0].score - b.hypotheses[0].score) for a, b, s in zip(want, got, same) if s]
-                agreement[f"beam{beam}"] = {"identical": float(np.mean(same)),
-                                            "max_score_diff_identical": float(max(diffs, default=0.0))}
+                agreement[f"beam{beam}"] = {
+                    "identical": float(np.mean(same)),
+                    "max_score_diff_identical": float(max(diffs, default=0.0)),
+                }
     return shortlist, agreement

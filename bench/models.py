@@ -1,6 +1,7 @@
 """The models a run measures: the demo checkpoint (tiny), a random deltalm-base-sized checkpoint
 (base), or an artifact directory given by path; their exported artifacts per precision; and the
 bytes of the files each backend loads."""
+
 from __future__ import annotations
 
 import hashlib
@@ -120,16 +121,35 @@ def export_artifacts(files: ModelFiles, art_root: Path, precisions=PRECISIONS) -
             records[precision]["reused"] = True
             continue
         log(f"exporting {files.name} {precision} -> {out}")
-        peak, res = run_cli(["export", str(files.checkpoint), "--spm", str(files.spm), "--dict", str(files.dict),
-                             "--out", str(out), "--precision", precision, "--force"],
-                            art_root / f".export-{precision}.json")
+        peak, res = run_cli(
+            [
+                "export",
+                str(files.checkpoint),
+                "--spm",
+                str(files.spm),
+                "--dict",
+                str(files.dict),
+                "--out",
+                str(out),
+                "--precision",
+                precision,
+                "--force",
+            ],
+            art_root / f".export-{precision}.json",
+        )
         if res.returncode != 0:
             raise RuntimeError(f"export {precision} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
         parity = json.loads((out / "parity.json").read_text())
-        records[precision] = {"wall_s": round(res.wall_s, 1), "peak_rss_mb": round(peak),
-                              "timings_s": parity.get("timings_s"), "reused": False, "export_code": code,
-                              "end_to_end": parity.get("end_to_end"), "parity_passed": parity.get("passed"),
-                              "parity_failures": parity.get("failures", [])}
+        records[precision] = {
+            "wall_s": round(res.wall_s, 1),
+            "peak_rss_mb": round(peak),
+            "timings_s": parity.get("timings_s"),
+            "reused": False,
+            "export_code": code,
+            "end_to_end": parity.get("end_to_end"),
+            "parity_passed": parity.get("passed"),
+            "parity_failures": parity.get("failures", []),
+        }
         art_root.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(records, indent=2) + "\n")
     return records
@@ -146,7 +166,9 @@ def given_artifact(path: Path) -> dict[str, Path]:
     if not path.is_dir():
         raise InputError(f"--model {path}: a file, not an artifact directory (export it first: deltalm export)")
     if not (path / "manifest.json").exists():
-        raise InputError(f"--model {path}: no manifest.json, not an artifact directory (export one with deltalm export)")
+        raise InputError(
+            f"--model {path}: no manifest.json, not an artifact directory (export one with deltalm export)"
+        )
     manifest = read_manifest(path)
     return {manifest.precision: path.resolve()}
 
@@ -162,11 +184,14 @@ def loaded_files_bytes(artifact_dir: Path, kind: str) -> int:
     if kind == "torch":
         ckpt = Path(manifest.source.checkpoint or "")
         files = [ckpt] if not ckpt.is_dir() else [p for p in ckpt.rglob("*") if p.is_file()]
-        return sum(f.stat().st_size for f in files if f.exists()) + sum((artifact_dir / n).stat().st_size for n in names)
+        return sum(f.stat().st_size for f in files if f.exists()) + sum(
+            (artifact_dir / n).stat().st_size for n in names
+        )
     if kind == "trt":
         engines = Path(artifact_dir) / "engines"
         return sum(p.stat().st_size for p in engines.rglob("*") if p.is_file()) + sum(
-            (artifact_dir / n).stat().st_size for n in names)
+            (artifact_dir / n).stat().st_size for n in names
+        )
     return graph_bytes(artifact_dir) + sum((Path(artifact_dir) / n).stat().st_size for n in names)
 
 
@@ -175,5 +200,7 @@ def graph_bytes(artifact_dir: Path) -> int:
     from deltalm.artifact import read_manifest
 
     graphs = read_manifest(artifact_dir).graphs
-    return sum((Path(artifact_dir) / f).stat().st_size for f in {f for g in ("encoder", "decoder_step")
-                                                                  for f in graphs[g].files})
+    return sum(
+        (Path(artifact_dir) / f).stat().st_size
+        for f in {f for g in ("encoder", "decoder_step") for f in graphs[g].files}
+    )

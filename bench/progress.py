@@ -1,5 +1,6 @@
 """What the benchmark says while it runs: log lines on stderr, and a progress bar over its stages
 only when stderr is a terminal (tqdm), so that logs and pipes get plain lines."""
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,16 @@ class Progress:
             except (OSError, ValueError, AttributeError):
                 size = os.terminal_size((0, 0))
             # a terminal that reports no size (0 x 0) gets 80 x 24: tqdm would draw nothing there
-            self.bar = tqdm(total=total, desc=desc, file=stream, unit="stage", ncols=size.columns or 80,
-                            nrows=size.lines or 24, leave=True,
-                            bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}<{remaining}{postfix}")
+            self.bar = tqdm(
+                total=total,
+                desc=desc,
+                file=stream,
+                unit="stage",
+                ncols=size.columns or 80,
+                nrows=size.lines or 24,
+                leave=True,
+                bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}<{remaining}{postfix}",
+            )
             _active = self
 
     @property

@@ -1,6 +1,7 @@
 """The plan of a run, as data: per model size the forced length, source lengths, time budgets
 and repetitions; the backends there are and which of them this machine and these artifacts
 allow."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,8 +41,21 @@ def settings_for(model: str, quick: bool) -> BenchSettings:
     cells get the largest budgets, the torch baseline there is measured over fewer steps."""
     if model == "tiny":
         if quick:
-            return BenchSettings(8, (10, 30), {"default": 0.3}, 3, 2, 6, 8, 8, gemm_n=2048, read_bytes=1 << 29,
-                                 compare_reps=2, control_batch=4, control_reps=1)
+            return BenchSettings(
+                8,
+                (10, 30),
+                {"default": 0.3},
+                3,
+                2,
+                6,
+                8,
+                8,
+                gemm_n=2048,
+                read_bytes=1 << 29,
+                compare_reps=2,
+                control_batch=4,
+                control_reps=1,
+            )
         return BenchSettings(50, (10, 30, 100), {"default": 0.5}, 5, 3, 20, 32, 20, gemm_n=2048, read_bytes=1 << 29)
     if quick:
         return BenchSettings(10, (30,), {"default": 10.0}, 2, 2, 4, 8, 8, quiet_wait_s=30.0, control_reps=2)

@@ -11,6 +11,7 @@ stdout when loaded (its load figures), then one JSON line per command read from 
 ``{"op": "cell_start"}`` -> ``{"rss_mb"}`` (the peak RSS of a cell is measured from here);
 ``{"op": "cell_stop"}`` -> ``{"peak_rss_mb", "rss_mb"}`` (the cell's peak, the RSS after it);
 ``{"op": "finish"}`` -> its peak RSS figures, and the process exits."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ class OursEngine:
             from deltalm.shortlist import Shortlist
 
             self.shortlist = Shortlist.load(spec["shortlist"])
-        self.backend, self.figures = load_figures(f"ort-{spec['precision']}", spec["path"], spec["threads"],
-                                                  shortlist=self.shortlist is not None)
+        self.backend, self.figures = load_figures(
+            f"ort-{spec['precision']}", spec["path"], spec["threads"], shortlist=self.shortlist is not None
+        )
         self.cfg = self.backend.cfg
 
     def run(self, beam: int, batch: int, src_len: int, n: int, seed: int) -> float:
@@ -72,24 +74,44 @@ class Ct2Engine:
 
         cfg_path = Path(spec["path"]) / "bench_record.json"
         record = json.loads(cfg_path.read_text())
-        self.vocab_size, self.pad, self.eos = record["config"]["vocab_size"], record["config"]["pad"], record["config"]["eos"]
+        self.vocab_size, self.pad, self.eos = (
+            record["config"]["vocab_size"],
+            record["config"]["pad"],
+            record["config"]["eos"],
+        )
         self.vocab = ct2_vocabulary(self.vocab_size)
         rss0 = current_rss_mb()
         t0 = time.perf_counter()
-        self.translator = ctranslate2.Translator(spec["path"], device="cpu", compute_type=COMPUTE_TYPES[spec["precision"]],
-                                                 inter_threads=1, intra_threads=spec["threads"])
+        self.translator = ctranslate2.Translator(
+            spec["path"],
+            device="cpu",
+            compute_type=COMPUTE_TYPES[spec["precision"]],
+            inter_threads=1,
+            intra_threads=spec["threads"],
+        )
         load_s = time.perf_counter() - t0
         files = [p for p in Path(spec["path"]).iterdir() if p.is_file() and p.name != "bench_record.json"]
-        self.figures = {"load_s": load_s, "rss_before_load_mb": rss0, "rss_after_load_mb": current_rss_mb(),
-                        "peak_rss_load_mb": peak_rss_mb(), "model_files_mb": sum(p.stat().st_size for p in files) / 2**20,
-                        "peak_reset": reset_peak_rss()}
+        self.figures = {
+            "load_s": load_s,
+            "rss_before_load_mb": rss0,
+            "rss_after_load_mb": current_rss_mb(),
+            "peak_rss_load_mb": peak_rss_mb(),
+            "model_files_mb": sum(p.stat().st_size for p in files) / 2**20,
+            "peak_reset": reset_peak_rss(),
+        }
 
     def run(self, beam: int, batch: int, src_len: int, n: int, seed: int) -> float:
         src = make_sources(self.vocab_size, self.eos, self.pad, batch, src_len, seed)
         tokens = [[self.vocab[i] for i in row if i != self.pad] for row in src]
         t0 = time.perf_counter()
-        out = self.translator.translate_batch(tokens, beam_size=beam, num_hypotheses=1, max_decoding_length=n + 1,
-                                              min_decoding_length=n + 1, return_scores=False)
+        out = self.translator.translate_batch(
+            tokens,
+            beam_size=beam,
+            num_hypotheses=1,
+            max_decoding_length=n + 1,
+            min_decoding_length=n + 1,
+            return_scores=False,
+        )
         total = time.perf_counter() - t0
         if {len(r.hypotheses[0]) for r in out} != {n + 1}:
             raise RuntimeError(f"ctranslate2: forced length {n + 1} not respected")
@@ -134,15 +156,18 @@ class EngineProcess:
         spec_path = work / f"engine-{label.replace(' ', '-')}.spec.json"
         spec_path.write_text(json.dumps(spec))
         self.label = label
-        self.proc = subprocess.Popen(bench_child_command("engine", str(spec_path)), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            bench_child_command("engine", str(spec_path)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.figures = self._answer()
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"{self.label}: the engine process ended (exit {self.proc.returncode}); see its stderr above")
+            raise RuntimeError(
+                f"{self.label}: the engine process ended (exit {self.proc.returncode}); see its stderr above"
+            )
         return json.loads(line)
 
     def ask(self, **cmd) -> dict:
@@ -162,8 +187,16 @@ class EngineProcess:
             self.proc.wait()
 
 
-def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, threads: int, work: Path,
-                         quiet_wait_s: float = 0.0, progress=None) -> dict:
+def compare_side_by_side(
+    pairs: dict,
+    cells: list[Workload],
+    n: int,
+    reps: int,
+    threads: int,
+    work: Path,
+    quiet_wait_s: float = 0.0,
+    progress=None,
+) -> dict:
     """``pairs``: {precision: {label: {"engine": "ours" | "ctranslate2", "path": model or artifact
     dir, "shortlist": file (ours, optional)}}}. Per precision, the engines are loaded (one after
     the other, so their loads do not overlap), then every cell is
@@ -177,10 +210,14 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
             for name, spec in dirs.items():
                 label = f"{name} {precision}"
                 log(f"compare: loading {label}")
-                procs.append(EngineProcess(label, {k: str(v) for k, v in spec.items()} | {"precision": precision,
-                                                                                       "threads": threads}, work))
-            results = {p.label: {"engine": p.label.split()[0], "precision": precision, **p.figures, "cells": []}
-                       for p in procs}
+                procs.append(
+                    EngineProcess(
+                        label, {k: str(v) for k, v in spec.items()} | {"precision": precision, "threads": threads}, work
+                    )
+                )
+            results = {
+                p.label: {"engine": p.label.split()[0], "precision": precision, **p.figures, "cells": []} for p in procs
+            }
             for wl in cells:
                 if progress is not None:
                     progress.stage(f"{wl.name} ({precision})")
@@ -191,20 +228,33 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
                     p.ask(op="run", beam=wl.beam, batch=wl.batch, src_len=wl.src_len, n=min(n, 2), seed=seed)
                 times = {p.label: [] for p in procs}
                 for r in range(reps):
-                    for p in (procs if r % 2 == 0 else procs[::-1]):
-                        times[p.label].append(p.ask(op="run", beam=wl.beam, batch=wl.batch, src_len=wl.src_len, n=n,
-                                                    seed=seed)["total_s"])
+                    for p in procs if r % 2 == 0 else procs[::-1]:
+                        times[p.label].append(
+                            p.ask(op="run", beam=wl.beam, batch=wl.batch, src_len=wl.src_len, n=n, seed=seed)["total_s"]
+                        )
                 after = {p.label: p.ask(op="cell_stop") for p in procs}
                 line = []
                 for p in procs:
                     total = float(np.median(times[p.label]))
                     tps = wl.batch * (n + 1) / total
-                    results[p.label]["cells"].append({"workload": wl.key, "name": wl.name, "beam": wl.beam, "batch": wl.batch,
-                                                      "src_len": wl.src_len, "n": n, "reps": reps, "runs_s": times[p.label],
-                                                      "total_s": total, "tokens_per_s": tps, "quiet_gate": quiet,
-                                                      "rss_before_cell_mb": round(before[p.label]),
-                                                      "peak_rss_cell_mb": round(after[p.label]["peak_rss_mb"]),
-                                                      "rss_after_cell_mb": round(after[p.label]["rss_mb"])})
+                    results[p.label]["cells"].append(
+                        {
+                            "workload": wl.key,
+                            "name": wl.name,
+                            "beam": wl.beam,
+                            "batch": wl.batch,
+                            "src_len": wl.src_len,
+                            "n": n,
+                            "reps": reps,
+                            "runs_s": times[p.label],
+                            "total_s": total,
+                            "tokens_per_s": tps,
+                            "quiet_gate": quiet,
+                            "rss_before_cell_mb": round(before[p.label]),
+                            "peak_rss_cell_mb": round(after[p.label]["peak_rss_mb"]),
+                            "rss_after_cell_mb": round(after[p.label]["rss_mb"]),
+                        }
+                    )
                     line.append(f"{p.label} {tps:.1f} (peak {after[p.label]['peak_rss_mb']:.0f} MB)")
                 log(f"  compare {wl.name:<30} tok/s: " + ", ".join(line))
                 if progress is not None:
@@ -215,5 +265,10 @@ def compare_side_by_side(pairs: dict, cells: list[Workload], n: int, reps: int, 
             for p in procs:
                 p.kill()
         engines |= results
-    return {"engines": engines, "n": n, "reps": reps, "threads": threads,
-            "workloads": [[w.beam, w.batch, w.src_len] for w in cells]}
+    return {
+        "engines": engines,
+        "n": n,
+        "reps": reps,
+        "threads": threads,
+        "workloads": [[w.beam, w.batch, w.src_len] for w in cells],
+    }

@@ -1,14 +1,22 @@
 """What one decoder step costs, counted from the exported step graph (pure): the weights its
 matrix products read, the bytes it must read at least, and the roofline floor those give on a
 machine of known GEMM peak and read bandwidth."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-_MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-               "QLinearMatMul"}
+_MATMUL_OPS = {
+    "MatMul",
+    "Gemm",
+    "FusedMatMul",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+}
 _PASS_THROUGH = {"Cast", "DequantizeLinear", "Transpose", "Identity"}
 _DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2}  # onnx.TensorProto ids
 
@@ -77,7 +85,9 @@ def step_flops(matmul_weights: int, cfg, rows: int, past_len: float, src_len: fl
     return 2.0 * matmul_weights * rows + attention
 
 
-def step_bytes(weight_bytes: int, cfg, rows: int, sents: int, past_len: float, src_len: float, kv_itemsize: int) -> float:
+def step_bytes(
+    weight_bytes: int, cfg, rows: int, sents: int, past_len: float, src_len: float, kv_itemsize: int
+) -> float:
     """Bytes one step must read at least: every weight once, the self-attention caches of every row
     and the cross-attention K/V of every live sentence."""
     kv = cfg.decoder_layers * 2 * cfg.embed_dim * kv_itemsize * (rows * past_len + sents * src_len)
@@ -88,5 +98,9 @@ def step_floor(flops: float, nbytes: float, gflops: float, gbs: float) -> dict:
     """Roofline floor of one step: the larger of compute time and read time, and which it is."""
     compute_ms = flops / (gflops * 1e9) * 1e3
     memory_ms = nbytes / (gbs * 1e9) * 1e3
-    return {"compute_ms": compute_ms, "memory_ms": memory_ms, "floor_ms": max(compute_ms, memory_ms),
-            "bound": "compute" if compute_ms >= memory_ms else "bandwidth"}
+    return {
+        "compute_ms": compute_ms,
+        "memory_ms": memory_ms,
+        "floor_ms": max(compute_ms, memory_ms),
+        "bound": "compute" if compute_ms >= memory_ms else "bandwidth",
+    }

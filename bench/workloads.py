@@ -1,5 +1,6 @@
 """What is measured, as data: workloads (search x batch x source length), their random sources,
 the forced-length search options, and the statistics of repeated timings. Pure functions."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ def make_sources(vocab_size: int, eos: int, pad: int, batch: int, src_len: int, 
     width = max(lengths)
     src = np.full((batch, width), pad, dtype=np.int64)
     for r, n in enumerate(lengths):
-        src[r, width - n:] = np.concatenate([rng.integers(4, vocab_size, size=n - 1), [eos]])
+        src[r, width - n :] = np.concatenate([rng.integers(4, vocab_size, size=n - 1), [eos]])
     return src
 
 
@@ -57,12 +58,19 @@ def time_stats(seconds) -> dict:
     a = np.asarray(list(seconds), dtype=np.float64) * 1e3
     if a.size == 0:
         return {"n": 0}
-    return {"n": int(a.size), "mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)),
-            "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()), "max_ms": float(a.max())}
+    return {
+        "n": int(a.size),
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "min_ms": float(a.min()),
+        "max_ms": float(a.max()),
+    }
 
 
-def plan_cell(n_target: int, encode_s: float, step_s: float, budget_s: float, max_reps: int,
-              min_reps: int = 3, min_steps: int = 4) -> tuple[int, int]:
+def plan_cell(
+    n_target: int, encode_s: float, step_s: float, budget_s: float, max_reps: int, min_reps: int = 3, min_steps: int = 4
+) -> tuple[int, int]:
     """(steps to generate, repetitions) for a cell whose warm-up showed ``encode_s`` and a step of
     ``step_s``: the full ``n_target`` when ``min_reps`` full runs fit the budget (more runs, up to
     ``max_reps``, when they fit); else fewer steps (at least ``min_steps``), ``min_reps`` runs, and
@@ -86,5 +94,10 @@ def random_shortlist(vocab_size: int, seed: int = 0):
     frequent = rng.choice(np.arange(4, vocab_size), size=min(FREQUENT, vocab_size - 4), replace=False)
     targets = rng.integers(4, vocab_size, size=vocab_size * PER_SOURCE)
     offsets = np.arange(vocab_size + 1, dtype=np.int64) * PER_SOURCE
-    return Shortlist(vocab_size, np.sort(frequent).astype(np.int64), offsets, targets.astype(np.int64),
-                     info={"built_from": f"random ids (seed {seed}): {FREQUENT} frequent, {PER_SOURCE} per source id"})
+    return Shortlist(
+        vocab_size,
+        np.sort(frequent).astype(np.int64),
+        offsets,
+        targets.astype(np.int64),
+        info={"built_from": f"random ids (seed {seed}): {FREQUENT} frequent, {PER_SOURCE} per source id"},
+    )

@@ -9,7 +9,16 @@
 Ray (the ``ray`` extra) is imported only when a run starts; without it the call raises an
 InputError naming the extra to install.
 """
+
 from .runner import RAY_EXTRA, ClusterOptions, CorpusJob, CorpusSummary, translate_corpus
 from .shards import MANIFEST_NAME, output_name
 
-__all__ = ["translate_corpus", "CorpusJob", "ClusterOptions", "CorpusSummary", "RAY_EXTRA", "MANIFEST_NAME", "output_name"]
+__all__ = [
+    "translate_corpus",
+    "CorpusJob",
+    "ClusterOptions",
+    "CorpusSummary",
+    "RAY_EXTRA",
+    "MANIFEST_NAME",
+    "output_name",
+]

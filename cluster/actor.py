@@ -2,6 +2,7 @@
 
 A plain class (Ray Data makes the actor of it), so it imports no Ray and can be tried without it.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,15 @@ class TranslateActor:
     def __init__(self, job, threads: int | None, device: str | None, shard_names: dict[int, str]) -> None:
         if job.shortlist is not None:
             _check_shortlist_file(job.shortlist, job.shortlist_sha256)
-        self.translator = Translator(job.model, backend=job.backend, device=device, threads=threads,
-                                     src_prefix=job.src_prefix, tgt_prefix=job.tgt_prefix, shortlist=job.shortlist)
+        self.translator = Translator(
+            job.model,
+            backend=job.backend,
+            device=device,
+            threads=threads,
+            src_prefix=job.src_prefix,
+            tgt_prefix=job.tgt_prefix,
+            shortlist=job.shortlist,
+        )
         self.job = job
         self.shard_names = shard_names
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -55,10 +63,13 @@ class TranslateActor:
         self.calls += 1
         n = len(cols["line"])
         return {
-            "shard": np.array(cols["shard"], dtype=np.int32), "line": np.array(cols["line"], dtype=np.int64),
-            "n_lines": np.array(cols["n_lines"], dtype=np.int64), "out": np.array(cols["out"], dtype=object),
+            "shard": np.array(cols["shard"], dtype=np.int32),
+            "line": np.array(cols["line"], dtype=np.int64),
+            "n_lines": np.array(cols["n_lines"], dtype=np.int64),
+            "out": np.array(cols["out"], dtype=object),
             "tokens": np.array(cols["tokens"], dtype=np.int64),
-            "actor": np.array([self.name] * n, dtype=object), "call": np.full(n, self.calls, dtype=np.int64),
+            "actor": np.array([self.name] * n, dtype=object),
+            "call": np.full(n, self.calls, dtype=np.int64),
             "seconds": np.full(n, (time.perf_counter() - began) / max(n, 1), dtype=np.float64),
         }
 
@@ -67,9 +78,17 @@ class TranslateActor:
         # messages name the file and line, and a byte order mark is stripped only at the start of
         # the file (``start`` 0; the file's own mark is removed when it is read: shards.split_lines).
         job = self.job
-        return list(self.translator.translate_chunks([lines], options=job.options, batch_size=job.batch_size,
-                                                     max_tokens=job.max_tokens, errors=job.errors,
-                                                     source=self.shard_names.get(shard, "?"), start=start))
+        return list(
+            self.translator.translate_chunks(
+                [lines],
+                options=job.options,
+                batch_size=job.batch_size,
+                max_tokens=job.max_tokens,
+                errors=job.errors,
+                source=self.shard_names.get(shard, "?"),
+                start=start,
+            )
+        )
 
 
 def _check_shortlist_file(path: str, sha256: str) -> None:
@@ -79,8 +98,11 @@ def _check_shortlist_file(path: str, sha256: str) -> None:
     try:
         digest = sha256_file(path)
     except OSError as e:
-        raise InputError(f"cannot read the shortlist {path} on {host}: {e.strerror or e} (every node must "
-                         f"read it at this path)") from None
+        raise InputError(
+            f"cannot read the shortlist {path} on {host}: {e.strerror or e} (every node must read it at this path)"
+        ) from None
     if digest != sha256:
-        raise InputError(f"the shortlist {path} on {host} is not the file the run started with (SHA-256 "
-                         f"differs): every node must read the same file at this path")
+        raise InputError(
+            f"the shortlist {path} on {host} is not the file the run started with (SHA-256 "
+            f"differs): every node must read the same file at this path"
+        )

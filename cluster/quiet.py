@@ -17,6 +17,7 @@ Three sources, each quieted the way it allows:
   restarted actor finds it. ``native_stderr_without`` drops that line from the driver's fd 2 while
   the pipeline runs and copies every other byte.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,7 @@ def ray_data_console_filtered() -> Iterator[None]:
 
 def _write_all(fd: int, data: bytes) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Every row carries its shard and line number, so output order never depends on th
 Ray returns batches. The driver holds the translated lines of the shards in flight (at most their
 outputs), and writes the output directory (a local or shared path).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,9 +94,12 @@ class CorpusJob:
         model's dictionary) and fingerprinted, in the driver, before Ray starts."""
         model = Path(self.model)
         if not model.is_dir():
-            raise InputError(f"artifact directory {model} does not exist" if not model.exists()
-                             else f"{model} is a file (a checkpoint?), not an artifact directory: export it first "
-                                  f"with `deltalm export {model} --spm SPM --dict DICT --out DIR`")
+            raise InputError(
+                f"artifact directory {model} does not exist"
+                if not model.exists()
+                else f"{model} is a file (a checkpoint?), not an artifact directory: export it first "
+                f"with `deltalm export {model} --spm SPM --dict DICT --out DIR`"
+            )
         job = dataclasses.replace(self, model=str(model.resolve()))
         if self.shortlist is not None:
             path, digest = _open_shortlist(model, self.shortlist, self.backend)
@@ -112,8 +116,12 @@ class CorpusJob:
         settings = {
             "model": str(Path(self.model).resolve()),
             "model_manifest": fingerprint({"m": manifest.read_text()}) if manifest.is_file() else None,
-            "format": self.fmt, "options": dataclasses.asdict(self.options), "errors": self.errors,
-            "backend": self.backend, "src_prefix": self.src_prefix, "tgt_prefix": self.tgt_prefix,
+            "format": self.fmt,
+            "options": dataclasses.asdict(self.options),
+            "errors": self.errors,
+            "backend": self.backend,
+            "src_prefix": self.src_prefix,
+            "tgt_prefix": self.tgt_prefix,
         }
         if self.shortlist_sha256 is not None:
             settings["shortlist_sha256"] = self.shortlist_sha256  # the bytes, not the path: a moved copy is the same
@@ -153,17 +161,23 @@ class CorpusSummary:
 
     def lines_report(self) -> list[str]:
         rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
-        out = [f"translate-corpus: {files(len(self.written))} written, {len(self.skipped)} already complete; "
-               f"{self.lines} lines, {self.tokens} target tokens in {self.seconds:.1f} s "
-               f"({rate(self.lines, self.seconds):.1f} lines/s, {rate(self.tokens, self.seconds):.0f} tok/s)"]
+        out = [
+            f"translate-corpus: {files(len(self.written))} written, {len(self.skipped)} already complete; "
+            f"{self.lines} lines, {self.tokens} target tokens in {self.seconds:.1f} s "
+            f"({rate(self.lines, self.seconds):.1f} lines/s, {rate(self.tokens, self.seconds):.0f} tok/s)"
+        ]
         if self.actors:
-            out.append(f"  ray: init {self.ray_init_seconds:.1f} s, first batch after "
-                       f"{self.first_result_seconds or 0:.1f} s, pipeline {self.pipeline_seconds:.1f} s, "
-                       f"{self.calls} actor calls")
+            out.append(
+                f"  ray: init {self.ray_init_seconds:.1f} s, first batch after "
+                f"{self.first_result_seconds or 0:.1f} s, pipeline {self.pipeline_seconds:.1f} s, "
+                f"{self.calls} actor calls"
+            )
         for name, a in sorted(self.actors.items()):
-            out.append(f"  actor {name}: {a.lines} lines, {a.tokens} tokens, {len(a.calls)} calls, busy "
-                       f"{a.busy_seconds:.1f} s ({rate(a.lines, a.busy_seconds):.1f} lines/s, "
-                       f"{rate(a.tokens, a.busy_seconds):.0f} tok/s)")
+            out.append(
+                f"  actor {name}: {a.lines} lines, {a.tokens} tokens, {len(a.calls)} calls, busy "
+                f"{a.busy_seconds:.1f} s ({rate(a.lines, a.busy_seconds):.1f} lines/s, "
+                f"{rate(a.tokens, a.busy_seconds):.0f} tok/s)"
+            )
         return out
 
 
@@ -213,9 +227,11 @@ def translate_corpus(
     for shard in shards:  # never replace a file this command did not write
         path = out_dir / shard.output
         if (path.exists() or path.is_symlink()) and (shard.output not in manifest.shards or not path.is_file()):
-            raise InputError(f"--output {out_dir}: {shard.output} exists and was not written by translate-corpus "
-                             f"(it is not in {MANIFEST_NAME}); nothing was changed: move it away or give another "
-                             "--output directory")
+            raise InputError(
+                f"--output {out_dir}: {shard.output} exists and was not written by translate-corpus "
+                f"(it is not in {MANIFEST_NAME}); nothing was changed: move it away or give another "
+                "--output directory"
+            )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -310,12 +326,16 @@ def _dataset(ray, shards: list[Shard], chunk_lines: int):
                     cols["start"].append(start)
                     cols["n_lines"].append(len(lines))
                     cols["lines"].append(lines[start : start + chunk_lines])
-            return pa.table({"shard": pa.array(cols["shard"], pa.int32()), "start": pa.array(cols["start"], pa.int64()),
-                             "n_lines": pa.array(cols["n_lines"], pa.int64()),
-                             "lines": pa.array(cols["lines"], pa.list_(pa.binary()))})
+            return pa.table(
+                {
+                    "shard": pa.array(cols["shard"], pa.int32()),
+                    "start": pa.array(cols["start"], pa.int64()),
+                    "n_lines": pa.array(cols["n_lines"], pa.int64()),
+                    "lines": pa.array(cols["lines"], pa.list_(pa.binary())),
+                }
+            )
 
-        ds = ray.data.read_binary_files([s.path for s in members], filesystem=fs, include_paths=True,
-                                        num_cpus=0)
+        ds = ray.data.read_binary_files([s.path for s in members], filesystem=fs, include_paths=True, num_cpus=0)
         # no CPU reserved for reading: the actors may hold every CPU of the cluster, and a read
         # that waits for one would never run
         datasets.append(ds.map_batches(split, batch_size=1, batch_format="numpy", num_cpus=0))
@@ -330,8 +350,9 @@ def _dataset(ray, shards: list[Shard], chunk_lines: int):
     return ds
 
 
-def _run_pipeline(ray, todo, out_dir, manifest, config, summary, job: CorpusJob, cluster: ClusterOptions, progress,
-                  on_commit) -> None:
+def _run_pipeline(
+    ray, todo, out_dir, manifest, config, summary, job: CorpusJob, cluster: ClusterOptions, progress, on_commit
+) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     names = {s.index: s.uri for s in todo}
@@ -348,8 +369,15 @@ def _run_pipeline(ray, todo, out_dir, manifest, config, summary, job: CorpusJob,
             if summary.first_result_seconds is None:
                 summary.first_result_seconds = time.perf_counter() - t0
             for shard, line, n_lines, out, tokens, actor, call, seconds in zip(
-                    batch["shard"], batch["line"], batch["n_lines"], batch["out"], batch["tokens"], batch["actor"],
-                    batch["call"], batch["seconds"]):
+                batch["shard"],
+                batch["line"],
+                batch["n_lines"],
+                batch["out"],
+                batch["tokens"],
+                batch["actor"],
+                batch["call"],
+                batch["seconds"],
+            ):
                 shard, line = int(shard), int(line)
                 rows = pending[shard]
                 if line in rows:
@@ -386,9 +414,13 @@ def _translate_stage(ray, todo, job: CorpusJob, cluster: ClusterOptions, names: 
     return _dataset(ray, todo, job.chunk_lines).map_batches(
         TranslateActor,
         fn_constructor_kwargs=dict(job=job, threads=cluster.threads_per_actor, device=device, shard_names=names),
-        compute=ray.data.ActorPoolStrategy(size=cluster.actors), batch_size=1, batch_format="numpy",
-        num_cpus=cluster.threads_per_actor, num_gpus=cluster.gpus_per_actor or None,
-        max_restarts=cluster.max_restarts, max_task_retries=cluster.max_restarts,
+        compute=ray.data.ActorPoolStrategy(size=cluster.actors),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cluster.threads_per_actor,
+        num_gpus=cluster.gpus_per_actor or None,
+        max_restarts=cluster.max_restarts,
+        max_task_retries=cluster.max_restarts,
     )
 
 

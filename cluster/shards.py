@@ -6,6 +6,7 @@ input (size, modification time) and a fingerprint of everything that decides the
 search options, format). A rerun skips a shard only when all of these still match the file on
 disk; anything else (no output, a changed input or option, a file edited since) is redone.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -89,9 +90,13 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             raise
         except Exception as e:
             raise InputError(f"cannot list --input {uri}: {e}") from None
-        matches = sorted(i.path for i in found if i.type == pafs.FileType.File
-                         and len(PurePosixPath(i.path).parts) == len(parts)
-                         and all(fnmatch.fnmatchcase(a, b) for a, b in zip(PurePosixPath(i.path).parts, parts)))
+        matches = sorted(
+            i.path
+            for i in found
+            if i.type == pafs.FileType.File
+            and len(PurePosixPath(i.path).parts) == len(parts)
+            and all(fnmatch.fnmatchcase(a, b) for a, b in zip(PurePosixPath(i.path).parts, parts))
+        )
         if not matches:
             raise InputError(f"--input {uri} matches no file")
         prefix = uri[: len(uri) - len(pattern)] if "://" in uri and uri.endswith(pattern) else ""
@@ -138,7 +143,7 @@ def split_lines(data: bytes) -> list[bytes]:
     if lines[-1] == b"":
         lines.pop()
     if lines and lines[0].startswith(BOM):
-        lines[0] = lines[0][len(BOM):]
+        lines[0] = lines[0][len(BOM) :]
     return lines
 
 

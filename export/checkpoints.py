@@ -18,6 +18,7 @@ The architecture comes from what the file records (fairseq ``cfg.model`` / ``arg
 Face ``config.json``, XLM ``params``), else from the tensor shapes (heads = dim // 64, DeltaLM's
 head size); an override dict replaces fields; the result must agree with every tensor shape.
 """
+
 from __future__ import annotations
 
 import json
@@ -180,14 +181,34 @@ SEED_DECODER_LAYER = [
 
 # What each format fixes regardless of the file (special ids, position convention, eps).
 _FORMAT_BASE = {
-    "fairseq-deltalm": dict(kind="deltalm", layer_norm_eps=1e-5, bos=0, pad=1, eos=2, unk=3,
-                            first_position=2, pad_position=1),
-    "unilm-deltalm": dict(kind="deltalm", layer_norm_eps=1e-5, bos=0, pad=1, eos=2, unk=3,
-                          first_position=2, pad_position=1),
-    "hf-xlmr": dict(kind="xlmr", layer_norm_eps=1e-5, bos=0, pad=1, eos=2, unk=3,
-                    first_position=2, pad_position=1, layernorm_embedding=True),
-    "xlm": dict(kind="xlm", layer_norm_eps=1e-12, bos=0, eos=1, pad=2, unk=3,
-                first_position=0, pad_position=0, layernorm_embedding=True),
+    "fairseq-deltalm": dict(
+        kind="deltalm", layer_norm_eps=1e-5, bos=0, pad=1, eos=2, unk=3, first_position=2, pad_position=1
+    ),
+    "unilm-deltalm": dict(
+        kind="deltalm", layer_norm_eps=1e-5, bos=0, pad=1, eos=2, unk=3, first_position=2, pad_position=1
+    ),
+    "hf-xlmr": dict(
+        kind="xlmr",
+        layer_norm_eps=1e-5,
+        bos=0,
+        pad=1,
+        eos=2,
+        unk=3,
+        first_position=2,
+        pad_position=1,
+        layernorm_embedding=True,
+    ),
+    "xlm": dict(
+        kind="xlm",
+        layer_norm_eps=1e-12,
+        bos=0,
+        eos=1,
+        pad=2,
+        unk=3,
+        first_position=0,
+        pad_position=0,
+        layernorm_embedding=True,
+    ),
 }
 
 # fairseq model args that change the computation in ways the model does not implement.
@@ -221,8 +242,7 @@ _PLACEHOLDER = {"n": r"\d+", "w": r"weight|bias", "fc": r"fc1|fc2", "rest": r".+
 def _compile(pattern: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", pattern)
     regex = "".join(
-        re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_PLACEHOLDER.get(p, r'[^.]+')})"
-        for i, p in enumerate(parts)
+        re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_PLACEHOLDER.get(p, r'[^.]+')})" for i, p in enumerate(parts)
     )
     return re.compile(regex + r"\Z")
 
@@ -270,7 +290,12 @@ def apply_table(table: list, raw: dict[str, torch.Tensor], kept_rows: int | None
             out.tensors[name], out.source[name] = tensor, key
             continue
         a, b = have, tensor
-        if kept_rows is not None and a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1] and min(len(a), len(b)) >= kept_rows:
+        if (
+            kept_rows is not None
+            and a.dim() == b.dim() == 2
+            and a.shape[1] == b.shape[1]
+            and min(len(a), len(b)) >= kept_rows
+        ):
             a, b = a[:kept_rows], b[:kept_rows]  # rows past the dictionary are cut off anyway
         if a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
             out.problems.append(
@@ -307,8 +332,7 @@ class _Source:
     hf_config_path: Path | None = None
 
 
-_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-               "pytorch_model.bin.index.json")
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def _read_weights(path: Path) -> object:
@@ -350,8 +374,7 @@ def _read_source(path: str | Path) -> _Source:
 
 def _looks_like_hf(obj) -> bool:
     return isinstance(obj, dict) and any(
-        isinstance(k, str) and k.removeprefix("roberta.").startswith("embeddings.word_embeddings.")
-        for k in obj
+        isinstance(k, str) and k.removeprefix("roberta.").startswith("embeddings.word_embeddings.") for k in obj
     )
 
 
@@ -463,10 +486,16 @@ def _hf_declared(cfg: dict, where: str) -> dict:
     if cfg.get("is_decoder"):
         raise CheckpointError(f"{where}: is_decoder models (causal XLM-R) are not supported")
     declared = {}
-    for field_name, key in [("embed_dim", "hidden_size"), ("ffn_dim", "intermediate_size"),
-                            ("encoder_layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-                            ("vocab_size", "vocab_size"), ("pad", "pad_token_id"),
-                            ("bos", "bos_token_id"), ("eos", "eos_token_id")]:
+    for field_name, key in [
+        ("embed_dim", "hidden_size"),
+        ("ffn_dim", "intermediate_size"),
+        ("encoder_layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("vocab_size", "vocab_size"),
+        ("pad", "pad_token_id"),
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+    ]:
         if cfg.get(key) is not None:
             declared[field_name] = _number(int, cfg[key], where, key)
     if cfg.get("layer_norm_eps") is not None:
@@ -485,9 +514,16 @@ def _xlm_declared(params: dict, where: str) -> dict:
     if params.get("asm"):
         raise CheckpointError(f"{where}: asm (adaptive softmax) is not supported")
     declared = {}
-    for field_name, key in [("embed_dim", "emb_dim"), ("encoder_layers", "n_layers"), ("heads", "n_heads"),
-                            ("vocab_size", "n_words"), ("pad", "pad_index"), ("eos", "eos_index"),
-                            ("bos", "bos_index"), ("unk", "unk_index")]:
+    for field_name, key in [
+        ("embed_dim", "emb_dim"),
+        ("encoder_layers", "n_layers"),
+        ("heads", "n_heads"),
+        ("vocab_size", "n_words"),
+        ("pad", "pad_index"),
+        ("eos", "eos_index"),
+        ("bos", "bos_index"),
+        ("unk", "unk_index"),
+    ]:
         if params.get(key) is not None:
             declared[field_name] = _number(int, params[key], where, key)
     if "embed_dim" in declared:
@@ -527,13 +563,15 @@ def _extract(fmt: str, source: _Source, unilm_ffn_order: str):
     # xlm
     model = _tensors_only(obj["model"], f"{path}: model")
     if model and all(k.startswith("module.") for k in model):
-        model = {k[len("module."):]: v for k, v in model.items()}
+        model = {k[len("module.") :]: v for k, v in model.items()}
     params = to_plain(obj.get("params")) or {}
     if not isinstance(params, dict):
         raise CheckpointError(f"{path}: params is a {type(params).__name__}, expected a dict")
     declared = _xlm_declared(params, f"{path}: params")
-    metadata = {"params": {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, type(None)))},
-                "id2word": to_plain(obj.get("dico_id2word"))}
+    metadata = {
+        "params": {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "id2word": to_plain(obj.get("dico_id2word")),
+    }
     return model, XLM, declared, metadata, notes
 
 
@@ -574,7 +612,7 @@ def _seed_decoder(mapped: _Mapped, decoder_layers: int) -> None:
     if head:
         mapped.notes.append("MLM head dropped (a DeltaLM has no MLM head)")
     for k in [k for k in t if k.startswith("encoder.") and not k.startswith("encoder.layers.")]:
-        dec = "decoder." + k[len("encoder."):]
+        dec = "decoder." + k[len("encoder.") :]
         if not dec.startswith("decoder.embed_tokens."):
             t[dec] = t[k]
             mapped.source[dec] = mapped.source.get(k, k)
@@ -582,7 +620,7 @@ def _seed_decoder(mapped: _Mapped, decoder_layers: int) -> None:
         for dec_prefix, offset, enc_prefix in SEED_DECODER_LAYER:
             enc = f"encoder.layers.{2 * i + offset}.{enc_prefix}"
             for k in [k for k in t if k.startswith(enc)]:
-                name = f"decoder.layers.{i}.{dec_prefix}{k[len(enc):]}"
+                name = f"decoder.layers.{i}.{dec_prefix}{k[len(enc) :]}"
                 t[name] = t[k]
                 mapped.source[name] = mapped.source.get(k, k)
     mapped.notes.append(
@@ -669,9 +707,13 @@ def _finish(mapped: _Mapped, cfg: ModelConfig, path: Path) -> dict[str, torch.Te
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")
     if unexpected:
-        problems.append(f"tensors the {cfg.kind} model does not have: {_names([_label(n, mapped) for n in unexpected])}")
+        problems.append(
+            f"tensors the {cfg.kind} model does not have: {_names([_label(n, mapped) for n in unexpected])}"
+        )
     if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong[:8]) + (f"; ... and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+        problems.append(
+            "wrong shapes: " + "; ".join(wrong[:8]) + (f"; ... and {len(wrong) - 8} more" if len(wrong) > 8 else "")
+        )
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     converted: dict[int, torch.Tensor] = {}
@@ -817,7 +859,9 @@ def build_model(loaded: LoadedCheckpoint) -> torch.nn.Module:
     expected = {n for names in owners.values() for n in names} | {n for n, _ in model.named_buffers()}
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise CheckpointError(f"state dict does not fit the model: missing {_names(missing)}; unexpected {_names(unexpected)}")
+        raise CheckpointError(
+            f"state dict does not fit the model: missing {_names(missing)}; unexpected {_names(unexpected)}"
+        )
     for names in owners.values():
         tensor = state[names[0]]
         shape = model.get_parameter(names[0]).shape
@@ -837,10 +881,21 @@ def describe(loaded: LoadedCheckpoint) -> dict:
     """What ``deltalm inspect`` prints: format, architecture, parameter count, vocab, dtype, notes."""
     cfg = loaded.config
     unique = {(t.data_ptr(), tuple(t.shape)): t.numel() for t in loaded.state_dict.values()}
-    arch = {k: getattr(cfg, k) for k in (
-        "kind", "embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "heads", "max_positions",
-        "layernorm_embedding", "layer_norm_eps", "mlm_head",
-    )}
+    arch = {
+        k: getattr(cfg, k)
+        for k in (
+            "kind",
+            "embed_dim",
+            "ffn_dim",
+            "encoder_layers",
+            "decoder_layers",
+            "heads",
+            "max_positions",
+            "layernorm_embedding",
+            "layer_norm_eps",
+            "mlm_head",
+        )
+    }
     return {
         "format": loaded.format,
         "architecture": arch,
@@ -861,12 +916,18 @@ def _dictionary_size(dict_path) -> int | None:
     return len(Dictionary.load(dict_path))
 
 
-def load_for_export(checkpoint: str | Path, config: str | None = None, dict_path: str | Path | None = None,
-                    as_deltalm: bool = False):
+def load_for_export(
+    checkpoint: str | Path, config: str | None = None, dict_path: str | Path | None = None, as_deltalm: bool = False
+):
     """The checkpoint as a ``LoadedCheckpoint`` (canonical tensors + config), its vocabulary
     checked against ``dict_path`` when given."""
     if not Path(checkpoint).exists():
         raise InputError(f"{checkpoint}: no such checkpoint file or directory")
     overrides = config_overrides(config) if config else None
-    return load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=_dictionary_size(dict_path),
-                           as_deltalm=as_deltalm, vocab_source=str(dict_path) if dict_path else None)
+    return load_checkpoint(
+        str(checkpoint),
+        overrides=overrides,
+        vocab_size=_dictionary_size(dict_path),
+        as_deltalm=as_deltalm,
+        vocab_source=str(dict_path) if dict_path else None,
+    )

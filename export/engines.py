@@ -33,6 +33,7 @@ provider has no bf16 MatMul / Add / Mul kernels), INT8 / FP8 engines (TensorRT 1
 from explicit Q/DQ graphs; an int8 artifact holds ONNX Runtime's dynamic quantization instead),
 several optimization profiles per engine.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,19 @@ METADATA = "engines.json"
 TIMING_CACHE = "timing.cache"
 PRECISIONS = ("fp32", "fp16")  # the artifact precisions engines are built from
 
-__all__ = ["build_engines", "derive_profiles", "load_profile_override", "apply_profile_override", "trtexec_command",
-           "build_engine", "engine_metadata", "engine_precision", "check_engine_compat", "engines_command", "axis_bounds"]
+__all__ = [
+    "build_engines",
+    "derive_profiles",
+    "load_profile_override",
+    "apply_profile_override",
+    "trtexec_command",
+    "build_engine",
+    "engine_metadata",
+    "engine_precision",
+    "check_engine_compat",
+    "engines_command",
+    "axis_bounds",
+]
 
 
 def _log(msg: str) -> None:
@@ -104,20 +116,27 @@ NEW_LEN = 1
 SCORE_WIDTH = 64  # token ids scored per position at most (a target token, the next constraint tokens)
 
 
-def axis_bounds(max_batch: int, max_beam: int, max_src_len: int, max_tgt_len: int,
-                max_positions: int) -> dict[str, tuple[int, int, int]]:
+def axis_bounds(
+    max_batch: int, max_beam: int, max_src_len: int, max_tgt_len: int, max_positions: int
+) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every symbolic axis of the graphs' inputs. opt: half the batch at full
     beam, a quarter of the longest source and target, one scored id: the shapes TensorRT tunes its
     kernels for."""
-    for flag, value in (("--max-batch", max_batch), ("--max-beam", max_beam), ("--max-src-len", max_src_len),
-                        ("--max-tgt-len", max_tgt_len)):
+    for flag, value in (
+        ("--max-batch", max_batch),
+        ("--max-beam", max_beam),
+        ("--max-src-len", max_src_len),
+        ("--max-tgt-len", max_tgt_len),
+    ):
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{flag} must be an integer >= 1, got {value!r}")
     if max_src_len > max_positions:
         raise InputError(f"--max-src-len {max_src_len} exceeds the model's max_positions {max_positions}")
     if max_tgt_len >= max_positions:
-        raise InputError(f"--max-tgt-len {max_tgt_len} must be < the model's max_positions {max_positions} "
-                         f"(the decoder step's cache_len reaches at most max_positions - 1)")
+        raise InputError(
+            f"--max-tgt-len {max_tgt_len} must be < the model's max_positions {max_positions} "
+            f"(the decoder step's cache_len reaches at most max_positions - 1)"
+        )
     opt_batch = max(1, max_batch // 2)
     return {
         "batch": (1, opt_batch, max_batch),
@@ -146,8 +165,9 @@ def shapes_from_axes(spec: GraphSpec, axes: dict) -> dict[str, tuple[tuple, tupl
     return profile
 
 
-def derive_profiles(manifest_or_cfg, max_batch: int, max_beam: int, max_src_len: int,
-                    max_tgt_len: int) -> dict[str, dict[str, tuple[tuple, tuple, tuple]]]:
+def derive_profiles(
+    manifest_or_cfg, max_batch: int, max_beam: int, max_src_len: int, max_tgt_len: int
+) -> dict[str, dict[str, tuple[tuple, tuple, tuple]]]:
     """{graph: {input: (min, opt, max)}} for the artifact's engine graphs (a manifest dict, an
     Artifact, or a ModelConfig whose default specs are used). InputError on nonsense limits."""
     cfg, specs = _specs_of(manifest_or_cfg)
@@ -188,14 +208,18 @@ def apply_profile_override(profiles: dict, override: dict, manifest_or_cfg) -> d
                 raise InputError(f"profile: {graph} has no input {name!r} (inputs: {', '.join(by_name)})")
             t = by_name[name]
             if not isinstance(entry, dict) or set(entry) != {"min", "opt", "max"}:
-                raise InputError(f"profile: {graph}.{name} must be {{\"min\": [...], \"opt\": [...], \"max\": [...]}}")
+                raise InputError(f'profile: {graph}.{name} must be {{"min": [...], "opt": [...], "max": [...]}}')
             shapes = []
             for key in ("min", "opt", "max"):
                 shape = entry[key]
-                if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+                if not isinstance(shape, list) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) for d in shape
+                ):
                     raise InputError(f"profile: {graph}.{name} {key} must be a list of integers, got {shape!r}")
                 if len(shape) != len(t.shape):
-                    raise InputError(f"profile: {graph}.{name} {key} has rank {len(shape)}, the input has rank {len(t.shape)} {list(t.shape)}")
+                    raise InputError(
+                        f"profile: {graph}.{name} {key} has rank {len(shape)}, the input has rank {len(t.shape)} {list(t.shape)}"
+                    )
                 for i, (d, want) in enumerate(zip(shape, t.shape)):
                     if not isinstance(want, str) and d != want:
                         raise InputError(f"profile: {graph}.{name} {key} dim {i} must be {want}, got {d}")
@@ -205,7 +229,9 @@ def apply_profile_override(profiles: dict, override: dict, manifest_or_cfg) -> d
                 shapes.append(tuple(shape))
             lo, opt, hi = shapes
             if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
-                raise InputError(f"profile: {graph}.{name} needs min <= opt <= max in every dim, got {list(lo)} / {list(opt)} / {list(hi)}")
+                raise InputError(
+                    f"profile: {graph}.{name} needs min <= opt <= max in every dim, got {list(lo)} / {list(opt)} / {list(hi)}"
+                )
             merged[graph][name] = (lo, opt, hi)
     validate_profiles(merged, specs, cfg)
     return merged
@@ -219,13 +245,18 @@ def validate_profiles(profiles: dict, specs: dict[str, GraphSpec], cfg: ModelCon
         for enc_axis, step_axis in (("batch", "sents"), ("src_len", "src_len")):
             a, b = axes["encoder"].get(enc_axis), axes["decoder_step"].get(step_axis)
             if a and b and a[2] > b[2]:
-                raise InputError(f"profile: encoder allows {enc_axis} up to {a[2]} but decoder_step "
-                                 f"{step_axis} only up to {b[2]}")
+                raise InputError(
+                    f"profile: encoder allows {enc_axis} up to {a[2]} but decoder_step {step_axis} only up to {b[2]}"
+                )
     for g, ax in axes.items():
         if "src_len" in ax and ax["src_len"][2] > cfg.max_positions:
-            raise InputError(f"profile: {g} src_len max {ax['src_len'][2]} exceeds the model's max_positions {cfg.max_positions}")
+            raise InputError(
+                f"profile: {g} src_len max {ax['src_len'][2]} exceeds the model's max_positions {cfg.max_positions}"
+            )
         if "cache_len" in ax and ax["cache_len"][2] >= cfg.max_positions:
-            raise InputError(f"profile: {g} cache_len max {ax['cache_len'][2]} must be < the model's max_positions {cfg.max_positions}")
+            raise InputError(
+                f"profile: {g} cache_len max {ax['cache_len'][2]} must be < the model's max_positions {cfg.max_positions}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,17 +270,23 @@ def engine_precision(artifact_precision: str, requested: str | None = None) -> s
     is not offered: the fp16 graph is only trusted after the export's parity verdict against
     PyTorch (``Thresholds.for_precision("fp16")``), which an engine-side conversion would skip."""
     if requested == "bf16":
-        raise InputError("bf16 engines are not built: a bf16 export cannot be parity-checked here (ONNX Runtime's "
-                         "CPU provider has no bf16 MatMul / Add kernels); build fp16 engines from an fp16 export")
+        raise InputError(
+            "bf16 engines are not built: a bf16 export cannot be parity-checked here (ONNX Runtime's "
+            "CPU provider has no bf16 MatMul / Add kernels); build fp16 engines from an fp16 export"
+        )
     if requested is not None and requested not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if artifact_precision not in PRECISIONS:
-        raise InputError(f"an {artifact_precision} artifact holds ONNX Runtime's dynamic quantization, not the Q/DQ "
-                         "graph TensorRT builds int8 engines from; build engines from an fp32 or fp16 export")
+        raise InputError(
+            f"an {artifact_precision} artifact holds ONNX Runtime's dynamic quantization, not the Q/DQ "
+            "graph TensorRT builds int8 engines from; build engines from an fp32 or fp16 export"
+        )
     if requested is not None and requested != artifact_precision:
-        raise InputError(f"this artifact is {artifact_precision}, and engines are built in the precision of its ONNX "
-                         f"graphs (strongly typed): export {requested} first (`deltalm export CKPT --precision "
-                         f"{requested} --out DIR`) and build the engines from that artifact")
+        raise InputError(
+            f"this artifact is {artifact_precision}, and engines are built in the precision of its ONNX "
+            f"graphs (strongly typed): export {requested} first (`deltalm export CKPT --precision "
+            f"{requested} --out DIR`) and build the engines from that artifact"
+        )
     return artifact_precision
 
 
@@ -281,8 +318,10 @@ def _polygraphy():
         from polygraphy.exception import PolygraphyException
         from polygraphy.logger import G_LOGGER
     except ImportError:
-        raise DeltaLMError("`deltalm engines` builds through Polygraphy, which is not installed "
-                           "(pip install polygraphy==0.53.6, or the package's `trt` extra)") from None
+        raise DeltaLMError(
+            "`deltalm engines` builds through Polygraphy, which is not installed "
+            "(pip install polygraphy==0.53.6, or the package's `trt` extra)"
+        ) from None
     return loaders, PolygraphyException, G_LOGGER
 
 
@@ -295,8 +334,9 @@ def _check_input_types(network, spec: GraphSpec | None, onnx_path: Path) -> None
     for i in range(network.num_inputs):
         t = network.get_input(i)
         if t.name in want and str(numpy_dtype(t.dtype.name)) != want[t.name]:
-            raise ExportError(f"{onnx_path}: TensorRT parsed input {t.name} as {t.dtype.name}, "
-                              f"the artifact declares {want[t.name]}")
+            raise ExportError(
+                f"{onnx_path}: TensorRT parsed input {t.name} as {t.dtype.name}, the artifact declares {want[t.name]}"
+            )
 
 
 def _shape_tensor_values(network, onnx_path: Path) -> dict[str, tuple]:
@@ -310,8 +350,10 @@ def _shape_tensor_values(network, onnx_path: Path) -> dict[str, tuple]:
         if not t.is_shape_tensor:
             continue
         if t.dtype.name != "BOOL" or tuple(t.shape) != ():
-            raise ExportError(f"{onnx_path}: TensorRT computes shapes from input {t.name} ({t.dtype.name} "
-                              f"{list(t.shape)}), whose value range deltalm does not know")
+            raise ExportError(
+                f"{onnx_path}: TensorRT computes shapes from input {t.name} ({t.dtype.name} "
+                f"{list(t.shape)}), whose value range deltalm does not know"
+            )
         values[t.name] = ((0,), (0,), (1,))
     return values
 
@@ -335,8 +377,9 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache_path, spec:
             for name, bounds in (profile | _shape_tensor_values(network, onnx_path)).items():
                 shapes.add(name, *bounds)  # scalars too: () for min, opt and max
             config = loaders.CreateConfig(profiles=[shapes], load_timing_cache=str(cache) if cache.exists() else None)
-            serialized = loaders.EngineBytesFromNetwork((builder, network, parser), config=config,
-                                                        save_timing_cache=str(cache))()
+            serialized = loaders.EngineBytesFromNetwork(
+                (builder, network, parser), config=config, save_timing_cache=str(cache)
+            )()
             layers = network.num_layers
     except PolygraphyException as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -349,8 +392,18 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache_path, spec:
     return {"build_seconds": round(seconds, 2), "layers": layers}
 
 
-def engine_metadata(graph: str, engine_file: str, onnx_file: str, onnx_sha256: str, precision: str, profile: dict,
-                    trt_version: str, gpu_name: str, compute_capability: str, build: dict | None = None) -> dict:
+def engine_metadata(
+    graph: str,
+    engine_file: str,
+    onnx_file: str,
+    onnx_sha256: str,
+    precision: str,
+    profile: dict,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    build: dict | None = None,
+) -> dict:
     """What one engine was built from and for (checked by ``check_engine_compat`` on load)."""
     return {
         "graph": graph,
@@ -379,8 +432,9 @@ def format_plan(path: Path, precision: str, profiles: dict, specs: dict[str, Gra
     plans = {}
     for graph, profile in profiles.items():
         axes = profile_axes(specs[graph], profile)
-        lines.append(f"{graph}: " + ", ".join(f"{a} {lo}/{opt}/{hi}" for a, (lo, opt, hi) in axes.items())
-                     + "  (min/opt/max)")
+        lines.append(
+            f"{graph}: " + ", ".join(f"{a} {lo}/{opt}/{hi}" for a, (lo, opt, hi) in axes.items()) + "  (min/opt/max)"
+        )
         width = max(len(n) for n in profile)
         for name, (lo, opt, hi) in profile.items():
             if len(lo):
@@ -429,8 +483,16 @@ def _reusable_timing_cache(engines_dir: Path, trt_version: str, gpu_name: str) -
     return None
 
 
-def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8, max_beam: int = 5,
-                  max_src_len: int = 256, max_tgt_len: int = 256, profile=None, print_only: bool = False) -> dict | None:
+def build_engines(
+    artifact_dir,
+    precision: str | None = None,
+    max_batch: int = 8,
+    max_beam: int = 5,
+    max_src_len: int = 256,
+    max_tgt_len: int = 256,
+    profile=None,
+    print_only: bool = False,
+) -> dict | None:
     """Plan and build the TensorRT engines of the artifact at ``artifact_dir``. Prints the plan
     and the equivalent trtexec command lines on stdout. ``precision``: None or the artifact's
     own (``engine_precision``); ``profile``: a ``--profile`` JSON file overriding the derived
@@ -445,8 +507,10 @@ def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8
     if profile:
         profiles = apply_profile_override(profiles, load_profile_override(profile), artifact)
     engines_dir = artifact.path / ENGINES_DIR
-    commands = [trtexec_command(artifact.graph_path(g), engines_dir / f"{g}.plan", profiles[g], engines_dir / TIMING_CACHE)
-                for g in graphs]
+    commands = [
+        trtexec_command(artifact.graph_path(g), engines_dir / f"{g}.plan", profiles[g], engines_dir / TIMING_CACHE)
+        for g in graphs
+    ]
     print(format_plan(artifact.path, precision, profiles, specs, cfg))
     print("equivalent trtexec commands:")
     for c in commands:
@@ -471,24 +535,56 @@ def build_engines(artifact_dir, precision: str | None = None, max_batch: int = 8
             _log(f"building the {g} engine ({precision}) ...")
             build = build_engine(artifact.graph_path(g), tmp / f"{g}.plan", profiles[g], tmp / TIMING_CACHE, specs[g])
             _log(f"  {g}: {build['build_seconds']:.1f}s, {build['layers']} layers")
-            metas[g] = engine_metadata(g, f"{ENGINES_DIR}/{g}.plan", sources[g][0], sources[g][1], precision, profiles[g],
-                                       trt.__version__, gpu_name, capability, build)
-        metadata = {"tensorrt": trt.__version__, "gpu": gpu_name, "compute_capability": capability,
-                    "precision": precision, "strongly_typed": True, "timing_cache": TIMING_CACHE, "engines": metas}
+            metas[g] = engine_metadata(
+                g,
+                f"{ENGINES_DIR}/{g}.plan",
+                sources[g][0],
+                sources[g][1],
+                precision,
+                profiles[g],
+                trt.__version__,
+                gpu_name,
+                capability,
+                build,
+            )
+        metadata = {
+            "tensorrt": trt.__version__,
+            "gpu": gpu_name,
+            "compute_capability": capability,
+            "precision": precision,
+            "strongly_typed": True,
+            "timing_cache": TIMING_CACHE,
+            "engines": metas,
+        }
         write_json_atomic(tmp / METADATA, metadata)
         manifest = _unlist_engines(artifact.path)  # the manifest stops listing the old engines before they go
-    _list_engines(artifact.path, manifest,
-                  Engines(metadata=f"{ENGINES_DIR}/{METADATA}", precision=precision, tensorrt=trt.__version__,
-                          gpu=gpu_name, compute_capability=str(capability),
-                          files={g: f"{ENGINES_DIR}/{g}.plan" for g in graphs}),
-                  [f"{ENGINES_DIR}/{g}.plan" for g in graphs] + [f"{ENGINES_DIR}/{METADATA}"])
+    _list_engines(
+        artifact.path,
+        manifest,
+        Engines(
+            metadata=f"{ENGINES_DIR}/{METADATA}",
+            precision=precision,
+            tensorrt=trt.__version__,
+            gpu=gpu_name,
+            compute_capability=str(capability),
+            files={g: f"{ENGINES_DIR}/{g}.plan" for g in graphs},
+        ),
+        [f"{ENGINES_DIR}/{g}.plan" for g in graphs] + [f"{ENGINES_DIR}/{METADATA}"],
+    )
     _log(f"wrote {engines_dir}")
     return metadata
 
 
 def engines_command(args) -> int:
     """``deltalm engines``: the argparse namespace onto ``build_engines``."""
-    build_engines(args.dir, precision=args.precision, max_batch=args.max_batch, max_beam=args.max_beam,
-                  max_src_len=args.max_src_len, max_tgt_len=args.max_tgt_len, profile=args.profile,
-                  print_only=args.print_only)
+    build_engines(
+        args.dir,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        max_beam=args.max_beam,
+        max_src_len=args.max_src_len,
+        max_tgt_len=args.max_tgt_len,
+        profile=args.profile,
+        print_only=args.print_only,
+    )
     return 0

@@ -11,6 +11,7 @@ Only mappings whose every page is still the file's own are given back (``/proc/s
 ``Anonymous: 0 kB``): a private mapping with a page written to (copy on write) would lose the
 write, so such a mapping is left alone. Linux only; elsewhere nothing is given back.
 """
+
 from __future__ import annotations
 
 import bisect

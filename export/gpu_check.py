@@ -31,6 +31,7 @@ GPU_CHECK_BUDGET_S (default 420: later stages are skipped once it is spent), GPU
 (skip the base-size model), GPU_CHECK_DEMO_STEPS (default 300), GPU_CHECK_SELFTEST=1 (no GPU
 needed: the CPU stands in for it, TensorRT is skipped; tests this module itself).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,16 +91,18 @@ def onnxruntime_providers() -> list[str]:
 # parity with the one comparator
 
 
-def parity(reference, candidate, sources: list[np.ndarray], precision: str, translations: bool = True,
-           max_len_b: int = 64) -> dict:
+def parity(
+    reference, candidate, sources: list[np.ndarray], precision: str, translations: bool = True, max_len_b: int = 64
+) -> dict:
     """``candidate`` against ``reference`` (two backends of the common interface): teacher-forced
     steps over the first batch of ``sources`` and, with ``translations``, greedy and beam-5
     searches over all of them. Returns {"steps", "translations", "failures"}; ``failures`` lists
     what misses ``DEVICE_THRESHOLDS[precision]``."""
     limits = DEVICE_THRESHOLDS[precision]
     steps = compare_steps(reference, candidate, sources[0], STEPS)
-    failures = limits.failures("teacher-forced steps", {"max_abs": steps["log_probs_max_abs"],
-                                                        "top1_agreement": steps["top1_agreement"]})
+    failures = limits.failures(
+        "teacher-forced steps", {"max_abs": steps["log_probs_max_abs"], "top1_agreement": steps["top1_agreement"]}
+    )
     rows = []
     if translations:
         rows = compare_translations(reference, candidate, sources, beams=(1, 5), max_len_b=max_len_b)
@@ -123,15 +126,26 @@ def summary_line(result: dict) -> str:
 class Run:
     """One GPU check run: the stages, their results and the report files."""
 
-    def __init__(self, out: Path, work: Path, gpu: str | None, selftest: bool, budget_s: float, with_base: bool,
-                 demo_steps: int):
+    def __init__(
+        self, out: Path, work: Path, gpu: str | None, selftest: bool, budget_s: float, with_base: bool, demo_steps: int
+    ):
         self.out, self.work, self.gpu, self.selftest = out, work, gpu, selftest
         self.device = "cpu" if selftest else "cuda"
         self.budget_s, self.with_base, self.demo_steps = budget_s, with_base, demo_steps
         self.t0 = time.time()
-        self.report = {"gpu": gpu, "status": "running", "selftest": selftest, "device": self.device,
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": {}, "stages": {},
-                       "verdicts": {}, "failures": [], "errors": [], "skipped": []}
+        self.report = {
+            "gpu": gpu,
+            "status": "running",
+            "selftest": selftest,
+            "device": self.device,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {},
+            "stages": {},
+            "verdicts": {},
+            "failures": [],
+            "errors": [],
+            "skipped": [],
+        }
 
     def log(self, msg: str) -> None:
         print(f"[{time.time() - self.t0:6.1f}s] {msg}", flush=True)
@@ -157,7 +171,11 @@ class Run:
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - every stage reports its own failure and the run goes on
-            self.report["stages"][name] = {"ok": False, "seconds": round(time.time() - t, 1), "error": f"{type(e).__name__}: {e}"}
+            self.report["stages"][name] = {
+                "ok": False,
+                "seconds": round(time.time() - t, 1),
+                "error": f"{type(e).__name__}: {e}",
+            }
             self.report["errors"].append(f"{name}: {type(e).__name__}: {e}")
             traceback.print_exc()
             return None
@@ -171,8 +189,12 @@ class Run:
         if result is None:
             return
         ok = not result["failures"]
-        self.report["verdicts"][name] = {"ok": ok, "enforced": enforced, "detail": summary_line(result),
-                                         "failures": result["failures"]}
+        self.report["verdicts"][name] = {
+            "ok": ok,
+            "enforced": enforced,
+            "detail": summary_line(result),
+            "failures": result["failures"],
+        }
         if enforced:
             self.report["failures"] += [f"{name}: {f}" for f in result["failures"]]
 
@@ -182,17 +204,25 @@ class Run:
         import onnxruntime
         import torch
 
-        v = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-             "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers(),
-             "cpu_count": os.cpu_count()}
+        v = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "onnxruntime": onnxruntime.__version__,
+            "providers": onnxruntime.get_available_providers(),
+            "cpu_count": os.cpu_count(),
+        }
         for module in ("tensorrt", "polygraphy"):
             try:
                 v[module] = __import__(module).__version__
             except Exception as e:  # noqa: BLE001
                 v[module], v[f"{module}_missing"] = None, str(e)
         if shutil.which("nvidia-smi"):
-            q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
-                                "--format=csv,noheader"], capture_output=True, text=True)
+            q = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            )
             v["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
         self.report["versions"] = v
         return v
@@ -244,14 +274,31 @@ class Run:
         out = self.work / f"{model_dir.name}-{precision}"
         if (out / "manifest.json").exists():
             return {"artifact": str(out), "reused": True}
-        rc = main(["export", str(model_dir / ckpt), "--spm", str(model_dir / "spm.model"), "--dict",
-                   str(model_dir / "dict.txt"), "--out", str(out), "--precision", precision, "--force"])
+        rc = main(
+            [
+                "export",
+                str(model_dir / ckpt),
+                "--spm",
+                str(model_dir / "spm.model"),
+                "--dict",
+                str(model_dir / "dict.txt"),
+                "--out",
+                str(out),
+                "--precision",
+                precision,
+                "--force",
+            ]
+        )
         if rc == 130:  # interrupted: stop everything, not just this stage
             raise KeyboardInterrupt
         if rc != 0:
             raise RuntimeError(f"deltalm export exited with {rc}")
         verdict = json.loads((out / "parity.json").read_text())
-        return {"artifact": str(out), "torch_parity_passed": verdict["passed"], "end_to_end_vs_torch": verdict["end_to_end"]}
+        return {
+            "artifact": str(out),
+            "torch_parity_passed": verdict["passed"],
+            "end_to_end_vs_torch": verdict["end_to_end"],
+        }
 
     def demo_sources(self) -> list[np.ndarray]:
         from deltalm.export.toy_data import toy_corpus
@@ -259,7 +306,7 @@ class Run:
 
         tok = Tokenizer(self.work / "demo" / "spm.model", self.work / "demo" / "dict.txt")
         lines = toy_corpus()[::25]  # 16 sentences, all four languages
-        return [tok.collate([tok.encode(s) for s in lines[i:i + 8]]) for i in range(0, len(lines), 8)]
+        return [tok.collate([tok.encode(s) for s in lines[i : i + 8]]) for i in range(0, len(lines), 8)]
 
     def random_sources(self, cfg) -> list[np.ndarray]:
         from deltalm.export.parity import make_sources
@@ -269,7 +316,9 @@ class Run:
     def on_device(self, backend) -> None:
         """ONNX Runtime falls back to the CPU when the CUDA provider cannot load: refuse that."""
         if self.device == "cuda" and backend.decoder.get_providers()[0] != "CUDAExecutionProvider":
-            raise RuntimeError(f"the CUDA execution provider did not load (providers: {backend.decoder.get_providers()})")
+            raise RuntimeError(
+                f"the CUDA execution provider did not load (providers: {backend.decoder.get_providers()})"
+            )
 
     def ort_parity(self, artifact: str, precision: str, demo: bool) -> dict:
         from deltalm.backends.ort import OrtBackend
@@ -284,8 +333,10 @@ class Run:
         from deltalm.export.engines import build_engines
 
         meta = build_engines(artifact, max_batch=8, max_beam=5, max_src_len=64, max_tgt_len=72)
-        return {g: {k: m[k] for k in ("precision", "tensorrt", "build_seconds", "layers") if k in m}
-                for g, m in meta["engines"].items()}
+        return {
+            g: {k: m[k] for k in ("precision", "tensorrt", "build_seconds", "layers") if k in m}
+            for g, m in meta["engines"].items()
+        }
 
     def trt_parity(self, artifact: str, precision: str, demo: bool) -> dict:
         from deltalm.backends.ort import OrtBackend
@@ -330,14 +381,17 @@ class Run:
         artifacts = {}
         for model, d, ckpt in models:
             for precision in ("fp32", "fp16"):
-                r = self.stage(f"export {model} {precision}", self.export, d, ckpt, precision,
-                               need_s=90 if model == "base" else 10)
+                r = self.stage(
+                    f"export {model} {precision}", self.export, d, ckpt, precision, need_s=90 if model == "base" else 10
+                )
                 if not r:
                     continue
                 art = artifacts[(model, precision)] = r["artifact"]
-                self.verdict(f"ORT {self.device} vs CPU, {model} {precision}",
-                             self.stage(f"ort parity {model} {precision}", self.ort_parity, art, precision, model == "demo"),
-                             enforced=model == "demo")
+                self.verdict(
+                    f"ORT {self.device} vs CPU, {model} {precision}",
+                    self.stage(f"ort parity {model} {precision}", self.ort_parity, art, precision, model == "demo"),
+                    enforced=model == "demo",
+                )
                 if (model, precision) != ("demo", "fp16"):
                     self.stage(f"ort latency {model} {precision}", self.ort_latency, art, need_s=20)
         have_trt = self.report["versions"].get("tensorrt") is not None
@@ -346,12 +400,15 @@ class Run:
                 art = artifacts.get((model, precision))  # engines in the export's own precision
                 if not art:
                     continue
-                if not self.stage(f"trt engines {model} {precision}", self.trt_engines, art,
-                                  need_s=150 if model == "base" else 30):
+                if not self.stage(
+                    f"trt engines {model} {precision}", self.trt_engines, art, need_s=150 if model == "base" else 30
+                ):
                     continue
-                self.verdict(f"TRT vs ORT CPU, {model} {precision}",
-                             self.stage(f"trt parity {model} {precision}", self.trt_parity, art, precision, model == "demo"),
-                             enforced=model == "demo")
+                self.verdict(
+                    f"TRT vs ORT CPU, {model} {precision}",
+                    self.stage(f"trt parity {model} {precision}", self.trt_parity, art, precision, model == "demo"),
+                    enforced=model == "demo",
+                )
                 if (model, precision) != ("demo", "fp16"):
                     self.stage(f"trt latency {model} {precision}", self.trt_latency, art, need_s=20)
         else:
@@ -382,7 +439,9 @@ def step_latency(backend, batch: int, beam: int) -> dict:
     state.fit_positions(POSITION + 1)
     for cache in state.cache_views():
         cache[...] = rng.standard_normal(cache.shape).astype(cache.dtype)
-    rules = StepRules(np.full(rows, -1, np.int64), np.zeros(rows, bool), np.zeros(rows, bool), np.zeros(rows, np.float32))
+    rules = StepRules(
+        np.full(rows, -1, np.int64), np.zeros(rows, bool), np.zeros(rows, bool), np.zeros(rows, np.float32)
+    )
     tokens = rng.integers(4, cfg.vocab_size, (rows, 1)).astype(np.int64)
     feeds = state.feeds(backend.step_spec, tokens, np.full(rows, POSITION, np.int64), rules)
     result = timed(lambda: backend.run_step(feeds))  # the same step every run: the cache is not written
@@ -397,8 +456,13 @@ def timed(step_once) -> dict:
         t = time.perf_counter()
         step_once()
         times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
-            "runs": RUNS, "position": POSITION, "src_len": SRC_LEN}
+    return {
+        "median_ms": round(statistics.median(times), 3),
+        "p90_ms": round(float(np.percentile(times, 90)), 3),
+        "runs": RUNS,
+        "position": POSITION,
+        "src_len": SRC_LEN,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,9 +471,13 @@ def timed(step_once) -> dict:
 
 def markdown(report: dict) -> str:
     """The report as a markdown summary: one row per stage, then verdicts, skips and failures."""
-    lines = [f"# GPU check: {report['status']}", "",
-             f"GPU: {report.get('gpu') or 'none'}; device checked: {report.get('device', '-')}; "
-             f"{report.get('elapsed_s', 0)}s", ""]
+    lines = [
+        f"# GPU check: {report['status']}",
+        "",
+        f"GPU: {report.get('gpu') or 'none'}; device checked: {report.get('device', '-')}; "
+        f"{report.get('elapsed_s', 0)}s",
+        "",
+    ]
     if report.get("stages"):
         lines += ["| stage | ok | seconds | result |", "|---|---|---|---|"]
         for name, st in report["stages"].items():
@@ -447,19 +515,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=env.get("GPU_CHECK_WORK", "/tmp/deltalm_gpu_check"), help="scratch folder")
     p.add_argument("--budget-s", type=float, default=float(env.get("GPU_CHECK_BUDGET_S", "420")))
     p.add_argument("--demo-steps", type=int, default=int(env.get("GPU_CHECK_DEMO_STEPS", "300")))
-    p.add_argument("--selftest", action="store_true", default=env.get("GPU_CHECK_SELFTEST") == "1",
-                   help="the CPU stands in for the GPU (tests this module; TensorRT skipped)")
-    p.add_argument("--no-base", dest="base", action="store_false",
-                   default=env.get("GPU_CHECK_BASE", "0" if env.get("GPU_CHECK_SELFTEST") == "1" else "1") == "1",
-                   help="skip the base-size model")
+    p.add_argument(
+        "--selftest",
+        action="store_true",
+        default=env.get("GPU_CHECK_SELFTEST") == "1",
+        help="the CPU stands in for the GPU (tests this module; TensorRT skipped)",
+    )
+    p.add_argument(
+        "--no-base",
+        dest="base",
+        action="store_false",
+        default=env.get("GPU_CHECK_BASE", "0" if env.get("GPU_CHECK_SELFTEST") == "1" else "1") == "1",
+        help="skip the base-size model",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     gpu = detect_gpu()
     providers = onnxruntime_providers()
     if gpu is None and not args.selftest:
         print("no GPU found: GPU checks skipped")
-        write_report(out, {"gpu": None, "status": "skipped (no GPU)", "onnxruntime_providers": providers,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_report(
+            out,
+            {
+                "gpu": None,
+                "status": "skipped (no GPU)",
+                "onnxruntime_providers": providers,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
         print(f"report: {out / 'gpu_report.json'}")
         return 0
     print(f"GPU: {gpu or 'none (selftest: the CPU stands in for it)'}; ONNX Runtime providers: {' '.join(providers)}")

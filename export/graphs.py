@@ -1,6 +1,7 @@
 """The two exported computations as modules: the torch backend runs exactly these, and the ONNX
 exporter traces exactly these, so the PyTorch reference and the graphs cannot drift apart.
 Interfaces (names, dtypes, symbolic shapes) are declared once in ``runtime/graphs.py``."""
+
 from __future__ import annotations
 
 import torch
@@ -96,7 +97,9 @@ def topk_with_rules(
     return scores, ids.gather(-1, order)
 
 
-def _scores_of(logits: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+def _scores_of(
+    logits: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor | None
+) -> torch.Tensor:
     """Raw log-probs of token ``ids`` [N, T, M] from logits [N, T, V] (or [N, T, C] over the
     shortlist ``columns``: an id that is not a candidate scores -inf)."""
     if columns is None:
@@ -174,8 +177,9 @@ class DecoderStepGraph(nn.Module):
         peak = logits.amax(dim=-1, keepdim=True)
         peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
         lse = peak + torch.log(torch.exp(logits - peak).sum(dim=-1, keepdim=True))
-        scores, ids = topk_with_rules(logits, lse, self.k, self.cfg, f["forced_tokens"], f["ban_eos"], f["only_eos"],
-                                      f["unk_penalty"], candidates)
+        scores, ids = topk_with_rules(
+            logits, lse, self.k, self.cfg, f["forced_tokens"], f["ban_eos"], f["only_eos"], f["unk_penalty"], candidates
+        )
         token_scores = _scores_of(logits, lse, f["score_ids"], candidates)
         width = f["want_log_probs"].to(torch.int64).reshape(1) * logits.shape[-1]  # all columns, or none
         log_probs = logits[:, :, :width] - lse

@@ -12,6 +12,7 @@ Shapes: ``B`` sentences, ``N`` decoder rows (hypotheses; ``N = B * G`` with ``G`
 sentence, grouped by sentence), ``S`` source length, ``T`` target length, ``P`` past length,
 ``H`` heads, ``hd`` head size, ``D`` model size, ``V`` vocabulary.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -64,8 +65,16 @@ class Attention(nn.Module):
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return torch.matmul(probs, v)
 
-    def attend_cached(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_blocked: torch.Tensor,
-                      k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    def attend_cached(
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        cache_blocked: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        blocked: torch.Tensor,
+    ) -> torch.Tensor:
         """Self-attention over a row's cached keys and its new ones: q / k / v [N, H, T, hd] of the
         new tokens, cache_k / cache_v [N, H, L, hd] (the caller's cache, never written here),
         cache_blocked bool broadcastable to [N, H, T, L] (True: not one of the row's tokens),
@@ -74,8 +83,13 @@ class Attention(nn.Module):
         other tokens than fairseq (measured); the joined copy lives for one layer at a time."""
         cached = cache_k.shape[2]
         scores = torch.matmul(q, torch.cat([cache_k, k], dim=2).transpose(-1, -2))
-        scores = torch.cat([scores[..., :cached].masked_fill(cache_blocked, float("-inf")),
-                            scores[..., cached:].masked_fill(blocked, float("-inf"))], dim=-1)
+        scores = torch.cat(
+            [
+                scores[..., :cached].masked_fill(cache_blocked, float("-inf")),
+                scores[..., cached:].masked_fill(blocked, float("-inf")),
+            ],
+            dim=-1,
+        )
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return torch.matmul(probs, torch.cat([cache_v, v], dim=2))
 
@@ -233,8 +247,9 @@ class Decoder(_Embedded):
         empty = cross[0][0].new_zeros(b, self.cfg.heads, 0, self.cfg.head_dim)
         cache_blocked = torch.zeros(1, 1, 1, 0, dtype=torch.bool, device=prev_tokens.device)
         causal = torch.ones(t, t, dtype=torch.bool, device=prev_tokens.device).triu(1)
-        x, _ = self.run_layers(x, [(empty, empty)] * len(self.layers), cache_blocked, causal, cross,
-                               src_padding[:, None, None, :])
+        x, _ = self.run_layers(
+            x, [(empty, empty)] * len(self.layers), cache_blocked, causal, cross, src_padding[:, None, None, :]
+        )
         return x
 
     def step(

@@ -6,6 +6,7 @@ control flow over dynamic shapes (no If, past_len 0 is an ordinary empty tensor)
 exporter handles with plain ``dynamic_axes``; its output is the pattern ONNX Runtime's fusions and
 TensorRT's parser are tested against; and it needs no onnxscript. Revisit when it is removed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -93,8 +94,9 @@ def tie_output_projection(model, cfg) -> int:
         del inits[weight.name]
         graph.initializer.remove(weight)
         graph.initializer.append(table)
-        gemm = helper.make_node("Gemm", [node.input[0], table.name], list(node.output), name=node.name or "output_projection",
-                                transB=1)
+        gemm = helper.make_node(
+            "Gemm", [node.input[0], table.name], list(node.output), name=node.name or "output_projection", transB=1
+        )
         graph.node.remove(node)
         graph.node.insert(i, gemm)
         rewritten += 1
@@ -117,8 +119,13 @@ def int8_embeddings(model, cfg) -> int:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
-    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
-               and list(inits[n.input[0]].dims) == [cfg.vocab_size, cfg.embed_dim]]
+    gathers = [
+        n
+        for n in graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in inits
+        and list(inits[n.input[0]].dims) == [cfg.vocab_size, cfg.embed_dim]
+    ]
     if not gathers:
         return 0
     table = inits[gathers[0].input[0]]
@@ -142,7 +149,11 @@ def int8_embeddings(model, cfg) -> int:
     graph.initializer.extend([q, scale])
     # the quantized output projection: an int8 [D, V] weight, read with the same q and scale
     for node in graph.node:
-        if node.op_type == "MatMulInteger" and node.input[1] in inits and list(inits[node.input[1]].dims) == [cfg.embed_dim, cfg.vocab_size]:
+        if (
+            node.op_type == "MatMulInteger"
+            and node.input[1] in inits
+            and list(inits[node.input[1]].dims) == [cfg.embed_dim, cfg.vocab_size]
+        ):
             weight, zero = inits[node.input[1]], inits[node.input[3]]
             scale_name = weight.name[: -len("_quantized")] + "_scale"
             if scale_name not in inits or list(inits[scale_name].dims) != [cfg.vocab_size]:
@@ -217,8 +228,9 @@ def _toposort(model):
     return model
 
 
-def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, precision: str,
-                 weights: SharedWeights) -> list[str]:
+def export_graph(
+    module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, precision: str, weights: SharedWeights
+) -> list[str]:
     """Trace ``module`` to ``out_dir/{spec.name}.onnx`` in the given precision, its weights into
     ``weights`` (the artifact's shared weights file); returns the files the graph reads. The graph
     is traced and rewritten without its weights (``deltalm.export.weights``); each weight is
@@ -233,8 +245,11 @@ def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
             if spec.name == "decoder_step" and precision != "int8":
                 tie_output_projection(model, module.cfg)
             if precision == "fp16":
-                keep = [t.name for t in module.spec("float16").inputs + module.spec("float16").outputs
-                        if t.dtype == "float32"]
+                keep = [
+                    t.name
+                    for t in module.spec("float16").inputs + module.spec("float16").outputs
+                    if t.dtype == "float32"
+                ]
                 model = _toposort(convert_fp16(model, keep, _fp16_block_list(), head_nodes(model)))
             elif precision == "int8":
                 model = quantize_matmuls(model)
@@ -273,8 +288,9 @@ def export_graphs(model: torch.nn.Module, out_dir: Path, precision: str, topk: i
                 for shortlist in (False, True):
                     step = DecoderStepGraph(model, topk, shortlist=shortlist).eval()
                     spec = step.spec()
-                    files = export_graph(step, step_trace_inputs(step, cross, enc_args[0]), spec, out_dir, precision,
-                                         weights)
+                    files = export_graph(
+                        step, step_trace_inputs(step, cross, enc_args[0]), spec, out_dir, precision, weights
+                    )
                     graphs[spec.name] = {"file": files[0], "files": files, "spec": step.spec(float_dtype).to_dict()}
     finally:
         weights.close()
@@ -300,5 +316,7 @@ def ort_fusions(path: Path) -> dict[str, int]:
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         before = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-        after = collections.Counter(n.op_type for n in onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False).graph.node)
+        after = collections.Counter(
+            n.op_type for n in onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False).graph.node
+        )
     return {op: n for op, n in sorted(after.items()) if op not in before}

@@ -5,6 +5,7 @@ Errors reported per output: ``max_abs`` = max |ort - torch|; ``max_rel`` = max |
 |torch| over elements with |torch| >= 1e-3 (smaller values make relative error meaningless).
 For top-k outputs: the fraction of equal ids, and of rows whose top-1 id agrees.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,8 +81,11 @@ def sample_text(tokenizer, n: int = SAMPLED_SENTENCES, seed: int = 0) -> ParityT
     of ids mostly hits the rare rows of the embedding table, where a model is least trained and its
     outputs nearest to ties."""
     sp = tokenizer.sp
-    ids = [i for i in range(sp.get_piece_size())
-           if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))]
+    ids = [
+        i
+        for i in range(sp.get_piece_size())
+        if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+    ]
     scores = np.array([sp.get_score(i) for i in ids], dtype=np.float64)
     p = np.exp(scores - scores.max())
     p /= p.sum()
@@ -96,7 +100,9 @@ def sample_text(tokenizer, n: int = SAMPLED_SENTENCES, seed: int = 0) -> ParityT
             sentences.append(tuple(encoded))
     if not sentences:
         raise ExportError(f"{tokenizer.spm_path}: no sentence could be sampled from this sentencepiece model")
-    return ParityText(tuple(sentences), f"{len(sentences)} sentences sampled from {Path(tokenizer.spm_path).name} (seed {seed})")
+    return ParityText(
+        tuple(sentences), f"{len(sentences)} sentences sampled from {Path(tokenizer.spm_path).name} (seed {seed})"
+    )
 
 
 def corpus_lines(path) -> list[str]:
@@ -325,8 +331,9 @@ def _graph_parity(model, artifact, rng) -> list[dict]:
     return rows
 
 
-def step_case_feeds(cfg, case: StepCase, cross: list[np.ndarray], padding: np.ndarray, k: int, rng,
-                    candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def step_case_feeds(
+    cfg, case: StepCase, cross: list[np.ndarray], padding: np.ndarray, k: int, rng, candidates: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Feeds of the step graph for ``case``: rows at random positions over a random cache, a
     forced token, banned and only-eos rows, unk penalties, scored ids and the full log-probs (as
     float32; an fp16 graph's caller casts its float inputs)."""
@@ -378,7 +385,9 @@ def _step_parity(model, encoder, artifact, graph: str, k: int, step_cases, rng) 
             elif shortlist:
                 candidates = np.arange(cfg.vocab_size, dtype=np.int64)
             feeds = step_case_feeds(cfg, case, cross, src == cfg.pad, k, rng, candidates)
-            want = [t.numpy() for t in step(*step.inputs({k: torch.from_numpy(np.asarray(a)) for k, a in feeds.items()}))]
+            want = [
+                t.numpy() for t in step(*step.inputs({k: torch.from_numpy(np.asarray(a)) for k, a in feeds.items()}))
+            ]
             for tspec in spec.inputs:
                 if tspec.dtype == "float16":
                     feeds[tspec.name] = feeds[tspec.name].astype(float_dtype)
@@ -389,8 +398,11 @@ def _step_parity(model, encoder, artifact, graph: str, k: int, step_cases, rng) 
                 if name == "topk_ids":
                     row = compare(name, np.where(finite, g, -1), np.where(finite, w, -1))
                     if row.get("shape_ok"):
-                        row |= decisive_top1(g.reshape(-1, g.shape[-1]), w.reshape(-1, w.shape[-1]),
-                                             want[0].reshape(-1, want[0].shape[-1]))
+                        row |= decisive_top1(
+                            g.reshape(-1, g.shape[-1]),
+                            w.reshape(-1, w.shape[-1]),
+                            want[0].reshape(-1, want[0].shape[-1]),
+                        )
                 rows.append({"graph": graph, "case": case.name} | row)
     return rows
 
@@ -433,8 +445,9 @@ def end_to_end_checks(model, artifact, text: ParityText | None = None, seed: int
     return rows, compare_steps(ref, candidate, everything, TEACHER_FORCED_STEPS)
 
 
-def end_to_end(model, artifact, sources: list[np.ndarray] | None = None, seed: int = 0,
-               text: ParityText | None = None) -> list[dict]:
+def end_to_end(
+    model, artifact, sources: list[np.ndarray] | None = None, seed: int = 0, text: ParityText | None = None
+) -> list[dict]:
     """The per-beam rows of ``end_to_end_checks`` (identical ids, score difference); with
     ``sources`` (a list of left-padded batches), on those."""
     if sources is None:
@@ -460,11 +473,18 @@ def pooled_top1(rows: list[dict]) -> dict[str, dict]:
         if r["output"] == "topk_ids" and "decisive_rows" in r:
             n, agree = pooled.setdefault(r["graph"], [0, 0.0])
             pooled[r["graph"]] = [n + r["decisive_rows"], agree + r["decisive_rows"] * r["decisive_top1_agreement"]]
-    return {g: {"decisive_rows": n, "decisive_top1_agreement": agree / n if n else 1.0} for g, (n, agree) in pooled.items()}
+    return {
+        g: {"decisive_rows": n, "decisive_top1_agreement": agree / n if n else 1.0} for g, (n, agree) in pooled.items()
+    }
 
 
-def summarize(rows: list[dict], precision: str, tolerance: float | None, end_to_end_rows: list[dict] = (),
-              teacher_forced: dict | None = None) -> tuple[bool, list[str]]:
+def summarize(
+    rows: list[dict],
+    precision: str,
+    tolerance: float | None,
+    end_to_end_rows: list[dict] = (),
+    teacher_forced: dict | None = None,
+) -> tuple[bool, list[str]]:
     """The verdict (``deltalm.compare.Thresholds.for_precision``). Every shape must be right.
     fp32: every float output within ``tolerance`` (max abs). Each graph's top-k top-1, pooled
     over its cases (``pooled_top1``), at least ``min_graph_top1``. End to end: the teacher-forced
@@ -480,13 +500,17 @@ def summarize(rows: list[dict], precision: str, tolerance: float | None, end_to_
         elif r["output"] in FLOAT_OUTPUTS and "max_abs" in r:
             failures += limits.failures(what, r)
     for graph, pooled in pooled_top1(rows).items():
-        failures += graph_limits.failures(f"{graph} topk_ids (all cases, {pooled['decisive_rows']} decisive rows)", pooled)
+        failures += graph_limits.failures(
+            f"{graph} topk_ids (all cases, {pooled['decisive_rows']} decisive rows)", pooled
+        )
     for r in end_to_end_rows:
         failures += limits.failures(f"end to end, beam {r['beam']}", r)
     if teacher_forced is not None:
         t = teacher_forced
-        failures += limits.failures(f"end to end, teacher-forced ({t['decisive_rows']} decisive of {t['rows']} "
-                                    f"sentences x {t['steps']} steps)", t)
+        failures += limits.failures(
+            f"end to end, teacher-forced ({t['decisive_rows']} decisive of {t['rows']} sentences x {t['steps']} steps)",
+            t,
+        )
     return not failures, failures
 
 
@@ -508,11 +532,16 @@ def format_summary(rows: list[dict], report: Path | None, verbose: bool) -> str:
         worst = max(floats, key=lambda r: r["max_abs"])
         parts.append(f"largest difference {worst['max_abs']:.1e} ({worst['graph']} {worst['output']})")
     if ids:
-        parts.append(f"top-k ids equal >= {min(r['agreement'] for r in ids):.0%}, best id agrees >= "
-                     f"{min(r['top1_agreement'] for r in ids):.0%}")
+        parts.append(
+            f"top-k ids equal >= {min(r['agreement'] for r in ids):.0%}, best id agrees >= "
+            f"{min(r['top1_agreement'] for r in ids):.0%}"
+        )
     if not verbose:
-        parts.append(f"every output and case in {report} (--verbose prints the table)" if report is not None
-                     else "--verbose prints every output and case")
+        parts.append(
+            f"every output and case in {report} (--verbose prints the table)"
+            if report is not None
+            else "--verbose prints every output and case"
+        )
     return "parity summary: " + "; ".join(parts)
 
 
@@ -528,11 +557,16 @@ def format_table(rows: list[dict]) -> str:
         key = (r["graph"], r["case"], out)
         if key in folded and "max_abs" in r and "max_abs" in folded[key]:
             prev = folded[key]
-            folded[key] = prev | {"max_abs": max(prev["max_abs"], r["max_abs"]), "max_rel": max(prev["max_rel"], r["max_rel"])}
+            folded[key] = prev | {
+                "max_abs": max(prev["max_abs"], r["max_abs"]),
+                "max_rel": max(prev["max_rel"], r["max_rel"]),
+            }
         elif key not in folded or not r.get("shape_ok", False):
             folded[key] = r | {"output": out}
-    lines = [f"{'graph':<22} {'output':<22} {'case':<48} {'max_abs':>10} {'max_rel':>10} {'ids/top1':>10}",
-             *TABLE_LEGEND]
+    lines = [
+        f"{'graph':<22} {'output':<22} {'case':<48} {'max_abs':>10} {'max_rel':>10} {'ids/top1':>10}",
+        *TABLE_LEGEND,
+    ]
     for r in folded.values():
         if not r.get("shape_ok", False):
             tail = "SHAPE MISMATCH"

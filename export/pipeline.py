@@ -7,6 +7,7 @@ an artifact's parity. Plain arguments in, typed results out; the ``deltalm`` com
     artifact = export_checkpoint("checkpoint_best.pt", "model_dir", spm="spm.model", dictionary="dict.txt")
     print(artifact.precision, artifact.parity["passed"])
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,12 @@ def _versions() -> dict:
     import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def export_checkpoint(
@@ -91,8 +96,10 @@ def export_checkpoint(
     if topk < 2:
         raise InputError(f"--topk must be >= 2, got {topk}")
     if tolerance is not None and precision != "fp32":
-        raise InputError(f"--tolerance applies to fp32 exports; {precision} has its own verdict "
-                         "(top-1 agreement and identical sentences, see docs/export.md)")
+        raise InputError(
+            f"--tolerance applies to fp32 exports; {precision} has its own verdict "
+            "(top-1 agreement and identical sentences, see docs/export.md)"
+        )
     check_artifact_destination(out, force)  # before the slow load
     if parity_corpus:
         from .parity import corpus_lines
@@ -109,9 +116,11 @@ def export_checkpoint(
         loaded, model, spm, versions = _load_model(checkpoint, config, dictionary, as_deltalm, spm)
     cfg = loaded.config
     t_load = stage.seconds
-    log(f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
+    log(
+        f"loaded {loaded.format} checkpoint ({cfg.kind}, {cfg.embed_dim}d, "
         f"{cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} layers, vocab {cfg.vocab_size}) "
-        f"in {t_load:.1f}s, {_peak(stage)}")
+        f"in {t_load:.1f}s, {_peak(stage)}"
+    )
     from .onnx_export import export_graphs, ort_fusions
     from .parity import end_to_end_checks, format_summary, format_table, graph_parity, parity_text, summarize
 
@@ -143,13 +152,22 @@ def export_checkpoint(
             precision=precision,
             graphs={name: GraphEntry.from_dict(g) for name, g in graphs.items()},
             tokenizer=tokenizer,
-            export_options=ExportOptions(topk=topk, opset=17, exporter="torch.onnx (dynamo=False)",
-                                         tolerance=limits.max_abs,
-                                         ort_graph_optimization="ORT_ENABLE_ALL at session creation",
-                                         ort_fusions=fusions),
+            export_options=ExportOptions(
+                topk=topk,
+                opset=17,
+                exporter="torch.onnx (dynamo=False)",
+                tolerance=limits.max_abs,
+                ort_graph_optimization="ORT_ENABLE_ALL at session creation",
+                ort_fusions=fusions,
+            ),
             files=hash_files(tmp, files),
-            source=Source(checkpoint=str(Path(checkpoint).resolve()), format=loaded.format,
-                          dtype=loaded.source_dtype, config=config, as_deltalm=bool(as_deltalm)),
+            source=Source(
+                checkpoint=str(Path(checkpoint).resolve()),
+                format=loaded.format,
+                dtype=loaded.source_dtype,
+                config=config,
+                as_deltalm=bool(as_deltalm),
+            ),
             versions=versions,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
@@ -159,14 +177,27 @@ def export_checkpoint(
             with meter.stage("graphs"):
                 rows = graph_parity(model, artifact, text=text)
             with meter.stage("end to end"):
-                e2e, teacher = end_to_end_checks(model, artifact, text) if cfg.is_encoder_decoder and spm else ([], None)
+                e2e, teacher = (
+                    end_to_end_checks(model, artifact, text) if cfg.is_encoder_decoder and spm else ([], None)
+                )
         ok, failures = summarize(rows, precision, tolerance, e2e, teacher)
-        report = {"precision": precision, "tolerance": limits.max_abs, "thresholds": limits.__dict__, "passed": ok,
-                  "failures": failures, "sources": text.origin if text else "random ids", "graphs": rows,
-                  "end_to_end": e2e, "teacher_forced": teacher,
-                  "timings_s": {"load": round(t_load, 2), "export": round(t_export, 2),
-                                "parity": round(parity_stage.seconds, 2)},
-                  "memory": meter.report()}
+        report = {
+            "precision": precision,
+            "tolerance": limits.max_abs,
+            "thresholds": limits.__dict__,
+            "passed": ok,
+            "failures": failures,
+            "sources": text.origin if text else "random ids",
+            "graphs": rows,
+            "end_to_end": e2e,
+            "teacher_forced": teacher,
+            "timings_s": {
+                "load": round(t_load, 2),
+                "export": round(t_export, 2),
+                "parity": round(parity_stage.seconds, 2),
+            },
+            "memory": meter.report(),
+        }
         write_json_atomic(tmp / "parity.json", report)
         manifest.files |= hash_files(tmp, ["parity.json"])  # the other files have not changed
         manifest.write(tmp)
@@ -178,9 +209,13 @@ def export_checkpoint(
             for line in failures:
                 log(f"  {line}")
             if not allow_parity_failure:
-                raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: "
-                                  f"{failures[0]}); nothing written")
-            log("parity check failed; the artifact is written anyway (--allow-parity-failure; parity.json says passed: false)")
+                raise ExportError(
+                    f"parity check failed for {len(failures)} output(s) (listed above; first: "
+                    f"{failures[0]}); nothing written"
+                )
+            log(
+                "parity check failed; the artifact is written anyway (--allow-parity-failure; parity.json says passed: false)"
+            )
         else:
             log(f"parity: passed ({_verdict_text(limits)}) in {parity_stage.seconds:.1f}s, {_peak(parity_stage)}")
         log(format_summary(rows, out / "parity.json", verbose))
@@ -232,12 +267,17 @@ def _verdict_text(limits: Thresholds) -> str:
 
 def end_to_end_lines(e2e: list[dict], teacher: dict | None, text) -> list[str]:
     """The end-to-end results of the check, one line each."""
-    lines = [f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} "
-             f"sentences, max score diff {r['max_score_diff']:.1e}" for r in e2e]
+    lines = [
+        f"end to end, beam {r['beam']}: identical ids {r['identical_ids']:.0%} of {r['sentences']} "
+        f"sentences, max score diff {r['max_score_diff']:.1e}"
+        for r in e2e
+    ]
     if teacher is not None:
-        lines.append(f"end to end, teacher-forced {teacher['steps']} steps x {teacher['rows']} sentences: top-1 "
-                     f"agreement {teacher['top1_agreement']:.3f}, decisive {teacher['decisive_top1_agreement']:.3f} "
-                     f"of {teacher['decisive_rows']}")
+        lines.append(
+            f"end to end, teacher-forced {teacher['steps']} steps x {teacher['rows']} sentences: top-1 "
+            f"agreement {teacher['top1_agreement']:.3f}, decisive {teacher['decisive_top1_agreement']:.3f} "
+            f"of {teacher['decisive_rows']}"
+        )
     if e2e:
         lines.append(f"end to end sources: {text.origin if text else 'random ids'}")
     return lines
@@ -262,23 +302,30 @@ def check_parity(
 
     artifact = open_artifact(artifact_dir)
     if tolerance is not None and artifact.precision != "fp32":
-        raise InputError(f"--tolerance applies to fp32 artifacts; this one is {artifact.precision}, whose verdict is "
-                         "top-1 agreement and identical sentences (see docs/export.md)")
+        raise InputError(
+            f"--tolerance applies to fp32 artifacts; this one is {artifact.precision}, whose verdict is "
+            "top-1 agreement and identical sentences (see docs/export.md)"
+        )
     src = artifact.manifest.source
     checkpoint = checkpoint or src.checkpoint
     if not checkpoint or not Path(checkpoint).exists():
-        raise InputError(f"the checkpoint {str(checkpoint)!r} recorded in the manifest is not available; pass --checkpoint")
+        raise InputError(
+            f"the checkpoint {str(checkpoint)!r} recorded in the manifest is not available; pass --checkpoint"
+        )
     overrides = config_overrides(src.config) if src.config else None
-    loaded = load_checkpoint(str(checkpoint), overrides=overrides, vocab_size=artifact.config.vocab_size,
-                             as_deltalm=src.as_deltalm)
+    loaded = load_checkpoint(
+        str(checkpoint), overrides=overrides, vocab_size=artifact.config.vocab_size, as_deltalm=src.as_deltalm
+    )
     if loaded.config.to_dict() != artifact.config.to_dict():
         raise ArtifactError(f"{checkpoint} does not describe the model in {artifact_dir} (architecture differs)")
     model = build_model(loaded)
     if tolerance is None and artifact.precision == "fp32":
         tolerance = artifact.manifest.export_options.tolerance
     limits = Thresholds.for_precision(artifact.precision, tolerance)
-    spm, dictionary = (artifact.path / artifact.manifest.tokenizer[k] if k in artifact.manifest.tokenizer else None
-                       for k in ("spm", "dict"))
+    spm, dictionary = (
+        artifact.path / artifact.manifest.tokenizer[k] if k in artifact.manifest.tokenizer else None
+        for k in ("spm", "dict")
+    )
     text = parity_text(spm, dictionary, parity_corpus)
     rows = graph_parity(model, artifact, text=text)
     e2e, teacher = end_to_end_checks(model, artifact, text) if artifact.config.is_encoder_decoder else ([], None)
@@ -293,8 +340,15 @@ def check_parity(
         raise ExportError(f"parity check failed for {len(failures)} output(s) (listed above; first: {failures[0]})")
     log(f"parity: passed ({artifact.precision}: {_verdict_text(limits)})")
     log(format_summary(rows, None, verbose))
-    return {"precision": artifact.precision, "passed": ok, "failures": failures, "graphs": rows, "end_to_end": e2e,
-            "teacher_forced": teacher, "sources": text.origin if text else "random ids"}
+    return {
+        "precision": artifact.precision,
+        "passed": ok,
+        "failures": failures,
+        "graphs": rows,
+        "end_to_end": e2e,
+        "teacher_forced": teacher,
+        "sources": text.origin if text else "random ids",
+    }
 
 
 __all__ = ["export_checkpoint", "inspect_checkpoint", "check_parity", "PRECISIONS"]

@@ -8,6 +8,7 @@ Any other global (``os.system``, ``builtins.eval``, a model class, ...) is refus
 :class:`CheckpointError` naming it, before anything is called. ``to_plain`` turns the stand-ins
 into dicts and lists.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
@@ -196,8 +197,16 @@ def _numpy_globals() -> dict:
 
 
 _OMEGACONF_NODES = (
-    "AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode", "BytesNode",
-    "PathNode", "ValueNode", "InterpolationResultNode",
+    "AnyNode",
+    "StringNode",
+    "IntegerNode",
+    "FloatNode",
+    "BooleanNode",
+    "EnumNode",
+    "BytesNode",
+    "PathNode",
+    "ValueNode",
+    "InterpolationResultNode",
 )
 
 _ALLOWED: dict[tuple[str, str], object] = {
@@ -212,14 +221,39 @@ _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "defaultdict"): collections.defaultdict,
     ("copyreg", "_reconstructor"): copyreg._reconstructor,
     ("_codecs", "encode"): _latin1_encode,
-    **{("builtins", t.__name__): t for t in (
-        dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes, bytearray, slice,
-        object,
-    )},
+    **{
+        ("builtins", t.__name__): t
+        for t in (
+            dict,
+            list,
+            tuple,
+            set,
+            frozenset,
+            int,
+            float,
+            complex,
+            bool,
+            str,
+            bytes,
+            bytearray,
+            slice,
+            object,
+        )
+    },
     ("builtins", "NoneType"): type(None),
-    **{("typing", name): getattr(typing, name) for name in (
-        "Any", "Dict", "List", "Tuple", "Optional", "Union", "Type", "Set",
-    )},
+    **{
+        ("typing", name): getattr(typing, name)
+        for name in (
+            "Any",
+            "Dict",
+            "List",
+            "Tuple",
+            "Optional",
+            "Union",
+            "Type",
+            "Set",
+        )
+    },
     ("argparse", "Namespace"): Namespace,
     ("omegaconf.dictconfig", "DictConfig"): DictConfig,
     ("omegaconf.listconfig", "ListConfig"): ListConfig,
@@ -322,8 +356,11 @@ def safe_torch_load(path: str | Path) -> object:
         # A zip checkpoint is mapped, not read: a tensor's bytes come from the file when they are
         # used, and those never used (fairseq's optimizer state) never are.
         return torch.load(
-            path, map_location="cpu", weights_only=False, mmap=head.startswith(b"PK\x03\x04"),
-            pickle_module=_RestrictedPickleModule
+            path,
+            map_location="cpu",
+            weights_only=False,
+            mmap=head.startswith(b"PK\x03\x04"),
+            pickle_module=_RestrictedPickleModule,
         )
     except _RefusedGlobal as e:
         raise CheckpointError(
@@ -334,7 +371,9 @@ def safe_torch_load(path: str | Path) -> object:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch.load raise (even AssertionError)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}: {detail})") from None
+        raise CheckpointError(
+            f"{path}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}: {detail})"
+        ) from None
 
 
 def _is_tar(path: Path) -> bool:

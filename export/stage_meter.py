@@ -11,6 +11,7 @@ reset included), because the kernel's mark no longer holds it. Stages nest; a st
 includes its children's. Where the kernel refuses the reset, stages fall back to peaks so far
 (``exact`` False). Linux only for the figures; elsewhere they are NaN and everything else works.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +56,14 @@ class Stage:
     depth: int = 0
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seconds": round(self.seconds, 2), "peak_rss_mb": round(self.peak_mb),
-                "rss_before_mb": round(self.rss_before_mb), "rss_after_mb": round(self.rss_after_mb),
-                "depth": self.depth}
+        return {
+            "name": self.name,
+            "seconds": round(self.seconds, 2),
+            "peak_rss_mb": round(self.peak_mb),
+            "rss_before_mb": round(self.rss_before_mb),
+            "rss_after_mb": round(self.rss_after_mb),
+            "depth": self.depth,
+        }
 
 
 @dataclass
@@ -115,8 +121,11 @@ class StageMeter:
 
     def report(self) -> dict:
         """What parity.json records under ``memory``."""
-        return {"peak_rss_mb": round(self.peak_mb), "stage_peaks": "own" if self.exact else "so far",
-                "stages": [s.to_dict() for s in self.stages]}
+        return {
+            "peak_rss_mb": round(self.peak_mb),
+            "stage_peaks": "own" if self.exact else "so far",
+            "stages": [s.to_dict() for s in self.stages],
+        }
 
     def table(self) -> str:
         """One line per stage: time, peak RSS, RSS after (children indented)."""

@@ -1,5 +1,6 @@
 """The PyTorch reference backend: runs ``EncoderGraph`` / ``DecoderStepGraph`` eagerly, on the
 same feeds as the exported graphs (``deltalm.backends.Backend``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +56,9 @@ class TorchBackend:
             config, dict_path = src.config, artifact.dict_path
         from .checkpoints import load_for_export
 
-        return cls(build_model(load_for_export(str(path), config, str(dict_path) if dict_path else None)), threads=threads)
+        return cls(
+            build_model(load_for_export(str(path), config, str(dict_path) if dict_path else None)), threads=threads
+        )
 
     def close(self) -> None:
         pass

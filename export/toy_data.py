@@ -21,43 +21,107 @@ TOY_LANG_TAGS: tuple[str, ...] = ("__en__", "__de__", "__es__", "__fr__")
 # coprime, so the first 100 sentences are 100 different combinations.
 _LEXICON: dict[str, tuple[list[str], list[str], list[str], list[str], str]] = {
     "en": (
-        ["The cat", "My brother", "The old teacher", "A child", "Our neighbour", "The doctor",
-         "Her friend"],
+        ["The cat", "My brother", "The old teacher", "A child", "Our neighbour", "The doctor", "Her friend"],
         ["sees", "likes", "paints", "finds", "wants"],
-        ["the red apple", "a small house", "the green river", "two black dogs", "a long letter",
-         "the blue car", "some fresh bread", "an empty bottle"],
-        ["in the morning", "near the station", "every day", "after school", "at night",
-         "in the garden", "on Sunday", "behind the church", "during the summer"],
+        [
+            "the red apple",
+            "a small house",
+            "the green river",
+            "two black dogs",
+            "a long letter",
+            "the blue car",
+            "some fresh bread",
+            "an empty bottle",
+        ],
+        [
+            "in the morning",
+            "near the station",
+            "every day",
+            "after school",
+            "at night",
+            "in the garden",
+            "on Sunday",
+            "behind the church",
+            "during the summer",
+        ],
         "{s} {v} {o} {p}.",
     ),
     "de": (
-        ["Die Katze", "Mein Bruder", "Der alte Lehrer", "Ein Kind", "Unser Nachbar", "Die Ärztin",
-         "Ihr Freund"],
+        ["Die Katze", "Mein Bruder", "Der alte Lehrer", "Ein Kind", "Unser Nachbar", "Die Ärztin", "Ihr Freund"],
         ["sieht", "mag", "malt", "findet", "will"],
-        ["den roten Apfel", "ein kleines Haus", "den grünen Fluss", "zwei schwarze Hunde",
-         "einen langen Brief", "das blaue Auto", "frisches Brot", "eine leere Flasche"],
-        ["am Morgen", "neben dem Bahnhof", "jeden Tag", "nach der Schule", "in der Nacht",
-         "im Garten", "am Sonntag", "hinter der Kirche", "während des Sommers"],
+        [
+            "den roten Apfel",
+            "ein kleines Haus",
+            "den grünen Fluss",
+            "zwei schwarze Hunde",
+            "einen langen Brief",
+            "das blaue Auto",
+            "frisches Brot",
+            "eine leere Flasche",
+        ],
+        [
+            "am Morgen",
+            "neben dem Bahnhof",
+            "jeden Tag",
+            "nach der Schule",
+            "in der Nacht",
+            "im Garten",
+            "am Sonntag",
+            "hinter der Kirche",
+            "während des Sommers",
+        ],
         "{s} {v} {p} {o}.",
     ),
     "fr": (
-        ["Le chat", "Mon frère", "Le vieux professeur", "Un enfant", "Notre voisin", "Le médecin",
-         "Son amie"],
+        ["Le chat", "Mon frère", "Le vieux professeur", "Un enfant", "Notre voisin", "Le médecin", "Son amie"],
         ["voit", "aime", "peint", "trouve", "veut"],
-        ["la pomme rouge", "une petite maison", "la rivière verte", "deux chiens noirs",
-         "une longue lettre", "la voiture bleue", "du pain frais", "une bouteille vide"],
-        ["le matin", "près de la gare", "chaque jour", "après l'école", "la nuit", "dans le jardin",
-         "le dimanche", "derrière l'église", "pendant l'été"],
+        [
+            "la pomme rouge",
+            "une petite maison",
+            "la rivière verte",
+            "deux chiens noirs",
+            "une longue lettre",
+            "la voiture bleue",
+            "du pain frais",
+            "une bouteille vide",
+        ],
+        [
+            "le matin",
+            "près de la gare",
+            "chaque jour",
+            "après l'école",
+            "la nuit",
+            "dans le jardin",
+            "le dimanche",
+            "derrière l'église",
+            "pendant l'été",
+        ],
         "{s} {v} {o} {p}.",
     ),
     "es": (
-        ["El gato", "Mi hermano", "El viejo profesor", "Un niño", "Nuestro vecino", "La médica",
-         "Su amigo"],
+        ["El gato", "Mi hermano", "El viejo profesor", "Un niño", "Nuestro vecino", "La médica", "Su amigo"],
         ["ve", "quiere", "pinta", "encuentra", "desea"],
-        ["la manzana roja", "una casa pequeña", "el río verde", "dos perros negros",
-         "una carta larga", "el coche azul", "pan fresco", "una botella vacía"],
-        ["por la mañana", "cerca de la estación", "cada día", "después de la escuela",
-         "por la noche", "en el jardín", "el domingo", "detrás de la iglesia", "durante el verano"],
+        [
+            "la manzana roja",
+            "una casa pequeña",
+            "el río verde",
+            "dos perros negros",
+            "una carta larga",
+            "el coche azul",
+            "pan fresco",
+            "una botella vacía",
+        ],
+        [
+            "por la mañana",
+            "cerca de la estación",
+            "cada día",
+            "después de la escuela",
+            "por la noche",
+            "en el jardín",
+            "el domingo",
+            "detrás de la iglesia",
+            "durante el verano",
+        ],
         "¿{s} {v} {o} {p}?",
     ),
 }
@@ -124,11 +188,7 @@ def build_toy_tokenizer(
     counts: Counter[str] = Counter()
     for line in corpus:
         counts.update(sp.encode(line, out_type=str))
-    pieces = [
-        sp.id_to_piece(i)
-        for i in range(sp.get_piece_size())
-        if not (sp.is_control(i) or sp.is_unknown(i))
-    ]
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
     pieces.sort(key=lambda piece: (-counts[piece], piece))
     entries = [(piece, counts[piece]) for piece in pieces]
     entries += [(tag, 0) for tag in lang_tags if tag not in counts]

@@ -1,6 +1,7 @@
 """The built-in demo model: a tiny DeltaLM fitted on a copy task over the toy multilingual corpus,
 saved as a real fairseq fine-tuned checkpoint (format A), so the demo and the tests exercise the
 same path as a user's ``checkpoint_best.pt``."""
+
 from __future__ import annotations
 
 import time
@@ -47,11 +48,20 @@ def save_fairseq_checkpoint(model: DeltaLM, path: Path) -> None:
     state["decoder.version"] = torch.tensor([3.0])
     checkpoint = {
         "args": None,
-        "cfg": {"_name": None, "model": fairseq_model_cfg(model.cfg),
-                "task": {"_name": "translation", "source_lang": "src", "target_lang": "tgt"}},
+        "cfg": {
+            "_name": None,
+            "model": fairseq_model_cfg(model.cfg),
+            "task": {"_name": "translation", "source_lang": "src", "target_lang": "tgt"},
+        },
         "model": state,
-        "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion", "optimizer_name": "Adam",
-                               "lr_scheduler_state": {}, "num_updates": 0}],
+        "optimizer_history": [
+            {
+                "criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                "optimizer_name": "Adam",
+                "lr_scheduler_state": {},
+                "num_updates": 0,
+            }
+        ],
         "extra_state": {"epoch": 1},
         "last_optimizer_state": None,
     }
@@ -59,8 +69,9 @@ def save_fairseq_checkpoint(model: DeltaLM, path: Path) -> None:
     torch.save(checkpoint, path)
 
 
-def train_copy_model(tokenizer, cfg: ModelConfig, steps: int = 300, batch_size: int = 32, seed: int = 0,
-                     log=None) -> DeltaLM:
+def train_copy_model(
+    tokenizer, cfg: ModelConfig, steps: int = 300, batch_size: int = 32, seed: int = 0, log=None
+) -> DeltaLM:
     """Fit ``cfg`` to copy the toy corpus (target = source), so greedy and beam search produce
     real, confident output. Deterministic for a given seed and thread count."""
     from .toy_data import toy_corpus

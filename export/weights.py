@@ -17,6 +17,7 @@ clamping included), ``q8col`` / ``s8col`` (symmetric int8 per column of a MatMul
 scales: ONNX Runtime's dynamic quantization numerics), ``q8table`` / ``s8table`` (the int8
 embedding table of ``quantize_table``, one column per token, and its per-token scales).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -253,8 +254,11 @@ def _exporter_hooks(table: dict, value_limit: int | None = SHAPE_INFERENCE_VALUE
 
     def infer(graph, params, *args):
         if value_limit is not None:
-            params = {k: v for k, v in params.items()
-                      if not isinstance(v, torch.Tensor) or v.numel() * v.element_size() <= value_limit}
+            params = {
+                k: v
+                for k, v in params.items()
+                if not isinstance(v, torch.Tensor) or v.numel() * v.element_size() <= value_limit
+            }
         return real_infer(graph, params, *args)
 
     torch._C._jit_pass_onnx_deduplicate_initializers = keep
@@ -285,8 +289,9 @@ def _identify(t: torch.Tensor, by_storage: dict[int, list[tuple[str, torch.Tenso
     return None
 
 
-def trace_without_weights(module: torch.nn.Module, args: tuple, spec, opset: int,
-                          value_limit: int | None = SHAPE_INFERENCE_VALUE_LIMIT):
+def trace_without_weights(
+    module: torch.nn.Module, args: tuple, spec, opset: int, value_limit: int | None = SHAPE_INFERENCE_VALUE_LIMIT
+):
     """``module`` traced to an ONNX ``ModelProto`` whose parameter initializers are pending
     references to ``module``'s tensors (see the module docstring), in the order and under the names
     the exporter gives them. Initializers that are no view of a parameter (folded constants) keep
@@ -298,9 +303,18 @@ def trace_without_weights(module: torch.nn.Module, args: tuple, spec, opset: int
     buf = io.BytesIO()
     with warnings.catch_warnings(), _exporter_hooks(table, value_limit):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
-                          export_params=False, dynamo=False)
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+            export_params=False,
+            dynamo=False,
+        )
     model = onnx.load_from_string(buf.getvalue())
     del buf
     by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
@@ -310,8 +324,10 @@ def trace_without_weights(module: torch.nn.Module, args: tuple, spec, opset: int
     inputs = list(graph.input)
     extra = [vi.name for vi in inputs if vi.name not in spec.input_names and vi.name not in table]
     if extra:
-        raise RuntimeError(f"{spec.name}: the exporter's initializers were not captured ({extra[:3]} ...); "
-                           f"this torch version ({torch.__version__}) exports differently")
+        raise RuntimeError(
+            f"{spec.name}: the exporter's initializers were not captured ({extra[:3]} ...); "
+            f"this torch version ({torch.__version__}) exports differently"
+        )
     for vi in inputs:
         t = table.get(vi.name)
         if t is None:
@@ -363,14 +379,18 @@ def quantize_matmuls(model):
         x = node.input[0]
         if x not in quantized_inputs:
             quantized_inputs[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(quantized_inputs[x]), x + "_QuantizeLinear"))
+            nodes.append(
+                helper.make_node("DynamicQuantizeLinear", [x], list(quantized_inputs[x]), x + "_QuantizeLinear")
+            )
         if weight.name not in quantized_weights:
             w = weight.name
             quantized_weights[w] = (w + "_quantized", w + "_scale", w + "_zero_point")
             n = weight.dims[1]
-            new_inits += [derive(weight, w + "_scale", "s8col"),
-                          numpy_helper.from_array(np.zeros(n, dtype=np.int8), w + "_zero_point"),
-                          derive(weight, w + "_quantized", "q8col")]
+            new_inits += [
+                derive(weight, w + "_scale", "s8col"),
+                numpy_helper.from_array(np.zeros(n, dtype=np.int8), w + "_zero_point"),
+                derive(weight, w + "_quantized", "q8col"),
+            ]
         xq, xs, xz = quantized_inputs[x]
         wq, ws, wz = quantized_weights[weight.name]
         name = node.name + "_quant" if node.name else ""
@@ -416,8 +436,13 @@ def convert_fp16(model, keep_io_types: list[str], op_block_list: list[str], node
             t.data_location = TensorProto.DEFAULT
             del t.dims[:]
             t.dims.append(0)
-    out = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=op_block_list,
-                                   node_block_list=list(node_block_list), disable_shape_infer=True)
+    out = convert_float_to_float16(
+        model,
+        keep_io_types=keep_io_types,
+        op_block_list=op_block_list,
+        node_block_list=list(node_block_list),
+        disable_shape_infer=True,
+    )
     for t in out.graph.initializer:
         if t.name in stash:
             ref, dims = stash[t.name]
@@ -532,6 +557,25 @@ class SharedWeights:
         self._file.close()
 
 
-__all__ = ["SharedWeights", "Ref", "TRANSFORMS", "trace_without_weights", "quantize_matmuls", "convert_fp16",
-           "derive", "ref_of", "set_pending", "materialize", "quantize_table", "table_scales", "column_scales",
-           "quantize_columns", "to_float16", "module_tensors", "WEIGHTS_FILE", "INLINE_LIMIT", "ALIGN", "PENDING"]
+__all__ = [
+    "SharedWeights",
+    "Ref",
+    "TRANSFORMS",
+    "trace_without_weights",
+    "quantize_matmuls",
+    "convert_fp16",
+    "derive",
+    "ref_of",
+    "set_pending",
+    "materialize",
+    "quantize_table",
+    "table_scales",
+    "column_scales",
+    "quantize_columns",
+    "to_float16",
+    "module_tensors",
+    "WEIGHTS_FILE",
+    "INLINE_LIMIT",
+    "ALIGN",
+    "PENDING",
+]

@@ -8,6 +8,7 @@
 The export side (``export_checkpoint``, ``inspect_checkpoint``, ``check_parity``) needs the
 ``export`` extra (torch, onnx) and is imported only when used.
 """
+
 from importlib import metadata as _metadata
 
 from .artifact import Artifact, open_artifact
@@ -33,8 +34,29 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'deltalm' has no attribute {name!r}")
 
 
-__all__ = ["Translator", "Translation", "PartialTranslation", "Hypothesis", "TranslateOptions", "Engine", "Sentence",
-           "Partial", "Finished", "Artifact", "open_artifact",
-           "Shortlist", "build_shortlist", "shortlist_from_corpus",
-           "DeltaLMError", "InputError", "OptionError", "SentenceError", "ArtifactError", "CheckpointError", "TokenizerError",
-           "ExportError", "__version__", *_EXPORT_NAMES]
+__all__ = [
+    "Translator",
+    "Translation",
+    "PartialTranslation",
+    "Hypothesis",
+    "TranslateOptions",
+    "Engine",
+    "Sentence",
+    "Partial",
+    "Finished",
+    "Artifact",
+    "open_artifact",
+    "Shortlist",
+    "build_shortlist",
+    "shortlist_from_corpus",
+    "DeltaLMError",
+    "InputError",
+    "OptionError",
+    "SentenceError",
+    "ArtifactError",
+    "CheckpointError",
+    "TokenizerError",
+    "ExportError",
+    "__version__",
+    *_EXPORT_NAMES,
+]

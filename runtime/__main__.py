@@ -1,4 +1,5 @@
 """``python -m deltalm ...``: the ``deltalm`` command."""
+
 import sys
 
 from .cli import main

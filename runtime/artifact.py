@@ -13,6 +13,7 @@ is gone are refused by ``read_manifest`` (they are never an artifact), and
 ``clean_stale_work_dirs`` removes them (restoring a set-aside artifact whose replacement never
 arrived).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,19 @@ from .errors import ArtifactError, DeltaLMError
 from .graphs import GraphSpec
 from .manifest import DECODER_FORMAT, FORMAT_VERSION, MANIFEST, GraphEntry, Manifest
 
-__all__ = ["Artifact", "open_artifact", "check_can_decode", "read_manifest", "verify_files", "hash_files", "sha256_file",
-           "describe_artifact", "Manifest", "FORMAT_VERSION", "MANIFEST"]
+__all__ = [
+    "Artifact",
+    "open_artifact",
+    "check_can_decode",
+    "read_manifest",
+    "verify_files",
+    "hash_files",
+    "sha256_file",
+    "describe_artifact",
+    "Manifest",
+    "FORMAT_VERSION",
+    "MANIFEST",
+]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -136,8 +148,10 @@ def require_directory_not_checkpoint(path: str | Path, command: str) -> None:
     """A file given where ``deltalm COMMAND`` wants an artifact directory: one line saying to
     export it first, with the command that does."""
     if Path(path).is_file():
-        raise ArtifactError(f"{path} is a file (a checkpoint?), not an artifact directory: export it first with "
-                            f"`deltalm export {path} --spm SPM --dict DICT --out DIR`, then run `deltalm {command} DIR`")
+        raise ArtifactError(
+            f"{path} is a file (a checkpoint?), not an artifact directory: export it first with "
+            f"`deltalm export {path} --spm SPM --dict DICT --out DIR`, then run `deltalm {command} DIR`"
+        )
 
 
 def verify_files(path: Path, manifest: Manifest, names: list[str]) -> None:
@@ -255,11 +269,13 @@ def describe_artifact(artifact: Artifact) -> dict:
         "format_version": m.format_version,
         "created": m.created,
         "model": f"{cfg.kind}, {cfg.embed_dim}d, {cfg.encoder_layers}+{cfg.decoder_layers if cfg.is_encoder_decoder else 0} "
-                 f"layers, {cfg.heads} heads, vocab {cfg.vocab_size}, {cfg.max_positions} positions",
+        f"layers, {cfg.heads} heads, vocab {cfg.vocab_size}, {cfg.max_positions} positions",
         "precision": m.precision,
         "topk": m.topk,
         "graphs": {name: ", ".join(g.files) for name, g in m.graphs.items()},
-        "size_mb": round(sum((artifact.path / f).stat().st_size for f in m.files if (artifact.path / f).is_file()) / 2**20, 1),
+        "size_mb": round(
+            sum((artifact.path / f).stat().st_size for f in m.files if (artifact.path / f).is_file()) / 2**20, 1
+        ),
         "source": m.source.checkpoint,
         "engines": "none" if engines is None else f"{engines.precision} (TensorRT {engines.tensorrt}, {engines.gpu})",
     }

@@ -16,6 +16,7 @@ e.g. ``translate-corpus --output``, ``bench --out``) and ``check_artifact_destin
 directory replaced whole, ``export --out``). ``--force`` only ever replaces a directory that is
 an artifact of ours (``foreign_entries``); anything else is refused, untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,8 +147,9 @@ def _check_can_create_in(directory: Path, flag: str, given: str | Path) -> None:
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
-        raise InputError(f"cannot write {flag} {given}: no file can be created in {existing} "
-                         f"({e.strerror or e})") from None
+        raise InputError(
+            f"cannot write {flag} {given}: no file can be created in {existing} ({e.strerror or e})"
+        ) from None
     probe.unlink(missing_ok=True)
 
 
@@ -210,18 +212,24 @@ def check_artifact_destination(out: str | Path, force: bool, flag: str = "--out"
     out = Path(out)
     if out.is_symlink() or out.exists():
         if not out.is_dir():
-            raise InputError(f"{flag} {out} is a file, not an artifact directory: give the path of a new directory"
-                             + (" (--force replaces artifact directories only)" if force else ""))
+            raise InputError(
+                f"{flag} {out} is a file, not an artifact directory: give the path of a new directory"
+                + (" (--force replaces artifact directories only)" if force else "")
+            )
         foreign = foreign_entries(out)
         entries = sorted(p.name for p in out.iterdir())
         if foreign is None and entries:
-            raise InputError(f"{flag} {out} is not an artifact directory (it holds {_shown(entries)} and no "
-                             f"{_MANIFEST} of deltalm); nothing was changed: give a new or empty directory"
-                             + (" (--force replaces artifact directories only)" if force else ""))
+            raise InputError(
+                f"{flag} {out} is not an artifact directory (it holds {_shown(entries)} and no "
+                f"{_MANIFEST} of deltalm); nothing was changed: give a new or empty directory"
+                + (" (--force replaces artifact directories only)" if force else "")
+            )
         if foreign:
-            raise InputError(f"{flag} {out} holds files that are not part of its artifact ({_shown(foreign)}); "
-                             "nothing was changed: move them away or give another directory"
-                             + (" (--force replaces artifact directories only)" if force else ""))
+            raise InputError(
+                f"{flag} {out} holds files that are not part of its artifact ({_shown(foreign)}); "
+                "nothing was changed: move them away or give another directory"
+                + (" (--force replaces artifact directories only)" if force else "")
+            )
         if foreign is not None and not force:
             raise InputError(f"{out} already exists (use --force to replace it)")
     _check_can_create_in(out.absolute().parent, flag, out)

@@ -12,6 +12,7 @@ parent changed; the step's new keys / values are written into the cache where th
 capacity in positions and source tokens shrinks again when the long sentences have left, so that
 the step does not attend over padding for ever.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -72,18 +73,34 @@ class DecoderBatch:
     def cache_views(self) -> list[np.ndarray]:
         return [a[: self.rows] for a in self.cache]
 
-    def feeds(self, spec: GraphSpec, tokens: np.ndarray, positions: np.ndarray, rules, *,
-              score_ids: np.ndarray | None = None, want_log_probs: bool = False,
-              candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def feeds(
+        self,
+        spec: GraphSpec,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        rules,
+        *,
+        score_ids: np.ndarray | None = None,
+        want_log_probs: bool = False,
+        candidates: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """The step graph's feeds (``spec``) for the live rows: ``tokens`` [rows, T], ``positions``
         [rows], ``rules`` (``deltalm.search.StepRules``), ``score_ids`` [rows, T, M] (default: one
         dummy id), ``candidates`` for a shortlist graph (default: the whole vocabulary)."""
         rows = self.rows
         if score_ids is None:
             score_ids = np.full((rows, tokens.shape[1], 1), self.cfg.eos, dtype=np.int64)
-        arrays = dict(tokens=tokens, positions=positions, src_padding=self.padding_view(),
-                      forced_tokens=rules.forced_tokens, ban_eos=rules.ban_eos, only_eos=rules.only_eos,
-                      unk_penalty=rules.unk_penalty, score_ids=score_ids, want_log_probs=np.array(want_log_probs))
+        arrays = dict(
+            tokens=tokens,
+            positions=positions,
+            src_padding=self.padding_view(),
+            forced_tokens=rules.forced_tokens,
+            ban_eos=rules.ban_eos,
+            only_eos=rules.only_eos,
+            unk_penalty=rules.unk_penalty,
+            score_ids=score_ids,
+            want_log_probs=np.array(want_log_probs),
+        )
         arrays |= dict(zip(per_layer(self.cfg, cache_names), self.cache_views()))
         arrays |= dict(zip(per_layer(self.cfg, cross_names), self.cross_views()))
         if "candidates" in spec.input_names:

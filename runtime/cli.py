@@ -4,6 +4,7 @@
 Errors derived from DeltaLMError print as one line (``deltalm: error: ...``) with exit code 2;
 ``--debug`` shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     for name, help_, add_arguments, run in (
-        ("inspect", "describe a checkpoint, an artifact directory or a preset", cmd_export.add_inspect_arguments,
-         cmd_export.run_inspect),
-        ("export", "export a checkpoint to an artifact directory (ONNX + manifest)", cmd_export.add_export_arguments,
-         cmd_export.run_export),
-        ("parity", "re-run the parity checks of an artifact against its checkpoint", cmd_export.add_parity_arguments,
-         cmd_export.run_parity),
+        (
+            "inspect",
+            "describe a checkpoint, an artifact directory or a preset",
+            cmd_export.add_inspect_arguments,
+            cmd_export.run_inspect,
+        ),
+        (
+            "export",
+            "export a checkpoint to an artifact directory (ONNX + manifest)",
+            cmd_export.add_export_arguments,
+            cmd_export.run_export,
+        ),
+        (
+            "parity",
+            "re-run the parity checks of an artifact against its checkpoint",
+            cmd_export.add_parity_arguments,
+            cmd_export.run_parity,
+        ),
     ):
         s = sub.add_parser(name, help=help_)
         add_arguments(s)
@@ -84,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("engines", help="build TensorRT engines for an artifact directory")
     s.add_argument("dir")
     s.add_argument("--profile", help="JSON file with min/opt/max shapes (default: derived from the manifest)")
-    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="default: the artifact's (engines are strongly typed: export the precision you want)")
+    s.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="default: the artifact's (engines are strongly typed: export the precision you want)",
+    )
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-beam", type=int, default=5)
     s.add_argument("--max-src-len", type=int, default=256)
@@ -94,17 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export.run_engines, subparser=s)
 
     for name, help_, add_arguments, run in (
-        ("translate", "translate text (stdin or --input) with a backend", cmd_translate.add_arguments, cmd_translate.run),
-        ("score", "score given translations: the log-probability of each target token (fairseq --score-reference)",
-         cmd_score.add_arguments, cmd_score.run),
-        ("shortlist", "build a vocabulary shortlist for an artifact from a corpus (for translate --shortlist)",
-         cmd_shortlist.add_arguments, cmd_shortlist.run),
-        ("translate-corpus", "translate text files on a Ray cluster (the ray extra)", cmd_corpus.add_arguments,
-         cmd_corpus.run),
-        ("serve", "HTTP translation service with dynamic batching (needs the serve extra)", cmd_serve.add_arguments,
-         cmd_serve.run),
-        ("bench-serve", "benchmark deltalm serve under concurrent HTTP load (batched vs not)",
-         cmd_serve.add_bench_arguments, cmd_serve.run_bench),
+        (
+            "translate",
+            "translate text (stdin or --input) with a backend",
+            cmd_translate.add_arguments,
+            cmd_translate.run,
+        ),
+        (
+            "score",
+            "score given translations: the log-probability of each target token (fairseq --score-reference)",
+            cmd_score.add_arguments,
+            cmd_score.run,
+        ),
+        (
+            "shortlist",
+            "build a vocabulary shortlist for an artifact from a corpus (for translate --shortlist)",
+            cmd_shortlist.add_arguments,
+            cmd_shortlist.run,
+        ),
+        (
+            "translate-corpus",
+            "translate text files on a Ray cluster (the ray extra)",
+            cmd_corpus.add_arguments,
+            cmd_corpus.run,
+        ),
+        (
+            "serve",
+            "HTTP translation service with dynamic batching (needs the serve extra)",
+            cmd_serve.add_arguments,
+            cmd_serve.run,
+        ),
+        (
+            "bench-serve",
+            "benchmark deltalm serve under concurrent HTTP load (batched vs not)",
+            cmd_serve.add_bench_arguments,
+            cmd_serve.run_bench,
+        ),
     ):
         s = sub.add_parser(name, help=help_)
         add_arguments(s)
@@ -182,8 +224,9 @@ def _as_command_line(e: DeltaLMError) -> str:
 
     from .translator import TranslateOptions
 
-    names = sorted({f.name for f in fields(TranslateOptions)} | {"batch_size", "max_tokens", "chunk_lines"},
-                   key=len, reverse=True)
+    names = sorted(
+        {f.name for f in fields(TranslateOptions)} | {"batch_size", "max_tokens", "chunk_lines"}, key=len, reverse=True
+    )
     reason = re.sub(r"(?<![\w-])(" + "|".join(names) + r")(?![\w-])", lambda m: _flag(m[1]), e.reason)
     return f"{_flag(e.option)} {reason}"
 

@@ -14,6 +14,7 @@ the common interface (``encode`` / ``step``, see ``backends/__init__.py``):
 
 ``Thresholds`` turns those numbers into a verdict. numpy only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,9 @@ def compare_arrays(got: np.ndarray, want: np.ndarray) -> dict:
 DECISIVE_MARGIN = 0.1  # nats between the reference's best and second-best token
 
 
-def decisive_top1(got_ids: np.ndarray, want_ids: np.ndarray, want_scores: np.ndarray,
-                  margin: float = DECISIVE_MARGIN) -> dict:
+def decisive_top1(
+    got_ids: np.ndarray, want_ids: np.ndarray, want_scores: np.ndarray, margin: float = DECISIVE_MARGIN
+) -> dict:
     """Top-1 agreement over the rows where the reference's choice is decisive: its best score
     leads the second by at least ``margin``. A near-tie can flip under any rounding (fp16, int8)
     without the model being wrong; a decisive choice must not. [rows, k] ids and scores, best first."""
@@ -87,8 +89,12 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
     rows = src.shape[0]
 
     def rules_at(step: int) -> StepRules:  # no </s> before the last step, only </s> at it
-        return StepRules(np.full(rows, -1, np.int64), np.full(rows, step < steps), np.full(rows, step >= steps),
-                         np.zeros(rows, np.float32))
+        return StepRules(
+            np.full(rows, -1, np.int64),
+            np.full(rows, step < steps),
+            np.full(rows, step >= steps),
+            np.zeros(rows, np.float32),
+        )
 
     def run(backend, tokens_at):
         """The backend's raw log-probs at every step, fed ``tokens_at(step, previous log-probs)``."""
@@ -99,8 +105,9 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
         for step in range(steps + 1):
             positions = np.full(rows, step, dtype=np.int64)
             batch.fit_positions(step + 1)
-            feeds = batch.feeds(backend.step_spec, tokens_at(step, lp)[:, None], positions, rules_at(step),
-                                want_log_probs=True)
+            feeds = batch.feeds(
+                backend.step_spec, tokens_at(step, lp)[:, None], positions, rules_at(step), want_log_probs=True
+            )
             out = backend.run_step(feeds)
             batch.write(out.new_kv, positions)
             lp = np.ascontiguousarray(out.log_probs[:, 0, :], dtype=np.float32)
@@ -138,12 +145,19 @@ def compare_steps(reference, candidate, src: np.ndarray, steps: int) -> dict:
             total += int(finite[step].sum())
             decisive += int(sure[step].sum())
             decisive_same += int(np.sum(agree & sure[step]))
-    return {"rows": rows, "steps": steps + 1, "top1_agreement": same / max(total, 1),
-            "decisive_rows": decisive, "decisive_top1_agreement": decisive_same / decisive if decisive else 1.0,
-            "log_probs_max_abs": worst}
+    return {
+        "rows": rows,
+        "steps": steps + 1,
+        "top1_agreement": same / max(total, 1),
+        "decisive_rows": decisive,
+        "decisive_top1_agreement": decisive_same / decisive if decisive else 1.0,
+        "log_probs_max_abs": worst,
+    }
 
 
-def compare_translations(reference, candidate, sources: list[np.ndarray], beams=(1, 5), max_len_b: int = 16) -> list[dict]:
+def compare_translations(
+    reference, candidate, sources: list[np.ndarray], beams=(1, 5), max_len_b: int = 16
+) -> list[dict]:
     """Full searches with both backends over ``sources`` (a list of left-padded [batch, src_len]
     batches), one row per beam size: ``sentences``, ``identical_ids`` (fraction of sentences whose
     best hypotheses have the same ids), ``max_score_diff`` (over those identical sentences)."""
@@ -191,8 +205,9 @@ class Thresholds:
         cases (whose step inputs are random: few decisive rows), >= 0.8, a floor against a broken
         graph (the shortlist step is checked only there). ``tolerance`` applies to fp32 only."""
         if precision == "fp32":
-            return cls(max_abs=1e-4 if tolerance is None else tolerance, min_top1=1.0, min_identical=1.0,
-                       min_graph_top1=1.0)
+            return cls(
+                max_abs=1e-4 if tolerance is None else tolerance, min_top1=1.0, min_identical=1.0, min_graph_top1=1.0
+            )
         if precision == "fp16":
             return cls(max_abs=None, min_top1=0.99, min_identical=0.5, min_graph_top1=0.8)
         return cls(max_abs=None, min_top1=0.97, min_identical=None, min_graph_top1=0.8)
@@ -208,6 +223,10 @@ class Thresholds:
         if self.min_top1 is not None and top1 is not None and top1 < self.min_top1:
             kind = "decisive top-1" if "decisive_top1_agreement" in result else "top-1"
             out.append(f"{what}: {kind} agreement {top1:.3f} < {self.min_top1}")
-        if self.min_identical is not None and "identical_ids" in result and result["identical_ids"] < self.min_identical:
+        if (
+            self.min_identical is not None
+            and "identical_ids" in result
+            and result["identical_ids"] < self.min_identical
+        ):
             out.append(f"{what}: identical sentences {result['identical_ids']:.0%} < {self.min_identical:.0%}")
         return out

@@ -3,6 +3,7 @@
 Shared by the exporter (to build the PyTorch model) and the runtime (read back from an
 artifact's manifest), so it must not import torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,10 +88,15 @@ class ModelConfig:
             if f.name not in data:
                 continue
             value, default = data[f.name], f.default
-            ok = (isinstance(value, bool) if isinstance(default, bool)
-                  else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
-                  else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
-                  else isinstance(value, str))
+            ok = (
+                isinstance(value, bool)
+                if isinstance(default, bool)
+                else isinstance(value, int) and not isinstance(value, bool)
+                if isinstance(default, int)
+                else isinstance(value, (int, float)) and not isinstance(value, bool)
+                if isinstance(default, float)
+                else isinstance(value, str)
+            )
             if not ok:
                 raise ConfigError(f"config field {f.name} must be a {type(default).__name__}, got {value!r}")
         return cls(**data)

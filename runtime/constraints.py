@@ -20,6 +20,7 @@ the best expansion of each hypothesis and every expansion by a token its state c
 they are sorted by bank (most constraint tokens first) and score, and the beam is dealt out
 round-robin across the banks, so hypotheses that made progress on the constraints keep a place.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -209,9 +210,14 @@ class ConstrainedCandidates:
     states: list
 
 
-def constrained_candidates(step: int, width: int, top: tuple[np.ndarray, np.ndarray, np.ndarray],
-                           row_best: tuple[np.ndarray, np.ndarray] | None,
-                           next_scores: list[dict[int, np.float32]], states: list) -> ConstrainedCandidates:
+def constrained_candidates(
+    step: int,
+    width: int,
+    top: tuple[np.ndarray, np.ndarray, np.ndarray],
+    row_best: tuple[np.ndarray, np.ndarray] | None,
+    next_scores: list[dict[int, np.float32]],
+    states: list,
+) -> ConstrainedCandidates:
     """One step of dynamic beam allocation for one sentence.
 
     ``top``: its best ``width`` (= 2 x beam) expansions over all hypotheses, (cumulative scores,
@@ -262,5 +268,6 @@ def constrained_candidates(step: int, width: int, top: tuple[np.ndarray, np.ndar
         current = bank
         stripes[i] = distinct - bank + rank * stride
     order = np.argsort(stripes, kind="stable")
-    return ConstrainedCandidates(scores_a[order][:width], tokens_a[order][:width], beams_a[order][:width],
-                                 [new_states[i] for i in order])
+    return ConstrainedCandidates(
+        scores_a[order][:width], tokens_a[order][:width], beams_a[order][:width], [new_states[i] for i in order]
+    )

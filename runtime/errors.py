@@ -45,8 +45,12 @@ class SentenceTooLong(SentenceError):
 
     def __init__(self, index: int, length: int, limit: int, source: str | None = None):
         self.length, self.limit = length, limit
-        super().__init__(index, f"has {length} source tokens (with </s> and the source prefix); the model takes at "
-                                f"most {limit}. Pass --truncate to cut it", source)
+        super().__init__(
+            index,
+            f"has {length} source tokens (with </s> and the source prefix); the model takes at "
+            f"most {limit}. Pass --truncate to cut it",
+            source,
+        )
 
 
 class DecodeError(DeltaLMError):

@@ -10,6 +10,7 @@ decoder step), ``rows`` (their hypotheses, grouped by sentence: ``rows = sents *
 (the full vocabulary, or 0 when the log-probs are not asked for), ``cands`` (the vocabulary
 shortlist's candidate ids).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -167,6 +168,7 @@ def decoder_step_shortlist_spec(cfg: ModelConfig, k: int = 10, float_dtype: str 
     [rows, new_len, cands or 0], column j for token ``candidates[j]``."""
     full = decoder_step_spec(cfg, k, float_dtype)
     inputs = full.inputs + (TensorSpec("candidates", "int64", ("cands",)),)
-    outputs = tuple(TensorSpec(t.name, t.dtype, ("rows", "new_len", "cands")) if t.name == "log_probs" else t
-                    for t in full.outputs)
+    outputs = tuple(
+        TensorSpec(t.name, t.dtype, ("rows", "new_len", "cands")) if t.name == "log_probs" else t for t in full.outputs
+    )
     return GraphSpec(SHORTLIST_STEP, inputs, outputs)

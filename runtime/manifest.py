@@ -8,6 +8,7 @@ foreign manifest is one ``ArtifactError``, not a KeyError deep in a backend); ``
 the same JSON layout as format version 1 had, so older artifacts stay readable (format 2
 changed the decoder step's interface, not the layout).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -169,9 +170,17 @@ class Manifest:
         except TypeError as e:
             raise ArtifactError(f"{where}: unexpected field ({e})") from None
         return cls(
-            model=model, precision=str(d.get("precision", "fp32")), graphs=graphs, tokenizer=dict(tokenizer),
-            export_options=export_options, files=dict(files), source=source, versions=dict(d.get("versions") or {}),
-            created=str(d.get("created", "")), engines=engines, format_version=version,
+            model=model,
+            precision=str(d.get("precision", "fp32")),
+            graphs=graphs,
+            tokenizer=dict(tokenizer),
+            export_options=export_options,
+            files=dict(files),
+            source=source,
+            versions=dict(d.get("versions") or {}),
+            created=str(d.get("created", "")),
+            engines=engines,
+            format_version=version,
         )
 
     @classmethod

@@ -2,6 +2,7 @@
 (the library's calls, the command line, the HTTP API, the cluster runner) and, per sentence, by the
 search itself. Errors name the option by its keyword (``OptionError.option``); the command line
 shows it as ``--option-name``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,9 @@ class TranslateOptions:
     sampling_topp: float = -1.0  # sample from the nucleus of mass p (-1: all)
     seed: int | None = None  # random seed of sampling
     src_prefix: tuple[str, ...] | None = None  # forced source prefix symbols; None: the translator's
-    tgt_prefix: tuple[str, ...] | None = None  # forced target prefix symbols (removed from the text); None: the translator's
+    tgt_prefix: tuple[str, ...] | None = (
+        None  # forced target prefix symbols (removed from the text); None: the translator's
+    )
     truncate: bool = False  # cut sources longer than the model's positions instead of failing
     constraint_order: str = "ordered"  # lexical constraints: "ordered" (in the given order) or "unordered"
 
@@ -123,7 +126,9 @@ class TranslateOptions:
         if self.sampling_topp != -1.0 and not 0 < self.sampling_topp <= 1:
             raise OptionError("sampling_topp", f"must be in (0, 1], got {self.sampling_topp}")
         if self.constraint_order not in CONSTRAINT_ORDERS:
-            raise OptionError("constraint_order", f"must be one of {', '.join(CONSTRAINT_ORDERS)}, got {self.constraint_order!r}")
+            raise OptionError(
+                "constraint_order", f"must be one of {', '.join(CONSTRAINT_ORDERS)}, got {self.constraint_order!r}"
+            )
 
     @property
     def needs_log_probs(self) -> bool:

@@ -7,6 +7,7 @@ target as its new tokens (``new_len`` = the target's length, an empty cache), so
 decoder pass per batch instead of one per token, and returns only the scores of the target's own
 tokens (``score_ids``), never a [tokens, vocabulary] tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ class ScorePair:
         """The pair's ``Score``: the mean as fairseq's SequenceScorer takes it, a float32 sum over
         the target's length."""
         total = np.sum(np.asarray(positional_scores, dtype=np.float32), dtype=np.float32)
-        return Score(self.index, list(self.tokens), float(total / np.float32(len(self.tokens))), list(positional_scores))
+        return Score(
+            self.index, list(self.tokens), float(total / np.float32(len(self.tokens))), list(positional_scores)
+        )
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,12 @@ class Score:
     def to_dict(self) -> dict:
         """The record of ``deltalm score --format jsonl`` (also the HTTP API's): -inf scores
         become None (null)."""
-        return {"id": self.index, "tokens": list(self.tokens), "score": _json_float(self.score),
-                "positional_scores": [_json_float(s) for s in self.positional_scores]}
+        return {
+            "id": self.index,
+            "tokens": list(self.tokens),
+            "score": _json_float(self.score),
+            "positional_scores": [_json_float(s) for s in self.positional_scores],
+        }
 
     def to_json(self) -> str:
         """``to_dict()`` as one line of JSON."""
@@ -73,8 +80,9 @@ def max_target_tokens(vocab_size: int) -> int:
     return max(1, LOGITS_BUDGET // (4 * vocab_size))
 
 
-def score_pairs(backend: Backend, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-                max_tokens: int | None = None) -> list[list[float]]:
+def score_pairs(
+    backend: Backend, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], max_tokens: int | None = None
+) -> list[list[float]]:
     """Positional scores (natural log) of each target (ids, final ``</s>`` included) given its
     source (ids, ``</s>`` included). Pairs are sorted by target length and scored in runs of at
     most ``max_tokens`` padded target tokens (default: ``max_target_tokens``). A failure of the
@@ -109,10 +117,17 @@ def _score_run(backend: Backend, sources: list, targets: list) -> list[list[floa
         target[r, : len(t)] = t
     prev = np.concatenate([np.full((rows, 1), cfg.eos, dtype=np.int64), target[:, :-1]], axis=1)  # fairseq: </s> first
     empty = np.zeros((rows, cfg.heads, 0, cfg.head_dim), dtype=backend.float_dtype)
-    arrays = dict(tokens=prev, positions=np.zeros(rows, dtype=np.int64), src_padding=encoded.padding,
-                  forced_tokens=np.full(rows, -1, dtype=np.int64), ban_eos=np.zeros(rows, dtype=bool),
-                  only_eos=np.zeros(rows, dtype=bool), unk_penalty=np.zeros(rows, dtype=np.float32),
-                  score_ids=target[:, :, None], want_log_probs=np.array(False))
+    arrays = dict(
+        tokens=prev,
+        positions=np.zeros(rows, dtype=np.int64),
+        src_padding=encoded.padding,
+        forced_tokens=np.full(rows, -1, dtype=np.int64),
+        ban_eos=np.zeros(rows, dtype=bool),
+        only_eos=np.zeros(rows, dtype=bool),
+        unk_penalty=np.zeros(rows, dtype=np.float32),
+        score_ids=target[:, :, None],
+        want_log_probs=np.array(False),
+    )
     arrays |= {name: empty for name in per_layer(cfg, cache_names)}
     arrays |= dict(zip(per_layer(cfg, cross_names), encoded.cross))
     out = backend.run_step(step_feeds(backend.step_spec, **arrays))

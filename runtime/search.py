@@ -32,6 +32,7 @@ Candidates of a step:
 - full log-probs: for sampling, temperature, no_repeat_ngram_size and beams wider than k / 2; the
   rules are applied here by ``apply_rules``, the numpy twin of the in-graph rules.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -168,8 +169,8 @@ def block_repeated_ngrams(log_probs: np.ndarray, history: np.ndarray, n: int, st
         return
     for r in range(history.shape[0]):
         toks = history[r].tolist()
-        key = tuple(toks[len(toks) - (n - 1):]) if n > 1 else ()
-        banned = [toks[i + n - 1] for i in range(len(toks) - n + 1) if tuple(toks[i:i + n - 1]) == key]
+        key = tuple(toks[len(toks) - (n - 1) :]) if n > 1 else ()
+        banned = [toks[i + n - 1] for i in range(len(toks) - n + 1) if tuple(toks[i : i + n - 1]) == key]
         if banned:
             log_probs[r, banned] = NEG_INF
 
@@ -191,7 +192,9 @@ def _row_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, ids, axis=1), ids
 
 
-def sample_rows(lp: np.ndarray, draws: int, opts: TranslateOptions, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_rows(
+    lp: np.ndarray, draws: int, opts: TranslateOptions, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """fairseq Sampling for each row of log-probs ``lp`` [rows, V]: ``draws`` draws with
     replacement per row, restricted to the top-k tokens or to the top-p nucleus (the smallest
     prefix of the sorted distribution whose mass reaches p). Returns (ids, log-probs of the drawn
@@ -241,8 +244,14 @@ class _Live:
         self.final: list[Hypothesis] = []
         self.cancelled = False
         # the constraint state of each hypothesis (lexically constrained decoding), else None
-        self.states = [start_state(sentence.constraints, self.opts.constraint_order)] * group if sentence.constraints else None
-        self.rng = np.random.default_rng(None if sentence.seed is None else list(sentence.seed)) if self.opts.sampling else None
+        self.states = (
+            [start_state(sentence.constraints, self.opts.constraint_order)] * group if sentence.constraints else None
+        )
+        self.rng = (
+            np.random.default_rng(None if sentence.seed is None else list(sentence.seed))
+            if self.opts.sampling
+            else None
+        )
 
     def bans_eos(self) -> np.ndarray:
         """[group] bool: hypotheses whose constraints are not all met may not end (fairseq bans
@@ -340,8 +349,12 @@ class _Lane:
         for s, live in enumerate(self.live):
             forced[s], ban[s], only[s] = sentence_rules(live.opts, live.sentence.prefix, live.step, live.max_len)
             unk[s] = live.opts.unkpen
-        rules = StepRules(np.repeat(forced, g), np.repeat(ban, g) | np.concatenate([live.bans_eos() for live in self.live]),
-                          np.repeat(only, g), np.repeat(unk, g))
+        rules = StepRules(
+            np.repeat(forced, g),
+            np.repeat(ban, g) | np.concatenate([live.bans_eos() for live in self.live]),
+            np.repeat(only, g),
+            np.repeat(unk, g),
+        )
         full = [live.opts.needs_log_probs or 2 * g > backend.topk for live in self.live]
         want = any(full)
         # the tokens each constrained hypothesis could take next: their scores come back with the step
@@ -351,8 +364,15 @@ class _Lane:
         for s, per in enumerate(nexts):
             for b, next_ids in enumerate(per or ()):
                 score_ids[s * g + b, 0, : len(next_ids)] = next_ids
-        feeds = self.batch.feeds(backend.step_spec, np.concatenate([live.hist[:, -1:] for live in self.live]),
-                                 positions, rules, score_ids=score_ids, want_log_probs=want, candidates=self.candidates)
+        feeds = self.batch.feeds(
+            backend.step_spec,
+            np.concatenate([live.hist[:, -1:] for live in self.live]),
+            positions,
+            rules,
+            score_ids=score_ids,
+            want_log_probs=want,
+            candidates=self.candidates,
+        )
         out = backend.run_step(feeds)
         self.batch.write(out.new_kv, positions)
 
@@ -389,8 +409,11 @@ class _Lane:
             elif per is None:
                 self._advance([s], self._beam_candidates([s], vals[None], ids[None]), parents, keep, events)
             else:
-                token_scores = _ruled_scores(out.token_scores[mine, 0, :], score_ids[mine, 0, :], rules, mine, cfg) \
-                    if lp is None else np.take_along_axis(lp, score_ids[mine, 0, :], axis=1)
+                token_scores = (
+                    _ruled_scores(out.token_scores[mine, 0, :], score_ids[mine, 0, :], rules, mine, cfg)
+                    if lp is None
+                    else np.take_along_axis(lp, score_ids[mine, 0, :], axis=1)
+                )
                 self._advance_constrained(s, vals, ids, per, token_scores, parents, keep, events)
         self.batch.reorder(parents)
         if not keep.all():
@@ -405,8 +428,13 @@ class _Lane:
         if live.opts.temperature != 1.0:
             lp = _log_softmax(lp / np.float32(live.opts.temperature))
         mine = slice(s * g, (s + 1) * g)
-        lp = apply_rules(lp, StepRules(rules.forced_tokens[mine], rules.ban_eos[mine], rules.only_eos[mine],
-                                       rules.unk_penalty[mine]), cfg.pad, cfg.unk, cfg.eos)
+        lp = apply_rules(
+            lp,
+            StepRules(rules.forced_tokens[mine], rules.ban_eos[mine], rules.only_eos[mine], rules.unk_penalty[mine]),
+            cfg.pad,
+            cfg.unk,
+            cfg.eos,
+        )
         if live.opts.no_repeat_ngram_size > 0:
             block_repeated_ngrams(lp, live.hist, live.opts.no_repeat_ngram_size, live.step)
         return lp
@@ -431,8 +459,12 @@ class _Lane:
         order = np.argsort(-flat, axis=1, kind="stable")[:, :width]
         spans = np.where(first, 1, g)
         size = np.minimum(np.minimum(2 * g, vocab * spans - 1), k * spans)  # fairseq: k <= beam * V - 1
-        return _Candidates(np.take_along_axis(flat, order, axis=1), np.take_along_axis(ids.reshape(len(sents), -1), order, axis=1),
-                           order // k, np.arange(width)[None, :] < size[:, None])
+        return _Candidates(
+            np.take_along_axis(flat, order, axis=1),
+            np.take_along_axis(ids.reshape(len(sents), -1), order, axis=1),
+            order // k,
+            np.arange(width)[None, :] < size[:, None],
+        )
 
     def _sampled_candidates(self, live: _Live, lp: np.ndarray) -> _Candidates:
         """fairseq Sampling.step: one draw per hypothesis (``beam`` draws from the first at step
@@ -449,8 +481,17 @@ class _Lane:
         scores = live.prev_scores[beams] + drawn
         return _Candidates(scores, tokens.reshape(1, g), beams, np.ones((1, g), dtype=bool))
 
-    def _advance_constrained(self, s: int, vals: np.ndarray, ids: np.ndarray, nexts: list[list[int]],
-                             next_scores: np.ndarray, parents: np.ndarray, keep: np.ndarray, events: list) -> None:
+    def _advance_constrained(
+        self,
+        s: int,
+        vals: np.ndarray,
+        ids: np.ndarray,
+        nexts: list[list[int]],
+        next_scores: np.ndarray,
+        parents: np.ndarray,
+        keep: np.ndarray,
+        events: list,
+    ) -> None:
         """fairseq LexicallyConstrainedBeamSearch.step for sentence ``s``: its rows' top scores
         ``vals`` / ``ids`` [group, k] and the scores of each row's next constraint tokens (rules
         applied), then the common finish / continue, the constraint states following the beams."""
@@ -466,19 +507,28 @@ class _Lane:
         prev = live.prev_scores
         row_best = None if live.step == 0 else (prev + vals[:, 0], ids[:, 0])
         by_row = [{t: prev[b] + next_scores[b, j] for j, t in enumerate(tokens)} for b, tokens in enumerate(nexts)]
-        cand = constrained_candidates(live.step, width, (top.scores[0, :width], top.tokens[0, :width], top.beams[0, :width]),
-                                      row_best, by_row, live.states)
+        cand = constrained_candidates(
+            live.step,
+            width,
+            (top.scores[0, :width], top.tokens[0, :width], top.beams[0, :width]),
+            row_best,
+            by_row,
+            live.states,
+        )
         found = len(cand.scores)
         pad = 2 * g - found  # fairseq's candidate buffer is 2 x beam wide, zero-filled
         scores = np.concatenate([cand.scores, np.zeros(pad, np.float32)])[None]
         tokens = np.concatenate([cand.tokens, np.zeros(pad, np.int64)])[None]
         beams = np.concatenate([cand.beams, np.zeros(pad, np.int64)])[None]
-        active = self._advance([s], _Candidates(scores, tokens, beams, np.ones((1, 2 * g), dtype=bool)), parents, keep,
-                               events)
+        active = self._advance(
+            [s], _Candidates(scores, tokens, beams, np.ones((1, 2 * g), dtype=bool)), parents, keep, events
+        )
         if keep[s]:
             live.states = [cand.states[a] for a in active[0]]
 
-    def _advance(self, sents: list[int], cand: _Candidates, parents: np.ndarray, keep: np.ndarray, events: list) -> np.ndarray:
+    def _advance(
+        self, sents: list[int], cand: _Candidates, parents: np.ndarray, keep: np.ndarray, events: list
+    ) -> np.ndarray:
         """Finish the hypotheses that end in </s> among the first ``beam`` candidates, continue
         with the first ``beam`` that do not (sampling: every hypothesis continues itself), and say
         which sentences are done."""
@@ -502,14 +552,15 @@ class _Lane:
             live = self.live[s]
             for j in np.flatnonzero(eos_mask[i, :first]):
                 live.finalize(int(cand.beams[i, j]), cand.scores[i, j])
-            alive = (len(live.final) < live.opts.beam and live.step < live.max_len
-                     and bool(np.any(new_scores[i] != NEG_INF)))
+            alive = (
+                len(live.final) < live.opts.beam and live.step < live.max_len and bool(np.any(new_scores[i] != NEG_INF))
+            )
             if not alive:
                 keep[s] = False
                 events.append(Finished(live.key, live.nbest()))
                 continue
             mine = new_beams[i]
-            parents[s * g:(s + 1) * g] = s * g + mine
+            parents[s * g : (s + 1) * g] = s * g + mine
             live.hist = np.concatenate([live.hist[mine], new_tokens[i][:, None]], axis=1)
             live.cum = np.concatenate([live.cum[mine], new_scores[i][:, None]], axis=1)
             live.step += 1
@@ -534,11 +585,20 @@ class Engine:
     ``shortlist``: a vocabulary shortlist (``deltalm.Shortlist``; the backend must have been opened
     for it). ``partials``: report a ``Partial`` event per live sentence and step (streaming)."""
 
-    def __init__(self, backend: Backend, *, max_rows: int | None = None, max_tokens: int | None = None,
-                 shortlist=None, partials: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_rows: int | None = None,
+        max_tokens: int | None = None,
+        shortlist=None,
+        partials: bool = False,
+    ) -> None:
         if shortlist is not None and "candidates" not in backend.step_spec.input_names:
-            raise InputError("a vocabulary shortlist needs a backend opened for it (without the shortlist graph, "
-                             "every step scores the whole vocabulary)")
+            raise InputError(
+                "a vocabulary shortlist needs a backend opened for it (without the shortlist graph, "
+                "every step scores the whole vocabulary)"
+            )
         self.backend = backend
         self.cfg = backend.cfg
         limits = backend.limits
@@ -601,14 +661,18 @@ class Engine:
         if opts.min_len > max_len:
             raise OptionError("min_len", f"{opts.min_len} exceeds the maximum length {max_len}")
         if sentence.constraints and opts.sampling:
-            raise OptionError("sampling", "cannot be combined with lexical constraints (fairseq's sampling has no "
-                                          "constrained search either)")
+            raise OptionError(
+                "sampling",
+                "cannot be combined with lexical constraints (fairseq's sampling has no constrained search either)",
+            )
         if sentence.constraints and sentence.prefix:
             # fairseq's constrained search deals candidates that can advance a constraint first, even
             # when a forced token leaves them no probability: the forced token loses its place and no
             # hypothesis survives (its generator then fails an assertion)
-            raise InputError("lexical constraints cannot be combined with a forced target prefix (tgt_prefix or "
-                             "target_prefix): fairseq's constrained search drops the forced tokens")
+            raise InputError(
+                "lexical constraints cannot be combined with a forced target prefix (tgt_prefix or "
+                "target_prefix): fairseq's constrained search drops the forced tokens"
+            )
         for c in sentence.constraints:
             if not c:
                 raise InputError("a lexical constraint is empty")
@@ -677,11 +741,17 @@ class Engine:
             _, sentence = self._waiting[0]
             beam = sentence.options.beam
             more = {**extra, beam: extra.get(beam, []) + [len(sentence.src)]}
-            fits = ((self.max_rows is None or rows + beam <= self.max_rows)
-                    and (self.max_tokens is None or self._padded_tokens(more) <= self.max_tokens)
-                    and (self.max_sentences is None
-                         or (len(more[beam]) + self._lane_sentences(beam) <= self.max_sentences
-                             and len(arrivals) < self.max_sentences)))  # the encoder runs all arrivals at once
+            fits = (
+                (self.max_rows is None or rows + beam <= self.max_rows)
+                and (self.max_tokens is None or self._padded_tokens(more) <= self.max_tokens)
+                and (
+                    self.max_sentences is None
+                    or (
+                        len(more[beam]) + self._lane_sentences(beam) <= self.max_sentences
+                        and len(arrivals) < self.max_sentences
+                    )
+                )
+            )  # the encoder runs all arrivals at once
             if not fits and (rows or arrivals):
                 break
             arrivals.append(self._waiting.popleft())
@@ -701,8 +771,14 @@ class Engine:
             lane.admit([arrivals[i] for i in which], encoded, np.array(which))
 
 
-def generate(backend: Backend, sources: Sequence[Sequence[int]] | np.ndarray, options: TranslateOptions | None = None,
-             prefix: Sequence[int] = (), shortlist=None, **limits) -> list[list[Hypothesis]]:
+def generate(
+    backend: Backend,
+    sources: Sequence[Sequence[int]] | np.ndarray,
+    options: TranslateOptions | None = None,
+    prefix: Sequence[int] = (),
+    shortlist=None,
+    **limits,
+) -> list[list[Hypothesis]]:
     """Decode ``sources`` (id lists, or a left-padded [batch, src_len] array) with one set of
     options; per sentence its n-best hypotheses, best first. A loop over ``Engine``."""
     options = options or TranslateOptions()

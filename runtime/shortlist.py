@@ -19,6 +19,7 @@ File: ``.npz`` (numpy, no pickle): the frequent ids, the per-source lists as CSR
 (``offsets`` [V + 1], ``targets``) and a JSON header (format, vocabulary size, sha256 of the
 dictionary it was built with, how it was built). Numpy only: no torch.
 """
+
 from __future__ import annotations
 
 import io
@@ -64,16 +65,27 @@ class Shortlist:
     def check_dictionary(self, dict_path: str | Path | None, vocab_size: int) -> None:
         """InputError unless this shortlist was built for that vocabulary (and dictionary file)."""
         if vocab_size != self.vocab_size:
-            raise InputError(f"the shortlist was built for a vocabulary of {self.vocab_size}, the model has {vocab_size}")
+            raise InputError(
+                f"the shortlist was built for a vocabulary of {self.vocab_size}, the model has {vocab_size}"
+            )
         if dict_path is not None and self.dictionary_sha256 and sha256_file(dict_path) != self.dictionary_sha256:
             raise InputError(f"the shortlist was built with another dictionary than {dict_path}")
 
     def save(self, path: str | Path) -> None:
-        header = {"format": FORMAT, "vocab_size": self.vocab_size, "dictionary_sha256": self.dictionary_sha256,
-                  "info": self.info}
+        header = {
+            "format": FORMAT,
+            "vocab_size": self.vocab_size,
+            "dictionary_sha256": self.dictionary_sha256,
+            "info": self.info,
+        }
         buf = io.BytesIO()
-        np.savez(buf, frequent=self.frequent, offsets=self.offsets, targets=self.targets,
-                 header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+        np.savez(
+            buf,
+            frequent=self.frequent,
+            offsets=self.offsets,
+            targets=self.targets,
+            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+        )
         with atomic_output(path) as f:
             f.write(buf.getvalue())
 
@@ -94,16 +106,30 @@ class Shortlist:
             raise InputError(f"{path}: shortlist format {header.get('format')!r}, this version reads {FORMAT}")
         v = int(header["vocab_size"])
         off, tgt = arrays["offsets"], arrays["targets"]
-        if off.shape != (v + 1,) or off[0] != 0 or off[-1] != tgt.size or np.any(np.diff(off) < 0) \
-                or np.any((tgt < 0) | (tgt >= v)) or np.any((arrays["frequent"] < 0) | (arrays["frequent"] >= v)):
+        if (
+            off.shape != (v + 1,)
+            or off[0] != 0
+            or off[-1] != tgt.size
+            or np.any(np.diff(off) < 0)
+            or np.any((tgt < 0) | (tgt >= v))
+            or np.any((arrays["frequent"] < 0) | (arrays["frequent"] >= v))
+        ):
             raise InputError(f"{path}: corrupt shortlist (its arrays do not fit a vocabulary of {v})")
         return cls(v, arrays["frequent"], off, tgt, header.get("dictionary_sha256", ""), header.get("info", {}))
 
 
-def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], vocab_size: int, *,
-                    frequent: int = FREQUENT, per_source: int = PER_SOURCE, min_count: int = 1,
-                    ignore: Sequence[int] = (), dictionary_sha256: str = "", info: dict | None = None,
-                    chunk: int = 4_000_000) -> Shortlist:
+def build_shortlist(
+    pairs: Iterable[tuple[Sequence[int], Sequence[int]]],
+    vocab_size: int,
+    *,
+    frequent: int = FREQUENT,
+    per_source: int = PER_SOURCE,
+    min_count: int = 1,
+    ignore: Sequence[int] = (),
+    dictionary_sha256: str = "",
+    info: dict | None = None,
+    chunk: int = 4_000_000,
+) -> Shortlist:
     """A shortlist from (source ids, target ids) pairs (fairseq dictionary ids). ``ignore``:
     ids never counted (the special symbols, a language tag). ``min_count``: sentences in which a
     pair must co-occur to be kept."""
@@ -147,7 +173,7 @@ def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], vocab_
                 merge()
     merge()
     order = np.lexsort((np.arange(V), -tgt_freq))
-    top = order[: frequent][tgt_freq[order[: frequent]] > 0]
+    top = order[:frequent][tgt_freq[order[:frequent]] > 0]
     s_of, t_of = merged_keys // V, merged_keys % V
     keep = merged_counts >= min_count
     s_of, t_of, c = s_of[keep], t_of[keep], merged_counts[keep]
@@ -162,12 +188,15 @@ def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], vocab_
     offsets = np.zeros(V + 1, dtype=np.int64)
     np.add.at(offsets, s_of + 1, 1)
     offsets = np.cumsum(offsets)
-    meta = {"sentences": sentences, "frequent": frequent, "per_source": per_source, "min_count": min_count} | (info or {})
+    meta = {"sentences": sentences, "frequent": frequent, "per_source": per_source, "min_count": min_count} | (
+        info or {}
+    )
     return Shortlist(V, top.astype(np.int64), offsets, t_of.astype(np.int64), dictionary_sha256, meta)
 
 
-def shortlist_from_corpus(translator, sources: Iterable[str], targets: Iterable[str] | None = None,
-                          options: dict | None = None, **build) -> Shortlist:
+def shortlist_from_corpus(
+    translator, sources: Iterable[str], targets: Iterable[str] | None = None, options: dict | None = None, **build
+) -> Shortlist:
     """``build_shortlist`` over text: ``sources`` (lines) with their ``targets`` (a parallel
     corpus, lines in the same order), or, without targets, with the translations ``translator``
     (a full-vocabulary ``deltalm.Translator``) makes of them under ``options`` (keyword options of
@@ -179,7 +208,10 @@ def shortlist_from_corpus(translator, sources: Iterable[str], targets: Iterable[
     if targets is None:
         if getattr(translator, "shortlist", None) is not None:
             raise InputError("the translator that translates the corpus must not use a shortlist itself")
-        tgt_ids = [t.hypotheses[0].tokens if t.hypotheses else [] for t in translator.translate_iterable(src_lines, **(options or {}))]
+        tgt_ids = [
+            t.hypotheses[0].tokens if t.hypotheses else []
+            for t in translator.translate_iterable(src_lines, **(options or {}))
+        ]
         how = "translations of a monolingual source corpus by the model"
     else:
         tgt_lines = list(targets)
@@ -190,5 +222,6 @@ def shortlist_from_corpus(translator, sources: Iterable[str], targets: Iterable[
     pairs = ((tok.encode(s), t) for s, t in zip(src_lines, tgt_ids))
     dict_path = getattr(tok, "dict_path", None)
     digest = sha256_file(dict_path) if dict_path else ""
-    return build_shortlist(pairs, len(tok), ignore=sorted(ignore), dictionary_sha256=digest,
-                           info={"built_from": how}, **build)
+    return build_shortlist(
+        pairs, len(tok), ignore=sorted(ignore), dictionary_sha256=digest, info={"built_from": how}, **build
+    )

@@ -60,16 +60,11 @@ class Dictionary:
             if overwrite:
                 word, sep, field = word.rpartition(" ")
             if not sep:
-                raise TokenizerError(
-                    f"{path}:{line_no}: expected '<token> <count> [{_OVERWRITE_FLAG}]', "
-                    f"got {raw!r}"
-                )
+                raise TokenizerError(f"{path}:{line_no}: expected '<token> <count> [{_OVERWRITE_FLAG}]', got {raw!r}")
             try:
                 count = int(field)
             except ValueError:
-                raise TokenizerError(
-                    f"{path}:{line_no}: count {field!r} of token {word!r} is not an integer"
-                ) from None
+                raise TokenizerError(f"{path}:{line_no}: count {field!r} of token {word!r} is not an integer") from None
             if word in d._indices and not overwrite:
                 raise TokenizerError(
                     f"{path}:{line_no}: duplicate token {word!r} (first at id {d._indices[word]}); "
@@ -138,18 +133,14 @@ class Tokenizer:
     """sentencepiece + fairseq Dictionary; ``src_prefix`` symbols (e.g. ``["__de__"]``) are put in
     front of every encoded source."""
 
-    def __init__(
-        self, spm_path: str | Path, dict_path: str | Path, src_prefix: list[str] | None = None
-    ) -> None:
+    def __init__(self, spm_path: str | Path, dict_path: str | Path, src_prefix: list[str] | None = None) -> None:
         self.spm_path, self.dict_path = Path(spm_path), Path(dict_path)
         self.sp = _load_spm(self.spm_path)
         self.dictionary = Dictionary.load(self.dict_path)
         self.src_prefix: list[int] = self._lookup_all(src_prefix or [], "source prefix")
 
     @classmethod
-    def from_files(
-        cls, spm_path: str | Path, dict_path: str | Path, src_prefix: list[str] | None = None
-    ) -> Tokenizer:
+    def from_files(cls, spm_path: str | Path, dict_path: str | Path, src_prefix: list[str] | None = None) -> Tokenizer:
         return cls(spm_path, dict_path, src_prefix)
 
     @property
@@ -189,8 +180,7 @@ class Tokenizer:
             line.encode("utf-8")
         except UnicodeEncodeError as e:
             raise InputError(
-                f"text has a character that cannot be encoded as UTF-8 at position {e.start}: "
-                f"{line[e.start]!r}"
+                f"text has a character that cannot be encoded as UTF-8 at position {e.start}: {line[e.start]!r}"
             ) from None
         return " ".join(self.sp.encode(line, out_type=str)).split()
 

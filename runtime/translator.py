@@ -25,6 +25,7 @@ threads). For parallel decoding open one Translator per worker, each with its sh
 Scores are natural logarithms (fairseq's ``generate`` prints base 2 in its H-/P- lines: divide by
 ln 2 to compare). Line numbers in messages are 1-based; ``Translation.index`` is 0-based.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,8 +48,19 @@ from .search import Engine, Finished, Hypothesis, Partial, Sentence
 from .shortlist import Shortlist
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "Translation", "PartialTranslation", "Score", "Hypothesis", "TranslateOptions", "OptionError",
-           "BatchOptions", "format_translation", "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_LINES"]
+__all__ = [
+    "Translator",
+    "Translation",
+    "PartialTranslation",
+    "Score",
+    "Hypothesis",
+    "TranslateOptions",
+    "OptionError",
+    "BatchOptions",
+    "format_translation",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CHUNK_LINES",
+]
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CHUNK_LINES = 2000
@@ -91,8 +103,12 @@ class Translation:
         return {
             "id": self.index,
             "nbest": [
-                {"tokens": list(h.tokens), "score": _json_float(h.score),
-                 "positional_scores": [_json_float(s) for s in h.positional_scores], "text": h.text}
+                {
+                    "tokens": list(h.tokens),
+                    "score": _json_float(h.score),
+                    "positional_scores": [_json_float(s) for s in h.positional_scores],
+                    "text": h.text,
+                }
                 for h in self.hypotheses
             ],
         }
@@ -186,7 +202,10 @@ class Translator:
             if (directory / MANIFEST).exists() or not spm_path.exists():
                 manifest = read_manifest(directory)
                 names = manifest.tokenizer
-                spm_path, dict_path = directory / names.get("spm", "spm.model"), directory / names.get("dict", "dict.txt")
+                spm_path, dict_path = (
+                    directory / names.get("spm", "spm.model"),
+                    directory / names.get("dict", "dict.txt"),
+                )
                 verify_files(directory, manifest, [spm_path.name, dict_path.name])
             tokenizer = Tokenizer(spm_path, dict_path, list(src_prefix or []))
             tokenizer.encode_target_prefix(tgt_prefix or [])
@@ -198,16 +217,22 @@ class Translator:
         self._setup(opened, tokenizer, tgt_prefix, warn, backend_name, device, Path(model), loaded)
 
     @classmethod
-    def from_backend(cls, backend: Backend, tokenizer: Tokenizer, tgt_prefix: Sequence[str] | None = None,
-                     warn: Callable[[str], None] = _warn_stderr) -> Translator:
+    def from_backend(
+        cls,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        tgt_prefix: Sequence[str] | None = None,
+        warn: Callable[[str], None] = _warn_stderr,
+    ) -> Translator:
         """A Translator over a backend object of your own (``deltalm.backends.Backend``) and a
         tokenizer."""
         self = cls.__new__(cls)
         self._setup(backend, tokenizer, tgt_prefix, warn, type(backend).__name__, None, None, None)
         return self
 
-    def _setup(self, backend: Backend, tokenizer: Tokenizer, tgt_prefix, warn, backend_name: str, device,
-               model_path, shortlist) -> None:
+    def _setup(
+        self, backend: Backend, tokenizer: Tokenizer, tgt_prefix, warn, backend_name: str, device, model_path, shortlist
+    ) -> None:
         """The one place a Translator's state is set, whichever way it was opened."""
         self._lock = threading.Lock()
         self._warn = warn
@@ -261,8 +286,11 @@ class Translator:
         if opts.beam >= cfg.vocab_size:
             raise OptionError("beam", f"{opts.beam} must be smaller than the vocabulary ({cfg.vocab_size})")
         if len(src_prefix) + 2 > cfg.max_positions:
-            raise OptionError("src_prefix", f"({len(src_prefix)} tokens) leaves no room for text in the model's "
-                                            f"{cfg.max_positions} source positions")
+            raise OptionError(
+                "src_prefix",
+                f"({len(src_prefix)} tokens) leaves no room for text in the model's "
+                f"{cfg.max_positions} source positions",
+            )
         if opts.min_len > cfg.max_positions - 1:
             raise OptionError("min_len", f"{opts.min_len} exceeds the model's maximum length {cfg.max_positions - 1}")
         limit = self.max_target_len  # TensorRT: the engine profile's cache maximum
@@ -288,10 +316,17 @@ class Translator:
             raise OptionError("tgt_prefix", f"{opts.tgt_prefix}: {e}") from None
         return src, tgt
 
-    def prepare(self, lines: Sequence[str | bytes], options: TranslateOptions, *, start: int = 0,
-                errors: str = "strict", target_prefix: Sequence[str | None] | None = None,
-                constraints: Sequence[Sequence[str] | None] | None = None,
-                source: str | None = None) -> list[Sentence | None]:
+    def prepare(
+        self,
+        lines: Sequence[str | bytes],
+        options: TranslateOptions,
+        *,
+        start: int = 0,
+        errors: str = "strict",
+        target_prefix: Sequence[str | None] | None = None,
+        constraints: Sequence[Sequence[str] | None] | None = None,
+        source: str | None = None,
+    ) -> list[Sentence | None]:
         """What the engine decodes for each line: a ``Sentence`` (source ids, options, forced
         target ids, sampling seed), or None for a line with nothing to translate (empty, blank).
         ``start``: the position of ``lines[0]`` in the whole input (messages and seeds count from
@@ -326,8 +361,10 @@ class Translator:
             if len(ids) > max_src:
                 if not options.truncate:
                     raise SentenceTooLong(index, len(ids), max_src, source)
-                self._warn(f"{source or 'input'} line {index + 1}: {len(ids)} source tokens, truncated to the "
-                           f"model's {max_src}")
+                self._warn(
+                    f"{source or 'input'} line {index + 1}: {len(ids)} source tokens, truncated to the "
+                    f"model's {max_src}"
+                )
                 ids = ids[: max_src - 1] + [tok.eos]
             seed = None if options.seed is None else (options.seed, index)
             sentence = Sentence(tuple(ids), options, tuple(prefix), seed, wanted)
@@ -350,8 +387,10 @@ class Translator:
                 raise InputError(f"the constraint {text!r} is empty")
             if self.tokenizer.unk in ids:
                 unknown = [p for p in self.tokenizer.pieces(text) if p not in self.tokenizer.dictionary]
-                raise InputError(f"the constraint {text!r} has pieces the dictionary does not know "
-                                 f"({', '.join(unknown)}): it would require <unk>")
+                raise InputError(
+                    f"the constraint {text!r} has pieces the dictionary does not know "
+                    f"({', '.join(unknown)}): it would require <unk>"
+                )
             out.append(tuple(ids))
         return tuple(out)
 
@@ -367,9 +406,13 @@ class Translator:
         if sentence is None:
             return Translation(index)
         strip = self._prefixes(sentence.options)[1]
-        return Translation(index, [Hypothesis(h.tokens, h.score, h.positional_scores,
-                                              _hypothesis_text(self.tokenizer, h.tokens, strip))
-                                   for h in hypotheses])
+        return Translation(
+            index,
+            [
+                Hypothesis(h.tokens, h.score, h.positional_scores, _hypothesis_text(self.tokenizer, h.tokens, strip))
+                for h in hypotheses
+            ],
+        )
 
     def partial(self, index: int, sentence: Sentence, tokens: Sequence[int]) -> PartialTranslation:
         strip = self._prefixes(sentence.options)[1]
@@ -379,8 +422,9 @@ class Translator:
         """A search engine over this translator's backend (and shortlist), for a scheduler of your
         own (``deltalm serve``): ``prepare`` sentences, ``Engine.add`` them, ``Engine.step`` under
         ``lock``, turn ``Finished`` events into results with ``translation``."""
-        return Engine(self.backend, max_rows=max_rows, max_tokens=max_tokens, shortlist=self.shortlist,
-                      partials=partials)
+        return Engine(
+            self.backend, max_rows=max_rows, max_tokens=max_tokens, shortlist=self.shortlist, partials=partials
+        )
 
     @property
     def lock(self) -> threading.Lock:
@@ -417,8 +461,9 @@ class Translator:
         batching = BatchOptions(batch_size, max_tokens)
         batching.validate()
         sentences = list(sentences)
-        return self._decode(self.prepare(sentences, opts, target_prefix=target_prefix, constraints=constraints), 0,
-                            batching)
+        return self._decode(
+            self.prepare(sentences, opts, target_prefix=target_prefix, constraints=constraints), 0, batching
+        )
 
     def translate_iterable(
         self,
@@ -441,8 +486,9 @@ class Translator:
             raise OptionError("chunk_lines", f"must be >= 1, got {chunk_lines}")
         lines = iter(lines)
         chunks = iter(lambda: list(itertools.islice(lines, chunk_lines)), [])
-        return self.translate_chunks(chunks, options=options, batch_size=batch_size, max_tokens=max_tokens,
-                                     errors=errors, **overrides)
+        return self.translate_chunks(
+            chunks, options=options, batch_size=batch_size, max_tokens=max_tokens, errors=errors, **overrides
+        )
 
     def translate_chunks(
         self,
@@ -470,19 +516,36 @@ class Translator:
         if errors not in ("strict", "replace"):
             raise OptionError("errors", f"must be strict or replace, got {errors!r}")
         per_line = {"target_prefix": target_prefix, "constraints": constraints}
-        return self._chunks(iter(chunks), opts, batching, errors, source, start,
-                            {k: iter(v) for k, v in per_line.items() if v is not None})
+        return self._chunks(
+            iter(chunks),
+            opts,
+            batching,
+            errors,
+            source,
+            start,
+            {k: iter(v) for k, v in per_line.items() if v is not None},
+        )
 
-    def _chunks(self, chunks: Iterator, opts: TranslateOptions, batching: BatchOptions, errors: str,
-                source: str | None, start: int, per_line: dict[str, Iterator]) -> Iterator[Translation]:
+    def _chunks(
+        self,
+        chunks: Iterator,
+        opts: TranslateOptions,
+        batching: BatchOptions,
+        errors: str,
+        source: str | None,
+        start: int,
+        per_line: dict[str, Iterator],
+    ) -> Iterator[Translation]:
         for chunk in chunks:
             chunk = list(chunk)
             extra = {}
             for name, values in per_line.items():
                 extra[name] = list(itertools.islice(values, len(chunk)))
                 if len(extra[name]) < len(chunk):
-                    raise InputError(f"the {name.replace('_', ' ')} lines end before {source or 'the input'} does "
-                                     f"(at line {start + len(extra[name]) + 1})")
+                    raise InputError(
+                        f"the {name.replace('_', ' ')} lines end before {source or 'the input'} does "
+                        f"(at line {start + len(extra[name]) + 1})"
+                    )
             prepared = self.prepare(chunk, opts, start=start, errors=errors, source=source, **extra)
             yield from self._decode(prepared, start, batching, source)
             start += len(chunk)
@@ -514,8 +577,16 @@ class Translator:
         prepared = self.prepare(list(sentences), opts, target_prefix=target_prefix, constraints=constraints)
         return self._events(prepared, 0, batching, partials=True)
 
-    def score_batch(self, sources: Sequence[str], targets: Sequence[str], *, options: TranslateOptions | None = None,
-                    max_tokens: int | None = None, source_name: str | None = None, **overrides) -> list[Score]:
+    def score_batch(
+        self,
+        sources: Sequence[str],
+        targets: Sequence[str],
+        *,
+        options: TranslateOptions | None = None,
+        max_tokens: int | None = None,
+        source_name: str | None = None,
+        **overrides,
+    ) -> list[Score]:
         """The score of each (source, target) pair, in input order: the target's ids (forced
         target prefix symbols of ``tgt_prefix`` first, final ``</s>`` included), the natural-log
         probability of each given the source and the tokens before it, and their mean (fairseq's
@@ -532,14 +603,19 @@ class Translator:
                 scored = score_pairs(self.backend, [p.src for p in pairs], [p.tokens for p in pairs], max_tokens)
             except DecodeError as e:
                 lines = sorted(pairs[k].index for k in e.keys)
-                raise DecodeError(lines, e.cause, f"scoring failed for {source_name or 'input'} "
-                                                  f"line{'s' if len(lines) > 1 else ''} "
-                                                  f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
-                                                  f"{e.cause}") from e.cause
+                raise DecodeError(
+                    lines,
+                    e.cause,
+                    f"scoring failed for {source_name or 'input'} "
+                    f"line{'s' if len(lines) > 1 else ''} "
+                    f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
+                    f"{e.cause}",
+                ) from e.cause
         return [pair.score(positional) for pair, positional in zip(pairs, scored)]
 
-    def prepare_scores(self, sources: Sequence[str], targets: Sequence[str], options: TranslateOptions, *,
-                       source: str | None = None) -> list[ScorePair]:
+    def prepare_scores(
+        self, sources: Sequence[str], targets: Sequence[str], options: TranslateOptions, *, source: str | None = None
+    ) -> list[ScorePair]:
         """The pairs ``score_batch`` scores, checked (lengths of the lists, empty and over-long
         sources and targets: one error naming the pair); for a scheduler of your own (``deltalm
         serve`` scores the pairs of concurrent requests together with ``deltalm.scoring.score_pairs``)."""
@@ -566,30 +642,42 @@ class Translator:
             if len(ids) == len(tgt_prefix) + 1:
                 raise SentenceError(k, "has an empty target", source)
             if len(ids) > limit:
-                raise SentenceError(k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}",
-                                    source)
+                raise SentenceError(
+                    k, f"has {len(ids)} target tokens (with </s>); the model scores at most {limit}", source
+                )
             pairs.append(ScorePair(k, sentence.src, tuple(ids)))
         return pairs
 
-    def _decode(self, prepared: list[Sentence | None], start: int, batching: BatchOptions,
-                source: str | None = None) -> list[Translation]:
+    def _decode(
+        self, prepared: list[Sentence | None], start: int, batching: BatchOptions, source: str | None = None
+    ) -> list[Translation]:
         results: list[Translation | None] = [None] * len(prepared)
         for event in self._events(prepared, start, batching, partials=False, source=source):
             assert isinstance(event, Translation)  # partials=False: no PartialTranslation
             results[event.index - start] = event
         return results  # type: ignore[return-value]  # every slot is filled
 
-    def _events(self, prepared: list[Sentence | None], start: int, batching: BatchOptions,
-                partials: bool, source: str | None = None) -> Iterator[PartialTranslation | Translation]:
+    def _events(
+        self,
+        prepared: list[Sentence | None],
+        start: int,
+        batching: BatchOptions,
+        partials: bool,
+        source: str | None = None,
+    ) -> Iterator[PartialTranslation | Translation]:
         if batching.max_tokens is not None:
             for k, sentence in enumerate(prepared):
                 if sentence is not None and len(sentence.src) > batching.max_tokens:
-                    raise SentenceError(start + k, f"has {len(sentence.src)} source tokens, more than --max-tokens "
-                                                   f"{batching.max_tokens}", source)
+                    raise SentenceError(
+                        start + k,
+                        f"has {len(sentence.src)} source tokens, more than --max-tokens {batching.max_tokens}",
+                        source,
+                    )
         beams = {s.options.beam for s in prepared if s is not None}
         max_rows = batching.batch_size * max(beams) if batching.batch_size is not None and beams else None
-        engine = Engine(self.backend, max_rows=max_rows, max_tokens=batching.max_tokens, shortlist=self.shortlist,
-                        partials=partials)
+        engine = Engine(
+            self.backend, max_rows=max_rows, max_tokens=batching.max_tokens, shortlist=self.shortlist, partials=partials
+        )
 
         def longest_first(k: int) -> int:
             sentence = prepared[k]
@@ -610,10 +698,14 @@ class Translator:
                     events = engine.step()
                 except DecodeError as e:
                     lines = sorted(start + k for k in e.keys)
-                    raise DecodeError(lines, e.cause, f"translation failed for {source or 'input'} "
-                                                      f"line{'s' if len(lines) > 1 else ''} "
-                                                      f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
-                                                      f"{e.cause}") from e.cause
+                    raise DecodeError(
+                        lines,
+                        e.cause,
+                        f"translation failed for {source or 'input'} "
+                        f"line{'s' if len(lines) > 1 else ''} "
+                        f"{_line_ranges([n + 1 for n in lines])}: {type(e.cause).__name__}: "
+                        f"{e.cause}",
+                    ) from e.cause
             for event in events:  # their keys are the ones added above: positions in prepared
                 if isinstance(event, Finished):
                     key = cast(int, event.key)
@@ -646,7 +738,9 @@ def _resolve(model: Path, backend, device, spm, dictionary, config) -> tuple[str
             )
         backend = backend or "torch"
         if backend != "torch":
-            raise InputError(f"the {backend} backend runs an artifact directory; a checkpoint runs with the torch backend")
+            raise InputError(
+                f"the {backend} backend runs an artifact directory; a checkpoint runs with the torch backend"
+            )
         if device not in (None, "cpu"):
             raise InputError("the torch backend runs on the CPU here; use the ort or trt backend for a GPU")
         return "torch", "cpu", "checkpoint"
@@ -683,8 +777,11 @@ def _decode_line(raw: str | bytes, index: int, errors: str, source: str | None =
             text = raw.decode("utf-8", errors=errors)
         except UnicodeDecodeError as e:
             raise SentenceError(
-                index, f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); pass --errors "
-                       f"replace to translate it with U+FFFD for bad bytes", source) from None
+                index,
+                f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); pass --errors "
+                f"replace to translate it with U+FFFD for bad bytes",
+                source,
+            ) from None
     elif isinstance(raw, str):
         text = raw
     else:

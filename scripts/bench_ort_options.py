@@ -13,6 +13,7 @@
    ``candidate_rules`` (log_softmax, top-(k + 3), the rules on the candidates:
    ``export.graphs.topk_with_rules``) and ``minimal`` (ReduceLogSumExp and TopK(k + 3) only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,18 +102,31 @@ def tail_graphs(vocab: int, k: int, tmp: Path) -> dict[str, Path]:
     warnings.simplefilter("ignore")
     for name, module in (("full_rules", FullRules()), ("candidate_rules", CandidateRules())):
         paths[name] = tmp / f"{name}.onnx"
-        torch.onnx.export(module, args, str(paths[name]), input_names=["logits", "forced", "ban_eos", "only_eos", "unk_penalty"],
-                          output_names=["scores", "ids", "log_probs"], dynamic_axes={"logits": {0: "rows"}, "forced": {0: "rows"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(paths[name]),
+            input_names=["logits", "forced", "ban_eos", "only_eos", "unk_penalty"],
+            output_names=["scores", "ids", "log_probs"],
+            dynamic_axes={"logits": {0: "rows"}, "forced": {0: "rows"}},
+            opset_version=17,
+            dynamo=False,
+        )
     nodes = [
         helper.make_node("ReduceLogSumExp", ["logits"], ["lse"], axes=[-1], keepdims=1),
         helper.make_node("Constant", [], ["kk"], value=helper.make_tensor("kk", TensorProto.INT64, [1], [k + 3])),
         helper.make_node("TopK", ["logits", "kk"], ["vals", "ids"], axis=-1),
         helper.make_node("Sub", ["vals", "lse"], ["scores"]),
     ]
-    graph = helper.make_graph(nodes, "minimal_tail", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab])],
-                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", k + 3]),
-                               helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", k + 3])])
+    graph = helper.make_graph(
+        nodes,
+        "minimal_tail",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab])],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", k + 3]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", k + 3]),
+        ],
+    )
     paths["minimal"] = tmp / "minimal.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(paths["minimal"]))
     return paths
@@ -129,12 +143,19 @@ def measure_tails(vocab: int, k: int, threads: int, reps: int = 5) -> list[dict]
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
-        sessions = {name: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
+        sessions = {
+            name: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for name, p in paths.items()
+        }
         rng = np.random.default_rng(0)
         for rows in (5, 160):
             logits = rng.standard_normal((rows, vocab), dtype=np.float32)
-            full = {"logits": logits, "forced": np.full(rows, -1, dtype=np.int64), "ban_eos": np.array(True),
-                    "only_eos": np.array(False), "unk_penalty": np.array(0.0, dtype=np.float32)}
+            full = {
+                "logits": logits,
+                "forced": np.full(rows, -1, dtype=np.int64),
+                "ban_eos": np.array(True),
+                "only_eos": np.array(False),
+                "unk_penalty": np.array(0.0, dtype=np.float32),
+            }
             feeds = {"full_rules": full, "candidate_rules": full, "minimal": {"logits": logits}}
             row = {"rows": rows}
             for name, sess in sessions.items():
@@ -166,22 +187,30 @@ def main() -> int:
 
     results = {"variants": [], "tails": None}
     for variant in VARIANTS:
-        res = subprocess.run([sys.executable, __file__, args.artifact, "--steps", str(args.steps), "--variant", variant],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, __file__, args.artifact, "--steps", str(args.steps), "--variant", variant],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)
             continue
         row = json.loads(res.stdout.strip().splitlines()[-1])
         results["variants"].append(row)
-        print(f"{variant:<14} load {row['load_s']:5.1f}s  RSS after load {row['rss_after_load_mb']:6.0f} MB  "
-              f"step b5xn1 p50 {row['step_b5_n1']['p50_ms']:7.1f} ms  b5xn32 p50 {row['step_b5_n32']['p50_ms']:7.1f} ms  "
-              f"peak {row['peak_rss_mb']:6.0f} MB", flush=True)
+        print(
+            f"{variant:<14} load {row['load_s']:5.1f}s  RSS after load {row['rss_after_load_mb']:6.0f} MB  "
+            f"step b5xn1 p50 {row['step_b5_n1']['p50_ms']:7.1f} ms  b5xn32 p50 {row['step_b5_n32']['p50_ms']:7.1f} ms  "
+            f"peak {row['peak_rss_mb']:6.0f} MB",
+            flush=True,
+        )
     cfg = open_artifact(args.artifact).config
     results["tails"] = measure_tails(cfg.vocab_size, 10, threads)
     for row in results["tails"]:
-        print(f"tail, {row['rows']:3d} rows x {cfg.vocab_size}: full_rules {row['full_rules']['p50_ms']:7.1f} ms, "
-              f"candidate_rules {row['candidate_rules']['p50_ms']:7.1f} ms, minimal {row['minimal']['p50_ms']:7.1f} ms",
-              flush=True)
+        print(
+            f"tail, {row['rows']:3d} rows x {cfg.vocab_size}: full_rules {row['full_rules']['p50_ms']:7.1f} ms, "
+            f"candidate_rules {row['candidate_rules']['p50_ms']:7.1f} ms, minimal {row['minimal']['p50_ms']:7.1f} ms",
+            flush=True,
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

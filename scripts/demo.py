@@ -3,6 +3,7 @@ hundred steps on a copy task: its "translation" of a sentence is the sentence), 
 export it to ONNX with parity checks, and translate with ONNX Runtime and with the PyTorch
 reference. Everything runs through the `deltalm` command a user would type; it ends with the
 artifact's place and three commands to try on it."""
+
 from __future__ import annotations
 
 import argparse
@@ -58,18 +59,34 @@ def main() -> None:
     print(run("parity", str(artifact)))
     text = "\n".join(SENTENCES) + "\n"
     ort_out = run("translate", str(artifact), "--backend", "ort", "--beam", "5", stdin=text)
-    torch_out = run("translate", "--checkpoint", str(ckpt), "--spm", str(spm), "--dict", str(dct),
-                    "--backend", "torch", "--beam", "5", stdin=text)
-    print("The model was trained for seconds (a few hundred steps) to copy its input, so a good answer is the "
-          "source itself;\na row marked * differs from it: a mistake of this barely trained model, made the same "
-          "by ONNX Runtime and PyTorch.\n")
+    torch_out = run(
+        "translate",
+        "--checkpoint",
+        str(ckpt),
+        "--spm",
+        str(spm),
+        "--dict",
+        str(dct),
+        "--backend",
+        "torch",
+        "--beam",
+        "5",
+        stdin=text,
+    )
+    print(
+        "The model was trained for seconds (a few hundred steps) to copy its input, so a good answer is the "
+        "source itself;\na row marked * differs from it: a mistake of this barely trained model, made the same "
+        "by ONNX Runtime and PyTorch.\n"
+    )
     print(f"  {'source':<56} | ort (beam 5)")
     for src, hyp in zip(SENTENCES, ort_out.splitlines()):
         print(f"{'*' if hyp != src else ' '} {src:<56} | {hyp}")
     same = ort_out == torch_out
     print(f"\nONNX Runtime and PyTorch outputs identical: {same}")
     print("\nThe n-best list with scores (natural logs), as JSON lines:")
-    print(run("translate", str(artifact), "--beam", "5", "--nbest", "2", "--format", "jsonl", stdin=SENTENCES[0] + "\n"))
+    print(
+        run("translate", str(artifact), "--beam", "5", "--nbest", "2", "--format", "jsonl", stdin=SENTENCES[0] + "\n")
+    )
     if not same:
         sys.exit("demo: ONNX Runtime and PyTorch disagree")
     shutil.rmtree(work / ".cache", ignore_errors=True)
@@ -78,8 +95,10 @@ def main() -> None:
     print(f"Your artifact is in {artifact}; try:")
     print(f"  echo 'The cat sees the red apple.' | {shown} translate {artifact}")
     print(f"  {shown} inspect {artifact}")
-    print(f"  {shown} serve {artifact} --port 8000     # then: curl -s localhost:8000/v1/translate "
-          """-d '{"text": ["The cat sees the red apple."]}'""")
+    print(
+        f"  {shown} serve {artifact} --port 8000     # then: curl -s localhost:8000/v1/translate "
+        """-d '{"text": ["The cat sees the red apple."]}'"""
+    )
 
 
 if __name__ == "__main__":

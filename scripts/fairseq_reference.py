@@ -12,6 +12,7 @@ prefix), and scores of given targets.
 Run: ``make test-fairseq`` (builds .venv-fairseq with fairseq-fixed 0.12.3.1, ~5 min once).
 Prints one JSON line per case and exits non-zero on any mismatch.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,13 @@ CONSTRAINED = [
 
 def compare(seed, case, s, want, got) -> bool:
     ok = [w[0] for w in want] == [g[0] for g in got] and all(
-        abs(w[1] - g[1]) < 1e-4 and np.allclose(w[2], g[2], atol=1e-4) for w, g in zip(want, got))
-    print(json.dumps({"seed": seed, "case": case, "sentence": s, "ok": ok, **({} if ok else {"fairseq": want, "ours": got})}))
+        abs(w[1] - g[1]) < 1e-4 and np.allclose(w[2], g[2], atol=1e-4) for w, g in zip(want, got)
+    )
+    print(
+        json.dumps(
+            {"seed": seed, "case": case, "sentence": s, "ok": ok, **({} if ok else {"fairseq": want, "ours": got})}
+        )
+    )
     return ok
 
 
@@ -194,49 +200,92 @@ def run_decoding_controls(model, adapter, d, tok, corpus) -> int:
     sources = [tok.encode(line) for line in lines]
     words = [line.split() for line in lines]
     # target prefixes: the first tokens of the sentence's own translation (a copy), of another one, or none
-    prefixes = [tok.encode(" ".join(words[0][:2]))[:-1], [], tok.encode(words[3][0])[:-1], tok.encode(" ".join(words[0][:3]))[:-1],
-                [], tok.encode(words[2][-1])[:-1]]
+    prefixes = [
+        tok.encode(" ".join(words[0][:2]))[:-1],
+        [],
+        tok.encode(words[3][0])[:-1],
+        tok.encode(" ".join(words[0][:3]))[:-1],
+        [],
+        tok.encode(words[2][-1])[:-1],
+    ]
     own = [[tok.encode(w[1])[:-1], tok.encode(w[-1])[:-1]] for w in words]
     other = [[tok.encode(words[(k + 1) % len(words)][0])[:-1]] for k in range(len(words))]
     failures = 0
     for case in (dict(beam=4), dict(beam=3, min_len=5, lenpen=1.3), dict(beam=1), dict(beam=5, unkpen=1.0)):
         opts = TranslateOptions(nbest=case["beam"], max_len_b=30, **case)
         ours = engine_results(backend, [Sentence(tuple(src), opts, tuple(pre)) for src, pre in zip(sources, prefixes)])
-        gen = SequenceGenerator([adapter], d, beam_size=opts.beam, max_len_b=30, min_len=opts.min_len,
-                                len_penalty=opts.lenpen, unk_penalty=opts.unkpen)
+        gen = SequenceGenerator(
+            [adapter],
+            d,
+            beam_size=opts.beam,
+            max_len_b=30,
+            min_len=opts.min_len,
+            len_penalty=opts.lenpen,
+            unk_penalty=opts.unkpen,
+        )
         for s, (src, pre) in enumerate(zip(sources, prefixes)):
             sample = {"net_input": {"src_tokens": torch.tensor([src]), "src_lengths": torch.tensor([len(src)])}}
             with torch.no_grad():
                 ref = gen.generate([adapter], sample, prefix_tokens=torch.tensor([pre]) if pre else None)
             failures += not compare("trained", {"prefixes": True, **case}, s, fairseq_hyps(ref[0]), ours[s])
     for case in CONSTRAINED:
-        opts = TranslateOptions(beam=case["beam"], nbest=case["beam"], max_len_b=30, min_len=case.get("min_len", 1),
-                                lenpen=case.get("lenpen", 1.0), constraint_order=case["order"])
+        opts = TranslateOptions(
+            beam=case["beam"],
+            nbest=case["beam"],
+            max_len_b=30,
+            min_len=case.get("min_len", 1),
+            lenpen=case.get("lenpen", 1.0),
+            constraint_order=case["order"],
+        )
         constraints = other if case.get("swap") else own
         if case.get("repeat"):
             constraints = [c + [c[0]] for c in constraints]
         pre_of = [[] for _ in sources]  # with a forced prefix fairseq's DBA drops the forced tokens: we refuse it
-        ours = engine_results(backend, [Sentence(tuple(src), opts, tuple(pre), constraints=tuple(tuple(c) for c in cs))
-                                        for src, pre, cs in zip(sources, pre_of, constraints)])
+        ours = engine_results(
+            backend,
+            [
+                Sentence(tuple(src), opts, tuple(pre), constraints=tuple(tuple(c) for c in cs))
+                for src, pre, cs in zip(sources, pre_of, constraints)
+            ],
+        )
         strategy = search.LexicallyConstrainedBeamSearch(d, case["order"])
-        gen = SequenceGenerator([adapter], d, beam_size=opts.beam, max_len_b=30, min_len=opts.min_len,
-                                len_penalty=opts.lenpen, search_strategy=strategy)
+        gen = SequenceGenerator(
+            [adapter],
+            d,
+            beam_size=opts.beam,
+            max_len_b=30,
+            min_len=opts.min_len,
+            len_penalty=opts.lenpen,
+            search_strategy=strategy,
+        )
         for s, (src, pre, cs) in enumerate(zip(sources, pre_of, constraints)):
             sample = {"net_input": {"src_tokens": torch.tensor([src]), "src_lengths": torch.tensor([len(src)])}}
             packed = pack_constraints([[torch.tensor(c) for c in cs]])
             try:
                 with torch.no_grad():
-                    ref = gen.generate([adapter], sample, prefix_tokens=torch.tensor([pre]) if pre else None,
-                                       constraints=packed)
+                    ref = gen.generate(
+                        [adapter], sample, prefix_tokens=torch.tensor([pre]) if pre else None, constraints=packed
+                    )
             except AssertionError:  # no hypothesis met its constraints within max_len: fairseq stops there
                 ok = len(ours[s]) > 0  # we end the hypotheses without them
-                print(json.dumps({"seed": "trained", "case": {"constraints": case}, "sentence": s, "ok": ok,
-                                  "fairseq": "AssertionError (no hypothesis meets the constraints within max_len)"}))
+                print(
+                    json.dumps(
+                        {
+                            "seed": "trained",
+                            "case": {"constraints": case},
+                            "sentence": s,
+                            "ok": ok,
+                            "fairseq": "AssertionError (no hypothesis meets the constraints within max_len)",
+                        }
+                    )
+                )
                 failures += not ok
                 continue
             failures += not compare("trained", {"constraints": case}, s, fairseq_hyps(ref[0]), ours[s])
             met = all(_contains(h[0], c) for h in ours[s] for c in cs)
-            print(json.dumps({"case": {"constraints": case}, "sentence": s, "every_constraint_in_every_hypothesis": met}))
+            print(
+                json.dumps({"case": {"constraints": case}, "sentence": s, "every_constraint_in_every_hypothesis": met})
+            )
     return failures
 
 
@@ -250,15 +299,25 @@ def run_scoring(model, adapter, d, tok, corpus) -> int:
     backend = TorchBackend(model, topk=16)
     lines = [corpus[i] for i in (3, 8, 55, 120, 301)]
     sources = [tok.encode(line) for line in lines]
-    targets = [tok.encode(lines[0]), tok.encode(lines[2]), tok.encode("the"), tok.encode(lines[3] + " " + lines[4]),
-               tok.encode(lines[4])]  # its own translation, another sentence, a word, two sentences
+    targets = [
+        tok.encode(lines[0]),
+        tok.encode(lines[2]),
+        tok.encode("the"),
+        tok.encode(lines[3] + " " + lines[4]),
+        tok.encode(lines[4]),
+    ]  # its own translation, another sentence, a word, two sentences
     ours = score_pairs(backend, sources, targets, max_tokens=40)  # several runs of padded targets
     scorer = SequenceScorer(d)
     failures = 0
     for s, (src, tgt) in enumerate(zip(sources, targets)):
-        sample = {"net_input": {"src_tokens": torch.tensor([src]), "src_lengths": torch.tensor([len(src)]),
-                                "prev_output_tokens": torch.tensor([[2] + tgt[:-1]])},
-                  "target": torch.tensor([tgt])}
+        sample = {
+            "net_input": {
+                "src_tokens": torch.tensor([src]),
+                "src_lengths": torch.tensor([len(src)]),
+                "prev_output_tokens": torch.tensor([[2] + tgt[:-1]]),
+            },
+            "target": torch.tensor([tgt]),
+        }
         with torch.no_grad():
             ref = scorer.generate([adapter], sample)[0][0]
         want = [(ref["tokens"].tolist(), float(ref["score"]), ref["positional_scores"].tolist())]
@@ -278,19 +337,35 @@ def main() -> int:
         width = max(lengths)
         src = np.full((len(lengths), width), 1, dtype=np.int64)
         for r, n in enumerate(lengths):
-            src[r, width - n:] = np.concatenate([rng.integers(4, 60, size=n - 1), [2]])
+            src[r, width - n :] = np.concatenate([rng.integers(4, 60, size=n - 1), [2]])
         for case in CASES:
             prefix_tokens = case.get("prefix_tokens", [])
-            opts = TranslateOptions(nbest=case["beam"], max_len_b=case.get("max_len_b", 12),
-                                    **{k: v for k, v in case.items() if k not in ("max_len_b", "prefix_tokens")})
-            gen = SequenceGenerator([adapter], d, beam_size=opts.beam, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
-                                    min_len=opts.min_len, len_penalty=opts.lenpen, unk_penalty=opts.unkpen,
-                                    no_repeat_ngram_size=opts.no_repeat_ngram_size)
+            opts = TranslateOptions(
+                nbest=case["beam"],
+                max_len_b=case.get("max_len_b", 12),
+                **{k: v for k, v in case.items() if k not in ("max_len_b", "prefix_tokens")},
+            )
+            gen = SequenceGenerator(
+                [adapter],
+                d,
+                beam_size=opts.beam,
+                max_len_a=opts.max_len_a,
+                max_len_b=opts.max_len_b,
+                min_len=opts.min_len,
+                len_penalty=opts.lenpen,
+                unk_penalty=opts.unkpen,
+                no_repeat_ngram_size=opts.no_repeat_ngram_size,
+            )
             # fairseq decodes each sentence alone (our contract: a sentence's result does not depend on
             # its batch; fairseq's max_len_a uses the padded width of its batch), we the whole batch
             ref = []
             for r, n in enumerate(lengths):
-                sample = {"net_input": {"src_tokens": torch.from_numpy(src[r:r + 1, width - n:]), "src_lengths": torch.tensor([n])}}
+                sample = {
+                    "net_input": {
+                        "src_tokens": torch.from_numpy(src[r : r + 1, width - n :]),
+                        "src_lengths": torch.tensor([n]),
+                    }
+                }
                 prefix = torch.tensor([prefix_tokens]) if prefix_tokens else None
                 with torch.no_grad():
                     ref += gen.generate([adapter], sample, prefix_tokens=prefix)
@@ -299,10 +374,20 @@ def main() -> int:
                 want = [(h["tokens"].tolist(), float(h["score"]), h["positional_scores"].tolist()) for h in ref[s]]
                 got = [(h.tokens, h.score, h.positional_scores) for h in ours[s]]
                 ok = [w[0] for w in want] == [g[0] for g in got] and all(
-                    abs(w[1] - g[1]) < 1e-4 and np.allclose(w[2], g[2], atol=1e-4) for w, g in zip(want, got))
+                    abs(w[1] - g[1]) < 1e-4 and np.allclose(w[2], g[2], atol=1e-4) for w, g in zip(want, got)
+                )
                 failures += not ok
-                print(json.dumps({"seed": seed, "case": case, "sentence": s, "ok": ok,
-                                  **({} if ok else {"fairseq": want, "ours": got})}))
+                print(
+                    json.dumps(
+                        {
+                            "seed": seed,
+                            "case": case,
+                            "sentence": s,
+                            "ok": ok,
+                            **({} if ok else {"fairseq": want, "ours": got}),
+                        }
+                    )
+                )
     trained = trained_model()
     failures += run_decoding_controls(*trained)
     failures += run_scoring(*trained)

@@ -5,6 +5,7 @@ answered, in order.
 Without --artifact, the tiny demo model is fitted and exported (``deltalm export``) in a child
 process first, so that this process imports only the runtime (no torch) and its RSS is the
 runtime's. The lines are made on the fly: the input is never held whole."""
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,12 @@ def main() -> int:
     p.add_argument("--workdir", help="where the tiny model is built (default: a temporary directory)")
     p.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
     p.add_argument("--lines", type=int, default=10_000)
-    p.add_argument("--warmup", type=int, default=1_000,
-                   help="lines translated before the RSS baseline (after one batch of the longest lines)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1_000,
+        help="lines translated before the RSS baseline (after one batch of the longest lines)",
+    )
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-lines", type=int, default=500)
@@ -95,10 +100,14 @@ def main() -> int:
         artifact = Path(args.artifact) if args.artifact else None
         if artifact is None:
             workdir = Path(args.workdir or tmp)
-            print(f"soak: fitting the tiny model ({args.steps} steps) and exporting it to {workdir}/artifact",
-                  flush=True)
-            subprocess.run([sys.executable, __file__, "--prepare-only", "--workdir", str(workdir),
-                            "--steps", str(args.steps)], check=True, stdout=subprocess.DEVNULL)
+            print(
+                f"soak: fitting the tiny model ({args.steps} steps) and exporting it to {workdir}/artifact", flush=True
+            )
+            subprocess.run(
+                [sys.executable, __file__, "--prepare-only", "--workdir", str(workdir), "--steps", str(args.steps)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             artifact = workdir / "artifact"
         return soak(artifact, args)
 
@@ -162,18 +171,23 @@ def soak(artifact: Path, args) -> int:
 
     print(f"soak: {artifact} on ort (cpu), beam {args.beam}, batch {args.batch_size}, chunks of {args.chunk_lines}")
     print(f"  lines translated   {done} of {args.lines} ({len(blank_set)} blank, answered with empty lines)")
-    print(f"  lines answered     {answered} with a hypothesis ({empty_answers} of them decode to empty text); "
-          f"unanswered {unanswered}")
+    print(
+        f"  lines answered     {answered} with a hypothesis ({empty_answers} of them decode to empty text); "
+        f"unanswered {unanswered}"
+    )
     print(f"  time               {seconds:.1f} s, {done / seconds:.0f} lines/s")
     mib = 2**20
-    print(f"  RSS                start {rss_start / mib:.1f} MiB, model loaded {rss_loaded / mib:.1f} MiB, "
-          f"after a batch of the longest lines {rss_worst / mib:.1f} MiB, "
-          f"after {args.warmup} lines {baseline / mib if baseline else float('nan'):.1f} MiB (baseline), "
-          f"end {final / mib:.1f} MiB, peak after warm-up {peak / mib:.1f} MiB")
+    print(
+        f"  RSS                start {rss_start / mib:.1f} MiB, model loaded {rss_loaded / mib:.1f} MiB, "
+        f"after a batch of the longest lines {rss_worst / mib:.1f} MiB, "
+        f"after {args.warmup} lines {baseline / mib if baseline else float('nan'):.1f} MiB (baseline), "
+        f"end {final / mib:.1f} MiB, peak after warm-up {peak / mib:.1f} MiB"
+    )
     quarters = [samples[len(samples) * q // 4] for q in range(4)] + samples[-1:] if samples else []
     print("  RSS by lines done  " + ", ".join(f"{n}: {rss / mib:.1f} MiB" for n, rss in quarters))
-    print(f"  RSS growth         {growth:+.2%} at the end, {peak_growth:+.2%} at the peak "
-          f"(limit {args.max_growth:.0%})")
+    print(
+        f"  RSS growth         {growth:+.2%} at the end, {peak_growth:+.2%} at the peak (limit {args.max_growth:.0%})"
+    )
     print(f"soak: {'PASSED' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -17,6 +17,7 @@ sentence's position in the request. Every error is ``{"error": {"type", "message
 the HTTP status of its kind (``deltalm.serve.metrics.ERROR_KINDS``); once a stream has begun, an
 error is an event of that shape.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,8 +67,10 @@ class RequestLimits:
 # ``Translator.prepare`` under its own name: name -> (check of one entry, what an entry is).
 PER_SENTENCE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target_prefix": (lambda v: v is None or isinstance(v, str), "a target prefix text or null"),
-    "constraints": (lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
-                    "a list of target texts (lexical constraints) or null"),
+    "constraints": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "a list of target texts (lexical constraints) or null",
+    ),
 }
 REQUEST_FIELDS = ("text", "stream", *PER_SENTENCE)  # the body's fields that are not TranslateOptions
 
@@ -87,13 +90,25 @@ def _request_model() -> type[pydantic.BaseModel]:
     with messages that name the option)."""
     fields: dict[str, Any] = {
         "text": (list[str], pydantic.Field(description="sentences to translate")),
-        "stream": (bool, pydantic.Field(False, description="answer text/event-stream: partial and final records "
-                                                           "as the decoding goes, then [DONE]")),
-        "target_prefix": (list[str | None] | None, pydantic.Field(
-            None, description="per sentence, a target text the translation must begin with (or null)")),
-        "constraints": (list[list[str] | None] | None, pydantic.Field(
-            None, description="per sentence, target texts every hypothesis must contain (lexically constrained "
-                              "decoding; constraint_order says in which order), or null")),
+        "stream": (
+            bool,
+            pydantic.Field(
+                False,
+                description="answer text/event-stream: partial and final records as the decoding goes, then [DONE]",
+            ),
+        ),
+        "target_prefix": (
+            list[str | None] | None,
+            pydantic.Field(None, description="per sentence, a target text the translation must begin with (or null)"),
+        ),
+        "constraints": (
+            list[list[str] | None] | None,
+            pydantic.Field(
+                None,
+                description="per sentence, target texts every hypothesis must contain (lexically constrained "
+                "decoding; constraint_order says in which order), or null",
+            ),
+        ),
     }
     hints = typing.get_type_hints(TranslateOptions)
     for f in dataclasses.fields(TranslateOptions):
@@ -160,8 +175,13 @@ class ApiError(Exception):
         self.status, self.kind, self.message, self.headers, self.extra = status, kind, message, headers, extra
 
     def body(self) -> dict:
-        return {"error": {"type": self.kind, "message": self.message,
-                          **{k: v for k, v in self.extra.items() if v is not None}}}
+        return {
+            "error": {
+                "type": self.kind,
+                "message": self.message,
+                **{k: v for k, v in self.extra.items() if v is not None},
+            }
+        }
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -170,7 +190,9 @@ def error_response(e: ApiError) -> JSONResponse:
 
 def shutting_down() -> ApiError:
     # Connection: close, so that a client on a kept-alive connection comes back on a new one
-    return ApiError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "1", "Connection": "close"})
+    return ApiError(
+        503, "shutting_down", "the server is shutting down", headers={"Retry-After": "1", "Connection": "close"}
+    )
 
 
 # --- the service ------------------------------------------------------------------------------------
@@ -180,8 +202,9 @@ class TranslationService:
     """State shared by the handlers: the scheduler (which owns the Translator's engine), limits,
     metrics, and the count of accepted requests not yet answered (what a shutdown waits for)."""
 
-    def __init__(self, translator: Translator, scheduling: Scheduling, limits: RequestLimits,
-                 warmup: bool = True) -> None:
+    def __init__(
+        self, translator: Translator, scheduling: Scheduling, limits: RequestLimits, warmup: bool = True
+    ) -> None:
         self.translator = translator
         self.metrics = ServeMetrics()
         self.scheduler = Scheduler(translator, scheduling, self._on_step)
@@ -233,7 +256,6 @@ class TranslationService:
         self.accepted += 1
         self._answered.clear()
 
-
     def answered(self) -> None:
         """An accepted request has had its answer (``submit`` counted it)."""
         self.accepted -= 1
@@ -254,8 +276,11 @@ class TranslationService:
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise ApiError(422, "invalid_request", '"text" must be a list of strings')
         if len(texts) > self.limits.max_sentences:
-            raise ApiError(413, "too_many_sentences",
-                           f"{len(texts)} sentences in one request; the limit is {self.limits.max_sentences}")
+            raise ApiError(
+                413,
+                "too_many_sentences",
+                f"{len(texts)} sentences in one request; the limit is {self.limits.max_sentences}",
+            )
         stream = payload.pop("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(422, "invalid_option", f"stream must be true or false, got {stream!r}", option="stream")
@@ -267,12 +292,17 @@ class TranslationService:
             values = payload.pop(name)
             if not isinstance(values, list) or len(values) != len(texts):
                 given = f"{len(values)} entries" if isinstance(values, list) else f"a {type(values).__name__}"
-                raise ApiError(422, "invalid_option", f"{name} must be a list with one entry per sentence of text "
-                                                      f"({len(texts)}), got {given}", option=name)
+                raise ApiError(
+                    422,
+                    "invalid_option",
+                    f"{name} must be a list with one entry per sentence of text ({len(texts)}), got {given}",
+                    option=name,
+                )
             for k, value in enumerate(values):
                 if not check(value):
-                    raise ApiError(422, "invalid_option", f"{name}[{k}] must be {what}, got {value!r}", option=name,
-                                   sentence=k)
+                    raise ApiError(
+                        422, "invalid_option", f"{name}[{k}] must be {what}, got {value!r}", option=name, sentence=k
+                    )
             per_sentence[name] = values
         try:
             options = self.translator.options(TranslateOptions.from_mapping(payload))
@@ -293,15 +323,25 @@ class TranslationService:
             if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
                 raise ApiError(422, "invalid_request", f'"{name}" must be a list of strings')
         if len(sources) != len(targets):
-            raise ApiError(422, "invalid_request", f'"source" has {len(sources)} sentences but "target" has '
-                                                   f"{len(targets)}: give one target per source")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f'"source" has {len(sources)} sentences but "target" has {len(targets)}: give one target per source',
+            )
         if len(sources) > self.limits.max_sentences:
-            raise ApiError(413, "too_many_sentences",
-                           f"{len(sources)} pairs in one request; the limit is {self.limits.max_sentences}")
+            raise ApiError(
+                413,
+                "too_many_sentences",
+                f"{len(sources)} pairs in one request; the limit is {self.limits.max_sentences}",
+            )
         unknown = sorted(set(payload) - set(SCORE_OPTIONS))
         if unknown:
-            raise ApiError(422, "invalid_option", f"{unknown[0]} is not an option of a score request (options: "
-                                                  f"{', '.join(SCORE_OPTIONS)})", option=unknown[0])
+            raise ApiError(
+                422,
+                "invalid_option",
+                f"{unknown[0]} is not an option of a score request (options: {', '.join(SCORE_OPTIONS)})",
+                option=unknown[0],
+            )
         try:
             options = self.translator.options(TranslateOptions.from_mapping(payload))
         except OptionError as e:
@@ -311,8 +351,12 @@ class TranslationService:
         except SentenceTooLong as e:
             raise self._too_long(e.index, e.length, e.limit == self.max_sentence_tokens) from None
         except SentenceError as e:
-            raise ApiError(422, "invalid_sentence", f"pair {e.index} {e.reason}" if e.reason.startswith(("is ", "has "))
-                           else f"pair {e.index}: {e.reason}", sentence=e.index) from None
+            raise ApiError(
+                422,
+                "invalid_sentence",
+                f"pair {e.index} {e.reason}" if e.reason.startswith(("is ", "has ")) else f"pair {e.index}: {e.reason}",
+                sentence=e.index,
+            ) from None
         except DeltaLMError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
         for pair in pairs:
@@ -345,8 +389,14 @@ class TranslationService:
         except SentenceTooLong as e:
             raise self._too_long(e.index, e.length, e.limit == self.max_sentence_tokens) from None
         except SentenceError as e:
-            raise ApiError(422, "invalid_sentence", f"sentence {e.index} {e.reason}" if e.reason.startswith(("is ", "has "))
-                           else f"sentence {e.index}: {e.reason}", sentence=e.index) from None
+            raise ApiError(
+                422,
+                "invalid_sentence",
+                f"sentence {e.index} {e.reason}"
+                if e.reason.startswith(("is ", "has "))
+                else f"sentence {e.index}: {e.reason}",
+                sentence=e.index,
+            ) from None
         except DeltaLMError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
         for k, sentence in enumerate(sentences):
@@ -356,15 +406,24 @@ class TranslationService:
 
     def _too_long(self, k: int, length: int, can_truncate: bool) -> ApiError:
         hint = ' (pass "truncate": true to cut it)' if can_truncate else ""
-        return ApiError(422, "sentence_too_long", f"sentence {k} has {length} source tokens (with </s> and the source "
-                                                  f"prefix); the limit is {self.max_sentence_tokens}{hint}", sentence=k)
+        return ApiError(
+            422,
+            "sentence_too_long",
+            f"sentence {k} has {length} source tokens (with </s> and the source "
+            f"prefix); the limit is {self.max_sentence_tokens}{hint}",
+            sentence=k,
+        )
 
     def submit(self, sentences: list[Sentence | None], stream: bool) -> Job:
         try:
             job = self.scheduler.submit(sentences, stream)
         except QueueFull as e:
-            raise ApiError(503, "queue_full", f"the server is busy: {e}; retry later",
-                           headers={"Retry-After": str(e.retry_after_s)}) from None
+            raise ApiError(
+                503,
+                "queue_full",
+                f"the server is busy: {e}; retry later",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
         except ShuttingDown:
             raise shutting_down() from None
         self._accept()
@@ -372,8 +431,9 @@ class TranslationService:
 
     async def results(self, job: Job, disconnected: asyncio.Future, deadline: float) -> list[Translation]:
         """The job's translations; on a disconnect or past the deadline the job is cancelled."""
-        done, _ = await asyncio.wait({job.done, disconnected}, timeout=max(0.0, deadline - time.monotonic()),
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {job.done, disconnected}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+        )
         if job.done in done:
             if job.done.exception() is not None:
                 raise self._failure(job.done.exception())
@@ -458,9 +518,11 @@ def describe_shortlist(translator: Translator, path: str | Path | None) -> dict 
     shortlist = getattr(translator, "shortlist", None)
     if shortlist is None:
         return None
-    return {"file": Path(path).name if path is not None else None,
-            "sha256": sha256_file(path) if path is not None else None,
-            "built_from": shortlist.info.get("built_from")}
+    return {
+        "file": Path(path).name if path is not None else None,
+        "sha256": sha256_file(path) if path is not None else None,
+        "built_from": shortlist.info.get("built_from"),
+    }
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -484,9 +546,13 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),  # noqa: B008 (frozen)
-               limits: RequestLimits = RequestLimits(), warmup: bool = True,
-               shortlist_file: str | Path | None = None) -> FastAPI:
+def create_app(
+    translator: Translator,
+    scheduling: Scheduling = Scheduling(),  # noqa: B008 (frozen)
+    limits: RequestLimits = RequestLimits(),
+    warmup: bool = True,
+    shortlist_file: str | Path | None = None,
+) -> FastAPI:
     """The ASGI app. The scheduler starts with the app's lifespan (warm-up included: /ready turns
     200 after it) and drains at shutdown: every accepted request is answered. ``shortlist_file``:
     the file the translator's shortlist was loaded from, named by /health."""
@@ -508,8 +574,12 @@ def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),  #
             await asyncio.gather(warm, return_exceptions=True)  # a failed warm-up: serve_app raises it
             await service.stop()
 
-    app = FastAPIOffline(title="deltalm serve", version=__version__, lifespan=lifespan,
-                         description="DeltaLM translation with in-flight batching (fairseq-exact search).")
+    app = FastAPIOffline(
+        title="deltalm serve",
+        version=__version__,
+        lifespan=lifespan,
+        description="DeltaLM translation with in-flight batching (fairseq-exact search).",
+    )
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     metrics = service.metrics
@@ -539,12 +609,23 @@ def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),  #
     errors = {"model": ErrorBody}
     request_schema = TranslateRequest.model_json_schema()
 
-    @app.post("/v1/translate", response_model=TranslateResponse,
-              responses={200: {"content": {"text/event-stream": {}}, "description": "with \"stream\": true, "
-                                           "server-sent events (see the documentation)"},
-                         400: errors, 413: errors, 422: errors, 503: errors, 504: errors},
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
-              summary="Translate sentences (one result per sentence, input order)")
+    @app.post(
+        "/v1/translate",
+        response_model=TranslateResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": 'with "stream": true, server-sent events (see the documentation)',
+            },
+            400: errors,
+            413: errors,
+            422: errors,
+            503: errors,
+            504: errors,
+        },
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
+        summary="Translate sentences (one result per sentence, input order)",
+    )
     async def translate(request: Request):
         t0 = time.monotonic()
         metrics.in_progress.inc()
@@ -573,11 +654,18 @@ def create_app(translator: Translator, scheduling: Scheduling = Scheduling(),  #
             service.answered()
         return response
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses={400: errors, 413: errors, 422: errors,
-                                                                    503: errors, 504: errors},
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": ScoreRequest.model_json_schema()}}}},
-              summary="Score given translations (fairseq's --score-reference; one result per pair, input order)")
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses={400: errors, 413: errors, 422: errors, 503: errors, 504: errors},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ScoreRequest.model_json_schema()}},
+            }
+        },
+        summary="Score given translations (fairseq's --score-reference; one result per pair, input order)",
+    )
     async def score(request: Request):
         t0 = time.monotonic()
         metrics.in_progress.inc()

@@ -14,6 +14,7 @@ model does the same work for every sentence):
 The reference is ``deltalm translate`` answering one line at a time through a pipe (a warm
 process: the cost of a line, not of loading the model). Writes bench.json, bench.md, bench.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,23 @@ def prepare_artifact(model: str, out: Path) -> Path:
     artifact = out / "artifact"
     if not (artifact / "manifest.json").exists():
         _log(f"exporting {model} -> {artifact}")
-        subprocess.run([deltalm_command(), "export", str(files.checkpoint), "--spm", str(files.spm), "--dict",
-                        str(files.dict), "--out", str(artifact), "--precision", "fp32", "--force"], check=True)
+        subprocess.run(
+            [
+                deltalm_command(),
+                "export",
+                str(files.checkpoint),
+                "--spm",
+                str(files.spm),
+                "--dict",
+                str(files.dict),
+                "--out",
+                str(artifact),
+                "--precision",
+                "fp32",
+                "--force",
+            ],
+            check=True,
+        )
     return artifact
 
 
@@ -111,10 +127,28 @@ def prepare_artifact(model: str, out: Path) -> Path:
 def time_cli_lines(artifact: Path, plan: BenchPlan) -> dict:
     """Per-line latency of a warm ``deltalm translate`` answering a pipe line by line (the uniform
     workload's sentences)."""
-    cmd = [deltalm_command(), "translate", str(artifact), "--beam", str(plan.beam), "--min-len", str(plan.length),
-           "--max-len-b", str(plan.length), "--threads", str(plan.threads)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, bufsize=1, env=child_env(plan.threads))
+    cmd = [
+        deltalm_command(),
+        "translate",
+        str(artifact),
+        "--beam",
+        str(plan.beam),
+        "--min-len",
+        str(plan.length),
+        "--max-len-b",
+        str(plan.length),
+        "--threads",
+        str(plan.threads),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        env=child_env(plan.threads),
+    )
     lines = sentences()
     times = []
     try:
@@ -130,8 +164,12 @@ def time_cli_lines(artifact: Path, plan: BenchPlan) -> dict:
         proc.stdin.close()
         proc.wait(timeout=120)
     times.sort()
-    return {"lines": len(times), "p50_ms": round(1000 * times[len(times) // 2], 1),
-            "mean_ms": round(1000 * sum(times) / len(times), 1), "min_ms": round(1000 * times[0], 1)}
+    return {
+        "lines": len(times),
+        "p50_ms": round(1000 * times[len(times) // 2], 1),
+        "mean_ms": round(1000 * sum(times) / len(times), 1),
+        "min_ms": round(1000 * times[0], 1),
+    }
 
 
 # --- the servers ---------------------------------------------------------------------------------
@@ -139,9 +177,25 @@ def time_cli_lines(artifact: Path, plan: BenchPlan) -> dict:
 
 class ServerProcess:
     def __init__(self, artifact: Path, plan: BenchPlan, batching: str) -> None:
-        cmd = [deltalm_command(), "serve", str(artifact), "--port", "0", "--threads", str(plan.threads),
-               "--batching", batching, "--max-batch-rows", str(plan.max_batch_rows),
-               "--max-wait-ms", str(plan.max_wait_ms), "--max-queue-sentences", "100000", "--timeout-s", "3600"]
+        cmd = [
+            deltalm_command(),
+            "serve",
+            str(artifact),
+            "--port",
+            "0",
+            "--threads",
+            str(plan.threads),
+            "--batching",
+            batching,
+            "--max-batch-rows",
+            str(plan.max_batch_rows),
+            "--max-wait-ms",
+            str(plan.max_wait_ms),
+            "--max-queue-sentences",
+            "100000",
+            "--timeout-s",
+            "3600",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env(plan.threads))
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
@@ -181,11 +235,17 @@ def make_calls(workload: str, plan: BenchPlan, long_texts: list[str]):
         delay = rng.uniform(0, plan.stagger_s) if k == 0 else rng.uniform(0, plan.think_ms / 1000)
         if rng.random() < plan.long_share:
             n = plan.long_tokens
-            return Call({"text": [long_texts[rng.randrange(len(long_texts))]], "beam": plan.beam, "min_len": n,
-                         "max_len_b": n}, "long", delay)
+            return Call(
+                {"text": [long_texts[rng.randrange(len(long_texts))]], "beam": plan.beam, "min_len": n, "max_len_b": n},
+                "long",
+                delay,
+            )
         n = rng.randint(*plan.short_tokens)
-        return Call({"text": [lines[rng.randrange(len(lines))]], "beam": plan.beam, "min_len": n, "max_len_b": n},
-                    "short", delay)
+        return Call(
+            {"text": [lines[rng.randrange(len(lines))]], "beam": plan.beam, "min_len": n, "max_len_b": n},
+            "short",
+            delay,
+        )
 
     return call
 
@@ -215,10 +275,14 @@ def measure_round(server: ServerProcess, cell: _Cell, clients: int, duration_s: 
 
 def summarize(mode: str, workload: str, cell: _Cell) -> dict:
     steps = cell.steps
-    out = {"mode": mode, "workload": workload, **cell.result.summary(),
-           "mean_rows_per_step": round(cell.rows / steps, 2) if steps else None,
-           "mean_step_ms": round(1000 * cell.step_s / steps, 1) if steps else None,
-           "loadavg_1m": [min(cell.loads), max(cell.loads)]}
+    out = {
+        "mode": mode,
+        "workload": workload,
+        **cell.result.summary(),
+        "mean_rows_per_step": round(cell.rows / steps, 2) if steps else None,
+        "mean_step_ms": round(1000 * cell.step_s / steps, 1) if steps else None,
+        "loadavg_1m": [min(cell.loads), max(cell.loads)],
+    }
     log_cell(out)
     return out
 
@@ -226,10 +290,14 @@ def summarize(mode: str, workload: str, cell: _Cell) -> dict:
 def log_cell(cell: dict) -> None:
     clients, mode, workload = cell["clients"], cell["mode"], cell["workload"]
     kinds = cell.get("by_kind", {})
-    lat = " ".join(f"{k} p50/p99 {v['latency_ms']['p50']}/{v['latency_ms']['p99']} ms" for k, v in kinds.items()) or \
-        f"p50/p99 {cell.get('latency_ms', {}).get('p50')}/{cell.get('latency_ms', {}).get('p99')} ms"
-    _log(f"  {workload:7s} {mode:8s} {clients:3d} clients: {cell.get('sentences_per_s')} sent/s, "
-         f"{cell.get('tokens_per_s')} tok/s, {lat}, rows/step {cell['mean_rows_per_step']}, load {cell['loadavg_1m']}")
+    lat = (
+        " ".join(f"{k} p50/p99 {v['latency_ms']['p50']}/{v['latency_ms']['p99']} ms" for k, v in kinds.items())
+        or f"p50/p99 {cell.get('latency_ms', {}).get('p50')}/{cell.get('latency_ms', {}).get('p99')} ms"
+    )
+    _log(
+        f"  {workload:7s} {mode:8s} {clients:3d} clients: {cell.get('sentences_per_s')} sent/s, "
+        f"{cell.get('tokens_per_s')} tok/s, {lat}, rows/step {cell['mean_rows_per_step']}, load {cell['loadavg_1m']}"
+    )
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -251,28 +319,48 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
     inf, req = cells.get(("mixed", "inflight", 32)), cells.get(("mixed", "request", 32))
     if inf and req and inf.get("tokens_per_s") and req.get("tokens_per_s"):
         r_tok, r_sent = inf["tokens_per_s"] / req["tokens_per_s"], inf["sentences_per_s"] / req["sentences_per_s"]
-        out.append(("mixed, 32 clients: in-flight throughput >= 1.5x request-level",
-                    f"{r_tok:.2f}x target tokens/s ({r_sent:.2f}x sentences/s)", r_tok >= 1.5))
+        out.append(
+            (
+                "mixed, 32 clients: in-flight throughput >= 1.5x request-level",
+                f"{r_tok:.2f}x target tokens/s ({r_sent:.2f}x sentences/s)",
+                r_tok >= 1.5,
+            )
+        )
     ratios = []
     for n in report["plan"]["clients"]:
         a, b = cells.get(("uniform", "inflight", n)), cells.get(("uniform", "request", n))
         if a and b and a.get("sentences_per_s") and b.get("sentences_per_s"):
             ratios.append((n, a["sentences_per_s"] / b["sentences_per_s"]))
     if ratios:
-        out.append(("uniform: in-flight >= 0.95x request-level at every client count",
-                    ", ".join(f"{n}: {r:.2f}x" for n, r in ratios), min(r for _, r in ratios) >= 0.95))
+        out.append(
+            (
+                "uniform: in-flight >= 0.95x request-level at every client count",
+                ", ".join(f"{n}: {r:.2f}x" for n, r in ratios),
+                min(r for _, r in ratios) >= 0.95,
+            )
+        )
     for n in (32, 64):
         a, b = cells.get(("mixed", "inflight", n)), cells.get(("mixed", "request", n))
         sa, sb = (c.get("by_kind", {}).get("short") if c else None for c in (a, b))
         if sa and sb:
             r = sa["latency_ms"]["p99"] / sb["latency_ms"]["p99"]
-            out.append((f"mixed, {n} clients: short-request p99 <= 1/3 of request-level's",
-                        f"{sa['latency_ms']['p99']} / {sb['latency_ms']['p99']} ms = {r:.2f}", r <= 1 / 3))
+            out.append(
+                (
+                    f"mixed, {n} clients: short-request p99 <= 1/3 of request-level's",
+                    f"{sa['latency_ms']['p99']} / {sb['latency_ms']['p99']} ms = {r:.2f}",
+                    r <= 1 / 3,
+                )
+            )
     one = cells.get(("uniform", "inflight", 1))
     if one and "latency_ms" in one:
         r = one["latency_ms"]["p50"] / report["cli_line"]["p50_ms"]
-        out.append(("1 client: latency within 10% of `deltalm translate` on one line",
-                    f"p50 {one['latency_ms']['p50']} / {report['cli_line']['p50_ms']} ms = {r:.3f}", r <= 1.10))
+        out.append(
+            (
+                "1 client: latency within 10% of `deltalm translate` on one line",
+                f"p50 {one['latency_ms']['p50']} / {report['cli_line']['p50_ms']} ms = {r:.3f}",
+                r <= 1.10,
+            )
+        )
     return out
 
 
@@ -280,46 +368,60 @@ def format_markdown(report: dict) -> str:
     plan = report["plan"]
     cells = {(c["workload"], c["mode"], c["clients"]): c for c in report["cells"]}
     cli = report["cli_line"]
-    out = [f"# deltalm bench-serve: {report['model']}", "",
-           f"{report['machine']}. Servers: `deltalm serve --threads {plan['threads']} --max-batch-rows "
-           f"{plan['max_batch_rows']}`, `--batching inflight` and `--batching request --max-wait-ms "
-           f"{plan['max_wait_ms']:g}`, both up for the whole run, their cells interleaved. Each client sends one "
-           f"sentence a request, the next once answered, for {plan['duration_s']:g} s a cell in {plan['rounds']} rounds, "
-           f"the two servers taking turns (after each round the requests in flight finish); beam {plan['beam']}. Load generator: threads in one process on the same machine. "
-           f"Load average (1 min) at the start {report['loadavg_1m_start']}, at the end {report.get('loadavg_1m_end')}.",
-           "",
-           f"Reference, `deltalm translate` answering one line at a time through a pipe (warm process, "
-           f"{cli['lines']} lines of the uniform workload): p50 {cli['p50_ms']} ms, mean {cli['mean_ms']} ms.", ""]
+    out = [
+        f"# deltalm bench-serve: {report['model']}",
+        "",
+        f"{report['machine']}. Servers: `deltalm serve --threads {plan['threads']} --max-batch-rows "
+        f"{plan['max_batch_rows']}`, `--batching inflight` and `--batching request --max-wait-ms "
+        f"{plan['max_wait_ms']:g}`, both up for the whole run, their cells interleaved. Each client sends one "
+        f"sentence a request, the next once answered, for {plan['duration_s']:g} s a cell in {plan['rounds']} rounds, "
+        f"the two servers taking turns (after each round the requests in flight finish); beam {plan['beam']}. Load generator: threads in one process on the same machine. "
+        f"Load average (1 min) at the start {report['loadavg_1m_start']}, at the end {report.get('loadavg_1m_end')}.",
+        "",
+        f"Reference, `deltalm translate` answering one line at a time through a pipe (warm process, "
+        f"{cli['lines']} lines of the uniform workload): p50 {cli['p50_ms']} ms, mean {cli['mean_ms']} ms.",
+        "",
+    ]
     if "uniform" in plan["workloads"]:
-        out += [f"## uniform: every output forced to {plan['length']} tokens + </s>", "",
-                "| clients | in-flight sent/s | request sent/s | ratio | in-flight p50 / p99 ms | request p50 / p99 ms "
-                "| rows per step (in-flight / request) | load avg (1 min) |",
-                "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        out += [
+            f"## uniform: every output forced to {plan['length']} tokens + </s>",
+            "",
+            "| clients | in-flight sent/s | request sent/s | ratio | in-flight p50 / p99 ms | request p50 / p99 ms "
+            "| rows per step (in-flight / request) | load avg (1 min) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for n in plan["clients"]:
             a, b = cells.get(("uniform", "inflight", n), {}), cells.get(("uniform", "request", n), {})
-            out.append(f"| {n} | {a.get('sentences_per_s', '-')} | {b.get('sentences_per_s', '-')} | "
-                       f"{_ratio(a.get('sentences_per_s'), b.get('sentences_per_s'))} | {_lat(a)} | {_lat(b)} | "
-                       f"{a.get('mean_rows_per_step', '-')} / {b.get('mean_rows_per_step', '-')} | "
-                       f"{a.get('loadavg_1m', '-')} / {b.get('loadavg_1m', '-')} |")
+            out.append(
+                f"| {n} | {a.get('sentences_per_s', '-')} | {b.get('sentences_per_s', '-')} | "
+                f"{_ratio(a.get('sentences_per_s'), b.get('sentences_per_s'))} | {_lat(a)} | {_lat(b)} | "
+                f"{a.get('mean_rows_per_step', '-')} / {b.get('mean_rows_per_step', '-')} | "
+                f"{a.get('loadavg_1m', '-')} / {b.get('loadavg_1m', '-')} |"
+            )
         out.append("")
     if "mixed" in plan["workloads"]:
         lo, hi = plan["short_tokens"]
-        out += [f"## mixed: {100 * (1 - plan['long_share']):g}% short (a corpus line, {lo}-{hi} target tokens), "
-                f"{100 * plan['long_share']:g}% long ({report.get('long_source_tokens', '?')} source tokens on average, "
-                f"{plan['long_tokens']} target tokens); staggered starts (U(0, {plan['stagger_s']:g} s)), "
-                f"think time U(0, {plan['think_ms']:g} ms)", "",
-                "| clients | target tok/s in-flight / request | ratio | sent/s in-flight / request | ratio | "
-                "short p50 / p99 ms in-flight | short p50 / p99 ms request | long p50 / p99 ms in-flight | "
-                "long p50 / p99 ms request | rows per step (in-flight / request) | load avg (1 min) |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        out += [
+            f"## mixed: {100 * (1 - plan['long_share']):g}% short (a corpus line, {lo}-{hi} target tokens), "
+            f"{100 * plan['long_share']:g}% long ({report.get('long_source_tokens', '?')} source tokens on average, "
+            f"{plan['long_tokens']} target tokens); staggered starts (U(0, {plan['stagger_s']:g} s)), "
+            f"think time U(0, {plan['think_ms']:g} ms)",
+            "",
+            "| clients | target tok/s in-flight / request | ratio | sent/s in-flight / request | ratio | "
+            "short p50 / p99 ms in-flight | short p50 / p99 ms request | long p50 / p99 ms in-flight | "
+            "long p50 / p99 ms request | rows per step (in-flight / request) | load avg (1 min) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for n in plan["clients"]:
             a, b = cells.get(("mixed", "inflight", n), {}), cells.get(("mixed", "request", n), {})
-            out.append(f"| {n} | {a.get('tokens_per_s', '-')} / {b.get('tokens_per_s', '-')} | "
-                       f"{_ratio(a.get('tokens_per_s'), b.get('tokens_per_s'))} | {a.get('sentences_per_s', '-')} / "
-                       f"{b.get('sentences_per_s', '-')} | {_ratio(a.get('sentences_per_s'), b.get('sentences_per_s'))} | "
-                       f"{_lat(a, 'short')} | {_lat(b, 'short')} | {_lat(a, 'long')} | {_lat(b, 'long')} | "
-                       f"{a.get('mean_rows_per_step', '-')} / {b.get('mean_rows_per_step', '-')} | "
-                       f"{a.get('loadavg_1m', '-')} / {b.get('loadavg_1m', '-')} |")
+            out.append(
+                f"| {n} | {a.get('tokens_per_s', '-')} / {b.get('tokens_per_s', '-')} | "
+                f"{_ratio(a.get('tokens_per_s'), b.get('tokens_per_s'))} | {a.get('sentences_per_s', '-')} / "
+                f"{b.get('sentences_per_s', '-')} | {_ratio(a.get('sentences_per_s'), b.get('sentences_per_s'))} | "
+                f"{_lat(a, 'short')} | {_lat(b, 'short')} | {_lat(a, 'long')} | {_lat(b, 'long')} | "
+                f"{a.get('mean_rows_per_step', '-')} / {b.get('mean_rows_per_step', '-')} | "
+                f"{a.get('loadavg_1m', '-')} / {b.get('loadavg_1m', '-')} |"
+            )
         out.append("")
     rows = targets(report)
     if rows:
@@ -340,7 +442,9 @@ def plot(report: dict, path: Path) -> None:
     for row, workload in zip(axes, workloads):
         ax1, ax2 = row
         for mode in report["plan"]["modes"]:
-            cells = [c for c in report["cells"] if c["workload"] == workload and c["mode"] == mode and "latency_ms" in c]
+            cells = [
+                c for c in report["cells"] if c["workload"] == workload and c["mode"] == mode and "latency_ms" in c
+            ]
             xs = [c["clients"] for c in cells]
             if workload == "uniform":
                 ax1.plot(xs, [c["sentences_per_s"] for c in cells], styles[mode], label=mode)
@@ -349,8 +453,11 @@ def plot(report: dict, path: Path) -> None:
             else:
                 ax1.plot(xs, [c["tokens_per_s"] for c in cells], styles[mode], label=mode)
                 for kind, alpha in (("short", 1.0), ("long", 0.5)):
-                    pts = [(c["clients"], c["by_kind"][kind]["latency_ms"]["p99"]) for c in cells
-                           if kind in c.get("by_kind", {})]
+                    pts = [
+                        (c["clients"], c["by_kind"][kind]["latency_ms"]["p99"])
+                        for c in cells
+                        if kind in c.get("by_kind", {})
+                    ]
                     if pts:
                         ax2.plot(*zip(*pts), styles[mode], alpha=alpha, label=f"{mode} {kind} p99")
         if workload == "uniform":
@@ -366,7 +473,9 @@ def plot(report: dict, path: Path) -> None:
             ax.set_xlabel("concurrent clients (one sentence a request)")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"deltalm serve, {report['model']}, beam {report['plan']['beam']}: in-flight vs request-level batching")
+    fig.suptitle(
+        f"deltalm serve, {report['model']}, beam {report['plan']['beam']}: in-flight vs request-level batching"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -379,8 +488,14 @@ def machine() -> str:
 
 def run_bench(artifact: Path, model_name: str, out: Path, plan: BenchPlan) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": model_name, "artifact": str(artifact), "machine": machine(), "plan": asdict(plan),
-              "loadavg_1m_start": round(os.getloadavg()[0], 2), "cells": []}
+    report = {
+        "model": model_name,
+        "artifact": str(artifact),
+        "machine": machine(),
+        "plan": asdict(plan),
+        "loadavg_1m_start": round(os.getloadavg()[0], 2),
+        "cells": [],
+    }
     long_texts, report["long_source_tokens"] = long_sources(artifact, plan.long_tokens)
     report["long_source_tokens"] = round(report["long_source_tokens"], 1)
     _log(f"bench-serve {model_name}: deltalm translate, one line at a time")

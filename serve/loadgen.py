@@ -3,6 +3,7 @@ send a request, wait for the answer (and a think time, if any), send the next, u
 has passed (the request in flight then is finished and counted). Throughput counts the sentences
 and target tokens of 200 answers over the time from the first request sent to the last answer
 received; latency is per request kind (``Call.kind``: e.g. short / long)."""
+
 from __future__ import annotations
 
 import http.client
@@ -80,16 +81,25 @@ class LoadResult:
         }
         kinds = sorted({s.kind for s in ok})
         if kinds != ["all"]:
-            out["by_kind"] = {kind: {"requests": sum(s.kind == kind for s in ok),
-                                     "latency_ms": _latency([s for s in ok if s.kind == kind])} for kind in kinds}
+            out["by_kind"] = {
+                kind: {
+                    "requests": sum(s.kind == kind for s in ok),
+                    "latency_ms": _latency([s for s in ok if s.kind == kind]),
+                }
+                for kind in kinds
+            }
         return out
 
 
 def _latency(samples: list[Sample]) -> dict:
     lat = np.array([s.end - s.start for s in samples]) * 1000
-    return {"p50": round(float(np.percentile(lat, 50)), 1), "p90": round(float(np.percentile(lat, 90)), 1),
-            "p99": round(float(np.percentile(lat, 99)), 1), "mean": round(float(lat.mean()), 1),
-            "max": round(float(lat.max()), 1)}
+    return {
+        "p50": round(float(np.percentile(lat, 50)), 1),
+        "p90": round(float(np.percentile(lat, 90)), 1),
+        "p99": round(float(np.percentile(lat, 99)), 1),
+        "mean": round(float(lat.mean()), 1),
+        "max": round(float(lat.max()), 1),
+    }
 
 
 def post_json(conn: http.client.HTTPConnection, path: str, payload: dict) -> tuple[int, dict]:
@@ -99,8 +109,14 @@ def post_json(conn: http.client.HTTPConnection, path: str, payload: dict) -> tup
     return resp.status, json.loads(resp.read())
 
 
-def run_load(url: str, make_call: Callable[[int, int], Call], clients: int, duration_s: float,
-             min_requests: int = 1, timeout_s: float = 1800.0) -> LoadResult:
+def run_load(
+    url: str,
+    make_call: Callable[[int, int], Call],
+    clients: int,
+    duration_s: float,
+    min_requests: int = 1,
+    timeout_s: float = 1800.0,
+) -> LoadResult:
     """``make_call(client, k)``: the client's k-th request (its body's "text" a list). Every client
     sends at least ``min_requests``."""
     parts = urllib.parse.urlsplit(url)

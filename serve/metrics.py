@@ -1,4 +1,5 @@
 """The service's Prometheus metrics (``GET /metrics``), one registry per app."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -39,24 +40,47 @@ class ServeMetrics:
         self.errors = Counter(p + "errors", "Requests that failed, by kind", ["kind"], registry=r)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
-        self.latency = Histogram(p + "request_seconds", "Latency of translate requests (arrival to answer)",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Gauge(p + "queue_sentences", "Sentences accepted and waiting to join the decoding batch",
-                           registry=r)
-        self.in_progress = Gauge(p + "requests_in_progress", "Translate requests being handled (accepted or not "
-                                 "yet), a stream until its last event", registry=r)
-        self.live_rows = Gauge(p + "live_rows", "Hypotheses (beam x sentences) in the decoding batch, after the "
-                               "last step", registry=r)
-        self.step_rows = Histogram(p + "step_rows", "Hypotheses decoded per engine step (mean: sum / count)",
-                                   buckets=ROW_BUCKETS, registry=r)
-        self.admitted = Histogram(p + "admitted_sentences", "Sentences that joined the batch per engine step",
-                                  buckets=ADMITTED_BUCKETS, registry=r)
-        self.step_seconds = Histogram(p + "step_seconds", "Time of one engine step (encoding the arrivals and one "
-                                      "decoder step per beam size)", buckets=STEP_BUCKETS, registry=r)
+        self.latency = Histogram(
+            p + "request_seconds",
+            "Latency of translate requests (arrival to answer)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge(
+            p + "queue_sentences", "Sentences accepted and waiting to join the decoding batch", registry=r
+        )
+        self.in_progress = Gauge(
+            p + "requests_in_progress",
+            "Translate requests being handled (accepted or not yet), a stream until its last event",
+            registry=r,
+        )
+        self.live_rows = Gauge(
+            p + "live_rows", "Hypotheses (beam x sentences) in the decoding batch, after the last step", registry=r
+        )
+        self.step_rows = Histogram(
+            p + "step_rows", "Hypotheses decoded per engine step (mean: sum / count)", buckets=ROW_BUCKETS, registry=r
+        )
+        self.admitted = Histogram(
+            p + "admitted_sentences",
+            "Sentences that joined the batch per engine step",
+            buckets=ADMITTED_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            p + "step_seconds",
+            "Time of one engine step (encoding the arrivals and one decoder step per beam size)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.sentences = Counter(p + "sentences", "Sentences decoded to the end", registry=r)
-        self.target_tokens = Counter(p + "target_tokens", "Target tokens produced (every n-best hypothesis)",
-                                     registry=r)
-        self.decode_seconds = Counter(p + "decode_seconds", "Time the worker spent stepping the engine "
-                                      "(rate(target_tokens_total) / rate(decode_seconds_total): tokens per "
-                                      "second of decoding)", registry=r)
+        self.target_tokens = Counter(
+            p + "target_tokens", "Target tokens produced (every n-best hypothesis)", registry=r
+        )
+        self.decode_seconds = Counter(
+            p + "decode_seconds",
+            "Time the worker spent stepping the engine "
+            "(rate(target_tokens_total) / rate(decode_seconds_total): tokens per "
+            "second of decoding)",
+            registry=r,
+        )
         self.ready = Gauge(p + "ready", "1 once the model is loaded and warmed up", registry=r)

@@ -23,6 +23,7 @@ sentence's position), except with a vocabulary shortlist, whose candidates are t
 
 A cancelled job (client gone, timeout) leaves the queue at once and the batch at the next step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -145,8 +146,12 @@ class Scheduler:
     """Owns the Translator's engine through one worker thread. Use from one event loop:
     ``start()``, ``submit()`` / ``cancel()`` from request handlers, ``close()`` at shutdown."""
 
-    def __init__(self, translator: Translator, scheduling: Scheduling,
-                 on_step: Callable[[StepReport, list[Translation]], None] | None = None) -> None:
+    def __init__(
+        self,
+        translator: Translator,
+        scheduling: Scheduling,
+        on_step: Callable[[StepReport, list[Translation]], None] | None = None,
+    ) -> None:
         """``on_step(report, finished)``: on the event loop, for every engine step (in order, at
         the latest ``REPORT_EVERY_S`` after it), with the translations it finished."""
         if scheduling.batching not in BATCHING_MODES:
@@ -430,7 +435,9 @@ class Scheduler:
                 last_batch_s = free_since - batch_start
             with self._cond:
                 self._engine_waiting = engine.waiting
-            reports.append(StepReport(seconds, engine.rows_last, engine.admitted_last, engine.live_rows, engine.waiting))
+            reports.append(
+                StepReport(seconds, engine.rows_last, engine.admitted_last, engine.live_rows, engine.waiting)
+            )
             # wake the event loop only when there is something to route (or the reports are old):
             # a wake-up per step costs each step a GIL hand-over
             now = time.monotonic()

@@ -1,5 +1,6 @@
 """Running the app on uvicorn: one line on stdout once the service answers (socket bound, model
 warmed up), SIGTERM / SIGINT drain the service and exit normally (exit code 0)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,10 @@ def check_listen_address(host: str, port: int) -> None:
 
 def _bind_failure(host: str, port: int, e: OSError) -> str:
     if e.errno == errno.EADDRINUSE:
-        return (f"port {port} on {host} is already in use (another server is listening there): pick another with "
-                f"--port N (e.g. --port {port + 1}), or --port 0 for any free port")
+        return (
+            f"port {port} on {host} is already in use (another server is listening there): pick another with "
+            f"--port N (e.g. --port {port + 1}), or --port 0 for any free port"
+        )
     if e.errno == errno.EACCES:
         return f"--port {port}: permission denied (ports below 1024 need privileges): pick one above 1023"
     if e.errno == errno.EADDRNOTAVAIL:
@@ -73,8 +76,11 @@ class _Server(uvicorn.Server):
             except asyncio.TimeoutError:
                 continue
         last_call = time.monotonic() + self.LAST_CALL_S
-        while not self.force_exit and time.monotonic() < last_call and (
-                self._service.accepted or self._queued_connections() or self._unread_requests()):
+        while (
+            not self.force_exit
+            and time.monotonic() < last_call
+            and (self._service.accepted or self._queued_connections() or self._unread_requests())
+        ):
             await asyncio.sleep(0.01)  # the event loop accepts and reads them
         await super().shutdown(sockets)
 
@@ -115,14 +121,14 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve_app(app: FastAPI, host: str, port: int, on_ready: Callable[[str], None],
-              log_level: str = "warning") -> None:
+def serve_app(app: FastAPI, host: str, port: int, on_ready: Callable[[str], None], log_level: str = "warning") -> None:
     """Serve ``app`` (from ``deltalm.serve.app.create_app``) until SIGTERM / SIGINT; ``on_ready``
     gets the address (``http://host:port``, the real port when ``port`` is 0) once the socket is
     bound and the model warmed up. A failed warm-up is raised here."""
     service = app.state.service
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=None)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=None
+    )
     server = _Server(config, service.begin_drain, service)
 
     async def main() -> None:
@@ -149,5 +155,7 @@ def serve_app(app: FastAPI, host: str, port: int, on_ready: Callable[[str], None
         # uvicorn exits when it cannot bind (the port was taken after check_listen_address)
         if server.started:
             raise
-        raise InputError(f"cannot listen on {host}:{port} (in use or not allowed): pick another with --port N, "
-                         "or --port 0 for any free port") from None
+        raise InputError(
+            f"cannot listen on {host}:{port} (in use or not allowed): pick another with --port N, "
+            "or --port 0 for any free port"
+        ) from None

@@ -12,6 +12,7 @@ omegaconf is not installed: stand-in classes named ``omegaconf.dictconfig.DictCo
 in ``sys.modules`` only while pickling, so the stream references them exactly as the real ones.
 The name mappings here are written from DELTALM.md independently of ``export/checkpoints.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,14 @@ def fake_omegaconf():
 
 
 def _node_metadata(key, container: bool, flags=None):
-    common = dict(ref_type=typing.Any, object_type=None, optional=True, key=key, flags=dict(flags or {}),
-                  resolver_cache=defaultdict(dict))
+    common = dict(
+        ref_type=typing.Any,
+        object_type=None,
+        optional=True,
+        key=key,
+        flags=dict(flags or {}),
+        resolver_cache=defaultdict(dict),
+    )
     if container:
         return FakeContainerMetadata(**common, key_type=typing.Any, element_type=typing.Any)
     return FakeMetadata(**common)
@@ -151,23 +158,50 @@ def save(obj, path: str | Path, **kwargs) -> Path:
 def deltalm_model_args(cfg, **extra) -> dict:
     """The flat args fairseq records for ``--arch deltalm_base`` (resized to ``cfg``)."""
     return {
-        "_name": "deltalm_base", "arch": "deltalm_base", "task": "translation", "data": "data-bin",
-        "source_lang": "src", "target_lang": "tgt", "criterion": "label_smoothed_cross_entropy",
-        "label_smoothing": 0.1, "optimizer": "adam", "adam_betas": "(0.9, 0.98)", "lr": [1e-4],
-        "lr_scheduler": "inverse_sqrt", "warmup_updates": 4000, "fp16": True, "seed": 1,
-        "encoder_embed_dim": cfg.embed_dim, "encoder_ffn_embed_dim": cfg.ffn_dim,
-        "encoder_layers": cfg.encoder_layers, "encoder_attention_heads": cfg.heads,
-        "encoder_normalize_before": False, "encoder_learned_pos": True,
-        "decoder_embed_dim": cfg.embed_dim, "decoder_ffn_embed_dim": cfg.ffn_dim,
-        "decoder_layers": cfg.decoder_layers, "decoder_attention_heads": cfg.heads,
-        "decoder_normalize_before": False, "decoder_learned_pos": True,
-        "decoder_output_dim": cfg.embed_dim, "decoder_input_dim": cfg.embed_dim,
-        "activation_fn": "gelu", "no_scale_embedding": True, "layernorm_embedding": cfg.layernorm_embedding,
-        "max_positions": cfg.max_positions, "max_source_positions": cfg.max_positions,
-        "max_target_positions": cfg.max_positions, "share_all_embeddings": True,
-        "share_decoder_input_output_embed": True, "dropout": 0.1, "attention_dropout": 0.0,
-        "activation_dropout": 0.0, "adaptive_softmax_cutoff": None, "cross_self_attention": False,
-        "no_token_positional_embeddings": False, "pretrained_deltalm_checkpoint": "deltalm-base.pt",
+        "_name": "deltalm_base",
+        "arch": "deltalm_base",
+        "task": "translation",
+        "data": "data-bin",
+        "source_lang": "src",
+        "target_lang": "tgt",
+        "criterion": "label_smoothed_cross_entropy",
+        "label_smoothing": 0.1,
+        "optimizer": "adam",
+        "adam_betas": "(0.9, 0.98)",
+        "lr": [1e-4],
+        "lr_scheduler": "inverse_sqrt",
+        "warmup_updates": 4000,
+        "fp16": True,
+        "seed": 1,
+        "encoder_embed_dim": cfg.embed_dim,
+        "encoder_ffn_embed_dim": cfg.ffn_dim,
+        "encoder_layers": cfg.encoder_layers,
+        "encoder_attention_heads": cfg.heads,
+        "encoder_normalize_before": False,
+        "encoder_learned_pos": True,
+        "decoder_embed_dim": cfg.embed_dim,
+        "decoder_ffn_embed_dim": cfg.ffn_dim,
+        "decoder_layers": cfg.decoder_layers,
+        "decoder_attention_heads": cfg.heads,
+        "decoder_normalize_before": False,
+        "decoder_learned_pos": True,
+        "decoder_output_dim": cfg.embed_dim,
+        "decoder_input_dim": cfg.embed_dim,
+        "activation_fn": "gelu",
+        "no_scale_embedding": True,
+        "layernorm_embedding": cfg.layernorm_embedding,
+        "max_positions": cfg.max_positions,
+        "max_source_positions": cfg.max_positions,
+        "max_target_positions": cfg.max_positions,
+        "share_all_embeddings": True,
+        "share_decoder_input_output_embed": True,
+        "dropout": 0.1,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "adaptive_softmax_cutoff": None,
+        "cross_self_attention": False,
+        "no_token_positional_embeddings": False,
+        "pretrained_deltalm_checkpoint": "deltalm-base.pt",
         "eval_bleu_args": '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}',
         **extra,
     }
@@ -180,17 +214,30 @@ def _fairseq_cfg(model_args: dict) -> FakeDictConfig:
         "common": {"_name": None, "fp16": True, "seed": 1, "log_format": "simple", "user_dir": None},
         "distributed_training": {"_name": None, "distributed_world_size": 1, "ddp_backend": "pytorch_ddp"},
         "dataset": {"_name": None, "max_tokens": 1024, "batch_size": None, "num_workers": 1},
-        "optimization": {"_name": None, "max_epoch": 100, "max_update": 400000, "lr": [0.0001],
-                         "update_freq": [1], "clip_norm": 0.0},
-        "checkpoint": {"_name": None, "save_dir": "checkpoints", "no_save_optimizer_state": False,
-                       "best_checkpoint_metric": "bleu", "maximize_best_checkpoint_metric": True},
+        "optimization": {
+            "_name": None,
+            "max_epoch": 100,
+            "max_update": 400000,
+            "lr": [0.0001],
+            "update_freq": [1],
+            "clip_norm": 0.0,
+        },
+        "checkpoint": {
+            "_name": None,
+            "save_dir": "checkpoints",
+            "no_save_optimizer_state": False,
+            "best_checkpoint_metric": "bleu",
+            "maximize_best_checkpoint_metric": True,
+        },
         "generation": {"_name": None, "beam": 5, "lenpen": 1.0, "max_len_a": 0.0, "max_len_b": 200},
         "model": namespace,  # legacy (argparse) architecture: the whole Namespace, as fairseq stores it
         "task": argparse.Namespace(**{**model_args, "_name": "translation"}),
         "criterion": argparse.Namespace(**{**model_args, "_name": "label_smoothed_cross_entropy"}),
         "optimizer": {"_name": "adam", "adam_betas": "(0.9, 0.98)", "adam_eps": 1e-8, "lr": [0.0001]},
         "lr_scheduler": {"_name": "inverse_sqrt", "warmup_updates": 4000, "lr": [0.0001]},
-        "scoring": {"_name": "bleu"}, "bpe": None, "tokenizer": None,
+        "scoring": {"_name": "bleu"},
+        "bpe": None,
+        "tokenizer": None,
     }
     return to_dictconfig(plain, flags={"struct": True})
 
@@ -212,20 +259,32 @@ def fairseq_checkpoint(model, *, style: str = "cfg", dtype: torch.dtype = torch.
     state = {
         "args": argparse.Namespace(**model_args) if style == "args" else None,
         "model": weights,
-        "optimizer_history": [{
-            "criterion_name": "LabelSmoothedCrossEntropyCriterion", "optimizer_name": "FP16Optimizer",
-            "lr_scheduler_state": {"best": np.float64(27.5)}, "num_updates": 1200,
-        }],
+        "optimizer_history": [
+            {
+                "criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                "optimizer_name": "FP16Optimizer",
+                "lr_scheduler_state": {"best": np.float64(27.5)},
+                "num_updates": 1200,
+            }
+        ],
         "extra_state": {
             "epoch": 3,
             "train_iterator": {"epoch": 3, "iterations_in_epoch": 0, "shuffle": True},
             "val_loss": np.float64(3.25),
             "best": np.float64(27.5),
-            "metrics": OrderedDict(default=[(0, "loss", "AverageMeter", {"val": 3.2, "sum": 32.0, "count": 10, "round": 3})]),
+            "metrics": OrderedDict(
+                default=[(0, "loss", "AverageMeter", {"val": 3.2, "sum": 32.0, "count": 10, "round": 3})]
+            ),
             "previous_training_time": 123.4,
         },
         "last_optimizer_state": {
-            "state": {0: {"step": torch.tensor(1200.0), "exp_avg": torch.zeros_like(first), "exp_avg_sq": torch.zeros_like(first)}},
+            "state": {
+                0: {
+                    "step": torch.tensor(1200.0),
+                    "exp_avg": torch.zeros_like(first),
+                    "exp_avg_sq": torch.zeros_like(first),
+                }
+            },
             "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "params": [0]}],
             "loss_scale": 64.0,
         },
@@ -298,10 +357,14 @@ def hf_state_dict(model, *, token_type_seed: int = 2) -> tuple[dict[str, torch.T
         "roberta.embeddings.LayerNorm.bias": sd["encoder.layernorm_embedding.bias"],
     }
     names = {
-        "self_attn.q_proj": "attention.self.query", "self_attn.k_proj": "attention.self.key",
-        "self_attn.v_proj": "attention.self.value", "self_attn.out_proj": "attention.output.dense",
-        "self_attn_layer_norm": "attention.output.LayerNorm", "fc1": "intermediate.dense",
-        "fc2": "output.dense", "final_layer_norm": "output.LayerNorm",
+        "self_attn.q_proj": "attention.self.query",
+        "self_attn.k_proj": "attention.self.key",
+        "self_attn.v_proj": "attention.self.value",
+        "self_attn.out_proj": "attention.output.dense",
+        "self_attn_layer_norm": "attention.output.LayerNorm",
+        "fc1": "intermediate.dense",
+        "fc2": "output.dense",
+        "final_layer_norm": "output.LayerNorm",
     }
     for i in range(cfg.encoder_layers):
         for ours, theirs in names.items():
@@ -318,10 +381,18 @@ def hf_state_dict(model, *, token_type_seed: int = 2) -> tuple[dict[str, torch.T
         hf["lm_head.decoder.weight"] = sd["encoder.embed_tokens.weight"]
         hf["lm_head.decoder.bias"] = sd["mlm_head.bias"]
     config = XLMRobertaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.encoder_layers,
-        num_attention_heads=cfg.heads, intermediate_size=cfg.ffn_dim, hidden_act="gelu",
-        max_position_embeddings=cfg.max_positions + cfg.pad + 1, type_vocab_size=1,
-        layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad, bos_token_id=cfg.bos, eos_token_id=cfg.eos,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.encoder_layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.ffn_dim,
+        hidden_act="gelu",
+        max_position_embeddings=cfg.max_positions + cfg.pad + 1,
+        type_vocab_size=1,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad,
+        bos_token_id=cfg.bos,
+        eos_token_id=cfg.eos,
     )
     return hf, config
 
@@ -365,10 +436,16 @@ def xlm_checkpoint(model, *, module_prefix: bool = False) -> dict:
     w["embeddings.weight"] = sd["encoder.embed_tokens.weight"]
     w["layer_norm_emb.weight"] = sd["encoder.layernorm_embedding.weight"]
     w["layer_norm_emb.bias"] = sd["encoder.layernorm_embedding.bias"]
-    parts = [("attentions.{i}.q_lin", "self_attn.q_proj"), ("attentions.{i}.k_lin", "self_attn.k_proj"),
-             ("attentions.{i}.v_lin", "self_attn.v_proj"), ("attentions.{i}.out_lin", "self_attn.out_proj"),
-             ("layer_norm1.{i}", "self_attn_layer_norm"), ("ffns.{i}.lin1", "fc1"), ("ffns.{i}.lin2", "fc2"),
-             ("layer_norm2.{i}", "final_layer_norm")]
+    parts = [
+        ("attentions.{i}.q_lin", "self_attn.q_proj"),
+        ("attentions.{i}.k_lin", "self_attn.k_proj"),
+        ("attentions.{i}.v_lin", "self_attn.v_proj"),
+        ("attentions.{i}.out_lin", "self_attn.out_proj"),
+        ("layer_norm1.{i}", "self_attn_layer_norm"),
+        ("ffns.{i}.lin1", "fc1"),
+        ("ffns.{i}.lin2", "fc2"),
+        ("layer_norm2.{i}", "final_layer_norm"),
+    ]
     for theirs, ours in parts:  # XLM's ModuleLists: all attentions, then all layer_norm1, ...
         for i in range(cfg.encoder_layers):
             for suffix in ("weight", "bias"):
@@ -382,13 +459,33 @@ def xlm_checkpoint(model, *, module_prefix: bool = False) -> dict:
     words += [f"w{i}" for i in range(cfg.vocab_size - len(words))]
     counts = {word: (0 if i < 14 else 1000 - i) for i, word in enumerate(words)}
     params = {
-        "dump_path": "./dumped/mlm_en", "exp_name": "mlm_en", "emb_dim": cfg.embed_dim,
-        "n_layers": cfg.encoder_layers, "n_heads": cfg.heads, "dropout": 0.1, "attention_dropout": 0.1,
-        "gelu_activation": True, "share_inout_emb": True, "sinusoidal_embeddings": False,
-        "use_lang_emb": True, "asm": False, "encoder_only": True, "n_langs": 1, "langs": ["en"],
-        "lang2id": {"en": 0}, "id2lang": {0: "en"}, "mlm_steps": [("en", None)],
-        "n_words": cfg.vocab_size, "bos_index": 0, "eos_index": 1, "pad_index": 2, "unk_index": 3,
-        "mask_index": 5, "word_pred": 0.15, "sample_alpha": 0.0, "lambda_mlm": "1",
+        "dump_path": "./dumped/mlm_en",
+        "exp_name": "mlm_en",
+        "emb_dim": cfg.embed_dim,
+        "n_layers": cfg.encoder_layers,
+        "n_heads": cfg.heads,
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "gelu_activation": True,
+        "share_inout_emb": True,
+        "sinusoidal_embeddings": False,
+        "use_lang_emb": True,
+        "asm": False,
+        "encoder_only": True,
+        "n_langs": 1,
+        "langs": ["en"],
+        "lang2id": {"en": 0},
+        "id2lang": {0: "en"},
+        "mlm_steps": [("en", None)],
+        "n_words": cfg.vocab_size,
+        "bos_index": 0,
+        "eos_index": 1,
+        "pad_index": 2,
+        "unk_index": 3,
+        "mask_index": 5,
+        "word_pred": 0.15,
+        "sample_alpha": 0.0,
+        "lambda_mlm": "1",
         "pred_probs": torch.FloatTensor([0.8, 0.1, 0.1]),
         "mask_scores": np.maximum(np.array(list(counts.values()), dtype=np.float64), 1) ** -0.0,
     }

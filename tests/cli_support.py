@@ -2,6 +2,7 @@
 own stdin / stdout / stderr; ``DELTALM`` is the installed command for tests that need a process of
 their own (to kill it). ``tiny_model`` builds the one small model (checkpoint, tokenizer files and
 an exported artifact) that every reliability test shares, once per test session."""
+
 from __future__ import annotations
 
 import io

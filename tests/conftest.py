@@ -51,8 +51,16 @@ class FakeBackend:
         from deltalm.config import ModelConfig
         from deltalm.graphs import decoder_step_spec
 
-        self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
-                               heads=2, vocab_size=vocab, max_positions=max_positions)
+        self.cfg = ModelConfig(
+            kind="deltalm",
+            embed_dim=2,
+            ffn_dim=2,
+            encoder_layers=1,
+            decoder_layers=1,
+            heads=2,
+            vocab_size=vocab,
+            max_positions=max_positions,
+        )
         self.seed = seed
         self.topk = topk
         self.scale = temperature_scale
@@ -107,9 +115,13 @@ class FakeBackend:
             ids = np.argsort(-ruled, axis=1, kind="stable")[:, :k]
             topk_ids[:, t], topk_scores[:, t] = ids, np.take_along_axis(ruled, ids, axis=1)
         new = np.repeat(tokens.astype(np.float32)[:, None, :, None], 2, axis=1)  # [rows, 2, T, 1]
-        return StepOutput(topk_scores=topk_scores, topk_ids=topk_ids,
-                          token_scores=np.take_along_axis(lp, feeds["score_ids"], axis=2),
-                          log_probs=lp if feeds["want_log_probs"] else lp[:, :, :0], new_kv=[new, new.copy()])
+        return StepOutput(
+            topk_scores=topk_scores,
+            topk_ids=topk_ids,
+            token_scores=np.take_along_axis(lp, feeds["score_ids"], axis=2),
+            log_probs=lp if feeds["want_log_probs"] else lp[:, :, :0],
+            new_kv=[new, new.copy()],
+        )
 
 
 @pytest.fixture
@@ -144,8 +156,16 @@ def artifact_dir(tmp_path_factory, tiny_model):
     d.mkdir()
     graphs = export_graphs(tiny_model, d, "fp32", 10)
     files = sorted({f for g in graphs.values() for f in g["files"]})
-    write_json_atomic(d / MANIFEST, {"format_version": FORMAT_VERSION, "model": tiny_model.cfg.to_dict(),
-                                     "precision": "fp32", "graphs": graphs, "files": hash_files(d, files)})
+    write_json_atomic(
+        d / MANIFEST,
+        {
+            "format_version": FORMAT_VERSION,
+            "model": tiny_model.cfg.to_dict(),
+            "precision": "fp32",
+            "graphs": graphs,
+            "files": hash_files(d, files),
+        },
+    )
     return d
 
 

@@ -1,5 +1,6 @@
 """The pure parts of ``deltalm bench``: statistics, cell planning, floors, FLOP / byte counting of
 a step graph, profile summaries, tables and targets. No timing is asserted here."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_make_sources_is_left_padded_deterministic_and_near_the_asked_length():
     lengths = (a != 1).sum(axis=1)
     assert lengths.min() >= 24 and lengths.max() <= 36 and a.shape[1] == lengths.max()
     for row, n in zip(a, lengths):  # pads only on the left
-        assert (row[: a.shape[1] - n] == 1).all() and (row[a.shape[1] - n:] >= 2).all()
+        assert (row[: a.shape[1] - n] == 1).all() and (row[a.shape[1] - n :] >= 2).all()
     one = workloads.make_sources(1000, eos=2, pad=1, batch=1, src_len=10, seed=0)
     assert one.shape == (1, 10)
 
@@ -120,10 +121,15 @@ def _graph(nodes, inits):
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4]),
-                     helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [None]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
@@ -165,15 +171,20 @@ def test_step_graph_cost_of_an_exported_tiny_step_graph(tmp_path, tiny_model):
     cfg = tiny_model.cfg
     # every decoder Linear except the cross-attention K/V projections (those run in the encoder
     # graph), plus the tied output projection
-    linear = sum(m.weight.numel() for name, m in tiny_model.decoder.layers.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")))
+    linear = sum(
+        m.weight.numel()
+        for name, m in tiny_model.decoder.layers.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
+    )
     assert cost.matmul_weights == linear + cfg.vocab_size * cfg.embed_dim
     # the position table and the token table are gathered from (the token table's bytes are also
     # the output projection's, under a name of its own: counted there as a weight, once)
     assert cost.gathered_bytes == (cfg.position_rows + cfg.vocab_size) * cfg.embed_dim * 4
-    step_params = sum(p.numel() for name, p in tiny_model.decoder.named_parameters()
-                      if "encoder_attn.k_proj" not in name and "encoder_attn.v_proj" not in name
-                      and "embed_positions" not in name)
+    step_params = sum(
+        p.numel()
+        for name, p in tiny_model.decoder.named_parameters()
+        if "encoder_attn.k_proj" not in name and "encoder_attn.v_proj" not in name and "embed_positions" not in name
+    )
     assert step_params * 4 <= cost.weight_bytes <= step_params * 4 + 64 * cfg.vocab_size + 4096
 
 
@@ -187,10 +198,17 @@ def test_summarize_profile_skips_warm_up_runs_and_ranks_op_types():
     def node(name, op, ts, dur):
         return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
 
-    events = [run(0, 100), node("mm0", "MatMul", 10, 80),  # warm-up run: skipped
-              run(200, 100), node("mm0", "MatMul", 210, 60), node("ls", "LogSoftmax", 280, 20),
-              run(400, 100), node("mm0", "MatMul", 410, 40), node("ls", "LogSoftmax", 460, 40),
-              {"cat": "Session", "name": "model_loading_uri", "ts": 0, "dur": 5000}]
+    events = [
+        run(0, 100),
+        node("mm0", "MatMul", 10, 80),  # warm-up run: skipped
+        run(200, 100),
+        node("mm0", "MatMul", 210, 60),
+        node("ls", "LogSoftmax", 280, 20),
+        run(400, 100),
+        node("mm0", "MatMul", 410, 40),
+        node("ls", "LogSoftmax", 460, 40),
+        {"cat": "Session", "name": "model_loading_uri", "ts": 0, "dur": 5000},
+    ]
     s = profile.summarize_profile(events, skip_runs=1)
     assert s["runs"] == 2
     assert s["run_ms_per_step"] == pytest.approx(0.1)
@@ -198,18 +216,35 @@ def test_summarize_profile_skips_warm_up_runs_and_ranks_op_types():
     assert [o["op"] for o in s["top_ops"]] == ["MatMul", "LogSoftmax"]
     assert s["top_ops"][0]["share"] == pytest.approx(100 / 160)
     assert s["top_ops"][0]["nodes_per_step"] == pytest.approx(1.0)
-    assert s["top_nodes"][0] == {"node": "mm0", "op": "MatMul", "ms_per_step": pytest.approx(0.05), "share": pytest.approx(100 / 160)}
+    assert s["top_nodes"][0] == {
+        "node": "mm0",
+        "op": "MatMul",
+        "ms_per_step": pytest.approx(0.05),
+        "share": pytest.approx(100 / 160),
+    }
 
 
 # --- tables and targets --------------------------------------------------------------------------
 
 
 def _cell(beam, batch, src, total_s, step_ms, extrapolated=False):
-    return {"workload": workloads.Workload(beam, batch, src).key, "beam": beam, "batch": batch, "src_len": src,
-            "src_width": src, "n_target": 50, "steps_measured": 51, "reps": 3, "extrapolated": extrapolated,
-            "total_s": total_s, "tokens_per_s": batch * 51 / total_s, "sentences_per_s": batch / total_s,
-            "encoder": {"p50_ms": 5.0}, "step": {"p50_ms": step_ms, "p90_ms": step_ms * 1.1},
-            "time_to_first_token_ms": 5.0 + step_ms}
+    return {
+        "workload": workloads.Workload(beam, batch, src).key,
+        "beam": beam,
+        "batch": batch,
+        "src_len": src,
+        "src_width": src,
+        "n_target": 50,
+        "steps_measured": 51,
+        "reps": 3,
+        "extrapolated": extrapolated,
+        "total_s": total_s,
+        "tokens_per_s": batch * 51 / total_s,
+        "sentences_per_s": batch / total_s,
+        "encoder": {"p50_ms": 5.0},
+        "step": {"p50_ms": step_ms, "p90_ms": step_ms * 1.1},
+        "time_to_first_token_ms": 5.0 + step_ms,
+    }
 
 
 def _results():
@@ -222,11 +257,15 @@ def _results():
         "machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 1, "versions": {"python": "3"}},
         "floors": {"gemm_gflops": 100.0, "read_gbs": 20.0, "gemm_n": 1024, "read_bytes": 1 << 30},
         "settings": {"n": 50, "src_lens": [30], "workloads": wls, "threads": 2},
-        "step_graph": {"fp32": {"matmul_weights": 10**6, "weight_bytes": 4 * 10**6, "gathered_bytes": 0},
-                       "int8": {"matmul_weights": 10**6, "weight_bytes": 10**6, "gathered_bytes": 0}},
+        "step_graph": {
+            "fp32": {"matmul_weights": 10**6, "weight_bytes": 4 * 10**6, "gathered_bytes": 0},
+            "int8": {"matmul_weights": 10**6, "weight_bytes": 10**6, "gathered_bytes": 0},
+        },
         "backends": {
-            "torch": {"cells": [_cell(5, 1, 30, 10.0, 100.0), _cell(5, 32, 30, 40.0, 800.0, extrapolated=True)],
-                      "peak_rss_mb": 900},
+            "torch": {
+                "cells": [_cell(5, 1, 30, 10.0, 100.0), _cell(5, 32, 30, 40.0, 800.0, extrapolated=True)],
+                "peak_rss_mb": 900,
+            },
             "ort-fp32": {"cells": [_cell(5, 1, 30, 2.0, 0.25), _cell(5, 32, 30, 10.0, 4.0)], "peak_rss_mb": 300},
             "ort-int8": {"cells": [_cell(5, 1, 30, 1.0, 0.1), _cell(5, 32, 30, 8.0, 1.0)], "peak_rss_mb": 200},
             "ort-cuda": {"reason": "not available here (no CUDA)", "cells": []},
@@ -277,9 +316,11 @@ def test_targets_set_for_deltalm_base_are_left_out_on_the_tiny_model():
     r = _results()
     report.add_derived(r)
     targets = {t["target"]: t for t in report.evaluate_targets(r)}
-    for left_out in ("beam 5 x batch 32: ort int8 speed-up over fp32 (step)",
-                     "beam 5 x batch 1: ort fp32 step vs bandwidth floor",
-                     "translate (ort fp32): peak RSS / weights loaded"):
+    for left_out in (
+        "beam 5 x batch 32: ort int8 speed-up over fp32 (step)",
+        "beam 5 x batch 1: ort fp32 step vs bandwidth floor",
+        "translate (ort fp32): peak RSS / weights loaded",
+    ):
         assert left_out not in targets
     assert targets["export peak RSS (largest of fp32 / fp16 / int8)"]["met"] is False
 
@@ -334,7 +375,9 @@ def test_export_artifacts_redoes_an_artifact_of_other_export_code(tmp_path, monk
 
     (tmp_path / "fp32").mkdir()
     (tmp_path / "fp32" / "manifest.json").write_text("{}")
-    (tmp_path / "exports.json").write_text(json.dumps({"fp32": {"wall_s": 1.0, "peak_rss_mb": 10, "export_code": "old"}}))
+    (tmp_path / "exports.json").write_text(
+        json.dumps({"fp32": {"wall_s": 1.0, "peak_rss_mb": 10, "export_code": "old"}})
+    )
     calls = []
 
     def fake_export(args, record, stdin=None):
@@ -409,11 +452,16 @@ def test_progress_bar_only_on_a_terminal():
 def test_bench_refuses_a_missing_model_or_a_file_in_one_line(tmp_path):
     from cli_support import assert_one_line_error, run_cli
 
-    assert_one_line_error(run_cli(["bench", "--model", tmp_path / "nowhere", "--out", tmp_path / "out"]),
-                          "no such artifact directory", "tiny | base")
+    assert_one_line_error(
+        run_cli(["bench", "--model", tmp_path / "nowhere", "--out", tmp_path / "out"]),
+        "no such artifact directory",
+        "tiny | base",
+    )
     (tmp_path / "model.pt").write_bytes(b"x")
-    assert_one_line_error(run_cli(["bench", "--model", tmp_path / "model.pt", "--out", tmp_path / "out"]),
-                          "a file, not an artifact directory")
+    assert_one_line_error(
+        run_cli(["bench", "--model", tmp_path / "model.pt", "--out", tmp_path / "out"]),
+        "a file, not an artifact directory",
+    )
 
 
 def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
@@ -439,16 +487,22 @@ def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
     assert r["model"]["config"] == read_manifest(tiny.artifact).model.to_dict()
     assert r["exports"] == {}  # nothing exported: the artifact is used as given
     b = r["backends"]
-    assert b["ort-int8"] == {"reason": "artifact missing", "cells": []} and b["ort-fp16"]["reason"] == "artifact missing"
+    assert (
+        b["ort-int8"] == {"reason": "artifact missing", "cells": []} and b["ort-fp16"]["reason"] == "artifact missing"
+    )
     for kind in ("ort-fp32", "torch"):
         assert len(b[kind]["cells"]) == len(r["settings"]["workloads"]) == 8
         assert all(c["tokens_per_s"] > 0 for c in b[kind]["cells"])
         assert b[kind]["rss_after_load_mb"] > 0 and b[kind]["load_s"] > 0
         assert b[kind]["peak_rss_mb"] >= b[kind]["peak_rss_translating_mb"] > 0
     manifest = read_manifest(tiny.artifact)
-    graphs = sum((tiny.artifact / f).stat().st_size for f in {f for g in ("encoder", "decoder_step")
-                                                               for f in manifest.graphs[g].files})
-    tokenizer = (tiny.artifact / manifest.tokenizer["spm"]).stat().st_size + (tiny.artifact / manifest.tokenizer["dict"]).stat().st_size
+    graphs = sum(
+        (tiny.artifact / f).stat().st_size
+        for f in {f for g in ("encoder", "decoder_step") for f in manifest.graphs[g].files}
+    )
+    tokenizer = (tiny.artifact / manifest.tokenizer["spm"]).stat().st_size + (
+        tiny.artifact / manifest.tokenizer["dict"]
+    ).stat().st_size
     assert b["ort-fp32"]["model_files_mb"] == pytest.approx((graphs + tokenizer) / 2**20)
     assert b["torch"]["model_files_mb"] == pytest.approx((tiny.checkpoint.stat().st_size + tokenizer) / 2**20)
     md = (tmp_path / "out" / "bench.md").read_text()
@@ -458,7 +512,10 @@ def test_bench_measures_a_given_artifact_directory(tiny, tmp_path, monkeypatch):
     control = r["control"]  # the ort backends there are (fp32 only here), and the given model's constraint share
     assert set(control["backends"]) == {"ort-fp32"}
     v = control["backends"]["ort-fp32"]["variants"]
-    assert v["ordered"]["constraints_met"] == v["unordered"]["constraints_met"] == 1.0 and v["prefix"]["prefix_kept"] == 1.0
+    assert (
+        v["ordered"]["constraints_met"] == v["unordered"]["constraints_met"] == 1.0
+        and v["prefix"]["prefix_kept"] == 1.0
+    )
     assert control["backends"]["ort-fp32"]["scoring"]["agree"] == 1.0
     assert control["constraint_share"]["model"] == f"the artifact {tiny.artifact.name}"
     assert "## Decoding control" in md and "### Constraints in the output (the artifact" in md
@@ -485,9 +542,16 @@ def test_ct2_model_has_the_flops_of_deltalm_with_one_decoder_ffn_of_twice_the_wi
     flops = ct2_step_flops_per_token(cfg)
     assert flops["standard"] == flops["deltalm"]
     layer = spec.decoder.layer[0]
-    per_layer = sum(int(np.prod(x.weight.shape)) for x in
-                    (*layer.self_attention.linear, layer.attention.linear[0], layer.attention.linear[2],
-                     layer.ffn.linear_0, layer.ffn.linear_1))
+    per_layer = sum(
+        int(np.prod(x.weight.shape))
+        for x in (
+            *layer.self_attention.linear,
+            layer.attention.linear[0],
+            layer.attention.linear[2],
+            layer.ffn.linear_0,
+            layer.ffn.linear_1,
+        )
+    )
     assert cfg.decoder_layers * per_layer + cfg.vocab_size * d == flops["standard"]
     again = build_ct2_spec(cfg, seed=3)
     np.testing.assert_array_equal(again.decoder.layer[1].ffn.linear_0.weight, spec.decoder.layer[1].ffn.linear_0.weight)
@@ -528,8 +592,20 @@ def test_compare_shortlist_runs_ours_with_and_without_it(tiny, tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     build_shortlist([([5, 6, 7], [8, 9])], 265, frequent=10, per_source=3).save(tmp_path / "sl.npz")
-    res = run_cli(["bench", "--model", tiny.artifact, "--quick", "--compare", "shortlist", "--shortlist", "sl.npz",
-                   "--out", "out"])
+    res = run_cli(
+        [
+            "bench",
+            "--model",
+            tiny.artifact,
+            "--quick",
+            "--compare",
+            "shortlist",
+            "--shortlist",
+            "sl.npz",
+            "--out",
+            "out",
+        ]
+    )
     assert res.rc == 0, res.err
     r = json.loads((tmp_path / "out" / "shortlist.json").read_text())["shortlist"]
     assert set(r["engines"]) == {"ours fp32", "ours-shortlist fp32"}
@@ -540,7 +616,10 @@ def test_compare_shortlist_runs_ours_with_and_without_it(tiny, tmp_path, monkeyp
     assert 13 <= r["candidates"]["b1-n1-s30"] <= r["candidates"]["b1-n32-s30"] <= 265
     assert r["agreement"] is None  # a given shortlist, no corpus: not measured
     md = (tmp_path / "out" / "shortlist.md").read_text()
-    assert "| | full vocabulary | shortlist | speed-up | candidates per batch |" in md and "| beam 5 batch 32, tok/s |" in md
+    assert (
+        "| | full vocabulary | shortlist | speed-up | candidates per batch |" in md
+        and "| beam 5 batch 32, tok/s |" in md
+    )
     assert_fails = run_cli(["bench", "--model", tiny.artifact, "--shortlist", "sl.npz", "--out", "o2"])
     assert assert_fails.rc == 2 and "--shortlist goes with --compare shortlist" in assert_fails.err
 
@@ -556,12 +635,29 @@ def test_random_shortlist_has_the_default_sizes():
 
 def test_compare_table_puts_ours_next_to_ctranslate2_with_ratios_and_marks_busy_cells():
     def engine(tps, files, rss, peak, load, quiet=True):
-        cells = [{"beam": b, "batch": n, "tokens_per_s": tps * n * b, "quiet_gate": {"quiet": quiet}} for b in (1, 5) for n in (1, 32)]
-        return {"cells": cells, "model_files_mb": files, "rss_after_load_mb": rss, "peak_rss_translating_mb": peak, "load_s": load}
+        cells = [
+            {"beam": b, "batch": n, "tokens_per_s": tps * n * b, "quiet_gate": {"quiet": quiet}}
+            for b in (1, 5)
+            for n in (1, 32)
+        ]
+        return {
+            "cells": cells,
+            "model_files_mb": files,
+            "rss_after_load_mb": rss,
+            "peak_rss_translating_mb": peak,
+            "load_s": load,
+        }
 
-    cmp = {"workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]], "n": 50, "reps": 5, "threads": 2,
-           "engines": {"ctranslate2 fp32": engine(10.0, 1384.0, 1474.0, 2252.0, 1.0),
-                       "ours fp32": engine(20.0, 2116.0, 3097.0, 4661.0, 6.5, quiet=False)}}
+    cmp = {
+        "workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]],
+        "n": 50,
+        "reps": 5,
+        "threads": 2,
+        "engines": {
+            "ctranslate2 fp32": engine(10.0, 1384.0, 1474.0, 2252.0, 1.0),
+            "ours fp32": engine(20.0, 2116.0, 3097.0, 4661.0, 6.5, quiet=False),
+        },
+    }
     lines = report.compare_table(cmp).splitlines()
     assert lines[0] == "| | ctranslate2 fp32 | ours fp32 |"
     assert lines[2] == "| greedy batch 1, tok/s | 10.0 | 20.0† (2.00x) |"
@@ -605,13 +701,24 @@ def test_memory_table_gives_each_cell_its_peak_and_ratio_to_the_rss_after_load()
 
 def test_compare_table_gives_each_cells_peak_rss_next_to_ctranslate2s():
     def engine(rss, peaks):
-        cells = [{"beam": b, "batch": n, "tokens_per_s": 1.0, "peak_rss_cell_mb": peaks[(b, n)]} for b in (1, 5) for n in (1, 32)]
+        cells = [
+            {"beam": b, "batch": n, "tokens_per_s": 1.0, "peak_rss_cell_mb": peaks[(b, n)]}
+            for b in (1, 5)
+            for n in (1, 32)
+        ]
         return {"cells": cells, "rss_after_load_mb": rss}
 
     peaks = {(1, 1): 1500, (1, 32): 1600, (5, 1): 1500, (5, 32): 2000}
-    cmp = {"workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]], "n": 50, "reps": 5, "threads": 2,
-           "engines": {"ctranslate2 fp32": engine(1000.0, peaks),
-                       "ours fp32": engine(1250.0, {k: v // 2 for k, v in peaks.items()})}}
+    cmp = {
+        "workloads": [[1, 1, 30], [1, 32, 30], [5, 1, 30], [5, 32, 30]],
+        "n": 50,
+        "reps": 5,
+        "threads": 2,
+        "engines": {
+            "ctranslate2 fp32": engine(1000.0, peaks),
+            "ours fp32": engine(1250.0, {k: v // 2 for k, v in peaks.items()}),
+        },
+    }
     table = report.compare_table(cmp).splitlines()
     assert "| beam 5 batch 32, peak RSS MB | 2000 | 1000 (0.50x) |" in table
     ratios = report.compare_peak_ratios(cmp).splitlines()
@@ -645,8 +752,17 @@ def test_control_variants_keep_forced_lengths_prefixes_and_constraints(artifact_
     from deltalm.bench.control import VARIANTS, measure_control
 
     backend = load_backend("ort", artifact_dir, device="cpu", threads=1)
-    spec = {"beam": 5, "batch": 3, "src_len": 10, "n": 8, "prefix_len": 3, "constraints": 2, "constraint_len": 2,
-            "reps": 1, "seed": 0}
+    spec = {
+        "beam": 5,
+        "batch": 3,
+        "src_len": 10,
+        "n": 8,
+        "prefix_len": 3,
+        "constraints": 2,
+        "constraint_len": 2,
+        "reps": 1,
+        "seed": 0,
+    }
     r = measure_control(backend, spec)
     backend.close()
     v = r["variants"]
@@ -703,22 +819,57 @@ def test_constraint_share_on_the_demo_model_is_whole_with_constraints(tiny):
 
 
 def test_control_section_reports_ratios_scoring_and_the_constraint_share():
-    variants = {v: {"tokens_per_s": t, "ratio_to_plain": t / 100.0, "reps": 3} for v, t in
-                (("plain", 100.0), ("prefix", 98.0), ("ordered", 80.0), ("unordered", 75.0))}
+    variants = {
+        v: {"tokens_per_s": t, "ratio_to_plain": t / 100.0, "reps": 3}
+        for v, t in (("plain", 100.0), ("prefix", 98.0), ("ordered", 80.0), ("unordered", 75.0))
+    }
     variants["ordered"]["constraints_met"] = variants["unordered"]["constraints_met"] = 1.0
-    scoring = {"pairs": 8, "target_tokens": 408, "one_run": {"pairs_per_s": 40.0, "target_tokens_per_s": 2040.0},
-               "per_step": {"target_tokens_per_s": 300.0}, "speedup_over_per_step": 6.8, "ratio_to_translation": 20.4,
-               "max_abs_score_diff": 2e-6}
-    rec = {"beam": 5, "batch": 8, "src_len": 30, "n_target": 50, "prefix_len": 4, "constraints_per_sentence": 2,
-           "constraint_len": 2, "variants": variants, "scoring": scoring, "others_cpu_share": 0.02}
-    share = {"sentences": 24, "beam": 5, "model": "the demo model",
-             "reference": {"constraints": 24, "without": 0.958, "ordered": {"share": 1.0, "completed": 24, "share_completed": 1.0},
-                           "unordered": {"share": 1.0}},
-             "nbest": {"constraints": 20, "without": 0.0, "ordered": {"share": 1.0, "completed": 20, "share_completed": 1.0},
-                       "unordered": {"share": 1.0}}}
-    md = report.control_section({"backends": {"ort-fp32": rec, "ort-int8": {"error": "boom"}}, "constraint_share": share})
+    scoring = {
+        "pairs": 8,
+        "target_tokens": 408,
+        "one_run": {"pairs_per_s": 40.0, "target_tokens_per_s": 2040.0},
+        "per_step": {"target_tokens_per_s": 300.0},
+        "speedup_over_per_step": 6.8,
+        "ratio_to_translation": 20.4,
+        "max_abs_score_diff": 2e-6,
+    }
+    rec = {
+        "beam": 5,
+        "batch": 8,
+        "src_len": 30,
+        "n_target": 50,
+        "prefix_len": 4,
+        "constraints_per_sentence": 2,
+        "constraint_len": 2,
+        "variants": variants,
+        "scoring": scoring,
+        "others_cpu_share": 0.02,
+    }
+    share = {
+        "sentences": 24,
+        "beam": 5,
+        "model": "the demo model",
+        "reference": {
+            "constraints": 24,
+            "without": 0.958,
+            "ordered": {"share": 1.0, "completed": 24, "share_completed": 1.0},
+            "unordered": {"share": 1.0},
+        },
+        "nbest": {
+            "constraints": 20,
+            "without": 0.0,
+            "ordered": {"share": 1.0, "completed": 20, "share_completed": 1.0},
+            "unordered": {"share": 1.0},
+        },
+    }
+    md = report.control_section(
+        {"backends": {"ort-fp32": rec, "ort-int8": {"error": "boom"}}, "constraint_share": share}
+    )
     assert "| ort-fp32 | 100.0 | 98.0 (0.98x) | 80.0 (0.80x, 100%) | 75.0 (0.75x, 100%) | 2% |" in md
     assert "| ort-fp32 | 8 | 408 | 40.0 | 2040 | 300 | 6.8x | 20.4x | 2.0e-06 |" in md
     assert "ort-int8: failed: boom" in md
     assert "### Constraints in the output (the demo model)" in md
-    assert "| reference | 24 | 96% | 100% | 100% | 100% of 24 |" in md and "| nbest | 20 | 0% | 100% | 100% | 100% of 20 |" in md
+    assert (
+        "| reference | 24 | 96% | 100% | 100% | 100% of 24 |" in md
+        and "| nbest | 20 | 0% | 100% | 100% | 100% of 20 |" in md
+    )

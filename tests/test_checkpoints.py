@@ -1,6 +1,7 @@
 """Checkpoint formats (shared/DELTALM.md §5) -> the canonical model, checked against forwards
 computed independently: transformers for XLM-R, and for DeltaLM / XLM a small functional
 reference in this file that reads the RAW checkpoint keys (it does not use export/model.py)."""
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,46 @@ from deltalm.export.model import build_model as build_canonical
 from deltalm.export.safe_load import safe_torch_load, to_plain
 
 V = 96  # dictionary size (dict.txt) in these tests
-DELTALM = ModelConfig(kind="deltalm", embed_dim=128, ffn_dim=96, encoder_layers=2, decoder_layers=2, heads=2,
-                      vocab_size=V, max_positions=40, layernorm_embedding=True)
-XLMR = ModelConfig(kind="xlmr", embed_dim=32, ffn_dim=64, encoder_layers=4, decoder_layers=0, heads=4,
-                   vocab_size=V + 1, max_positions=40, mlm_head="roberta")
-XLM_CFG = ModelConfig(kind="xlm", embed_dim=32, ffn_dim=128, encoder_layers=2, decoder_layers=0, heads=4,
-                      vocab_size=V, max_positions=48, mlm_head="xlm", layer_norm_eps=1e-12,
-                      bos=0, eos=1, pad=2, unk=3, first_position=0, pad_position=0)
+DELTALM = ModelConfig(
+    kind="deltalm",
+    embed_dim=128,
+    ffn_dim=96,
+    encoder_layers=2,
+    decoder_layers=2,
+    heads=2,
+    vocab_size=V,
+    max_positions=40,
+    layernorm_embedding=True,
+)
+XLMR = ModelConfig(
+    kind="xlmr",
+    embed_dim=32,
+    ffn_dim=64,
+    encoder_layers=4,
+    decoder_layers=0,
+    heads=4,
+    vocab_size=V + 1,
+    max_positions=40,
+    mlm_head="roberta",
+)
+XLM_CFG = ModelConfig(
+    kind="xlm",
+    embed_dim=32,
+    ffn_dim=128,
+    encoder_layers=2,
+    decoder_layers=0,
+    heads=4,
+    vocab_size=V,
+    max_positions=48,
+    mlm_head="xlm",
+    layer_norm_eps=1e-12,
+    bos=0,
+    eos=1,
+    pad=2,
+    unk=3,
+    first_position=0,
+    pad_position=0,
+)
 
 # DeltaLM batches: sources left-padded (pad 1, ending in </s> 2), decoder input starts with </s>.
 SRC = torch.tensor([[1, 1, 1, 5, 6, 7, 2], [8, 9, 10, 11, 12, 13, 2], [1, 1, 1, 1, 1, 14, 2]])
@@ -104,16 +138,27 @@ def gelu(x):
 
 # What each DeltaLM format calls its tensors (DELTALM.md §5 A and B).
 FAIRSEQ_NAMES = dict(
-    enc_tokens="encoder.embed_tokens.weight", dec_tokens="decoder.embed_tokens.weight",
-    out="decoder.output_projection.weight", enc_pos="encoder.embed_positions.weight",
-    dec_pos="decoder.embed_positions.weight", enc_ln="encoder.layernorm_embedding",
-    dec_ln="decoder.layernorm_embedding", enc_fc=("fc1", "fc2"), dec_ffn_a=("fc3", "fc4"), dec_ffn_b=("fc1", "fc2"),
+    enc_tokens="encoder.embed_tokens.weight",
+    dec_tokens="decoder.embed_tokens.weight",
+    out="decoder.output_projection.weight",
+    enc_pos="encoder.embed_positions.weight",
+    dec_pos="decoder.embed_positions.weight",
+    enc_ln="encoder.layernorm_embedding",
+    dec_ln="decoder.layernorm_embedding",
+    enc_fc=("fc1", "fc2"),
+    dec_ffn_a=("fc3", "fc4"),
+    dec_ffn_b=("fc1", "fc2"),
 )
 UNILM_NAMES = dict(
-    enc_tokens="src_embedding.embed_tokens.weight", dec_tokens="tgt_embedding.embed_tokens.weight",
-    out="tgt_embedding.embed_tokens.weight", enc_pos="src_embedding.embed_positions.weight",
-    dec_pos="tgt_embedding.embed_positions.weight", enc_ln="src_embedding.emb_layer_norm",
-    dec_ln="tgt_embedding.emb_layer_norm", enc_fc=("ffn.fc1", "ffn.fc2"), dec_ffn_a=("ffn_1.fc1", "ffn_1.fc2"),
+    enc_tokens="src_embedding.embed_tokens.weight",
+    dec_tokens="tgt_embedding.embed_tokens.weight",
+    out="tgt_embedding.embed_tokens.weight",
+    enc_pos="src_embedding.embed_positions.weight",
+    dec_pos="tgt_embedding.embed_positions.weight",
+    enc_ln="src_embedding.emb_layer_norm",
+    dec_ln="tgt_embedding.emb_layer_norm",
+    enc_fc=("ffn.fc1", "ffn.fc2"),
+    dec_ffn_a=("ffn_1.fc1", "ffn_1.fc2"),
     dec_ffn_b=("ffn_2.fc1", "ffn_2.fc2"),
 )
 ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -132,7 +177,9 @@ def reference_deltalm(w, n, src, prev, heads, layers, vocab, eps=1e-5, pad=1):
     key_pad = src_pad[:, None, None, :]
     for i in range(enc_layers):
         p = f"encoder.layers.{i}."
-        x = ln(w, p + "self_attn_layer_norm", x + mha(w, [p + "self_attn." + a for a in ATTN], x, x, heads, key_pad), eps)
+        x = ln(
+            w, p + "self_attn_layer_norm", x + mha(w, [p + "self_attn." + a for a in ATTN], x, x, heads, key_pad), eps
+        )
         fc1, fc2 = (p + f for f in n["enc_fc"])
         x = ln(w, p + "final_layer_norm", x + lin(w, fc2, gelu(lin(w, fc1, x))), eps)
     enc = x
@@ -143,11 +190,17 @@ def reference_deltalm(w, n, src, prev, heads, layers, vocab, eps=1e-5, pad=1):
     causal = torch.ones(t, t, dtype=torch.bool).triu(1)[None, None]
     for i in range(dec_layers):
         p = f"decoder.layers.{i}."
-        y = ln(w, p + "self_attn_layer_norm", y + mha(w, [p + "self_attn." + a for a in ATTN], y, y, heads, causal), eps)
+        y = ln(
+            w, p + "self_attn_layer_norm", y + mha(w, [p + "self_attn." + a for a in ATTN], y, y, heads, causal), eps
+        )
         a_in, a_out = (p + f for f in n["dec_ffn_a"])
         y = ln(w, p + "ffn_layer_norm", y + lin(w, a_out, gelu(lin(w, a_in, y))), eps)
-        y = ln(w, p + "encoder_attn_layer_norm",
-               y + mha(w, [p + "encoder_attn." + a for a in ATTN], y, enc, heads, key_pad), eps)
+        y = ln(
+            w,
+            p + "encoder_attn_layer_norm",
+            y + mha(w, [p + "encoder_attn." + a for a in ATTN], y, enc, heads, key_pad),
+            eps,
+        )
         b_in, b_out = (p + f for f in n["dec_ffn_b"])
         y = ln(w, p + "final_layer_norm", y + lin(w, b_out, gelu(lin(w, b_in, y))), eps)
     logits = y @ w[n["out"]][:vocab].T
@@ -193,8 +246,9 @@ class _FakeOmegaPickle:
 
 def assert_deltalm_matches(model, weights, names, vocab, atol=2e-5):
     with torch.no_grad():
-        enc_ref, lp_ref = reference_deltalm(weights, names, SRC, PREV, DELTALM.heads,
-                                            (DELTALM.encoder_layers, DELTALM.decoder_layers), vocab)
+        enc_ref, lp_ref = reference_deltalm(
+            weights, names, SRC, PREV, DELTALM.heads, (DELTALM.encoder_layers, DELTALM.decoder_layers), vocab
+        )
         enc, padding = model.encoder(SRC)
         lp = model(SRC, PREV)
     real = ~padding
@@ -214,9 +268,17 @@ def test_fairseq_cfg_pickles_as_real_omegaconf_objects(files):
     with zipfile.ZipFile(files["a_cfg"]) as z:
         data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
     globals_ = {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
-    assert {"omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.nodes.AnyNode",
-            "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata", "typing.Any",
-            "collections.defaultdict", "argparse.Namespace", "numpy._core.multiarray.scalar"} <= globals_
+    assert {
+        "omegaconf.dictconfig.DictConfig",
+        "omegaconf.listconfig.ListConfig",
+        "omegaconf.nodes.AnyNode",
+        "omegaconf.base.ContainerMetadata",
+        "omegaconf.base.Metadata",
+        "typing.Any",
+        "collections.defaultdict",
+        "argparse.Namespace",
+        "numpy._core.multiarray.scalar",
+    } <= globals_
 
 
 def test_fairseq_cfg_model_args_come_back_as_plain_dicts(files):
@@ -266,7 +328,9 @@ def test_untied_output_projection_is_refused(deltalm, tmp_path):
     ckpt = W.fairseq_checkpoint(deltalm)
     ckpt["model"]["decoder.output_projection.weight"] = ckpt["model"]["encoder.embed_tokens.weight"] + 1.0
     path = W.save(ckpt, tmp_path / "untied.pt")
-    with pytest.raises(CheckpointError, match=r"decoder\.output_projection\.weight differs from encoder\.embed_tokens\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"decoder\.output_projection\.weight differs from encoder\.embed_tokens\.weight"
+    ):
         load_checkpoint(path)
 
 
@@ -291,7 +355,9 @@ def test_config_override_replaces_fields(files):
 
 
 def test_config_override_that_contradicts_a_tensor_names_it_and_both_shapes(files):
-    with pytest.raises(CheckpointError, match=r"encoder\.embed_tokens\.weight: checkpoint \[96, 128\], config expects \[96, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"encoder\.embed_tokens\.weight: checkpoint \[96, 128\], config expects \[96, 64\]"
+    ):
         load_checkpoint(files["a_cfg"], overrides={"embed_dim": 64, "heads": 2})
 
 
@@ -327,13 +393,18 @@ def test_unilm_without_a_dictionary_keeps_every_row(files):
 
 def reference_unilm_renames(key: str) -> str:
     """The reference loader's renames, in order (DELTALM.md §5 B)."""
-    for old, new in [(".ffn_1.fc1", ".fc3"), (".ffn_1.fc2", ".fc4"), (".ffn_2", ""), (".ffn.", "."),
-                     ("emb_layer_norm", "layernorm_embedding")]:
+    for old, new in [
+        (".ffn_1.fc1", ".fc3"),
+        (".ffn_1.fc2", ".fc4"),
+        (".ffn_2", ""),
+        (".ffn.", "."),
+        ("emb_layer_norm", "layernorm_embedding"),
+    ]:
         key = key.replace(old, new)
     if key.startswith("src_embedding."):
-        return "encoder." + key[len("src_embedding."):]
+        return "encoder." + key[len("src_embedding.") :]
     if key.startswith("tgt_embedding."):
-        return "decoder." + key[len("tgt_embedding."):]
+        return "decoder." + key[len("tgt_embedding.") :]
     return key
 
 
@@ -365,7 +436,9 @@ def test_unilm_tables_may_differ_in_rows_beyond_the_dictionary(deltalm, tmp_path
     ckpt["weights"]["tgt_embedding.embed_tokens.weight"][-1] += 1.0  # a row past the dictionary
     path = W.save(ckpt, tmp_path / "tail.pt")
     loaded = load_checkpoint(path, vocab_size=V)
-    assert torch.equal(loaded.state_dict["encoder.embed_tokens.weight"], W.canonical(deltalm)["encoder.embed_tokens.weight"])
+    assert torch.equal(
+        loaded.state_dict["encoder.embed_tokens.weight"], W.canonical(deltalm)["encoder.embed_tokens.weight"]
+    )
     with pytest.raises(CheckpointError, match="differs from"):
         load_checkpoint(path)  # without a dictionary every row is kept, so every row must agree
 
@@ -424,7 +497,9 @@ def test_xlmr_token_type_row_is_folded_into_positions(files, xlmr):
 
     raw = load_file(str(files["c"] / "model.safetensors"))
     pos = load_checkpoint(files["c"]).state_dict["encoder.embed_positions.weight"]
-    folded = raw["roberta.embeddings.position_embeddings.weight"] + raw["roberta.embeddings.token_type_embeddings.weight"][0]
+    folded = (
+        raw["roberta.embeddings.position_embeddings.weight"] + raw["roberta.embeddings.token_type_embeddings.weight"][0]
+    )
     assert torch.equal(pos, folded)
     assert torch.allclose(pos, xlmr.state_dict()["encoder.embed_positions.weight"], atol=1e-6)
 
@@ -435,7 +510,9 @@ def test_xlmr_head_that_differs_from_the_embeddings_is_refused(xlmr, tmp_path):
     (tmp_path / "m").mkdir()
     config.to_json_file(str(tmp_path / "m" / "config.json"))
     torch.save(sd, tmp_path / "m" / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"lm_head\.decoder\.weight differs from roberta\.embeddings\.word_embeddings\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"lm_head\.decoder\.weight differs from roberta\.embeddings\.word_embeddings\.weight"
+    ):
         load_checkpoint(tmp_path / "m")
 
 
@@ -444,15 +521,26 @@ def test_xlmr_seeds_a_deltalm_decoder_from_pairs_of_encoder_layers(files):
     loaded = load_checkpoint(files["c"], as_deltalm=True, vocab_size=V)
     sd, cfg = loaded.state_dict, loaded.config
     assert cfg.kind == "deltalm" and cfg.decoder_layers == 2 and cfg.encoder_layers == 4 and cfg.vocab_size == V
-    pairs = [("self_attn.q_proj", 0, "self_attn.q_proj"), ("self_attn.out_proj", 0, "self_attn.out_proj"),
-             ("self_attn_layer_norm", 0, "self_attn_layer_norm"), ("fc3", 0, "fc1"), ("fc4", 0, "fc2"),
-             ("ffn_layer_norm", 0, "final_layer_norm"), ("encoder_attn.k_proj", 1, "self_attn.k_proj"),
-             ("encoder_attn.v_proj", 1, "self_attn.v_proj"), ("encoder_attn_layer_norm", 1, "self_attn_layer_norm"),
-             ("fc1", 1, "fc1"), ("fc2", 1, "fc2"), ("final_layer_norm", 1, "final_layer_norm")]
+    pairs = [
+        ("self_attn.q_proj", 0, "self_attn.q_proj"),
+        ("self_attn.out_proj", 0, "self_attn.out_proj"),
+        ("self_attn_layer_norm", 0, "self_attn_layer_norm"),
+        ("fc3", 0, "fc1"),
+        ("fc4", 0, "fc2"),
+        ("ffn_layer_norm", 0, "final_layer_norm"),
+        ("encoder_attn.k_proj", 1, "self_attn.k_proj"),
+        ("encoder_attn.v_proj", 1, "self_attn.v_proj"),
+        ("encoder_attn_layer_norm", 1, "self_attn_layer_norm"),
+        ("fc1", 1, "fc1"),
+        ("fc2", 1, "fc2"),
+        ("final_layer_norm", 1, "final_layer_norm"),
+    ]
     for i in range(2):
         for dec, offset, src in pairs:
             for w in ("weight", "bias"):
-                assert torch.equal(sd[f"decoder.layers.{i}.{dec}.{w}"], enc[f"encoder.layers.{2 * i + offset}.{src}.{w}"]), (i, dec)
+                assert torch.equal(
+                    sd[f"decoder.layers.{i}.{dec}.{w}"], enc[f"encoder.layers.{2 * i + offset}.{src}.{w}"]
+                ), (i, dec)
     for k in ("encoder.layers.3.fc1.weight", "encoder.layernorm_embedding.weight", "encoder.embed_positions.weight"):
         assert torch.equal(sd[k], enc[k])
     assert torch.equal(sd["decoder.embed_positions.weight"], enc["encoder.embed_positions.weight"])
@@ -497,13 +585,22 @@ def test_xlm_cannot_seed_a_deltalm(files):
 
 def test_each_format_is_detected(files):
     assert [detect_format(files[k]) for k in ("a_cfg", "a_args", "b", "c", "c_bin", "d")] == [
-        "fairseq-deltalm", "fairseq-deltalm", "unilm-deltalm", "hf-xlmr", "hf-xlmr", "xlm"]
+        "fairseq-deltalm",
+        "fairseq-deltalm",
+        "unilm-deltalm",
+        "hf-xlmr",
+        "hf-xlmr",
+        "xlm",
+    ]
 
 
 def test_unknown_format_lists_supported_formats_and_keys_seen(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "epoch": 3}, path)
-    with pytest.raises(CheckpointError, match=r"supported: fairseq-deltalm, unilm-deltalm, hf-xlmr, xlm\); top-level keys: epoch, state_dict"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"supported: fairseq-deltalm, unilm-deltalm, hf-xlmr, xlm\); top-level keys: epoch, state_dict",
+    ):
         load_checkpoint(path)
 
 
@@ -549,10 +646,13 @@ class _LocalClass:
     pass
 
 
-@pytest.mark.parametrize("obj, name", [
-    (type("E", (), {"__reduce__": lambda self: (eval, ("1+1",))})(), "builtins.eval"),
-    (_LocalClass(), "test_checkpoints._LocalClass"),
-])
+@pytest.mark.parametrize(
+    "obj, name",
+    [
+        (type("E", (), {"__reduce__": lambda self: (eval, ("1+1",))})(), "builtins.eval"),
+        (_LocalClass(), "test_checkpoints._LocalClass"),
+    ],
+)
 def test_other_globals_are_refused_by_name(tmp_path, obj, name):
     path = tmp_path / "x.pt"
     torch.save({"x": obj}, path)
@@ -585,18 +685,25 @@ def _truncated(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d, f: d / "missing.pt", "file not found"),
-    (lambda d, f: _write(d / "empty.pt", b""), "empty file"),
-    (lambda d, f: _truncated(f["a_cfg"], d / "trunc.pt"), "truncated or corrupt zip archive"),
-    (lambda d, f: _truncated(W.save({"w": torch.zeros(64)}, d / "l.pt", _use_new_zipfile_serialization=False),
-                             d / "trunc_legacy.pt"), "truncated or corrupt PyTorch checkpoint"),
-    (lambda d, f: _write(d / "rand.pt", bytes(range(7, 250))), "not a PyTorch checkpoint"),
-    (lambda d, f: _write(d / "pkl.pt", b"\x80\x02garbage" * 8), "truncated or corrupt PyTorch checkpoint"),
-    (lambda d, f: _zip(d / "notes.zip", {"readme.txt": b"hello"}), "a zip archive but not a PyTorch checkpoint"),
-    (lambda d, f: _zip(d / "script.pt", {"m/data.pkl": b"", "m/constants.pkl": b""}), "TorchScript archive"),
-    (lambda d, f: f["dir"], "is a directory|not a Hugging Face model"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d, f: d / "missing.pt", "file not found"),
+        (lambda d, f: _write(d / "empty.pt", b""), "empty file"),
+        (lambda d, f: _truncated(f["a_cfg"], d / "trunc.pt"), "truncated or corrupt zip archive"),
+        (
+            lambda d, f: _truncated(
+                W.save({"w": torch.zeros(64)}, d / "l.pt", _use_new_zipfile_serialization=False), d / "trunc_legacy.pt"
+            ),
+            "truncated or corrupt PyTorch checkpoint",
+        ),
+        (lambda d, f: _write(d / "rand.pt", bytes(range(7, 250))), "not a PyTorch checkpoint"),
+        (lambda d, f: _write(d / "pkl.pt", b"\x80\x02garbage" * 8), "truncated or corrupt PyTorch checkpoint"),
+        (lambda d, f: _zip(d / "notes.zip", {"readme.txt": b"hello"}), "a zip archive but not a PyTorch checkpoint"),
+        (lambda d, f: _zip(d / "script.pt", {"m/data.pkl": b"", "m/constants.pkl": b""}), "TorchScript archive"),
+        (lambda d, f: f["dir"], "is a directory|not a Hugging Face model"),
+    ],
+)
 def test_files_that_are_not_checkpoints_give_one_precise_line(files, tmp_path, make, message):
     path = make(tmp_path, files)
     with pytest.raises(CheckpointError, match=message) as err:

@@ -2,6 +2,7 @@
 the output of every file is byte for byte what ``deltalm translate`` writes for it, a rerun redoes
 only the shards an interrupted run left, and an actor killed by its pid loses and duplicates
 nothing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,7 +65,9 @@ def ray_runtime():
     finally:
         ray.shutdown()
         deadline = time.monotonic() + 60
-        while (left := {p: c for p, c in _descendants(os.getpid()).items() if "ray" in c}) and time.monotonic() < deadline:
+        while (
+            left := {p: c for p, c in _descendants(os.getpid()).items() if "ray" in c}
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"Ray processes left after shutdown: {left}"
 
@@ -78,15 +81,30 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def reference(tiny, path: Path, fmt: str, *extra) -> bytes:
-    res = run_cli(["translate", tiny.artifact, "--input", path, "--format", fmt, "--no-progress", *FAST, *SEARCH, *CHUNK,
-                   *extra])
+    res = run_cli(
+        ["translate", tiny.artifact, "--input", path, "--format", fmt, "--no-progress", *FAST, *SEARCH, *CHUNK, *extra]
+    )
     assert res.rc == 0, res.err
     return res.out
 
 
 def corpus_args(tiny, corpus: Path, out: Path, *extra) -> list:
-    return ["translate-corpus", tiny.artifact, "--input", *sorted(corpus.iterdir()), "--output", out,
-            "--actors", "2", "--threads-per-actor", "1", "--no-progress", *CHUNK, *SEARCH, *extra]
+    return [
+        "translate-corpus",
+        tiny.artifact,
+        "--input",
+        *sorted(corpus.iterdir()),
+        "--output",
+        out,
+        "--actors",
+        "2",
+        "--threads-per-actor",
+        "1",
+        "--no-progress",
+        *CHUNK,
+        *SEARCH,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["text", "jsonl"])
@@ -106,8 +124,15 @@ def _translate(tiny, corpus: Path, out: Path, on_commit=None):
     from deltalm.cluster import ClusterOptions, CorpusJob, translate_corpus
 
     job = CorpusJob(str(tiny.artifact), chunk_lines=3, options=TranslateOptions(beam=2, max_len_b=4))
-    return translate_corpus(job, [str(p) for p in sorted(corpus.iterdir())], out, progress=False,
-                            cluster=ClusterOptions(actors=2), log=lambda line: None, on_commit=on_commit)
+    return translate_corpus(
+        job,
+        [str(p) for p in sorted(corpus.iterdir())],
+        out,
+        progress=False,
+        cluster=ClusterOptions(actors=2),
+        log=lambda line: None,
+        on_commit=on_commit,
+    )
 
 
 def test_a_rerun_after_an_interrupted_run_redoes_only_the_unfinished_shards(ray_runtime, tiny, corpus, tmp_path):
@@ -203,8 +228,18 @@ def test_the_cli_and_the_runtime_do_not_import_ray():
 
 def test_a_line_the_model_cannot_take_is_one_error_naming_its_file_and_line(ray_runtime, tiny, tmp_path):
     (tmp_path / "long.txt").write_text("kurz\n" + "sehr " * 600 + "\n")
-    res = run_cli(["translate-corpus", tiny.artifact, "--input", tmp_path / "long.txt", "--output", tmp_path / "out",
-                   "--no-progress", *SEARCH])
+    res = run_cli(
+        [
+            "translate-corpus",
+            tiny.artifact,
+            "--input",
+            tmp_path / "long.txt",
+            "--output",
+            tmp_path / "out",
+            "--no-progress",
+            *SEARCH,
+        ]
+    )
     assert res.rc == 2
     last = res.err.splitlines()[-1]
     assert last.startswith("deltalm: error: ") and "long.txt line 2 has" in last and "--truncate" in last, res.err
@@ -229,7 +264,8 @@ def shortlists(tiny, corpus, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_with_a_shortlist_every_file_is_what_translate_writes_with_it_and_reruns_follow_the_file(
-        ray_runtime, tiny, corpus, shortlists, tmp_path):
+    ray_runtime, tiny, corpus, shortlists, tmp_path
+):
     a, b = shortlists
     out = tmp_path / "out"
     res = run_cli(corpus_args(tiny, corpus, out, "--shortlist", a))
@@ -271,18 +307,33 @@ def test_the_fingerprint_holds_the_shortlist_and_its_batching(tiny, shortlists):
     assert config(a, batch_size=8) != config(a)  # with one, a batch's candidates are its sentences'
 
 
-@pytest.mark.parametrize("make, extra, fragment", [
-    (lambda p: p.write_text("not a shortlist\n"), [], "not a shortlist file"),
-    (lambda p: __import__("deltalm").build_shortlist([([5], [6])], 7).save(p), [], "vocabulary of 7"),
-    (None, ["--backend", "torch"], "--shortlist runs with --backend ort"),
-], ids=["not-a-shortlist", "other-vocabulary", "torch-backend"])
+@pytest.mark.parametrize(
+    "make, extra, fragment",
+    [
+        (lambda p: p.write_text("not a shortlist\n"), [], "not a shortlist file"),
+        (lambda p: __import__("deltalm").build_shortlist([([5], [6])], 7).save(p), [], "vocabulary of 7"),
+        (None, ["--backend", "torch"], "--shortlist runs with --backend ort"),
+    ],
+    ids=["not-a-shortlist", "other-vocabulary", "torch-backend"],
+)
 def test_a_bad_shortlist_is_one_line_before_ray_starts(tiny, corpus, shortlists, tmp_path, make, extra, fragment):
     path = shortlists[0]
     if make is not None:
         path = tmp_path / "bad.npz"
         make(path)
-    res = run_cli(["translate-corpus", tiny.artifact, "--input", corpus / "a.txt", "--output", tmp_path / "out",
-                   "--shortlist", path, *extra])
+    res = run_cli(
+        [
+            "translate-corpus",
+            tiny.artifact,
+            "--input",
+            corpus / "a.txt",
+            "--output",
+            tmp_path / "out",
+            "--shortlist",
+            path,
+            *extra,
+        ]
+    )
     assert_one_line_error(res, fragment)
     assert not (tmp_path / "out").exists()  # refused before anything was written
 

@@ -1,6 +1,7 @@
 """``deltalm translate-corpus`` as a user runs it: a process of its own that starts its own Ray.
 A normal run prints our summary and nothing of Ray's; a failed one prints our one line and
 nothing else; wildcard inputs are expanded, local paths and URIs alike."""
+
 from __future__ import annotations
 
 import subprocess
@@ -42,8 +43,16 @@ def test_a_run_prints_only_our_summary_and_a_failed_one_only_our_error(tiny, tmp
     (corpus / "bad.txt").write_bytes(b"Hallo\n\xc3\x28 kaputt\n")
     out = tmp_path / "out"
 
-    done = run("translate-corpus", tiny.artifact, "--input", f"file://{corpus}/part-*.txt", "--output", out,
-               *FAST[:4], "--no-progress")
+    done = run(
+        "translate-corpus",
+        tiny.artifact,
+        "--input",
+        f"file://{corpus}/part-*.txt",
+        "--output",
+        out,
+        *FAST[:4],
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     lines = done.stderr.splitlines()
@@ -52,8 +61,11 @@ def test_a_run_prints_only_our_summary_and_a_failed_one_only_our_error(tiny, tmp
     assert sorted(p.name for p in out.iterdir()) == ["corpus-manifest.json", "part-1.txt", "part-2.txt"]
     assert (out / "part-1.txt").read_text().count("\n") == 3
 
-    done = run("translate-corpus", tiny.artifact, "--input", corpus / "bad.txt", "--output", out, *FAST[:4],
-               "--no-progress")
+    done = run(
+        "translate-corpus", tiny.artifact, "--input", corpus / "bad.txt", "--output", out, *FAST[:4], "--no-progress"
+    )
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == (f"deltalm: error: {corpus / 'bad.txt'} line 2 is not valid UTF-8 (byte 0xc3 at byte 1); "
-                           "pass --errors replace to translate it with U+FFFD for bad bytes\n")
+    assert done.stderr == (
+        f"deltalm: error: {corpus / 'bad.txt'} line 2 is not valid UTF-8 (byte 0xc3 at byte 1); "
+        "pass --errors replace to translate it with U+FFFD for bad bytes\n"
+    )

@@ -2,6 +2,7 @@
 translations, per-sentence target prefixes. Their semantics on small models; ``make test-fairseq``
 compares ids and scores with fairseq itself (LexicallyConstrainedBeamSearch, SequenceScorer,
 prefix_tokens)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,14 +39,16 @@ def test_ordered_state_takes_the_constraints_in_order_with_anything_between():
     for token in [9, 5, 8, 5, 6, 4, 7, 3]:
         state = state.advance(token)
         seen.append((state.bank, sorted(state.next_tokens()), state.finished))
-    assert seen == [(0, [5], False),  # not a constraint token: nothing
-                    (1, [6], False),  # the first token of the first constraint
-                    (0, [5], False),  # mid-constraint, another token: starts over
-                    (1, [6], False),
-                    (2, [5, 7], False),  # first constraint done: the next one, or a restart
-                    (2, [5, 7], False),  # anything between constraints
-                    (3, [5], True),
-                    (3, [5], True)]  # finished: anything
+    assert seen == [
+        (0, [5], False),  # not a constraint token: nothing
+        (1, [6], False),  # the first token of the first constraint
+        (0, [5], False),  # mid-constraint, another token: starts over
+        (1, [6], False),
+        (2, [5, 7], False),  # first constraint done: the next one, or a restart
+        (2, [5, 7], False),  # anything between constraints
+        (3, [5], True),
+        (3, [5], True),
+    ]  # finished: anything
 
 
 def test_unordered_state_walks_a_trie_of_the_constraints():
@@ -88,7 +91,7 @@ def test_every_hypothesis_contains_every_constraint(fake_backend, order, seed):
         assert all(contains(h.tokens, c) for c in constraints), h.tokens
         if order == "ordered":
             first = next(i for i in range(len(h.tokens)) if h.tokens[i : i + 2] == [7, 8])
-            assert 10 in h.tokens[first + 2:]
+            assert 10 in h.tokens[first + 2 :]
     plain = generate(fake_backend(vocab=12, seed=seed), [(4, 5, EOS)], Options(beam=4, nbest=4, max_len_b=10))[0]
     assert [h.tokens for h in hyps] != [h.tokens for h in plain]  # the constraints changed the search
 
@@ -96,9 +99,14 @@ def test_every_hypothesis_contains_every_constraint(fake_backend, order, seed):
 def test_constrained_search_is_the_same_from_the_top_k_as_from_the_full_log_probs(fake_backend):
     """The fast path (in-graph top-k plus the scores of the constraint tokens, fed as score_ids)
     against the full log-probs: the same candidates, so the same hypotheses."""
-    sentences = [Sentence((4, 5, EOS), Options(beam=3, nbest=3, max_len_b=9, constraint_order=order, lenpen=0.8),
-                          constraints=((7, 8), (10,)))
-                 for order in ("ordered", "unordered")]
+    sentences = [
+        Sentence(
+            (4, 5, EOS),
+            Options(beam=3, nbest=3, max_len_b=9, constraint_order=order, lenpen=0.8),
+            constraints=((7, 8), (10,)),
+        )
+        for order in ("ordered", "unordered")
+    ]
     results = []
     for topk in (0, 8):
         engine = Engine(fake_backend(vocab=12, seed=3, topk=topk))
@@ -131,12 +139,15 @@ def test_constraints_that_cannot_be_met_end_the_hypotheses_without_them(fake_bac
     assert hyps and all(len(h.tokens) == 3 for h in hyps)
 
 
-@pytest.mark.parametrize("bad, error", [
-    (dict(options=Options(sampling=True, beam=2)), "sampling cannot be combined with lexical constraints"),
-    (dict(prefix=(7,)), "cannot be combined with a forced target prefix"),
-    (dict(constraints=((),)), "a lexical constraint is empty"),
-    (dict(constraints=((EOS,),)), "lexical constraint token 2 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (dict(options=Options(sampling=True, beam=2)), "sampling cannot be combined with lexical constraints"),
+        (dict(prefix=(7,)), "cannot be combined with a forced target prefix"),
+        (dict(constraints=((),)), "a lexical constraint is empty"),
+        (dict(constraints=((EOS,),)), "lexical constraint token 2 is not allowed"),
+    ],
+)
 def test_combinations_fairseq_cannot_decode_are_refused(fake_backend, bad, error):
     fields = dict(src=(4, EOS), options=Options(beam=2), constraints=((7,),)) | bad
     with pytest.raises(InputError, match=error):
@@ -159,8 +170,9 @@ def test_translate_batch_with_constraints_puts_each_sentences_terms_in_its_hypot
 
     lines = [toy_corpus()[i] for i in (2, 17, 40)]
     terms = [[lines[0].split()[1]], [lines[1].split()[-1].rstrip("."), lines[1].split()[0]], None]
-    out = translator.translate_batch(lines, beam=4, nbest=2, max_len_b=40, constraints=terms,
-                                     constraint_order="unordered")
+    out = translator.translate_batch(
+        lines, beam=4, nbest=2, max_len_b=40, constraints=terms, constraint_order="unordered"
+    )
     tok = translator.tokenizer
     for t, words in zip(out, terms):
         for h in t.hypotheses:
@@ -171,7 +183,9 @@ def test_translate_batch_with_constraints_puts_each_sentences_terms_in_its_hypot
 
 
 def test_a_constraint_the_dictionary_cannot_spell_is_refused(translator):
-    with pytest.raises(SentenceError, match="input line 2: the constraint '猫' has pieces the dictionary does not know"):
+    with pytest.raises(
+        SentenceError, match="input line 2: the constraint '猫' has pieces the dictionary does not know"
+    ):
         translator.translate_batch(["a", "b"], constraints=[None, ["猫"]])
     with pytest.raises(SentenceError, match="the constraint '' is empty"):
         translator.translate_batch(["a"], constraints=[[""]])
@@ -195,7 +209,9 @@ def test_target_prefix_per_sentence_is_forced_kept_in_tokens_and_scored(translat
         [scored] = translator.score_batch([lines[out.index(t)]], [t.text])
         assert scored.tokens == t.hypotheses[0].tokens
         np.testing.assert_allclose(scored.positional_scores, t.hypotheses[0].positional_scores, atol=1e-4)
-    same_hypotheses(out[1].hypotheses, translator.translate_batch([lines[1]], beam=3, nbest=3, max_len_b=40)[0].hypotheses)
+    same_hypotheses(
+        out[1].hypotheses, translator.translate_batch([lines[1]], beam=3, nbest=3, max_len_b=40)[0].hypotheses
+    )
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -227,7 +243,9 @@ def test_scoring_errors_name_the_pair(translator):
         translator.score_batch(["a", "b"], ["x"])
     with pytest.raises(SentenceError, match="input line 2 has an empty target"):
         translator.score_batch(["a", "b"], ["x", " "])
-    with pytest.raises(SentenceError, match=r"input line 1 has \d+ target tokens \(with </s>\); the model scores at most"):
+    with pytest.raises(
+        SentenceError, match=r"input line 1 has \d+ target tokens \(with </s>\); the model scores at most"
+    ):
         translator.score_batch(["a"], ["ein " * 600])
     with pytest.raises(OptionError, match="max_tokens"):
         translator.score_batch(["a"], ["b"], max_tokens=0)
@@ -263,16 +281,42 @@ def test_translate_reads_constraints_after_tabs_and_prefixes_from_a_file(tiny, t
 
     inp = tmp_path / "in.txt"
     inp.write_text("Ein Kind will frisches Brot.\tBrot\tKind\nDer Hund schläft.\n", encoding="utf-8")
-    res = run_cli(["translate", tiny.artifact, "--input", inp, "--constraints", "unordered", "--beam", "4",
-                   "--max-len-b", "30", "--threads", "1"])
+    res = run_cli(
+        [
+            "translate",
+            tiny.artifact,
+            "--input",
+            inp,
+            "--constraints",
+            "unordered",
+            "--beam",
+            "4",
+            "--max-len-b",
+            "30",
+            "--threads",
+            "1",
+        ]
+    )
     assert res.rc == 0, res.err
     assert len(res.lines) == 2 and "Brot" in res.lines[0] and "Kind" in res.lines[0]
     prefixes = tmp_path / "prefixes.txt"
     prefixes.write_text("Der\n\n", encoding="utf-8")
     plain = tmp_path / "plain.txt"
     plain.write_text("Ein Kind will frisches Brot.\nDer Hund schläft.\n", encoding="utf-8")
-    res = run_cli(["translate", tiny.artifact, "--input", plain, "--target-prefix", prefixes, "--max-len-b", "30",
-                   "--threads", "1"])
+    res = run_cli(
+        [
+            "translate",
+            tiny.artifact,
+            "--input",
+            plain,
+            "--target-prefix",
+            prefixes,
+            "--max-len-b",
+            "30",
+            "--threads",
+            "1",
+        ]
+    )
     assert res.rc == 0, res.err
     assert res.lines[0].startswith("Der")
     both = run_cli(["translate", tiny.artifact, "--input", inp, "--constraints", "--target-prefix", prefixes])

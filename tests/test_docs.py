@@ -1,5 +1,6 @@
 """The documentation builds strictly, its links resolve, the README fits on a few screens, the docs
 describe the product rather than its history, and the code passes its linters and type checker."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,14 @@ def test_the_docs_site_builds_strictly(tmp_path):
     """mkdocs --strict: a broken link, a page missing from the nav's files, an API reference to a
     moved or renamed object fail the build."""
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about its successor
-    res = subprocess.run([tool("mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    res = subprocess.run(
+        [tool("mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     site = tmp_path / "site"
     for page in ("index.html", "translate/index.html", "serve/index.html", "reference/translator/index.html"):
@@ -71,22 +78,32 @@ def test_the_docs_site_builds_strictly(tmp_path):
 
 
 def test_ruff_finds_nothing():
-    res = subprocess.run([tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    res = subprocess.run(
+        [tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
 
 
 def test_the_code_is_formatted():
-    res = subprocess.run([tool("ruff"), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True,
-                         text=True, timeout=TIMEOUT_S)
+    res = subprocess.run(
+        [tool("ruff"), "format", "--check", "--no-cache", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert res.returncode == 0, "run: ruff format .\n" + res.stdout[-6000:] + res.stderr[-2000:]
 
 
 def test_the_library_type_checks(tmp_path):
     """mypy on the package deltalm (runtime/), as installed (strict editable: a plain package)."""
-    res = subprocess.run([tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir",
-                          str(tmp_path / "mypy-cache")], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    res = subprocess.run(
+        [tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "mypy-cache")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert "Success" in res.stdout
 

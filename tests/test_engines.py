@@ -2,6 +2,7 @@
 buffer plans, engine compatibility and profile checks are pure logic and tested here without
 TensorRT. The build and the backend run against a stand-in TensorRT in ``test_trt_standin.py``;
 on a real GPU with TensorRT, the last test here (skipped otherwise)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -107,12 +108,15 @@ def test_encoder_only_models_get_an_encoder_profile_only():
     assert list(derive_profiles(cfg, 2, 1, 16, 8)) == ["encoder"]
 
 
-@pytest.mark.parametrize("limits, message", [
-    ({"max_batch": 0}, "--max-batch must be an integer >= 1, got 0"),
-    ({"max_beam": -1}, "--max-beam must be an integer >= 1"),
-    ({"max_src_len": 513}, "--max-src-len 513 exceeds the model's max_positions 512"),
-    ({"max_tgt_len": 512}, "--max-tgt-len 512 must be < the model's max_positions 512"),
-])
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"max_batch": 0}, "--max-batch must be an integer >= 1, got 0"),
+        ({"max_beam": -1}, "--max-beam must be an integer >= 1"),
+        ({"max_src_len": 513}, "--max-src-len 513 exceeds the model's max_positions 512"),
+        ({"max_tgt_len": 512}, "--max-tgt-len 512 must be < the model's max_positions 512"),
+    ],
+)
 def test_nonsense_limits_are_refused(tiny_cfg, limits, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         profiles_for(tiny_cfg, **limits)
@@ -138,32 +142,71 @@ def test_override_replaces_only_the_given_inputs(tiny_cfg):
 
 def test_override_of_every_input_sharing_an_axis_is_accepted(tiny_cfg):
     rows = {"min": [1], "opt": [8], "max": [16]}
-    new = apply_profile_override(profiles_for(tiny_cfg), {"decoder_step": {
-        "tokens": {"min": [1, 1], "opt": [8, 1], "max": [16, 1]},
-        **{name: rows for name in ("positions", "forced_tokens", "ban_eos", "only_eos", "unk_penalty")},
-        "score_ids": {"min": [1, 1, 1], "opt": [8, 1, 1], "max": [16, 1, 64]},
-        **{f"cache_{kv}_{i}": {"min": [1, H, 0, HD], "opt": [8, H, 64, HD], "max": [16, H, 256, HD]}
-           for kv in ("key", "value") for i in range(2)}}}, tiny_cfg)
+    new = apply_profile_override(
+        profiles_for(tiny_cfg),
+        {
+            "decoder_step": {
+                "tokens": {"min": [1, 1], "opt": [8, 1], "max": [16, 1]},
+                **{name: rows for name in ("positions", "forced_tokens", "ban_eos", "only_eos", "unk_penalty")},
+                "score_ids": {"min": [1, 1, 1], "opt": [8, 1, 1], "max": [16, 1, 64]},
+                **{
+                    f"cache_{kv}_{i}": {"min": [1, H, 0, HD], "opt": [8, H, 64, HD], "max": [16, H, 256, HD]}
+                    for kv in ("key", "value")
+                    for i in range(2)
+                },
+            }
+        },
+        tiny_cfg,
+    )
     assert profile_axes(decoder_step_spec(tiny_cfg), new["decoder_step"])["rows"] == (1, 8, 16)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"decoder": {}}, "profile: unknown graph 'decoder' (graphs: encoder, decoder_step)"),
-    ({"encoder": {"tokens": {"min": [1], "opt": [1], "max": [1]}}}, "profile: encoder has no input 'tokens' (inputs: src_tokens)"),
-    ({"encoder": {"src_tokens": {"min": [1, 1], "max": [2, 2]}}}, 'profile: encoder.src_tokens must be {"min": [...], "opt": [...], "max": [...]}'),
-    ({"encoder": {"src_tokens": {"min": [1], "opt": [1, 1], "max": [2, 2]}}}, "profile: encoder.src_tokens min has rank 1, the input has rank 2 ['batch', 'src_len']"),
-    ({"encoder": {"src_tokens": {"min": [1, 1], "opt": [1, "a"], "max": [2, 2]}}}, "profile: encoder.src_tokens opt must be a list of integers, got [1, 'a']"),
-    ({"encoder": {"src_tokens": {"min": [1, 8], "opt": [2, 4], "max": [4, 64]}}}, "profile: encoder.src_tokens needs min <= opt <= max in every dim, got [1, 8] / [2, 4] / [4, 64]"),
-    ({"encoder": {"src_tokens": {"min": [0, 1], "opt": [1, 1], "max": [1, 1]}}}, "profile: encoder.src_tokens min dim 0 (batch) must be >= 1, got 0"),
-    ({"decoder_step": {"cache_key_0": {"min": [1, 8, 0, HD], "opt": [20, 8, 64, HD], "max": [40, 8, 256, HD]}}},
-     "profile: decoder_step.cache_key_0 min dim 1 must be 4, got 8"),
-    ({"decoder_step": {"tokens": {"min": [1, 0], "opt": [4, 1], "max": [48, 1]}}},
-     "profile: decoder_step.tokens min dim 1 (new_len) must be >= 1, got 0"),
-    ({"decoder_step": {"tokens": {"min": [1, 1], "opt": [4, 1], "max": [48, 1]}}},
-     "profile: axis 'rows' differs between decoder_step.tokens (1/4/48) and decoder_step.positions (1/20/40)"),
-    ({"encoder": {"src_tokens": {"min": [1, 1], "opt": [4, 64], "max": [16, 256]}}},
-     "profile: encoder allows batch up to 16 but decoder_step sents only up to 8"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"decoder": {}}, "profile: unknown graph 'decoder' (graphs: encoder, decoder_step)"),
+        (
+            {"encoder": {"tokens": {"min": [1], "opt": [1], "max": [1]}}},
+            "profile: encoder has no input 'tokens' (inputs: src_tokens)",
+        ),
+        (
+            {"encoder": {"src_tokens": {"min": [1, 1], "max": [2, 2]}}},
+            'profile: encoder.src_tokens must be {"min": [...], "opt": [...], "max": [...]}',
+        ),
+        (
+            {"encoder": {"src_tokens": {"min": [1], "opt": [1, 1], "max": [2, 2]}}},
+            "profile: encoder.src_tokens min has rank 1, the input has rank 2 ['batch', 'src_len']",
+        ),
+        (
+            {"encoder": {"src_tokens": {"min": [1, 1], "opt": [1, "a"], "max": [2, 2]}}},
+            "profile: encoder.src_tokens opt must be a list of integers, got [1, 'a']",
+        ),
+        (
+            {"encoder": {"src_tokens": {"min": [1, 8], "opt": [2, 4], "max": [4, 64]}}},
+            "profile: encoder.src_tokens needs min <= opt <= max in every dim, got [1, 8] / [2, 4] / [4, 64]",
+        ),
+        (
+            {"encoder": {"src_tokens": {"min": [0, 1], "opt": [1, 1], "max": [1, 1]}}},
+            "profile: encoder.src_tokens min dim 0 (batch) must be >= 1, got 0",
+        ),
+        (
+            {"decoder_step": {"cache_key_0": {"min": [1, 8, 0, HD], "opt": [20, 8, 64, HD], "max": [40, 8, 256, HD]}}},
+            "profile: decoder_step.cache_key_0 min dim 1 must be 4, got 8",
+        ),
+        (
+            {"decoder_step": {"tokens": {"min": [1, 0], "opt": [4, 1], "max": [48, 1]}}},
+            "profile: decoder_step.tokens min dim 1 (new_len) must be >= 1, got 0",
+        ),
+        (
+            {"decoder_step": {"tokens": {"min": [1, 1], "opt": [4, 1], "max": [48, 1]}}},
+            "profile: axis 'rows' differs between decoder_step.tokens (1/4/48) and decoder_step.positions (1/20/40)",
+        ),
+        (
+            {"encoder": {"src_tokens": {"min": [1, 1], "opt": [4, 64], "max": [16, 256]}}},
+            "profile: encoder allows batch up to 16 but decoder_step sents only up to 8",
+        ),
+    ],
+)
 def test_bad_overrides_are_refused_with_the_reason(tiny_cfg, override, message):
     with pytest.raises(InputError) as err:
         apply_profile_override(profiles_for(tiny_cfg), override, tiny_cfg)
@@ -192,11 +235,14 @@ def test_profile_file_must_exist_and_be_json(tmp_path):
 
 
 def test_trtexec_command_is_strongly_typed_without_precision_flags(tiny_cfg):
-    cmd = trtexec_command("a/encoder.onnx", "a/engines/encoder.plan", profiles_for(tiny_cfg)["encoder"],
-                          "a/engines/timing.cache")
-    assert cmd == ("trtexec --onnx=a/encoder.onnx --saveEngine=a/engines/encoder.plan --stronglyTyped "
-                   "--minShapes=src_tokens:1x1 --optShapes=src_tokens:4x64 --maxShapes=src_tokens:8x256 "
-                   "--timingCacheFile=a/engines/timing.cache")
+    cmd = trtexec_command(
+        "a/encoder.onnx", "a/engines/encoder.plan", profiles_for(tiny_cfg)["encoder"], "a/engines/timing.cache"
+    )
+    assert cmd == (
+        "trtexec --onnx=a/encoder.onnx --saveEngine=a/engines/encoder.plan --stronglyTyped "
+        "--minShapes=src_tokens:1x1 --optShapes=src_tokens:4x64 --maxShapes=src_tokens:8x256 "
+        "--timingCacheFile=a/engines/timing.cache"
+    )
 
 
 def test_trtexec_command_for_the_step_lists_shaped_inputs_only(tiny_cfg):
@@ -233,8 +279,12 @@ def test_engines_take_the_precision_of_the_artifact():
 
 
 def step_plan(cfg, float_dtype="float32", dtypes=None, **limits):
-    return plan_buffers(decoder_step_spec(cfg, float_dtype=float_dtype), profiles_for(cfg, **limits)["decoder_step"],
-                        dtypes, vocabulary_axis(cfg))
+    return plan_buffers(
+        decoder_step_spec(cfg, float_dtype=float_dtype),
+        profiles_for(cfg, **limits)["decoder_step"],
+        dtypes,
+        vocabulary_axis(cfg),
+    )
 
 
 def test_plan_buffers_sizes_every_tensor_at_the_profile_maximum(tiny_cfg):
@@ -278,13 +328,23 @@ def test_device_allocations_give_every_tensor_a_buffer_and_share_cross_kv(tiny_c
     assert alloc["decoder_step:log_probs"] == 40 * 97 * 4
     assert alloc["decoder_step:want_log_probs"] == 256  # never less than MIN_ALLOCATION
     assert sum(alloc.values()) == sum(max(b, 256) for _, _, b in enc.values()) + sum(
-        max(b, 256) for n, (_, _, b) in step.items() if not n.startswith("cross_"))
+        max(b, 256) for n, (_, _, b) in step.items() if not n.startswith("cross_")
+    )
 
 
 # -- engine compatibility and profile checks -------------------------------------------------
 
-META = engine_metadata("decoder_step", "engines/decoder_step.plan", "decoder_step.onnx", "ab" * 32, "fp16",
-                       {"tokens": ((1,), (20,), (40,))}, "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
+META = engine_metadata(
+    "decoder_step",
+    "engines/decoder_step.plan",
+    "decoder_step.onnx",
+    "ab" * 32,
+    "fp16",
+    {"tokens": ((1,), (20,), (40,))},
+    "10.9.0.34",
+    "NVIDIA H100 80GB HBM3",
+    "9.0",
+)
 
 
 def test_a_matching_engine_is_accepted():
@@ -294,9 +354,11 @@ def test_a_matching_engine_is_accepted():
 def test_an_engine_of_another_onnx_file_is_refused():
     with pytest.raises(ArtifactError) as err:
         check_engine_compat(META, "cd" * 32, "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0", where="art")
-    assert str(err.value) == ("engine engines/decoder_step.plan: it was built from another decoder_step.onnx "
-                              "(sha256 abababababab..., the artifact's is cdcdcdcdcdcd...); "
-                              "rebuild the engines with `deltalm engines art`")
+    assert str(err.value) == (
+        "engine engines/decoder_step.plan: it was built from another decoder_step.onnx "
+        "(sha256 abababababab..., the artifact's is cdcdcdcdcdcd...); "
+        "rebuild the engines with `deltalm engines art`"
+    )
 
 
 def test_an_engine_of_another_tensorrt_version_is_refused():
@@ -305,8 +367,11 @@ def test_an_engine_of_another_tensorrt_version_is_refused():
 
 
 def test_an_engine_of_another_compute_capability_is_refused():
-    with pytest.raises(ArtifactError, match=r"built for compute capability 9\.0 \(NVIDIA H100 80GB HBM3\), "
-                                            r"this GPU \(NVIDIA A100-SXM4-80GB\) has 8\.0"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"built for compute capability 9\.0 \(NVIDIA H100 80GB HBM3\), "
+        r"this GPU \(NVIDIA A100-SXM4-80GB\) has 8\.0",
+    ):
         check_engine_compat(META, "ab" * 32, "10.9.0.34", "NVIDIA A100-SXM4-80GB", "8.0")
 
 
@@ -321,26 +386,51 @@ def test_every_mismatch_is_named_at_once():
     assert str(err.value).count("; ") == 3  # three problems, then the hint
 
 
-STEP_AXES = {"rows": (1, 20, 40), "new_len": (1, 1, 1), "cache_len": (0, 64, 256), "sents": (1, 4, 8),
-             "batch": (1, 4, 8), "src_len": (1, 64, 256), "score_width": (1, 1, 64)}
+STEP_AXES = {
+    "rows": (1, 20, 40),
+    "new_len": (1, 1, 1),
+    "cache_len": (0, 64, 256),
+    "sents": (1, 4, 8),
+    "batch": (1, 4, 8),
+    "src_len": (1, 64, 256),
+    "score_width": (1, 1, 64),
+}
 
 
 def test_shapes_within_the_profile_pass():
     check_within_profile(STEP_AXES, {"rows": 40, "sents": 8, "batch": 8, "src_len": 1, "cache_len": 0, "new_len": 1})
 
 
-@pytest.mark.parametrize("shapes, message", [
-    ({"rows": 48}, "batch x beam = 48 rows exceeds the engine profile maximum 40; rebuild engines with --max-batch/--max-beam"),
-    ({"batch": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
-    ({"sents": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
-    ({"src_len": 300}, "a source of 300 tokens exceeds the engine profile maximum 256; rebuild engines with --max-src-len"),
-    ({"cache_len": 257}, "target length 257 exceeds the engine profile maximum 256; rebuild engines with --max-tgt-len"),
-    ({"new_len": 7}, "7 tokens fed per row exceeds the engine profile maximum 1; rebuild engines with a --profile "
-                     "whose tokens allow it (scoring whole targets runs on the ort backend)"),
-    ({"score_width": 65}, "65 scored ids per position exceeds the engine profile maximum 64; rebuild engines with a "
-                          "--profile whose score_ids allow it"),
-    ({"rows": 0}, "batch x beam = 0 rows is below the engine profile minimum 1"),
-])
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (
+            {"rows": 48},
+            "batch x beam = 48 rows exceeds the engine profile maximum 40; rebuild engines with --max-batch/--max-beam",
+        ),
+        ({"batch": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
+        ({"sents": 9}, "a batch of 9 sentences exceeds the engine profile maximum 8; rebuild engines with --max-batch"),
+        (
+            {"src_len": 300},
+            "a source of 300 tokens exceeds the engine profile maximum 256; rebuild engines with --max-src-len",
+        ),
+        (
+            {"cache_len": 257},
+            "target length 257 exceeds the engine profile maximum 256; rebuild engines with --max-tgt-len",
+        ),
+        (
+            {"new_len": 7},
+            "7 tokens fed per row exceeds the engine profile maximum 1; rebuild engines with a --profile "
+            "whose tokens allow it (scoring whole targets runs on the ort backend)",
+        ),
+        (
+            {"score_width": 65},
+            "65 scored ids per position exceeds the engine profile maximum 64; rebuild engines with a "
+            "--profile whose score_ids allow it",
+        ),
+        ({"rows": 0}, "batch x beam = 0 rows is below the engine profile minimum 1"),
+    ],
+)
 def test_shapes_outside_the_profile_are_input_errors(shapes, message):
     with pytest.raises(InputError) as err:
         check_within_profile(STEP_AXES, shapes)
@@ -353,8 +443,14 @@ def test_axes_the_profile_does_not_bound_are_ignored():
 
 def test_profile_axes_are_read_off_every_input(tiny_cfg):
     axes = profile_axes(decoder_step_spec(tiny_cfg), profiles_for(tiny_cfg, max_tgt_len=64)["decoder_step"])
-    assert axes == {"rows": (1, 20, 40), "new_len": (1, 1, 1), "cache_len": (0, 16, 64), "sents": (1, 4, 8),
-                    "src_len": (1, 64, 256), "score_width": (1, 1, 64)}
+    assert axes == {
+        "rows": (1, 20, 40),
+        "new_len": (1, 1, 1),
+        "cache_len": (0, 16, 64),
+        "sents": (1, 4, 8),
+        "src_len": (1, 64, 256),
+        "score_width": (1, 1, 64),
+    }
 
 
 # -- fitting a step's feeds to the profile ---------------------------------------------------
@@ -371,10 +467,17 @@ def step_feeds_for(cfg, rows=4, sents=2, cache_len=32, src_len=32, positions=(3,
     padding = np.ones((sents, src_len), dtype=bool)
     for s, width in enumerate(used_src):
         padding[s, :width] = False
-    arrays = dict(tokens=np.full((rows, 1), 4), positions=np.array(positions), src_padding=padding,
-                  forced_tokens=np.full(rows, -1), ban_eos=np.zeros(rows, bool), only_eos=np.zeros(rows, bool),
-                  unk_penalty=np.zeros(rows, np.float32), score_ids=np.full((rows, 1, 1), 2),
-                  want_log_probs=np.array(False))
+    arrays = dict(
+        tokens=np.full((rows, 1), 4),
+        positions=np.array(positions),
+        src_padding=padding,
+        forced_tokens=np.full(rows, -1),
+        ban_eos=np.zeros(rows, bool),
+        only_eos=np.zeros(rows, bool),
+        unk_penalty=np.zeros(rows, np.float32),
+        score_ids=np.full((rows, 1, 1), 2),
+        want_log_probs=np.array(False),
+    )
     arrays |= {n: rng.standard_normal((rows, H, cache_len, HD)) for n in per_layer(cfg, cache_names)}
     arrays |= {n: rng.standard_normal((sents, H, src_len, HD)) for n in per_layer(cfg, cross_names)}
     return spec, step_feeds(spec, **arrays)
@@ -383,8 +486,14 @@ def step_feeds_for(cfg, rows=4, sents=2, cache_len=32, src_len=32, positions=(3,
 def test_feeds_within_the_profile_are_bound_as_they_are(tiny_cfg):
     spec, feeds = step_feeds_for(tiny_cfg)
     axes = STEP_AXES | {"cache_len": (0, 8, 32), "src_len": (1, 8, 32)}
-    assert feed_axes(spec, feeds) == {"rows": 4, "new_len": 1, "cache_len": 32, "sents": 2, "src_len": 32,
-                                      "score_width": 1}
+    assert feed_axes(spec, feeds) == {
+        "rows": 4,
+        "new_len": 1,
+        "cache_len": 32,
+        "sents": 2,
+        "src_len": 32,
+        "score_width": 1,
+    }
     fitted = fit_to_profile(spec, axes, feeds)
     assert fitted is feeds
 
@@ -401,10 +510,15 @@ def test_capacities_beyond_the_profile_are_cut_to_what_the_rows_use(tiny_cfg):
 
 def test_a_capacity_is_cut_only_as_far_as_the_rows_allow(tiny_cfg):
     spec, feeds = step_feeds_for(tiny_cfg, positions=(3, 3, 21, 21))
-    with pytest.raises(InputError, match="target length 21 exceeds the engine profile maximum 20; rebuild engines with --max-tgt-len"):
+    with pytest.raises(
+        InputError, match="target length 21 exceeds the engine profile maximum 20; rebuild engines with --max-tgt-len"
+    ):
         fit_to_profile(spec, STEP_AXES | {"cache_len": (0, 8, 20)}, feeds)
     spec, feeds = step_feeds_for(tiny_cfg, used_src=(5, 30))
-    with pytest.raises(InputError, match="a source of 30 tokens exceeds the engine profile maximum 24; rebuild engines with --max-src-len"):
+    with pytest.raises(
+        InputError,
+        match="a source of 30 tokens exceeds the engine profile maximum 24; rebuild engines with --max-src-len",
+    ):
         fit_to_profile(spec, STEP_AXES | {"src_len": (1, 8, 24)}, feeds)
 
 
@@ -435,19 +549,36 @@ def test_engine_dtypes_map_to_numpy():
 
 
 def test_modules_import_without_tensorrt():
-    code = ("import sys; import deltalm.export.engines, deltalm.backends.trt; "
-            "print(any(m.split('.')[0] in ('tensorrt', 'polygraphy') for m in sys.modules))")
+    code = (
+        "import sys; import deltalm.export.engines, deltalm.backends.trt; "
+        "print(any(m.split('.')[0] in ('tensorrt', 'polygraphy') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_print_only_prints_the_plan_and_trtexec_commands(artifact_dir, capsys):
-    rc = main(["engines", str(artifact_dir), "--print-only", "--max-batch", "4", "--max-beam", "2",
-               "--max-src-len", "64", "--max-tgt-len", "32"])
+    rc = main(
+        [
+            "engines",
+            str(artifact_dir),
+            "--print-only",
+            "--max-batch",
+            "4",
+            "--max-beam",
+            "2",
+            "--max-src-len",
+            "64",
+            "--max-tgt-len",
+            "32",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
-    assert ("decoder_step: rows 1/4/8, new_len 1/1/1, cache_len 0/8/32, sents 1/2/4, src_len 1/16/64, "
-            "score_width 1/1/64  (min/opt/max)") in out
+    assert (
+        "decoder_step: rows 1/4/8, new_len 1/1/1, cache_len 0/8/32, sents 1/2/4, src_len 1/16/64, "
+        "score_width 1/1/64  (min/opt/max)"
+    ) in out
     assert "  cache_key_0     min [1, 4, 0, 16]  opt [4, 4, 8, 16]  max [8, 4, 32, 16]" in out
     assert "device buffers of --backend trt for these profiles (allocated once): " in out
     commands = [line.strip() for line in out.splitlines() if line.strip().startswith("trtexec ")]
@@ -460,7 +591,9 @@ def test_print_only_prints_the_plan_and_trtexec_commands(artifact_dir, capsys):
 
 def test_print_only_with_a_profile_file(artifact_dir, tmp_path, capsys):
     path = tmp_path / "profile.json"
-    path.write_text(json.dumps({"decoder_step": {"score_ids": {"min": [1, 1, 1], "opt": [20, 1, 2], "max": [40, 1, 8]}}}))
+    path.write_text(
+        json.dumps({"decoder_step": {"score_ids": {"min": [1, 1, 1], "opt": [20, 1, 2], "max": [40, 1, 8]}}})
+    )
     assert main(["engines", str(artifact_dir), "--print-only", "--profile", str(path)]) == 0
     assert "  score_ids       min [1, 1, 1]  opt [20, 1, 2]  max [40, 1, 8]" in capsys.readouterr().out
 
@@ -470,7 +603,8 @@ def test_a_bad_profile_file_is_one_line_error(artifact_dir, tmp_path, capsys):
     path.write_text(json.dumps({"decoder_step": {"tokens": {"min": [1, 1], "opt": [1, 1], "max": [400, 1]}}}))
     assert main(["engines", str(artifact_dir), "--print-only", "--profile", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "deltalm: error: profile: axis 'rows' differs between decoder_step.tokens (1/1/400) and decoder_step.positions (1/20/40)")
+        "deltalm: error: profile: axis 'rows' differs between decoder_step.tokens (1/1/400) and decoder_step.positions (1/20/40)"
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -478,7 +612,10 @@ def test_building_without_tensorrt_says_so(artifact_dir, capsys):
     assert main(["engines", str(artifact_dir)]) == 2
     captured = capsys.readouterr()
     assert "trtexec --onnx=" in captured.out
-    assert "deltalm: error: TensorRT is not installed (no `tensorrt` Python module)" in captured.err and "no engines were built" in captured.err
+    assert (
+        "deltalm: error: TensorRT is not installed (no `tensorrt` Python module)" in captured.err
+        and "no engines were built" in captured.err
+    )
     assert not (artifact_dir / "engines").exists()
 
 
@@ -520,8 +657,25 @@ def test_trt_engines_translate_like_onnx_runtime(artifact_copy):
     from deltalm.options import TranslateOptions
     from deltalm.search import StepRules, generate
 
-    assert main(["engines", str(artifact_copy), "--precision", "fp32", "--max-batch", "3", "--max-beam", "4",
-                 "--max-src-len", "32", "--max-tgt-len", "24"]) == 0
+    assert (
+        main(
+            [
+                "engines",
+                str(artifact_copy),
+                "--precision",
+                "fp32",
+                "--max-batch",
+                "3",
+                "--max-beam",
+                "4",
+                "--max-src-len",
+                "32",
+                "--max-tgt-len",
+                "24",
+            ]
+        )
+        == 0
+    )
     trt_backend = TrtBackend.from_artifact(artifact_copy)
     ort_backend = OrtBackend.from_artifact(artifact_copy)
     cfg = ort_backend.cfg

@@ -1,4 +1,5 @@
 """Stage 2: export to an artifact directory, parity, and --backend ort against --backend torch."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,16 @@ def artifact(exported):
 
 def test_export_writes_a_self_describing_artifact(artifact, tiny_ckpt):
     names = sorted(p.name for p in artifact.iterdir())
-    assert names == ["decoder_step.onnx", "decoder_step_shortlist.onnx", "dict.txt", "encoder.onnx", "manifest.json",
-                     "parity.json", "spm.model", "weights.data"]
+    assert names == [
+        "decoder_step.onnx",
+        "decoder_step_shortlist.onnx",
+        "dict.txt",
+        "encoder.onnx",
+        "manifest.json",
+        "parity.json",
+        "spm.model",
+        "weights.data",
+    ]
     art = open_artifact(artifact)  # hash-checks every file
     m = art.manifest.to_dict()
     assert set(m["files"]) == set(names) - {"manifest.json"}
@@ -109,10 +118,29 @@ def test_translate_cli_ort_equals_torch_jsonl(artifact, tiny_ckpt, tmp_path, cap
     inp = tmp_path / "in.txt"
     inp.write_text("The cat sees the red apple.\n\nEin Kind will frisches Brot.\nUn niño.\n")
     outs = {}
-    for name, args in {"ort": [str(artifact), "--backend", "ort"],
-                       "torch": ["--checkpoint", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--backend", "torch"]}.items():
-        assert cli(["translate", *args, "--input", str(inp), "--beam", "5", "--nbest", "2", "--format", "jsonl",
-                    "--max-len-b", "10"]) == 0
+    for name, args in {
+        "ort": [str(artifact), "--backend", "ort"],
+        "torch": ["--checkpoint", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--backend", "torch"],
+    }.items():
+        assert (
+            cli(
+                [
+                    "translate",
+                    *args,
+                    "--input",
+                    str(inp),
+                    "--beam",
+                    "5",
+                    "--nbest",
+                    "2",
+                    "--format",
+                    "jsonl",
+                    "--max-len-b",
+                    "10",
+                ]
+            )
+            == 0
+        )
         outs[name] = [json.loads(line) for line in capsysbinary.readouterr().out.decode().splitlines()]
     assert [o["id"] for o in outs["ort"]] == [0, 1, 2, 3]
     assert outs["ort"][1]["nbest"] == []
@@ -124,9 +152,30 @@ def test_translate_cli_ort_equals_torch_jsonl(artifact, tiny_ckpt, tmp_path, cap
 
 
 def test_sampling_and_ngram_blocking_run_on_ort(artifact):
-    out = subprocess.run([sys.executable, "-m", "deltalm.cli", "translate", str(artifact), "--sampling", "--topk", "5",
-                          "--seed", "3", "--beam", "2", "--no-repeat-ngram-size", "2", "--max-len-b", "8"],
-                         input="a b c\nhello\n", capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltalm.cli",
+            "translate",
+            str(artifact),
+            "--sampling",
+            "--topk",
+            "5",
+            "--seed",
+            "3",
+            "--beam",
+            "2",
+            "--no-repeat-ngram-size",
+            "2",
+            "--max-len-b",
+            "8",
+        ],
+        input="a b c\nhello\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 2
 
@@ -141,8 +190,13 @@ def test_runtime_never_imports_torch(artifact):
         "from deltalm.cli import main\n"
         f"sys.exit(main(['translate', {str(artifact)!r}, '--beam', '3']))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input="Die Katze sieht den roten Apfel.\n",
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input="Die Katze sieht den roten Apfel.\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 1
 
@@ -162,8 +216,13 @@ def test_reduced_precision_exports_report_agreement_with_fp32(tiny_ckpt, tmp_pat
     top1 = [r["top1_agreement"] for r in parity["graphs"] if r["output"] == "topk_ids"]
     assert top1 and min(top1) >= 0.5
     assert {r["beam"] for r in parity["end_to_end"]} == {1, 5}
-    out = subprocess.run([sys.executable, "-m", "deltalm.cli", "translate", str(art)], input="hello world\n",
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "deltalm.cli", "translate", str(art)],
+        input="hello world\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -187,8 +246,17 @@ def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
 
     from deltalm.export.model import EncoderModel
 
-    cfg = ModelConfig(kind="xlmr", embed_dim=32, ffn_dim=64, encoder_layers=2, decoder_layers=0, heads=4,
-                      vocab_size=120, mlm_head="roberta", layernorm_embedding=True)
+    cfg = ModelConfig(
+        kind="xlmr",
+        embed_dim=32,
+        ffn_dim=64,
+        encoder_layers=2,
+        decoder_layers=0,
+        heads=4,
+        vocab_size=120,
+        mlm_head="roberta",
+        layernorm_embedding=True,
+    )
     model = W.randomize(EncoderModel(cfg), seed=5)
     hf_dir = W.write_hf_xlmr(model, tmp_path / "xlmr")
     assert cli(["export", str(hf_dir), "--out", str(tmp_path / "art")]) == 0
@@ -210,10 +278,18 @@ def test_encoder_only_xlmr_exports_encoder_and_mlm_logits(tmp_path):
 def test_export_prints_its_stages_the_verdict_and_a_summary_not_the_table(exported):
     out, err = exported
     lines = err.splitlines()
-    starts = ["loaded fairseq-deltalm checkpoint", "exported encoder", "listed ONNX Runtime's fusions",
-              "end to end, beam 1", "end to end, beam 5", "end to end, teacher-forced 21 steps x 16 sentences",
-              "end to end sources: 16 sentences sampled from spm.model", "parity: passed",
-              "parity summary: 100 outputs compared over 14 graph cases; largest difference", f"wrote {out}"]
+    starts = [
+        "loaded fairseq-deltalm checkpoint",
+        "exported encoder",
+        "listed ONNX Runtime's fusions",
+        "end to end, beam 1",
+        "end to end, beam 5",
+        "end to end, teacher-forced 21 steps x 16 sentences",
+        "end to end sources: 16 sentences sampled from spm.model",
+        "parity: passed",
+        "parity summary: 100 outputs compared over 14 graph cases; largest difference",
+        f"wrote {out}",
+    ]
     assert len(lines) == len(starts) and all(line.startswith(s) for line, s in zip(lines, starts)), "\n".join(lines)
     assert lines[-2].endswith(f"; every output and case in {out / 'parity.json'} (--verbose prints the table)")
     assert "max_rel" not in err
@@ -238,10 +314,10 @@ def test_the_library_export_is_silent_unless_logging_is_configured(tiny_ckpt, tm
     code = f"""
 import logging, sys
 from deltalm.export import check_parity, export_checkpoint
-export_checkpoint({str(ckpt)!r}, {str(tmp_path / 'a')!r}, spm={str(spm)!r}, dictionary={str(dct)!r}, optimize=False)
+export_checkpoint({str(ckpt)!r}, {str(tmp_path / "a")!r}, spm={str(spm)!r}, dictionary={str(dct)!r}, optimize=False)
 print("exported", file=sys.stderr, flush=True)
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-check_parity({str(tmp_path / 'a')!r})
+check_parity({str(tmp_path / "a")!r})
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -256,9 +332,27 @@ def test_an_int8_export_prints_each_line_once(tiny_ckpt, tmp_path):
     from cli_support import DELTALM, ENV
 
     ckpt, spm, dct, _ = tiny_ckpt
-    done = subprocess.run([str(DELTALM), "export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out",
-                           str(tmp_path / "q"), "--precision", "int8", "--no-optimize", "--allow-parity-failure"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [
+            str(DELTALM),
+            "export",
+            str(ckpt),
+            "--spm",
+            str(spm),
+            "--dict",
+            str(dct),
+            "--out",
+            str(tmp_path / "q"),
+            "--precision",
+            "int8",
+            "--no-optimize",
+            "--allow-parity-failure",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert lines[0].startswith("loaded ") and lines[-1].startswith(f"wrote {tmp_path / 'q'}")

@@ -6,6 +6,7 @@ in memory, rewritten as before (fp32, fp16: the same nodes and the same bytes; i
 numbers of ONNX Runtime's own quantizer). The checkpoint is mapped, not read, and the model is
 built on it without a copy. The parity verdict runs on realistic sentences and fails an artifact
 whose int8 scales or fp16 weights are corrupted, while the demo model's int8 export passes it."""
+
 from __future__ import annotations
 
 import collections
@@ -24,16 +25,26 @@ def _initializers(model, base_dir: Path | None = None) -> dict[str, tuple[int, l
     """name -> (data type, dims, values) of every initializer, external data read from base_dir."""
     from onnx import numpy_helper
 
-    return {t.name: (t.data_type, list(t.dims), numpy_helper.to_array(t, str(base_dir) if base_dir else ""))
-            for t in model.graph.initializer}
+    return {
+        t.name: (t.data_type, list(t.dims), numpy_helper.to_array(t, str(base_dir) if base_dir else ""))
+        for t in model.graph.initializer
+    }
 
 
 def _nodes(model) -> collections.Counter:
     import onnx
 
-    return collections.Counter((n.op_type, n.name, tuple(n.input), tuple(n.output), n.domain,
-                                tuple(sorted(onnx.helper.printable_attribute(a) for a in n.attribute)))
-                               for n in model.graph.node)
+    return collections.Counter(
+        (
+            n.op_type,
+            n.name,
+            tuple(n.input),
+            tuple(n.output),
+            n.domain,
+            tuple(sorted(onnx.helper.printable_attribute(a) for a in n.attribute)),
+        )
+        for n in model.graph.node
+    )
 
 
 def _graphs(model):
@@ -60,8 +71,17 @@ def _with_weights(module, args, spec, precision: str, tmp: Path):
     path = tmp / f"{spec.name}-{precision}-reference.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     model = onnx.load(str(path))
     if spec.name == "decoder_step" and precision != "int8":
         tie_output_projection(model, module.cfg)
@@ -71,12 +91,16 @@ def _with_weights(module, args, spec, precision: str, tmp: Path):
         from deltalm.export.onnx_export import head_nodes
 
         keep = [t.name for t in module.spec("float16").inputs + module.spec("float16").outputs if t.dtype == "float32"]
-        model = _toposort(convert_float_to_float16(model, keep_io_types=keep, op_block_list=_fp16_block_list(),
-                                                            node_block_list=head_nodes(model)))
+        model = _toposort(
+            convert_float_to_float16(
+                model, keep_io_types=keep, op_block_list=_fp16_block_list(), node_block_list=head_nodes(model)
+            )
+        )
     elif precision == "int8":
         quantized = tmp / f"{spec.name}-q.onnx"
-        quantize_dynamic(str(path), str(quantized), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(path), str(quantized), op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
+        )
         model = onnx.load(str(quantized))
         int8_embeddings(model, module.cfg)
     return model
@@ -111,7 +135,9 @@ def test_streamed_graphs_are_the_graphs_exported_with_their_weights(tiny_model, 
             assert got_init[name][:2] == (dtype, dims), name
             assert np.array_equal(got_init[name][2], values), name
         assert list(got.graph.input) == list(want.graph.input) and list(got.graph.output) == list(want.graph.output)
-        assert {v.SerializeToString() for v in got.graph.value_info} == {v.SerializeToString() for v in want.graph.value_info}
+        assert {v.SerializeToString() for v in got.graph.value_info} == {
+            v.SerializeToString() for v in want.graph.value_info
+        }
     weights.close()
 
 
@@ -157,7 +183,11 @@ def test_build_model_holds_the_checkpoints_tensors_without_a_copy(tiny_ckpt):
     model = build_model(loaded)
     for name, p in model.named_parameters(remove_duplicate=False):
         assert p.data_ptr() == loaded.state_dict[name].data_ptr(), name
-    tied = [model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight, model.decoder.output_projection.weight]
+    tied = [
+        model.encoder.embed_tokens.weight,
+        model.decoder.embed_tokens.weight,
+        model.decoder.output_projection.weight,
+    ]
     assert tied[0] is tied[1] is tied[2]
     assert not any(p.is_meta for p in model.parameters())
 
@@ -171,7 +201,9 @@ def test_a_checkpoints_optimizer_state_is_never_read(tiny_ckpt, tmp_path):
     big = tmp_path / "with_optimizer.pt"
     save_fairseq_checkpoint(tiny_ckpt[3], big)
     ckpt = torch.load(big, weights_only=False)
-    ckpt["last_optimizer_state"] = {"state": {0: {"exp_avg": torch.ones(50_000_000), "exp_avg_sq": torch.ones(50_000_000)}}}
+    ckpt["last_optimizer_state"] = {
+        "state": {0: {"exp_avg": torch.ones(50_000_000), "exp_avg_sq": torch.ones(50_000_000)}}
+    }
     torch.save(ckpt, big)
     del ckpt
     meter = StageMeter(exact_stages=True)
@@ -227,8 +259,20 @@ def test_sampled_parity_text_is_frequency_weighted_real_tokens(tiny):
 
 
 def _export(tiny, out: Path, *extra) -> int:
-    return cli(["export", str(tiny.checkpoint), "--spm", str(tiny.spm), "--dict", str(tiny.dict), "--out", str(out),
-                "--no-optimize", *extra])
+    return cli(
+        [
+            "export",
+            str(tiny.checkpoint),
+            "--spm",
+            str(tiny.spm),
+            "--dict",
+            str(tiny.dict),
+            "--out",
+            str(out),
+            "--no-optimize",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +290,10 @@ def test_the_demo_models_int8_export_passes_its_verdict_on_sampled_text(demo_exp
     assert "sampled from spm.model" in report["sources"]
     teacher = report["teacher_forced"]
     assert teacher["decisive_rows"] >= 100 and teacher["decisive_top1_agreement"] >= 0.97
-    assert report["memory"]["peak_rss_mb"] > 0 and [s["name"] for s in report["memory"]["stages"]][:2] == ["load", "export"]
+    assert report["memory"]["peak_rss_mb"] > 0 and [s["name"] for s in report["memory"]["stages"]][:2] == [
+        "load",
+        "export",
+    ]
 
 
 def _corrupt(artifact: Path, pick, change) -> list[str]:
@@ -271,7 +318,7 @@ def _corrupt(artifact: Path, pick, change) -> list[str]:
             if "offset" in info:
                 at, n = int(info["offset"]), int(info["length"])
                 if (at, n) not in done:
-                    data[at:at + n] = change(np.frombuffer(bytes(data[at:at + n]), dtype)).astype(dtype).tobytes()
+                    data[at : at + n] = change(np.frombuffer(bytes(data[at : at + n]), dtype)).astype(dtype).tobytes()
                     done.add((at, n))
             else:
                 t.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(t)).astype(dtype), t.name))
@@ -294,8 +341,9 @@ def test_the_verdict_fails_an_int8_artifact_whose_scales_are_corrupted(demo_expo
 
     art = tmp_path / "int8"
     shutil.copytree(demo_exports / "int8", art)
-    changed = _corrupt(art, lambda t: t.data_type == 1 and t.name.endswith(("_scale", "embed_tokens.scale")),
-                       lambda a: a[::-1])
+    changed = _corrupt(
+        art, lambda t: t.data_type == 1 and t.name.endswith(("_scale", "embed_tokens.scale")), lambda a: a[::-1]
+    )
     assert "embed_tokens.scale" in changed and len(changed) > 10
     with pytest.raises(ExportError, match="parity check failed"):
         check_parity(art, log=lambda line: None)
@@ -315,6 +363,7 @@ def test_the_verdict_fails_an_fp16_artifact_with_a_corrupted_island(demo_exports
 
     def in_ffn(t):  # the MatMul weights read by those layers' fc1 / fc2 MatMuls
         return t.data_type == 10 and t.name in weights_of
+
     import onnx
 
     weights_of = set()
@@ -341,8 +390,20 @@ def test_parity_corpus_replaces_the_sampled_text(tiny, tmp_path):
 def test_an_unreadable_parity_corpus_is_one_line_before_the_export(tiny, tmp_path, capsys):
     from cli_support import assert_one_line_error, run_cli
 
-    res = run_cli(["export", str(tiny.checkpoint), "--spm", str(tiny.spm), "--dict", str(tiny.dict), "--out",
-                   str(tmp_path / "art"), "--parity-corpus", str(tmp_path / "missing.txt")])
+    res = run_cli(
+        [
+            "export",
+            str(tiny.checkpoint),
+            "--spm",
+            str(tiny.spm),
+            "--dict",
+            str(tiny.dict),
+            "--out",
+            str(tmp_path / "art"),
+            "--parity-corpus",
+            str(tmp_path / "missing.txt"),
+        ]
+    )
     assert_one_line_error(res, "--parity-corpus", "missing.txt")
     assert not (tmp_path / "art").exists()
 

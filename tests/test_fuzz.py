@@ -2,6 +2,7 @@
 surrogates, very long and empty strings) to the tokenizer, any bytes to dict.txt, and any lines,
 text or bytes, to ``deltalm translate`` on the tiny artifact. Allowed outcomes: a result, or a
 clean one-line DeltaLMError; never a traceback. Every input line gets exactly one output line."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,29 @@ def scratch(tmp_path_factory):
 
 
 CORPUS_CHARS = sorted(set("".join(toy_corpus())))
-ODD_CHARS = ["\r", "\t", "\x00", "\x0b", "\x0c", "\x1c", "\x1f", "\x7f", "\x85", "\u00a0", "\u2028", "\u2029",
-             "\u3000", "\u200b", "\ufeff", "\u2581", "\ufffd", "ﬁ", "\U0001f600", "<unk>", "</s>"]
+ODD_CHARS = [
+    "\r",
+    "\t",
+    "\x00",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1f",
+    "\x7f",
+    "\x85",
+    "\u00a0",
+    "\u2028",
+    "\u2029",
+    "\u3000",
+    "\u200b",
+    "\ufeff",
+    "\u2581",
+    "\ufffd",
+    "ﬁ",
+    "\U0001f600",
+    "<unk>",
+    "</s>",
+]
 
 any_char = st.characters(blacklist_categories=(), blacklist_characters="\n")  # lone surrogates too
 line_char = st.characters(blacklist_categories=("Cs",), blacklist_characters="\n")  # what UTF-8 can carry
@@ -70,12 +92,17 @@ def test_tokenizer_takes_any_string(tok, text):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.one_of(
-    st.binary(max_size=300),
-    st.lists(st.tuples(st.text(line_char, max_size=12),
-                       st.sampled_from([" 1", " 7", " x", "", "  3", " 1 #fairseq:overwrite"])),
-             max_size=12).map(lambda rows: "\n".join(w + c for w, c in rows).encode("utf-8")),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.lists(
+            st.tuples(
+                st.text(line_char, max_size=12), st.sampled_from([" 1", " 7", " x", "", "  3", " 1 #fairseq:overwrite"])
+            ),
+            max_size=12,
+        ).map(lambda rows: "\n".join(w + c for w, c in rows).encode("utf-8")),
+    )
+)
 def test_dictionary_takes_any_bytes(scratch, data):
     path = scratch / "dict.txt"
     path.write_bytes(data)
@@ -101,9 +128,11 @@ def test_translate_answers_every_line_or_names_the_bad_one(tiny, tok, inputs, tr
     too_long = [i + 1 for i, n in enumerate(lengths) if n > MAX_POSITIONS]
     if too_long and not truncate:
         assert res.rc == 2 and res.out == b""
-        assert res.err == (f"deltalm: error: input line {too_long[0]} has {lengths[too_long[0] - 1]} source tokens "
-                           f"(with </s> and the source prefix); the model takes at most {MAX_POSITIONS}. "
-                           "Pass --truncate to cut it\n")
+        assert res.err == (
+            f"deltalm: error: input line {too_long[0]} has {lengths[too_long[0] - 1]} source tokens "
+            f"(with </s> and the source prefix); the model takes at most {MAX_POSITIONS}. "
+            "Pass --truncate to cut it\n"
+        )
         return
     assert res.rc == 0, res.err
     warning = r"^deltalm: warning: input line (\d+): \d+ source tokens, truncated"
@@ -121,8 +150,10 @@ def test_translate_answers_every_line_or_names_the_bad_one(tiny, tok, inputs, tr
 
 
 @settings(max_examples=15, deadline=None)
-@given(inputs=st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")), max_size=6),
-       errors=st.sampled_from(["strict", "replace"]))
+@given(
+    inputs=st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")), max_size=6),
+    errors=st.sampled_from(["strict", "replace"]),
+)
 def test_translate_takes_any_bytes(tiny, inputs, errors):
     res = run_cli(["translate", tiny.artifact, *FAST, "--errors", errors], b"".join(b + b"\n" for b in inputs))
     invalid = []
@@ -133,8 +164,11 @@ def test_translate_takes_any_bytes(tiny, inputs, errors):
             invalid.append(i + 1)
     if invalid and errors == "strict":
         assert res.rc == 2 and res.out == b""
-        assert re.fullmatch(rf"deltalm: error: input line {invalid[0]} is not valid UTF-8 \(byte 0x[0-9a-f]{{2}} at "
-                            r"byte \d+\); pass --errors replace to translate it with U\+FFFD for bad bytes\n", res.err)
+        assert re.fullmatch(
+            rf"deltalm: error: input line {invalid[0]} is not valid UTF-8 \(byte 0x[0-9a-f]{{2}} at "
+            r"byte \d+\); pass --errors replace to translate it with U\+FFFD for bad bytes\n",
+            res.err,
+        )
         return
     assert res.rc == 0, res.err
     assert res.out.count(b"\n") == len(inputs)

@@ -7,6 +7,7 @@ inside functions), resolved to deltalm modules.
   neither torch nor ``deltalm.export`` at module level: ``deltalm translate`` runs without torch.
 - Command modules (``deltalm.commands.*``, ``deltalm.cli``) are imported by nothing but the CLI.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # folder -> package name, as pyproject.toml maps them
-PACKAGES = {"runtime": "deltalm", "export": "deltalm.export", "bench": "deltalm.bench", "serve": "deltalm.serve",
-            "cluster": "deltalm.cluster"}
+PACKAGES = {
+    "runtime": "deltalm",
+    "export": "deltalm.export",
+    "bench": "deltalm.bench",
+    "serve": "deltalm.serve",
+    "cluster": "deltalm.cluster",
+}
 NOT_RUNTIME = ("deltalm.export", "deltalm.bench")
 
 
@@ -98,7 +104,7 @@ def test_there_are_no_import_cycles(graph):
         stack.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+                cycles.append(" -> ".join(stack[stack.index(t) :] + [t]))
             elif t not in state:
                 walk(t)
         stack.pop()
@@ -111,15 +117,24 @@ def test_there_are_no_import_cycles(graph):
 
 
 def test_the_runtime_imports_neither_torch_nor_export_at_module_level(graph):
-    bad = sorted(f"{m} imports {t}" for m, targets in graph.items() if is_runtime(m) for t, top in targets
-                 if top and (t.split(".")[0] in ("torch", "onnx") or t.startswith("deltalm.export")))
+    bad = sorted(
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        if is_runtime(m)
+        for t, top in targets
+        if top and (t.split(".")[0] in ("torch", "onnx") or t.startswith("deltalm.export"))
+    )
     assert bad == []
 
 
 def test_command_modules_are_imported_only_by_the_cli(graph):
     commands = {m for m in graph if m.startswith("deltalm.commands.")}
-    bad = sorted(f"{m} imports {t}" for m, targets in graph.items() for t, _ in targets
-                 if t in commands and m not in ("deltalm.cli", "deltalm.commands") and not m.startswith("deltalm.commands."))
+    bad = sorted(
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        for t, _ in targets
+        if t in commands and m not in ("deltalm.cli", "deltalm.commands") and not m.startswith("deltalm.commands.")
+    )
     assert bad == []
 
 

@@ -1,5 +1,6 @@
 """The PyTorch rebuild: positions, incremental decoding == teacher-forced forward, grouped
 cross-attention, rows at different positions over a cache the caller owns."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,10 +33,17 @@ def test_encoder_output_at_real_tokens_does_not_depend_on_padding(tiny_model):
 
 def step_feeds(cfg, tokens, positions, cache, cross, src, want_log_probs=True):
     rows = tokens.shape[0]
-    feeds = {"tokens": tokens, "positions": positions, "src_padding": src.eq(cfg.pad),
-             "forced_tokens": torch.full((rows,), -1), "ban_eos": torch.zeros(rows, dtype=torch.bool),
-             "only_eos": torch.zeros(rows, dtype=torch.bool), "unk_penalty": torch.zeros(rows),
-             "score_ids": tokens.unsqueeze(-1) % cfg.vocab_size, "want_log_probs": torch.tensor(want_log_probs)}
+    feeds = {
+        "tokens": tokens,
+        "positions": positions,
+        "src_padding": src.eq(cfg.pad),
+        "forced_tokens": torch.full((rows,), -1),
+        "ban_eos": torch.zeros(rows, dtype=torch.bool),
+        "only_eos": torch.zeros(rows, dtype=torch.bool),
+        "unk_penalty": torch.zeros(rows),
+        "score_ids": tokens.unsqueeze(-1) % cfg.vocab_size,
+        "want_log_probs": torch.tensor(want_log_probs),
+    }
     feeds |= {name: t for name, t in zip(per_layer(cfg, cache_names), cache)}
     feeds |= {name: t for name, t in zip(per_layer(cfg, cross_names), cross)}
     return feeds
@@ -52,7 +60,9 @@ def run_steps(tiny_model, src, prev, group=1, k=10):
     cache = [torch.zeros(rows, cfg.heads, steps + 2, cfg.head_dim) for _ in range(2 * cfg.decoder_layers)]
     out = []
     for t in range(steps):
-        res = step_graph(*step_graph.inputs(step_feeds(cfg, prev[:, t : t + 1], torch.full((rows,), t), cache, enc[1:], src)))
+        res = step_graph(
+            *step_graph.inputs(step_feeds(cfg, prev[:, t : t + 1], torch.full((rows,), t), cache, enc[1:], src))
+        )
         out.append(res[3][:, 0])
         for c, new in zip(cache, res[4:]):
             c[:, :, t] = new[:, :, 0]
@@ -92,7 +102,7 @@ def test_grouped_hypotheses_share_cross_kv_without_changing_results(tiny_model):
     grouped, _ = run_steps(tiny_model, src, prev, group=3)
     for r in range(6):
         s = r // 3
-        alone = tiny_model(src[s : s + 1, (src[s] != 1).nonzero()[0, 0]:], prev[r : r + 1])
+        alone = tiny_model(src[s : s + 1, (src[s] != 1).nonzero()[0, 0] :], prev[r : r + 1])
         assert torch.allclose(grouped[r], alone[0], atol=1e-5)
 
 
@@ -123,10 +133,15 @@ def test_log_probs_are_built_only_when_asked_for(tiny_model):
     enc = EncoderGraph(tiny_model)(src)
     step_graph = DecoderStepGraph(tiny_model, 10)
     cache = [torch.zeros(1, cfg.heads, 0, cfg.head_dim)] * (2 * cfg.decoder_layers)
-    without = step_graph(*step_graph.inputs(step_feeds(cfg, torch.tensor([[2]]), torch.tensor([0]), cache, enc[1:], src,
-                                                       want_log_probs=False)))
+    without = step_graph(
+        *step_graph.inputs(
+            step_feeds(cfg, torch.tensor([[2]]), torch.tensor([0]), cache, enc[1:], src, want_log_probs=False)
+        )
+    )
     assert without[3].shape == (1, 1, 0)
-    with_lp = step_graph(*step_graph.inputs(step_feeds(cfg, torch.tensor([[2]]), torch.tensor([0]), cache, enc[1:], src)))
+    with_lp = step_graph(
+        *step_graph.inputs(step_feeds(cfg, torch.tensor([[2]]), torch.tensor([0]), cache, enc[1:], src))
+    )
     assert with_lp[3].shape == (1, 1, cfg.vocab_size)
     torch.testing.assert_close(without[0], with_lp[0])
 
@@ -145,8 +160,14 @@ def test_graph_rules_equal_numpy_rules(tiny_cfg):
             penalty = np.array([0.7, 0.0, 1.5, 0.7], dtype=np.float32)
             rules = StepRules(forced_tokens=forced, ban_eos=ban, only_eos=only, unk_penalty=penalty)
             a = numpy_rules(lp, rules, tiny_cfg.pad, tiny_cfg.unk, tiny_cfg.eos)
-            b = graph_rules(torch.from_numpy(lp)[:, None, :], tiny_cfg, torch.from_numpy(forced), torch.from_numpy(ban),
-                            torch.from_numpy(only), torch.from_numpy(penalty)).numpy()[:, 0]
+            b = graph_rules(
+                torch.from_numpy(lp)[:, None, :],
+                tiny_cfg,
+                torch.from_numpy(forced),
+                torch.from_numpy(ban),
+                torch.from_numpy(only),
+                torch.from_numpy(penalty),
+            ).numpy()[:, 0]
             np.testing.assert_array_equal(a, b)
     assert a[:, tiny_cfg.pad].max() == -np.inf
 

@@ -2,6 +2,7 @@
 written, and ``--force`` replaces nothing but an artifact directory of ours (a user's files are
 never deleted). Every command that writes is covered: export --out, translate --output,
 shortlist --out, translate-corpus --output, bench --out, bench-serve --out."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,13 @@ def test_force_refuses_a_directory_of_the_users_files_and_leaves_it_untouched(ti
     (mine / "data.txt").write_text("my data\n")
     before = siblings(mine)
     res = run_cli(export_argv(tiny, mine, "--force"))
-    assert_one_line_error(res, f"--out {mine} is not an artifact directory", "data.txt", "nothing was changed",
-                          "--force replaces artifact directories only")
+    assert_one_line_error(
+        res,
+        f"--out {mine} is not an artifact directory",
+        "data.txt",
+        "nothing was changed",
+        "--force replaces artifact directories only",
+    )
     assert (mine / "data.txt").read_text() == "my data\n"
     assert sorted(p.name for p in mine.iterdir()) == ["data.txt"]
     assert siblings(mine) == before  # no hidden work directory left beside it
@@ -81,8 +87,10 @@ def bad_destinations(tmp_path):
     """(path, fragment of the message): under /proc nothing can be created; under a file, no
     directory can exist."""
     (tmp_path / "in.txt").write_text("Hallo Welt\n")
-    return [(f"/proc/deltalm-test-{os.getpid()}", "no file can be created in /proc"),
-            (tmp_path / "in.txt" / "sub", f"{tmp_path / 'in.txt'} is a file, not a directory")]
+    return [
+        (f"/proc/deltalm-test-{os.getpid()}", "no file can be created in /proc"),
+        (tmp_path / "in.txt" / "sub", f"{tmp_path / 'in.txt'} is a file, not a directory"),
+    ]
 
 
 def test_a_bad_out_path_is_one_line_before_anything_is_loaded(tiny, tmp_path):

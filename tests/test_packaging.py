@@ -6,6 +6,7 @@ this test environment's site-packages through a ``.pth`` file, because nothing c
 here. What the wheel itself must bring (every module, the presets, the command) is therefore
 tested for real; what it declares as dependencies is checked in its metadata.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     (whl,) = out.glob("deltalm_deploy-*.whl")
     return whl
 
@@ -36,10 +41,19 @@ def installed(wheel, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=300, capture_output=True)
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
     # the dependencies (numpy, onnxruntime, torch...) from this environment, after the wheel's own files
     Path(site, "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv / "bin"
@@ -47,8 +61,15 @@ def installed(wheel, tmp_path_factory) -> Path:
 
 def run(bin_dir: Path, *args, cwd: Path, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in ENV.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(bin_dir / "deltalm"), *map(str, args)], cwd=cwd, input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [str(bin_dir / "deltalm"), *map(str, args)],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_the_wheel_has_one_top_level_package_and_the_presets(wheel):
@@ -86,8 +107,14 @@ def test_installed_command_works_outside_the_checkout(installed, tiny, tmp_path)
     assert len(res.stdout.splitlines()) == 1
     # the module is the installed one, not this checkout
     py = installed / "python"
-    where = subprocess.run([str(py), "-c", "import deltalm; print(deltalm.__file__)"], cwd=elsewhere, text=True,
-                           capture_output=True, timeout=60, check=True).stdout
+    where = subprocess.run(
+        [str(py), "-c", "import deltalm; print(deltalm.__file__)"],
+        cwd=elsewhere,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert not where.startswith(str(ROOT))
 
 
@@ -103,13 +130,17 @@ def test_installed_bench_quick_runs_outside_the_checkout(installed, tmp_path):
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     """``deltalm export`` where torch cannot be imported: one line naming the extra, exit 2."""
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import importlib.util; real = importlib.util.find_spec\n"
-            "importlib.util.find_spec = lambda n, *a: None if n == 'torch' else real(n, *a)\n"
-            "from deltalm.cli import main\n"
-            "sys.exit(main(['export', 'x.pt', '--out', 'o']))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                         env={**os.environ})
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import importlib.util; real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'torch' else real(n, *a)\n"
+        "from deltalm.cli import main\n"
+        "sys.exit(main(['export', 'x.pt', '--out', 'o']))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ}
+    )
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["deltalm: error: `deltalm export` needs torch: pip install "
-                                               "'.[export]' in the deltalm-deploy checkout"]
+    assert res.stderr.strip().splitlines() == [
+        "deltalm: error: `deltalm export` needs torch: pip install '.[export]' in the deltalm-deploy checkout"
+    ]

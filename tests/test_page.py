@@ -1,6 +1,7 @@
 """The page of ``deltalm serve`` (``GET /``) and its API docs (``/docs``) in a real browser:
 headless Chromium (Debian's ``chromium``) driven by Playwright. Skipped where no chromium is
 installed, except in CI (``CI`` set), where .ci/run installs it."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def browser():
 
 def test_the_page_translates_like_deltalm_translate(tiny, page_server, browser):
     text = SENTENCES[0]
-    res = run_cli(["translate", tiny.artifact, "--format", "jsonl", "--threads", "1", "--beam", "3", "--nbest", "2"],
-                  stdin=(text + "\n").encode())
+    res = run_cli(
+        ["translate", tiny.artifact, "--format", "jsonl", "--threads", "1", "--beam", "3", "--nbest", "2"],
+        stdin=(text + "\n").encode(),
+    )
     assert res.rc == 0, res.err
     want = json.loads(res.lines[0])
     page = browser.new_page()

@@ -19,6 +19,7 @@ How to write an example in README.md or docs/**/*.md so that this test runs it:
   output. Use them for nothing a reader is meant to paste as it is and expect to work here.
 - ```python blocks of the README's "Python API" section are run as written by the test below.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,14 @@ def run_block(code: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     if first is None or not lines[first].startswith("deltalm serve "):
         return subprocess.run([*bash, code], cwd=cwd, env=env, capture_output=True, text=True, timeout=WAIT_S)
     lines = code.replace("8000", str(free_port())).splitlines()
-    server = subprocess.Popen(["bash", "-c", "exec " + lines[first]], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["bash", "-c", "exec " + lines[first]],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ready: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: ready.put(server.stdout.readline()), daemon=True).start()
     try:
@@ -103,7 +110,7 @@ def run_block(code: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
         except queue.Empty:
             line = ""
         assert line.startswith("deltalm serve: ready on "), (line, server.stderr.read() if server.poll() else "")
-        rest = "\n".join(lines[first + 1:])
+        rest = "\n".join(lines[first + 1 :])
         res = subprocess.run([*bash, rest], cwd=cwd, env=env, capture_output=True, text=True, timeout=WAIT_S)
     finally:
         server.terminate()
@@ -140,8 +147,12 @@ def test_the_python_api_example_runs_as_written(tiny, tmp_path):
     run = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 600, "env": ENV}
     res = subprocess.run([sys.executable, "-c", export_block], **run)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["fp32", "10", str(json.loads((tmp_path / "model_dir" / "manifest.json").read_text())
-                                                     ["model"]["embed_dim"]), "True"]
+    assert res.stdout.split() == [
+        "fp32",
+        "10",
+        str(json.loads((tmp_path / "model_dir" / "manifest.json").read_text())["model"]["embed_dim"]),
+        "True",
+    ]
     assert res.stderr == ""  # the library is silent unless logging is configured
     res = subprocess.run([sys.executable, "-c", translate_block], **run)
     assert res.returncode == 0, res.stderr
@@ -153,7 +164,11 @@ def test_the_python_api_example_runs_as_written(tiny, tmp_path):
 
 
 def test_make_translate_after_make_demo_uses_the_demos_artifact():
-    done = subprocess.run(["make", "-n", "-C", str(ROOT), "translate", "INPUT=in.txt", "OUT=/nonexistent/export"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "translate", "INPUT=in.txt", "OUT=/nonexistent/export"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert ".venv/bin/deltalm translate demo/artifact " in done.stdout

@@ -3,6 +3,7 @@ and the file, exit code 2, no traceback (unless --debug) and nothing written; an
 translation killed at any point leaves the previous result or nothing.
 
 All runs use the tiny demo model (fitted for a few steps), built and exported once per session."""
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,17 @@ def artifact(tiny, tmp_path) -> Path:
 
 
 def export_argv(tiny, checkpoint=None, spm=None, dict_path=None, out=None) -> list:
-    return ["export", checkpoint or tiny.checkpoint, "--spm", spm or tiny.spm, "--dict", dict_path or tiny.dict,
-            "--out", out, "--no-optimize"]
+    return [
+        "export",
+        checkpoint or tiny.checkpoint,
+        "--spm",
+        spm or tiny.spm,
+        "--dict",
+        dict_path or tiny.dict,
+        "--out",
+        out,
+        "--no-optimize",
+    ]
 
 
 def assert_export_fails(tiny, tmp_path, *fragments, **files) -> str:
@@ -83,8 +93,9 @@ def test_truncated_checkpoint(tiny, tmp_path, zip_format):
 def test_file_that_is_not_a_checkpoint(tiny, tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("checkpoint_best.pt was here\n")
-    assert_export_fails(tiny, tmp_path, f"{path}: not a PyTorch checkpoint (starts with bytes 63 68 65 63",
-                        checkpoint=path)
+    assert_export_fails(
+        tiny, tmp_path, f"{path}: not a PyTorch checkpoint (starts with bytes 63 68 65 63", checkpoint=path
+    )
 
 
 def test_zip_that_is_not_a_torch_archive(tiny, tmp_path):
@@ -93,8 +104,9 @@ def test_zip_that_is_not_a_torch_archive(tiny, tmp_path):
     path = tmp_path / "model.pt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("model/weights.npy", b"\x93NUMPY")
-    assert_export_fails(tiny, tmp_path, f"{path}: a zip archive but not a PyTorch checkpoint (no data.pkl)",
-                        checkpoint=path)
+    assert_export_fails(
+        tiny, tmp_path, f"{path}: a zip archive but not a PyTorch checkpoint (no data.pkl)", checkpoint=path
+    )
 
 
 class RunsCode:
@@ -133,7 +145,8 @@ def test_known_format_with_missing_and_wrongly_shaped_tensors_lists_them(tiny, t
     path = tmp_path / "broken.pt"
     torch.save(ckpt, path)
     assert_export_fails(
-        tiny, tmp_path,
+        tiny,
+        tmp_path,
         f"{path}: ",
         "missing tensors: encoder.layers.0.fc2.weight, decoder.layers.1.fc3.bias",
         "wrong shapes: encoder.layers.1.fc1.bias: checkpoint [7], config expects [128]",
@@ -145,7 +158,8 @@ def test_unknown_format_names_the_supported_ones_and_the_keys_seen(tiny, tmp_pat
     path = tmp_path / "lightning.ckpt"
     torch.save({"state_dict": load_toy(tiny)["model"], "epoch": 3, "hyper_parameters": {}}, path)
     assert_export_fails(
-        tiny, tmp_path,
+        tiny,
+        tmp_path,
         f"{path}: unrecognized checkpoint format (supported: fairseq-deltalm, unilm-deltalm, hf-xlmr, xlm); "
         "top-level keys: epoch, hyper_parameters, state_dict",
         checkpoint=path,
@@ -155,8 +169,9 @@ def test_unknown_format_names_the_supported_ones_and_the_keys_seen(tiny, tmp_pat
 def test_vocabulary_not_matching_dict_txt(tiny, tmp_path):
     smaller = tmp_path / "dict.txt"
     smaller.write_text("".join(tiny.dict.read_text().splitlines(keepends=True)[:-5]))
-    assert_export_fails(tiny, tmp_path, f"{tiny.checkpoint}: checkpoint has 265 rows, dict.txt has 260",
-                        dict_path=smaller)
+    assert_export_fails(
+        tiny, tmp_path, f"{tiny.checkpoint}: checkpoint has 265 rows, dict.txt has 260", dict_path=smaller
+    )
 
 
 def test_config_declaring_absurd_layer_counts_is_refused_before_building_anything(tiny, tmp_path):
@@ -164,8 +179,12 @@ def test_config_declaring_absurd_layer_counts_is_refused_before_building_anythin
     ckpt["cfg"]["model"]["encoder_layers"] = 10**9
     path = tmp_path / "huge.pt"
     torch.save(ckpt, path)
-    assert_export_fails(tiny, tmp_path, f"{path}: the configuration says 1000000000 encoder layers, "
-                        "the checkpoint holds tensors for 2", checkpoint=path)
+    assert_export_fails(
+        tiny,
+        tmp_path,
+        f"{path}: the configuration says 1000000000 encoder layers, the checkpoint holds tensors for 2",
+        checkpoint=path,
+    )
 
 
 def test_config_values_of_the_wrong_type_are_named(tiny, tmp_path):
@@ -174,8 +193,9 @@ def test_config_values_of_the_wrong_type_are_named(tiny, tmp_path):
     ckpt["cfg"]["model"]["decoder_attention_heads"] = "four"
     path = tmp_path / "typo.pt"
     torch.save(ckpt, path)
-    assert_export_fails(tiny, tmp_path, f"{path}: cfg.model: encoder_attention_heads = 'four' is not a number",
-                        checkpoint=path)
+    assert_export_fails(
+        tiny, tmp_path, f"{path}: cfg.model: encoder_attention_heads = 'four' is not a number", checkpoint=path
+    )
 
 
 def test_damaged_bytes_anywhere_in_a_checkpoint_give_one_line(tiny, tmp_path):
@@ -229,10 +249,13 @@ def test_corrupt_spm_model(tiny, tmp_path, damage):
     assert_export_fails(tiny, tmp_path, f"{path} is not a sentencepiece model (cannot parse it)", spm=path)
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ("lonely", "expected '<token> <count> [#fairseq:overwrite]', got 'lonely'"),
-    ("word many", "count 'many' of token 'word' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("lonely", "expected '<token> <count> [#fairseq:overwrite]', got 'lonely'"),
+        ("word many", "count 'many' of token 'word' is not an integer"),
+    ],
+)
 def test_malformed_dict_line_names_the_file_and_line(tiny, tmp_path, line, fragment):
     path = tmp_path / "dict.txt"
     lines = tiny.dict.read_text().splitlines()
@@ -286,8 +309,9 @@ def test_artifact_file_changed_after_export(artifact, name, command):
     assert_one_line_error(res, f"{artifact / name}: sha256 mismatch with manifest.json")
 
 
-def test_a_file_checked_before_and_unchanged_is_not_read_again_but_any_change_is_caught(artifact, monkeypatch,
-                                                                                        tmp_path):
+def test_a_file_checked_before_and_unchanged_is_not_read_again_but_any_change_is_caught(
+    artifact, monkeypatch, tmp_path
+):
     """deltalm.artifact.VerifiedFiles: a restart on the same artifact skips hashing what it
     already checked; a rewrite (same size), a copy or DELTALM_VERIFY=full hashes again."""
     import os
@@ -357,18 +381,27 @@ def test_manifest_from_a_newer_format_version(artifact):
 
 def test_an_artifact_of_the_previous_format_is_refused_with_the_command_that_exports_it_again(artifact):
     edit_manifest(artifact, lambda m: m.update(format_version=1))
-    translate_fails(artifact, "was exported by an older deltalm (artifact format 1); this version decodes format 2",
-                    "export it again with `deltalm export")
+    translate_fails(
+        artifact,
+        "was exported by an older deltalm (artifact format 1); this version decodes format 2",
+        "export it again with `deltalm export",
+    )
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda m: m.update(format_version="1"), "format_version must be a positive integer, got '1'"),
-    (lambda m: m.pop("model"), "no valid 'model' section"),
-    (lambda m: m["model"].update(heads=5), "'model' section: embed_dim 64 is not divisible by heads 5"),
-    (lambda m: m["graphs"]["encoder"].update(file="../encoder.onnx"), "../encoder.onnx not listed (with a sha256)"),
-    (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "file '../../etc/passwd' is outside the artifact"),
-    (lambda m: m["graphs"]["decoder_step"].pop("spec"), "graph 'decoder_step' is not described completely"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda m: m.update(format_version="1"), "format_version must be a positive integer, got '1'"),
+        (lambda m: m.pop("model"), "no valid 'model' section"),
+        (lambda m: m["model"].update(heads=5), "'model' section: embed_dim 64 is not divisible by heads 5"),
+        (lambda m: m["graphs"]["encoder"].update(file="../encoder.onnx"), "../encoder.onnx not listed (with a sha256)"),
+        (
+            lambda m: m["files"].update({"../../etc/passwd": "0" * 64}),
+            "file '../../etc/passwd' is outside the artifact",
+        ),
+        (lambda m: m["graphs"]["decoder_step"].pop("spec"), "graph 'decoder_step' is not described completely"),
+    ],
+)
 def test_hand_edited_manifest_is_refused_with_the_reason(artifact, edit, fragment):
     path = edit_manifest(artifact, edit)
     translate_fails(artifact, f"{path}: {fragment}")
@@ -397,8 +430,15 @@ def test_engine_built_for_another_gpu_or_another_onnx_is_refused():
     trt = pytest.importorskip("deltalm.backends.trt")
     if not hasattr(trt, "check_engine_compat"):
         pytest.skip("no check_engine_compat in runtime/backends/trt.py yet")
-    meta = {"graph": "decoder_step", "file": "engines/decoder_step.plan", "onnx": "decoder_step.onnx",
-            "onnx_sha256": "a" * 64, "tensorrt": "10.9.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    meta = {
+        "graph": "decoder_step",
+        "file": "engines/decoder_step.plan",
+        "onnx": "decoder_step.onnx",
+        "onnx_sha256": "a" * 64,
+        "tensorrt": "10.9.0",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "compute_capability": "9.0",
+    }
     trt.check_engine_compat(meta, "a" * 64, "10.9.0", "NVIDIA H100 80GB HBM3", "9.0")  # its own GPU: fine
     with pytest.raises(ArtifactError) as err:
         trt.check_engine_compat(meta, "b" * 64, "10.9.0", "NVIDIA A10G", "8.6", where="art")
@@ -412,8 +452,11 @@ def test_engine_built_for_another_gpu_or_another_onnx_is_refused():
 
 
 def test_artifact_without_engines_cannot_run_on_trt(tiny):
-    translate_fails(tiny.artifact, f"{tiny.artifact}: no TensorRT engines; build them with `deltalm engines",
-                    argv=["--backend", "trt"])
+    translate_fails(
+        tiny.artifact,
+        f"{tiny.artifact}: no TensorRT engines; build them with `deltalm engines",
+        argv=["--backend", "trt"],
+    )
 
 
 # --- translation input ----------------------------------------------------------------------------
@@ -450,8 +493,11 @@ def test_line_longer_than_the_model_positions_is_an_error(tiny, tmp_path):
     text = " ".join(toy_corpus()[:60]).encode()
     out = tmp_path / "out.txt"
     res = run_cli(["translate", tiny.artifact, *FAST, "--output", out], b"short\n" + text + b"\n")
-    assert_one_line_error(res, "input line 2 has", "source tokens (with </s> and the source prefix); "
-                          "the model takes at most 512. Pass --truncate to cut it")
+    assert_one_line_error(
+        res,
+        "input line 2 has",
+        "source tokens (with </s> and the source prefix); the model takes at most 512. Pass --truncate to cut it",
+    )
     assert not out.exists()
 
 
@@ -514,22 +560,25 @@ def test_a_long_input_is_streamed_in_constant_memory(tiny):
     assert large < 1.2 * small + 500_000 and large < 8_000_000, f"peaks {small / 1e6:.1f} MB, {large / 1e6:.1f} MB"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
-    (["--max-tokens", "3"], "source tokens, more than --max-tokens 3"),
-    (["--beam", "0"], "--beam must be >= 1, got 0"),
-    (["--beam", "265"], "--beam 265 must be smaller than the vocabulary (265)"),
-    (["--max-len-b", "-1"], "--max-len-b must be >= 0, got -1"),
-    (["--max-len-a", "-0.5"], "--max-len-a must be >= 0, got -0.5"),
-    (["--max-len-a", "inf"], "--max-len-a must be a finite number, got inf"),
-    (["--min-len", "600", "--max-len-b", "700"], "--min-len 600 exceeds the model's maximum length 511"),
-    (["--lenpen", "nan"], "--lenpen must be a finite number, got nan"),
-    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
-    (["--nbest", "2"], "--nbest > 1 needs --format jsonl"),
-    (["--chunk-lines", "0"], "--chunk-lines must be >= 1, got 0"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (["--max-tokens", "3"], "source tokens, more than --max-tokens 3"),
+        (["--beam", "0"], "--beam must be >= 1, got 0"),
+        (["--beam", "265"], "--beam 265 must be smaller than the vocabulary (265)"),
+        (["--max-len-b", "-1"], "--max-len-b must be >= 0, got -1"),
+        (["--max-len-a", "-0.5"], "--max-len-a must be >= 0, got -0.5"),
+        (["--max-len-a", "inf"], "--max-len-a must be a finite number, got inf"),
+        (["--min-len", "600", "--max-len-b", "700"], "--min-len 600 exceeds the model's maximum length 511"),
+        (["--lenpen", "nan"], "--lenpen must be a finite number, got nan"),
+        (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+        (["--nbest", "2"], "--nbest > 1 needs --format jsonl"),
+        (["--chunk-lines", "0"], "--chunk-lines must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+    ],
+)
 def test_options_out_of_range(tiny, tmp_path, argv, message):
     out = tmp_path / "out.txt"
     res = run_cli(["translate", tiny.artifact, *FAST, *argv, "--output", out], b"The cat sees the dog.\n")
@@ -542,13 +591,17 @@ def test_cuda_device_without_the_cuda_provider(tiny):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    translate_fails(tiny.artifact, "--device cuda needs onnxruntime-gpu with the CUDA execution provider",
-                    argv=["--device", "cuda"])
+    translate_fails(
+        tiny.artifact, "--device cuda needs onnxruntime-gpu with the CUDA execution provider", argv=["--device", "cuda"]
+    )
 
 
 def test_unknown_language_tag(tiny):
-    translate_fails(tiny.artifact, f"target prefix token '__xx__' is not in {tiny.artifact / 'dict.txt'}",
-                    argv=["--tgt-prefix", "__xx__"])
+    translate_fails(
+        tiny.artifact,
+        f"target prefix token '__xx__' is not in {tiny.artifact / 'dict.txt'}",
+        argv=["--tgt-prefix", "__xx__"],
+    )
 
 
 # --- nothing half-written: a failing batch, --output, a killed export or translation -------------
@@ -581,8 +634,9 @@ def test_a_failing_batch_names_its_input_lines_and_writes_nothing(tiny, tok, tmp
     src.write_text("\n".join(lines) + "\n")
     out.write_text("previous\n")
     res = run_cli(["translate", tiny.artifact, *FAST, "--batch-size", "2", "--input", src, "--output", out])
-    message = assert_one_line_error(res, f"translation failed for {src} lines ",
-                                    "RuntimeError: CUDA error: an illegal memory access")
+    message = assert_one_line_error(
+        res, f"translation failed for {src} lines ", "RuntimeError: CUDA error: an illegal memory access"
+    )
     texts = [i for i in range(6) if lines[i]]
     by_length = sorted(texts, key=lambda i: (-len(tok.encode(lines[i])), i))  # batches: longest first
     assert lines_named(message) == {i + 1 for i in by_length[2:4]}
@@ -630,16 +684,20 @@ KILL_POINTS = [  # (signal, the export's stderr line to send it at, a previous a
 ]
 
 
-@pytest.mark.parametrize("sig, marker, previous", KILL_POINTS, ids=[
-    f"{s}-{m.split(',')[0].replace(' ', '_')}-{'replace' if p else 'new'}" for s, m, p in KILL_POINTS])
+@pytest.mark.parametrize(
+    "sig, marker, previous",
+    KILL_POINTS,
+    ids=[f"{s}-{m.split(',')[0].replace(' ', '_')}-{'replace' if p else 'new'}" for s, m, p in KILL_POINTS],
+)
 def test_export_killed_midway_leaves_the_previous_artifact_or_nothing(tiny, tmp_path, sig, marker, previous):
     site = tmp_path / "site"
     out = site / "model"
     if previous:
         shutil.copytree(tiny.artifact, out)
     argv = [DELTALM, *export_argv(tiny, out=out), "--force"]
-    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(a) for a in argv], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -666,12 +724,17 @@ def test_stale_work_directories_are_tidied_and_a_set_aside_artifact_restored(tin
     partial = Path(shutil.copytree(tiny.artifact, work_dir_name(out, "partial", pid)))
     running = work_dir_name(out, "partial")  # this process's: an export still at work, not touched
     running.mkdir()
-    translate_fails(out, f"artifact directory {out} does not exist (an interrupted export left the previous "
-                    f"artifact in {old}: rename it back)")
+    translate_fails(
+        out,
+        f"artifact directory {out} does not exist (an interrupted export left the previous "
+        f"artifact in {old}: rename it back)",
+    )
     translate_fails(partial, f"{partial}: not an artifact: an unfinished export, left by process {pid}, which is gone")
     done = clean_stale_work_dirs(out)
-    assert done == [f"restored {out} from {old.name}, left by an interrupted export",
-                    f"removed {partial.name}, left by an interrupted export"]
+    assert done == [
+        f"restored {out} from {old.name}, left by an interrupted export",
+        f"removed {partial.name}, left by an interrupted export",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "model"]
     open_artifact(out)
     assert clean_stale_work_dirs(out) == []

@@ -1,5 +1,6 @@
 """The search engine against fairseq SequenceGenerator semantics (fairseq's search and generator
 code), and continuous batching: a sentence's result whatever joins or leaves the batch around it."""
+
 import itertools
 
 import numpy as np
@@ -24,7 +25,9 @@ EOS, PAD, UNK = 2, 1, 3
 
 def step_rules(opts, step, max_len, rows, prefix=()):
     forced, ban, only = sentence_rules(opts, prefix, step, max_len)
-    return StepRules(np.full(rows, forced), np.full(rows, ban), np.full(rows, only), np.full(rows, opts.unkpen, np.float32))
+    return StepRules(
+        np.full(rows, forced), np.full(rows, ban), np.full(rows, only), np.full(rows, opts.unkpen, np.float32)
+    )
 
 
 def reference_beam(model, sent, opts, src_len):
@@ -140,8 +143,9 @@ def test_max_len_is_capped_by_positions(fake_backend):
 
 def test_lenpen_normalizes_by_length_power(fake_backend):
     for lenpen in (0.0, 1.0, 2.0):
-        for h in generate(fake_backend(vocab=8, seed=1), np.array([[4, 2]]),
-                          Options(beam=3, nbest=3, max_len_b=6, lenpen=lenpen))[0]:
+        for h in generate(
+            fake_backend(vocab=8, seed=1), np.array([[4, 2]]), Options(beam=3, nbest=3, max_len_b=6, lenpen=lenpen)
+        )[0]:
             raw = np.float32(sum(np.float32(x) for x in h.positional_scores))
             assert h.score == pytest.approx(raw / len(h.tokens) ** lenpen, rel=1e-5)
 
@@ -149,7 +153,9 @@ def test_lenpen_normalizes_by_length_power(fake_backend):
 def test_unkpen_lowers_unk_score(fake_backend):
     model = fake_backend(vocab=6, seed=4)
     base = model.log_probs
-    model.log_probs = lambda s, h: np.where(np.arange(6) == UNK, 0.0, -5.0).astype(np.float32) if len(h) == 1 else base(s, h)
+    model.log_probs = lambda s, h: (
+        np.where(np.arange(6) == UNK, 0.0, -5.0).astype(np.float32) if len(h) == 1 else base(s, h)
+    )
     with_unk = generate(model, np.array([[4, 2]]), Options(beam=1, max_len_b=3))[0][0]
     assert with_unk.tokens[0] == UNK
     without = generate(model, np.array([[4, 2]]), Options(beam=1, max_len_b=3, unkpen=10.0))[0][0]
@@ -193,7 +199,11 @@ def test_no_repeat_ngram_blocks_repeats():
 
 
 def test_no_repeat_ngram_in_generation(fake_backend):
-    out = generate(fake_backend(vocab=6, seed=1), np.array([[4, 2]]), Options(beam=2, max_len_b=12, min_len=12, no_repeat_ngram_size=2))[0][0]
+    out = generate(
+        fake_backend(vocab=6, seed=1),
+        np.array([[4, 2]]),
+        Options(beam=2, max_len_b=12, min_len=12, no_repeat_ngram_size=2),
+    )[0][0]
     grams = [tuple(out.tokens[i : i + 2]) for i in range(len(out.tokens) - 1)]
     assert len(grams) == len(set(grams))
 
@@ -210,7 +220,9 @@ def test_sampling_is_seeded_and_respects_topk(fake_backend):
         for h in hyps:
             hist = (EOS,)
             for step, (t, score) in enumerate(zip(h.tokens, h.positional_scores)):
-                lp = apply_rules(model.log_probs(sources[s], hist)[None], step_rules(opts, step, 6, 1), PAD, UNK, EOS)[0]
+                lp = apply_rules(model.log_probs(sources[s], hist)[None], step_rules(opts, step, 6, 1), PAD, UNK, EOS)[
+                    0
+                ]
                 assert t in np.argsort(-lp, kind="stable")[:2]
                 assert score == pytest.approx(lp[t], abs=1e-5)
                 hist += (t,)
@@ -241,7 +253,6 @@ def test_bad_options_are_input_errors(fake_backend):
         generate(fake_backend(), np.array([[4, 2]]), Options(min_len=300, max_len_b=10))
 
 
-
 # --- continuous batching ------------------------------------------------------------------------------
 
 
@@ -264,8 +275,14 @@ def test_continuous_batching_equals_decoding_alone(fake_backend):
     for k in range(12):
         src = tuple(rng.integers(4, 11, size=rng.integers(1, 6)).tolist()) + (EOS,)
         beam = int(rng.choice([1, 2, 3]))
-        opts = Options(beam=beam, nbest=beam, min_len=int(rng.integers(0, 3)), max_len_b=int(rng.integers(3, 9)),
-                       lenpen=float(rng.choice([0.6, 1.0, 1.4])), unkpen=float(rng.choice([0.0, 0.5])))
+        opts = Options(
+            beam=beam,
+            nbest=beam,
+            min_len=int(rng.integers(0, 3)),
+            max_len_b=int(rng.integers(3, 9)),
+            lenpen=float(rng.choice([0.6, 1.0, 1.4])),
+            unkpen=float(rng.choice([0.0, 0.5])),
+        )
         sentences[k] = Sentence(src, opts, tuple(rng.integers(4, 11, size=rng.integers(0, 3)).tolist()))
         arrivals.setdefault(int(rng.integers(0, 10)), []).append(k)
     results, step = {}, 0

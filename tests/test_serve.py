@@ -2,6 +2,7 @@
 the ready line names it), talked to over real HTTP. Every wait has a timeout; no test asserts a
 duration. Servers that hold requests back use a long ``--max-wait-ms`` so that what is queued is
 known when the test acts (never a race against the clock)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,11 @@ def metrics(port: int) -> dict:
     """{(name, labels as a sorted tuple): value}, parsed by prometheus_client's parser."""
     status, _, text = request(port, "GET", "/metrics")
     assert status == 200
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT_S):
@@ -159,8 +163,17 @@ def shortlist_file(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny):
     """Small limits, so that they are cheap to exceed."""
-    s = Server(tiny.artifact, "--max-body-bytes", "4096", "--max-sentences", "8", "--max-sentence-tokens", "24",
-               "--max-batch-tokens", "512")
+    s = Server(
+        tiny.artifact,
+        "--max-body-bytes",
+        "4096",
+        "--max-sentences",
+        "8",
+        "--max-sentence-tokens",
+        "24",
+        "--max-batch-tokens",
+        "512",
+    )
     yield s
     assert s.stop() == 0
     assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
@@ -170,8 +183,19 @@ def server(tiny):
 def held_server(tiny):
     """Request-level batching: sentences wait up to 5 s for a batch (unless 320 rows come); the
     queue holds 4; timeout 2 s."""
-    s = Server(tiny.artifact, "--batching", "request", "--max-wait-ms", "5000", "--max-batch-rows", "320",
-               "--max-queue-sentences", "4", "--timeout-s", "2")
+    s = Server(
+        tiny.artifact,
+        "--batching",
+        "request",
+        "--max-wait-ms",
+        "5000",
+        "--max-batch-rows",
+        "320",
+        "--max-queue-sentences",
+        "4",
+        "--timeout-s",
+        "2",
+    )
     yield s
     assert s.stop() == 0
     assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
@@ -191,8 +215,9 @@ def test_concurrent_clients_share_steps_and_get_the_cli_outputs(tiny, cli_refere
             picks = [(client + k) % len(SENTENCES) for k in range(3)]
             jobs.append((name, picks))
         with ThreadPoolExecutor(len(jobs)) as pool:
-            answers = list(pool.map(lambda job: translate(s.port, [SENTENCES[i] for i in job[1]],
-                                                          **OPTION_SETS[job[0]]), jobs))
+            answers = list(
+                pool.map(lambda job: translate(s.port, [SENTENCES[i] for i in job[1]], **OPTION_SETS[job[0]]), jobs)
+            )
         for (name, picks), (status, _, body) in zip(jobs, answers):
             assert status == 200, body
             assert [r["id"] for r in body["results"]] == [0, 1, 2]
@@ -239,19 +264,36 @@ def test_health_ready_and_openapi(server):
 
     from deltalm import TranslateOptions
 
-    assert set(schema["properties"]) == {"text", "stream", "target_prefix", "constraints"} | {f.name for f in
-                                                                             dataclasses.fields(TranslateOptions)}
+    assert set(schema["properties"]) == {"text", "stream", "target_prefix", "constraints"} | {
+        f.name for f in dataclasses.fields(TranslateOptions)
+    }
     assert "sampling_topk" in schema["properties"] and "topk" not in schema["properties"]
     score = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(score["properties"]) == {"source", "target", "src_prefix", "tgt_prefix", "truncate"}
 
 
-def test_a_server_with_a_shortlist_answers_as_translate_with_it_and_health_names_it(tiny, shortlist_file,
-                                                                                       cli_reference):
+def test_a_server_with_a_shortlist_answers_as_translate_with_it_and_health_names_it(
+    tiny, shortlist_file, cli_reference
+):
     # one request of every sentence, one backend batch: the batch `deltalm translate` makes of the
     # same lines (with a shortlist a batch scores the candidates of all its sentences)
-    res = run_cli(["translate", tiny.artifact, "--format", "jsonl", "--threads", "1", "--beam", "5", "--max-len-b",
-                   "10", "--shortlist", shortlist_file], stdin="".join(s + "\n" for s in SENTENCES).encode())
+    res = run_cli(
+        [
+            "translate",
+            tiny.artifact,
+            "--format",
+            "jsonl",
+            "--threads",
+            "1",
+            "--beam",
+            "5",
+            "--max-len-b",
+            "10",
+            "--shortlist",
+            shortlist_file,
+        ],
+        stdin="".join(s + "\n" for s in SENTENCES).encode(),
+    )
     assert res.rc == 0, res.err
     want = [json.loads(line) for line in res.lines]
     # the shortlist changes some translation (else this test could not tell it is used)
@@ -265,9 +307,14 @@ def test_a_server_with_a_shortlist_answers_as_translate_with_it_and_health_names
             assert_same_translation(got, expected)
         status, _, health = request(s.port, "GET", "/health")
         assert status == 200
-        assert health == {"status": "ok", "shortlist": {
-            "file": "sl.npz", "sha256": hashlib.sha256(shortlist_file.read_bytes()).hexdigest(),
-            "built_from": "a parallel corpus"}}
+        assert health == {
+            "status": "ok",
+            "shortlist": {
+                "file": "sl.npz",
+                "sha256": hashlib.sha256(shortlist_file.read_bytes()).hexdigest(),
+                "built_from": "a parallel corpus",
+            },
+        }
     finally:
         assert s.stop() == 0
     assert "Traceback" not in "".join(s.stderr)
@@ -285,9 +332,23 @@ def test_a_bad_shortlist_fails_in_one_line_before_the_port_is_bound(tiny, tmp_pa
     (tmp_path / "text.npz").write_text("not a shortlist\n")
     build_shortlist([([5], [6])], 7).save(tmp_path / "small.npz")
     for name, fragment in (("text.npz", "not a shortlist file"), ("small.npz", "vocabulary of 7")):
-        done = subprocess.run([str(DELTALM), "serve", str(tiny.artifact), "--port", str(free_port()),
-                               "--threads", "1", "--shortlist", str(tmp_path / name)],
-                              capture_output=True, text=True, env=ENV, timeout=WAIT_S)
+        done = subprocess.run(
+            [
+                str(DELTALM),
+                "serve",
+                str(tiny.artifact),
+                "--port",
+                str(free_port()),
+                "--threads",
+                "1",
+                "--shortlist",
+                str(tmp_path / name),
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=WAIT_S,
+        )
         assert done.returncode == 2, done.stderr
         assert done.stdout == ""  # no ready line: the service never listened
         lines = done.stderr.splitlines()
@@ -302,15 +363,22 @@ def test_a_busy_port_is_one_line_naming_it_and_how_to_pick_another(tiny):
     try:
         # the artifact does not exist: the port is checked first, before anything is loaded
         for model in (tiny.artifact, tiny.artifact.parent / "no-such-artifact"):
-            done = subprocess.run([str(DELTALM), "serve", str(model), "--port", str(port), "--threads", "1"],
-                                  capture_output=True, text=True, env=ENV, timeout=WAIT_S)
+            done = subprocess.run(
+                [str(DELTALM), "serve", str(model), "--port", str(port), "--threads", "1"],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=WAIT_S,
+            )
             assert done.returncode == 2, done.stderr
             assert done.stdout == ""
             lines = done.stderr.splitlines()
             assert len(lines) == 1, done.stderr
-            assert lines[0] == (f"deltalm: error: port {port} on 127.0.0.1 is already in use (another server is "
-                                f"listening there): pick another with --port N (e.g. --port {port + 1}), or --port 0 "
-                                "for any free port")
+            assert lines[0] == (
+                f"deltalm: error: port {port} on 127.0.0.1 is already in use (another server is "
+                f"listening there): pick another with --port N (e.g. --port {port + 1}), or --port 0 "
+                "for any free port"
+            )
     finally:
         held.close()
 
@@ -324,8 +392,11 @@ def test_a_truncated_sentence_is_logged_without_a_line_number(tiny):
         assert s.stop() == 0
     warnings = [line for line in s.stderr if "warning" in line]
     assert len(warnings) == 1, s.stderr
-    assert re.fullmatch(r"deltalm serve: warning: a sentence of a request: \d+ source tokens, truncated to the "
-                        r"model's 512\n", warnings[0]), warnings
+    assert re.fullmatch(
+        r"deltalm serve: warning: a sentence of a request: \d+ source tokens, truncated to the "
+        r"model's 512\n",
+        warnings[0],
+    ), warnings
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -352,16 +423,19 @@ def test_sentence_over_the_token_limit_is_422_naming_it(server):
     assert body["error"]["sentence"] == 1
 
 
-@pytest.mark.parametrize("options, option, fragment", [
-    ({"beam": 0}, "beam", "must be >= 1"),
-    ({"beam": "5"}, "beam", "must be an integer"),
-    ({"lenpen": True}, "lenpen", "must be a number"),
-    ({"topk": 5}, "topk", "is not an option"),
-    ({"sampling_topk": 5}, "sampling_topk", "applies only with sampling"),
-    ({"nbest": 3, "beam": 2}, "nbest", "between 1 and beam"),
-    ({"beam": 100000}, "beam", "smaller than the vocabulary"),  # known only to the model
-    ({"tgt_prefix": ["<no-such-symbol>"]}, "tgt_prefix", "<no-such-symbol>"),
-])
+@pytest.mark.parametrize(
+    "options, option, fragment",
+    [
+        ({"beam": 0}, "beam", "must be >= 1"),
+        ({"beam": "5"}, "beam", "must be an integer"),
+        ({"lenpen": True}, "lenpen", "must be a number"),
+        ({"topk": 5}, "topk", "is not an option"),
+        ({"sampling_topk": 5}, "sampling_topk", "applies only with sampling"),
+        ({"nbest": 3, "beam": 2}, "nbest", "between 1 and beam"),
+        ({"beam": 100000}, "beam", "smaller than the vocabulary"),  # known only to the model
+        ({"tgt_prefix": ["<no-such-symbol>"]}, "tgt_prefix", "<no-such-symbol>"),
+    ],
+)
 def test_bad_options_are_422_naming_the_option(server, options, option, fragment):
     status, _, body = translate(server.port, ["Hallo"], **options)
     assert_error(status, body, 422, "invalid_option", fragment)
@@ -386,14 +460,24 @@ def test_metrics_parse_as_prometheus_text_and_count_errors(server):
     request(server.port, "POST", "/v1/translate", b"not json")
     assert translate(server.port, [SENTENCES[2]], beam=1, max_len_b=4)[0] == 200
     after = metrics(server.port)
-    for name in ("deltalm_serve_request_seconds_bucket", "deltalm_serve_step_rows_bucket",
-                 "deltalm_serve_step_seconds_bucket", "deltalm_serve_admitted_sentences_bucket",
-                 "deltalm_serve_live_rows", "deltalm_serve_queue_sentences", "deltalm_serve_ready"):
+    for name in (
+        "deltalm_serve_request_seconds_bucket",
+        "deltalm_serve_step_rows_bucket",
+        "deltalm_serve_step_seconds_bucket",
+        "deltalm_serve_admitted_sentences_bucket",
+        "deltalm_serve_live_rows",
+        "deltalm_serve_queue_sentences",
+        "deltalm_serve_ready",
+    ):
         assert any(key[0] == name for key in after), name
-    assert after[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] == \
-        before[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] + 1
-    assert after[("deltalm_serve_requests_total", (("code", "200"),))] == \
-        before.get(("deltalm_serve_requests_total", (("code", "200"),)), 0) + 1
+    assert (
+        after[("deltalm_serve_errors_total", (("kind", "malformed_json"),))]
+        == before[("deltalm_serve_errors_total", (("kind", "malformed_json"),))] + 1
+    )
+    assert (
+        after[("deltalm_serve_requests_total", (("code", "200"),))]
+        == before.get(("deltalm_serve_requests_total", (("code", "200"),)), 0) + 1
+    )
     assert after[("deltalm_serve_request_seconds_count", ())] == before[("deltalm_serve_request_seconds_count", ())] + 2
     assert after[("deltalm_serve_sentences_total", ())] == before[("deltalm_serve_sentences_total", ())] + 1
     assert after[("deltalm_serve_target_tokens_total", ())] > before[("deltalm_serve_target_tokens_total", ())]
@@ -431,8 +515,10 @@ def test_a_client_that_disconnects_leaves_the_queue(held_server):
     before = metrics(port)[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))]
     body = json.dumps({"text": SENTENCES[:2], "beam": 1}).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
-    sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(
+        b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     wait_for(lambda: queued(port) == 2, "2 queued sentences")
     sock.close()
     wait_for(lambda: queued(port) == 0, "the queue to empty")
@@ -471,8 +557,9 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny, cli
     try:
         jobs = [[k % len(SENTENCES), (k + 1) % len(SENTENCES)] for k in range(6)]
         with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(translate, s.port, [SENTENCES[i] for i in job], **OPTION_SETS["beam5"])
-                       for job in jobs]
+            futures = [
+                pool.submit(translate, s.port, [SENTENCES[i] for i in job], **OPTION_SETS["beam5"]) for job in jobs
+            ]
             wait_for(lambda: queued(s.port) == 12, "12 queued sentences")
             s.proc.send_signal(signal.SIGTERM)
             for job, future in zip(jobs, futures):
@@ -551,8 +638,12 @@ def stream(port: int, texts, **options):
     """(status, content type, events) of a streamed translate request over a real socket."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
     try:
-        conn.request("POST", "/v1/translate", body=json.dumps({"text": texts, "stream": True, **options}),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/translate",
+            body=json.dumps({"text": texts, "stream": True, **options}),
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         if resp.status != 200:
             return resp.status, resp.getheader("Content-Type"), json.loads(resp.read())
@@ -602,7 +693,9 @@ def test_a_stream_sends_partials_then_each_final_record_then_done(server, transl
     assert status == 200 and ctype.startswith("text/event-stream")
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     finals = {e["id"]: e for e in events[:-1] if not e.get("partial")}
-    assert sorted(finals) == [0, 1, 2] and len(finals) == len(events) - 1 - sum(bool(e.get("partial")) for e in events[:-1])
+    assert sorted(finals) == [0, 1, 2] and len(finals) == len(events) - 1 - sum(
+        bool(e.get("partial")) for e in events[:-1]
+    )
     _, _, plain = translate(server.port, [SENTENCES[0], "", SENTENCES[1]], **options)
     for k in range(3):
         assert finals[k] == plain["results"][k] or k != 1  # the blank one: exactly the plain record
@@ -641,11 +734,12 @@ def test_a_client_that_disconnects_takes_its_decoding_sentences_out_of_the_batch
     try:
         before = metrics(s.port)
         # 6 sentences x 8 rows x 500 steps: seconds even on an idle machine
-        body = json.dumps({"text": SENTENCES, "beam": 8, "min_len": 500, "max_len_b": 500,
-                           "stream": streamed}).encode()
+        body = json.dumps({"text": SENTENCES, "beam": 8, "min_len": 500, "max_len_b": 500, "stream": streamed}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)
-        sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         if streamed:
             received = b""
             while b"data: " not in received:  # a partial record: it is decoding
@@ -659,8 +753,13 @@ def test_a_client_that_disconnects_takes_its_decoding_sentences_out_of_the_batch
         after = metrics(s.port)
         # they left unfinished (a finished sentence counts in sentences_total)
         assert after[("deltalm_serve_sentences_total", ())] == before[("deltalm_serve_sentences_total", ())]
-        wait_for(lambda: metrics(s.port)[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))] ==
-                 before[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))] + 1, "the 499 counted")
+        wait_for(
+            lambda: (
+                metrics(s.port)[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))]
+                == before[("deltalm_serve_errors_total", (("kind", "client_disconnected"),))] + 1
+            ),
+            "the 499 counted",
+        )
     finally:
         assert s.stop() == 0
 
@@ -673,14 +772,17 @@ def test_target_prefix_per_sentence(server, translator):
     for got, expected in zip(body["results"], want):
         assert_same_translation(got, expected.to_dict())
     prefix = translator.tokenizer.encode("der Hund", [])[:-1]
-    assert body["results"][0]["nbest"][0]["tokens"][:len(prefix)] == prefix
+    assert body["results"][0]["nbest"][0]["tokens"][: len(prefix)] == prefix
 
 
-@pytest.mark.parametrize("value, fragment", [
-    (["a"], "one entry per sentence of text (2), got 1 entries"),
-    ("a", "got a str"),
-    (["a", 3], "target_prefix[1] must be a target prefix text or null"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        (["a"], "one entry per sentence of text (2), got 1 entries"),
+        ("a", "got a str"),
+        (["a", 3], "target_prefix[1] must be a target prefix text or null"),
+    ],
+)
 def test_a_bad_target_prefix_is_422(server, value, fragment):
     status, _, body = translate(server.port, ["Hallo", "Welt"], target_prefix=value)
     assert_error(status, body, 422, "invalid_option", fragment)
@@ -723,8 +825,14 @@ def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_be
             if stop.is_set():
                 return
             streamed, cut = rng.random() < 1 / 3, rng.random() < 0.5
-            body = json.dumps({"text": [SENTENCES[(c + k) % len(SENTENCES)]], "beam": 2,
-                               "max_len_b": rng.randint(3, 12), "stream": streamed}).encode()
+            body = json.dumps(
+                {
+                    "text": [SENTENCES[(c + k) % len(SENTENCES)]],
+                    "beam": 2,
+                    "max_len_b": rng.randint(3, 12),
+                    "stream": streamed,
+                }
+            ).encode()
             connected = None
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=WAIT_S)
@@ -763,8 +871,10 @@ def test_sigterm_under_64_clients_with_cut_streams_answers_every_request_made_be
             burst = [socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S) for _ in range(32)]
             body = json.dumps({"text": [SENTENCES[0]], "beam": 1, "max_len_b": 3}).encode()
             for sock in burst:
-                sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                sock.sendall(
+                    b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
             signalled = time.monotonic()
             s.proc.send_signal(signal.SIGTERM)
         finally:
@@ -807,8 +917,11 @@ def test_score_answers_the_records_of_deltalm_score_and_batches_concurrent_reque
     res = run_cli(["score", tiny.artifact, "--source", src, "--target", tgt, "--format", "jsonl", "--threads", "1"])
     want = [json.loads(line) for line in res.lines]
     with ThreadPoolExecutor(6) as pool:  # at once: the worker scores the waiting requests' pairs together
-        answers = list(pool.map(lambda _: request(server.port, "POST", "/v1/score", {"source": sources, "target": targets}),
-                                range(6)))
+        answers = list(
+            pool.map(
+                lambda _: request(server.port, "POST", "/v1/score", {"source": sources, "target": targets}), range(6)
+            )
+        )
     for status, _, body in answers:
         assert status == 200, body
         for got, w in zip(body["results"], want):
@@ -817,20 +930,39 @@ def test_score_answers_the_records_of_deltalm_score_and_batches_concurrent_reque
             assert all(abs(a - b) <= 1e-4 for a, b in zip(got["positional_scores"], w["positional_scores"]))
 
 
-@pytest.mark.parametrize("body, status, kind, fragment", [
-    ({"source": ["a", "b"], "target": ["x"]}, 422, "invalid_request", '"source" has 2 sentences but "target" has 1'),
-    ({"source": ["a"], "target": [" "]}, 422, "invalid_sentence", "pair 0 has an empty target"),
-    ({"source": ["a"], "target": ["x"], "beam": 4}, 422, "invalid_option", "beam is not an option of a score request"),
-    ({"text": ["a"]}, 422, "invalid_request", '{"source": [...], "target": [...]}'),
-])
+@pytest.mark.parametrize(
+    "body, status, kind, fragment",
+    [
+        (
+            {"source": ["a", "b"], "target": ["x"]},
+            422,
+            "invalid_request",
+            '"source" has 2 sentences but "target" has 1',
+        ),
+        ({"source": ["a"], "target": [" "]}, 422, "invalid_sentence", "pair 0 has an empty target"),
+        (
+            {"source": ["a"], "target": ["x"], "beam": 4},
+            422,
+            "invalid_option",
+            "beam is not an option of a score request",
+        ),
+        ({"text": ["a"]}, 422, "invalid_request", '{"source": [...], "target": [...]}'),
+    ],
+)
 def test_bad_score_requests_are_refused_with_the_reason(server, body, status, kind, fragment):
     got_status, _, got = request(server.port, "POST", "/v1/score", body)
     assert_error(got_status, got, status, kind, fragment)
 
 
 def test_constraints_per_sentence_are_in_every_hypothesis_and_bad_ones_refused(server):
-    status, _, body = translate(server.port, ["Ein Kind will frisches Brot.", "Hallo"], beam=3, nbest=2,
-                                constraints=[["Brot", "Kind"], None], constraint_order="unordered")
+    status, _, body = translate(
+        server.port,
+        ["Ein Kind will frisches Brot.", "Hallo"],
+        beam=3,
+        nbest=2,
+        constraints=[["Brot", "Kind"], None],
+        constraint_order="unordered",
+    )
     assert status == 200, body
     for h in body["results"][0]["nbest"]:
         assert "Brot" in h["text"] and "Kind" in h["text"]

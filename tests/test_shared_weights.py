@@ -1,5 +1,6 @@
 """One copy of each weight in an artifact: the embedding table is stored once (in weights.data)
 and read from there by the encoder's and the step's gathers and by the step's output projection."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,10 @@ from deltalm.cli import main as cli
 
 def _export(tiny_ckpt, out: Path, *extra) -> Path:
     ckpt, spm, dct, _ = tiny_ckpt
-    assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize", *extra]) == 0
+    assert (
+        cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize", *extra])
+        == 0
+    )
     return out
 
 
@@ -87,8 +91,24 @@ def test_int8_export_fails_when_the_int8_embedding_loses_the_tokens(tiny_ckpt, t
     monkeypatch.setitem(W.TRANSFORMS, "s8table", zero_scales)
     ckpt, spm, dct, _ = tiny_ckpt
     out = tmp_path / "int8"
-    assert cli(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(out), "--no-optimize",
-                "--precision", "int8"]) == 2
+    assert (
+        cli(
+            [
+                "export",
+                str(ckpt),
+                "--spm",
+                str(spm),
+                "--dict",
+                str(dct),
+                "--out",
+                str(out),
+                "--no-optimize",
+                "--precision",
+                "int8",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "parity check failed" in err and "top-1 agreement" in err
     assert not out.exists()

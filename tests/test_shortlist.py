@@ -1,5 +1,6 @@
 """The vocabulary shortlist (issue 14): how it is built, which candidates a batch gets, the
 shortlist step graph against the full step, and the command line around it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,14 +16,17 @@ from deltalm.search import Engine, StepRules, generate
 
 # -- building: exact semantics on a hand-made corpus
 
+
 def test_build_counts_frequency_and_dice_per_source():
     V = 20
     pairs = [([5, 6, 2], [10, 11, 2]), ([5, 7, 2], [10, 12, 2]), ([6, 2], [11, 13, 13, 2]), ([8, 2], [14, 2])]
     sl = build_shortlist(pairs, V, frequent=3, per_source=2, ignore=[0, 1, 2, 3])
     # occurrences: 13 x2, 10 x2, 11 x2, then 12 and 14 once: ties broken by the lower id
     assert sl.frequent.tolist() == [10, 11, 13]
+
     def targets(s):
-        return sl.targets[sl.offsets[s]:sl.offsets[s + 1]].tolist()
+        return sl.targets[sl.offsets[s] : sl.offsets[s + 1]].tolist()
+
     # source 5 is in sentences 1 and 2: Dice(5, 10) = 2*2/(2+2) = 1; (5, 11) = 2/(2+2) = .5;
     # (5, 12) = 2/(2+1) = .67: best two are 10, 12
     assert targets(5) == [10, 12]
@@ -37,7 +41,7 @@ def test_min_count_and_limits():
     pairs = [([5, 2], [10, 2]), ([5, 2], [10, 11, 2])]
     sl = build_shortlist(pairs, 12, frequent=0, per_source=5, min_count=2, ignore=[2])
     assert sl.frequent.size == 0
-    assert sl.targets[sl.offsets[5]:sl.offsets[6]].tolist() == [10]
+    assert sl.targets[sl.offsets[5] : sl.offsets[6]].tolist() == [10]
     with pytest.raises(InputError):
         build_shortlist(pairs, 12, min_count=0)
 
@@ -70,6 +74,7 @@ def test_file_round_trip_and_bad_files(tmp_path):
 
 # -- the step over a shortlist, against the full step
 
+
 @pytest.fixture(scope="module")
 def backends(tiny):
     full = OrtBackend.from_artifact(tiny.artifact, threads=1)
@@ -85,19 +90,28 @@ def _sources(cfg, rows=5, width=9, seed=0):
     return src
 
 
-@pytest.mark.parametrize("opts,prefix", [(TranslateOptions(beam=1, max_len_b=12), ()),
-                                         (TranslateOptions(beam=5, max_len_b=12, nbest=2), ()),
-                                         (TranslateOptions(beam=3, max_len_b=12, no_repeat_ngram_size=2), ()),
-                                         (TranslateOptions(beam=2, max_len_b=12, sampling=True, seed=4, sampling_topk=5), ()),
-                                         (TranslateOptions(beam=2, max_len_b=12, min_len=3), (7,))],
-                         ids=["greedy", "beam5", "ngram", "sampling", "prefix"])
+@pytest.mark.parametrize(
+    "opts,prefix",
+    [
+        (TranslateOptions(beam=1, max_len_b=12), ()),
+        (TranslateOptions(beam=5, max_len_b=12, nbest=2), ()),
+        (TranslateOptions(beam=3, max_len_b=12, no_repeat_ngram_size=2), ()),
+        (TranslateOptions(beam=2, max_len_b=12, sampling=True, seed=4, sampling_topk=5), ()),
+        (TranslateOptions(beam=2, max_len_b=12, min_len=3), (7,)),
+    ],
+    ids=["greedy", "beam5", "ngram", "sampling", "prefix"],
+)
 def test_whole_vocabulary_as_candidates_is_the_full_step(backends, opts, prefix):
     """Shortlist off = full vocabulary: the shortlist graph given every token translates exactly
     as the full step graph (ids identical, scores equal)."""
     full, short = backends
     src = _sources(full.cfg)
-    everything = Shortlist(full.cfg.vocab_size, np.arange(full.cfg.vocab_size), np.zeros(full.cfg.vocab_size + 1, np.int64),
-                           np.zeros(0, np.int64))
+    everything = Shortlist(
+        full.cfg.vocab_size,
+        np.arange(full.cfg.vocab_size),
+        np.zeros(full.cfg.vocab_size + 1, np.int64),
+        np.zeros(0, np.int64),
+    )
     a, b = generate(full, src, opts, prefix=prefix), generate(short, src, opts, prefix=prefix, shortlist=everything)
     for x, y in zip(a, b, strict=True):
         assert [h.tokens for h in x] == [h.tokens for h in y]
@@ -117,7 +131,9 @@ def test_shortlist_step_renormalizes_over_candidates(backends):
         batch = DecoderBatch(cfg, backend.float_dtype, 1)
         batch.admit(encoded.cross, encoded.padding, np.arange(2))
         batch.fit_positions(1)
-        return backend.run_step(batch.feeds(backend.step_spec, tok, pos, rules, want_log_probs=True, candidates=candidates))
+        return backend.run_step(
+            batch.feeds(backend.step_spec, tok, pos, rules, want_log_probs=True, candidates=candidates)
+        )
 
     lp_full = step(full).log_probs[:, 0]
     out = step(short, cands)
@@ -136,8 +152,9 @@ def test_shortlist_step_renormalizes_over_candidates(backends):
 
 def test_full_backend_refuses_a_shortlist(backends):
     full, _ = backends
-    everything = Shortlist(full.cfg.vocab_size, np.arange(20), np.zeros(full.cfg.vocab_size + 1, np.int64),
-                           np.zeros(0, np.int64))
+    everything = Shortlist(
+        full.cfg.vocab_size, np.arange(20), np.zeros(full.cfg.vocab_size + 1, np.int64), np.zeros(0, np.int64)
+    )
     with pytest.raises(InputError, match="without the shortlist graph"):
         Engine(full, shortlist=everything)
 
@@ -153,6 +170,7 @@ def test_artifact_without_the_shortlist_graph_says_export_again(artifact_copy):
 
 
 # -- on the demo model's corpus: agreement with the full vocabulary
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -202,6 +220,7 @@ def test_translator_refuses_a_shortlist_it_cannot_use(tiny, tmp_path):
 
 # -- the command line
 
+
 def test_cli_build_then_translate(tiny, tmp_path):
     from deltalm.export.toy_data import toy_corpus
 
@@ -209,8 +228,22 @@ def test_cli_build_then_translate(tiny, tmp_path):
     (tmp_path / "src.txt").write_text("\n".join(corpus[::4]) + "\n")
     (tmp_path / "tgt.txt").write_text("\n".join(corpus[::4]) + "\n")
     (tmp_path / "test.txt").write_text("\n".join(corpus[1::8]) + "\n")
-    res = run_cli(["shortlist", tiny.artifact, "--source", tmp_path / "src.txt", "--target", tmp_path / "tgt.txt",
-                   "--out", tmp_path / "sl.npz", "--frequent", "10", "--per-source", "8"])
+    res = run_cli(
+        [
+            "shortlist",
+            tiny.artifact,
+            "--source",
+            tmp_path / "src.txt",
+            "--target",
+            tmp_path / "tgt.txt",
+            "--out",
+            tmp_path / "sl.npz",
+            "--frequent",
+            "10",
+            "--per-source",
+            "8",
+        ]
+    )
     assert res.rc == 0, res.err
     assert "100 sentences (a parallel corpus)" in res.err
     sl = Shortlist.load(tmp_path / "sl.npz")
@@ -221,10 +254,38 @@ def test_cli_build_then_translate(tiny, tmp_path):
     assert len(short.lines) == len(full.lines) == 50
     # mismatched parallel corpus, a bad shortlist file, a checkpoint: one line each
     (tmp_path / "short.txt").write_text("one line\n")
-    assert_one_line_error(run_cli(["shortlist", tiny.artifact, "--source", tmp_path / "src.txt", "--target",
-                                   tmp_path / "short.txt", "--out", tmp_path / "x.npz"]), "100 source and 1 target lines")
+    assert_one_line_error(
+        run_cli(
+            [
+                "shortlist",
+                tiny.artifact,
+                "--source",
+                tmp_path / "src.txt",
+                "--target",
+                tmp_path / "short.txt",
+                "--out",
+                tmp_path / "x.npz",
+            ]
+        ),
+        "100 source and 1 target lines",
+    )
     assert not (tmp_path / "x.npz").exists()
-    assert_one_line_error(run_cli(["translate", tiny.artifact, "--shortlist", tmp_path / "test.txt"]),
-                          "not a shortlist file")
-    assert_one_line_error(run_cli(["translate", "--checkpoint", tiny.checkpoint, "--spm", tiny.spm, "--dict", tiny.dict,
-                                   "--shortlist", tmp_path / "sl.npz"]), "--shortlist runs on an artifact")
+    assert_one_line_error(
+        run_cli(["translate", tiny.artifact, "--shortlist", tmp_path / "test.txt"]), "not a shortlist file"
+    )
+    assert_one_line_error(
+        run_cli(
+            [
+                "translate",
+                "--checkpoint",
+                tiny.checkpoint,
+                "--spm",
+                tiny.spm,
+                "--dict",
+                tiny.dict,
+                "--shortlist",
+                tmp_path / "sl.npz",
+            ]
+        ),
+        "--shortlist runs on an artifact",
+    )

@@ -74,8 +74,7 @@ def test_piece_id_is_four_plus_its_dict_line_not_spm_id_plus_one(toy_files, sp):
         assert d.index(piece) == 4 + line_index
         assert d[4 + line_index] == piece
     mismatched = [
-        p for p in (sp.id_to_piece(i) for i in range(3, sp.get_piece_size()))
-        if d.index(p) != sp.piece_to_id(p) + 1
+        p for p in (sp.id_to_piece(i) for i in range(3, sp.get_piece_size())) if d.index(p) != sp.piece_to_id(p) + 1
     ]
     assert len(mismatched) > len(lines) // 2
 
@@ -123,9 +122,7 @@ def test_malformed_dict_line_names_path_and_line(tmp_path, content, line_no, fra
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize(
-    "content, token, line_no", [("a 1\nb 1\na 2\n", "a", 3), ("<unk> 1\n", "<unk>", 1)]
-)
+@pytest.mark.parametrize("content, token, line_no", [("a 1\nb 1\na 2\n", "a", 3), ("<unk> 1\n", "<unk>", 1)])
 def test_duplicate_dict_entry_names_token_and_line(tmp_path, content, token, line_no):
     path = tmp_path / "dict.txt"
     path.write_text(content, encoding="utf-8")

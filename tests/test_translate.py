@@ -35,13 +35,29 @@ class CopyBackend:
     Keeps each sentence's source in its "cross K/V" (as a real encoder keeps what the step reads);
     records the source batch of every ``encode``; can fail on the n-th encode or step."""
 
-    def __init__(self, vocab_size, max_positions=512, src_skip=0, tgt_skip=0, fail_on_batch=None, on_encode=None,
-                 fail_on_step=None):
+    def __init__(
+        self,
+        vocab_size,
+        max_positions=512,
+        src_skip=0,
+        tgt_skip=0,
+        fail_on_batch=None,
+        on_encode=None,
+        fail_on_step=None,
+    ):
         from deltalm.backends import BatchLimits
         from deltalm.graphs import decoder_step_spec
 
-        self.cfg = ModelConfig(kind="deltalm", embed_dim=2, ffn_dim=2, encoder_layers=1, decoder_layers=1,
-                               heads=2, vocab_size=vocab_size, max_positions=max_positions)
+        self.cfg = ModelConfig(
+            kind="deltalm",
+            embed_dim=2,
+            ffn_dim=2,
+            encoder_layers=1,
+            decoder_layers=1,
+            heads=2,
+            vocab_size=vocab_size,
+            max_positions=max_positions,
+        )
         self.topk = 0  # candidates always come from the full log-probs
         self.step_spec = decoder_step_spec(self.cfg, 1)
         self.float_dtype = np.dtype(np.float32)
@@ -78,14 +94,15 @@ class CopyBackend:
         for r in range(rows):
             s = r // group
             src = [int(t) for t, pad in zip(feeds["cross_key_0"][s, 0, :, 0], feeds["src_padding"][s]) if not pad]
-            src = src[self.src_skip:]
+            src = src[self.src_skip :]
             t = int(feeds["positions"][r]) - self.tgt_skip
             lp[r, 0, src[t] if 0 <= t < len(src) else EOS] = 0.0
         lp = lp - np.log(np.exp(lp).sum(axis=2, keepdims=True)).astype(np.float32)
         empty = np.zeros((rows, 1, 1), np.float32)
         new = np.zeros((rows, 2, 1, 1), np.float32)
-        return StepOutput(topk_scores=empty, topk_ids=empty.astype(np.int64), token_scores=empty, log_probs=lp,
-                          new_kv=[new, new])
+        return StepOutput(
+            topk_scores=empty, topk_ids=empty.astype(np.int64), token_scores=empty, log_probs=lp, new_kv=[new, new]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +398,10 @@ def test_stdin_to_stdout_in_jsonl(artifact, fake_load, monkeypatch, capsys):
     lines = [toy_corpus()[1], "", toy_corpus()[2]]
     stdin = io.TextIOWrapper(io.BytesIO(("\n".join(lines) + "\n").encode()), encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", stdin)
-    assert run_translate(parse([str(artifact), "--format", "jsonl", "--beam", "2", "--nbest", "2", "--chunk-lines", "2"])) == 0
+    assert (
+        run_translate(parse([str(artifact), "--format", "jsonl", "--beam", "2", "--nbest", "2", "--chunk-lines", "2"]))
+        == 0
+    )
     captured = capsys.readouterr()
     records = [json.loads(x) for x in captured.out.splitlines()]
     assert [r["id"] for r in records] == [0, 1, 2]
@@ -439,7 +459,11 @@ def test_open_model_passes_checkpoint_options_to_the_torch_backend(artifact, fak
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"")
     dict_path = str(artifact / "dict.txt")
-    open_translator(parse(["--checkpoint", str(ckpt), "--spm", str(artifact / "spm.model"), "--dict", dict_path, "--config", "tiny"]))
+    open_translator(
+        parse(
+            ["--checkpoint", str(ckpt), "--spm", str(artifact / "spm.model"), "--dict", dict_path, "--config", "tiny"]
+        )
+    )
     assert fake_load.calls == [("torch", str(ckpt), {"config": "tiny", "dict_path": dict_path, "threads": None})]
 
 
@@ -469,8 +493,14 @@ def test_unknown_prefix_token_fails_before_the_backend_loads(artifact, fake_load
         (["--backend", "torch", "--device", "cuda"], "the torch backend runs on the CPU"),
         (["--backend", "trt", "--device", "cpu"], "trt runs on --device cuda only"),
         (["--checkpoint", "c.pt"], "--checkpoint needs --spm and --dict"),
-        (["--checkpoint", "c.pt", "--spm", "s", "--dict", "d", "--device", "cuda"], "--device applies to the ort and trt"),
-        (["--checkpoint", "c.pt", "--spm", "s", "--dict", "d", "--backend", "ort"], "--backend ort runs an artifact directory"),
+        (
+            ["--checkpoint", "c.pt", "--spm", "s", "--dict", "d", "--device", "cuda"],
+            "--device applies to the ort and trt",
+        ),
+        (
+            ["--checkpoint", "c.pt", "--spm", "s", "--dict", "d", "--backend", "ort"],
+            "--backend ort runs an artifact directory",
+        ),
         (["--input", "/nonexistent/in.txt"], "input file /nonexistent/in.txt does not exist"),
         (["--output", "/nonexistent/dir/out.txt"], "directory of --output"),
     ],
@@ -516,8 +546,10 @@ def test_a_translation_gives_its_record_as_a_dict_and_as_the_json_line_translate
     from deltalm.translator import Hypothesis, Translation, format_translation
 
     t = Translation(3, [Hypothesis(tokens=[17, 2], score=-0.5, positional_scores=[-0.25, float("-inf")], text="Hallo")])
-    record = {"id": 3, "nbest": [{"tokens": [17, 2], "score": -0.5, "positional_scores": [-0.25, None],
-                                  "text": "Hallo"}]}
+    record = {
+        "id": 3,
+        "nbest": [{"tokens": [17, 2], "score": -0.5, "positional_scores": [-0.25, None], "text": "Hallo"}],
+    }
     assert t.to_dict() == record
     assert isinstance(t.to_json(), str) and json.loads(t.to_json()) == record
     assert t.to_json() == format_translation(t, "jsonl")

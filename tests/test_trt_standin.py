@@ -5,6 +5,7 @@ touched and every layer precision or output type set; these tests fail on any of
 stand-in's engines execute the ONNX graphs with ONNX Runtime, so the backend's bindings, shapes,
 dtypes, host / device addresses and output copies are checked against the ORT backend, output for
 output and token for token, through the search engine with sentences joining and leaving."""
+
 from __future__ import annotations
 
 import json
@@ -124,7 +125,12 @@ def test_engines_are_written_atomically_and_recorded_in_the_manifest(artifact_co
     out = capsys.readouterr().out
     assert "(fp32, strongly typed)" in out and "[W]" not in out  # Polygraphy's log stays off stdout
     engines = artifact_copy / "engines"
-    assert sorted(p.name for p in engines.iterdir()) == ["decoder_step.plan", "encoder.plan", "engines.json", "timing.cache"]
+    assert sorted(p.name for p in engines.iterdir()) == [
+        "decoder_step.plan",
+        "encoder.plan",
+        "engines.json",
+        "timing.cache",
+    ]
     assert not [p.name for p in artifact_copy.iterdir() if p.name.startswith(".")]  # no work directories left
     typed = open_artifact(artifact_copy).manifest  # every hash checks out, engines included
     m = typed.to_dict()
@@ -146,7 +152,10 @@ def test_the_timing_cache_is_reused_by_the_same_tensorrt_on_the_same_gpu(artifac
     cache = json.loads((artifact_copy / "engines" / "timing.cache").read_bytes())
     assert len(cache["entries"]) == 2  # one per graph
     assert main(["engines", str(artifact_copy), *SMALL]) == 0
-    assert plan_of(artifact_copy, "encoder")["timing_cache_hit"] and plan_of(artifact_copy, "decoder_step")["timing_cache_hit"]
+    assert (
+        plan_of(artifact_copy, "encoder")["timing_cache_hit"]
+        and plan_of(artifact_copy, "decoder_step")["timing_cache_hit"]
+    )
     monkeypatch.setattr(engines, "gpu_identity", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
     capsys.readouterr()
     assert main(["engines", str(artifact_copy), *SMALL]) == 0
@@ -154,11 +163,17 @@ def test_the_timing_cache_is_reused_by_the_same_tensorrt_on_the_same_gpu(artifac
     assert not plan_of(artifact_copy, "encoder")["timing_cache_hit"]
 
 
-@pytest.mark.parametrize("version, message", [
-    ("10.11.0.33", "TensorRT 10.11.0.33 is too old: deltalm needs TensorRT 10.12 or newer"),
-    ("8.6.1", "TensorRT 8.6.1 is too old: deltalm needs TensorRT 10.12 or newer"),
-    ("12.0.0.1", "TensorRT 12.0.0.1 is not supported yet: deltalm is written for TensorRT 10.12 or newer (up to 11.x)"),
-])
+@pytest.mark.parametrize(
+    "version, message",
+    [
+        ("10.11.0.33", "TensorRT 10.11.0.33 is too old: deltalm needs TensorRT 10.12 or newer"),
+        ("8.6.1", "TensorRT 8.6.1 is too old: deltalm needs TensorRT 10.12 or newer"),
+        (
+            "12.0.0.1",
+            "TensorRT 12.0.0.1 is not supported yet: deltalm is written for TensorRT 10.12 or newer (up to 11.x)",
+        ),
+    ],
+)
 def test_unsupported_tensorrt_is_refused_in_one_line(artifact_copy, monkeypatch, capsys, version, message):
     from deltalm.backends.trt import import_tensorrt
 
@@ -210,7 +225,8 @@ def test_an_fp32_artifact_asked_for_fp16_engines_says_to_export_fp16_first(artif
     assert capsys.readouterr().err.strip() == (
         "deltalm: error: this artifact is fp32, and engines are built in the precision of its ONNX graphs "
         "(strongly typed): export fp16 first (`deltalm export CKPT --precision fp16 --out DIR`) and build the "
-        "engines from that artifact")
+        "engines from that artifact"
+    )
 
 
 def test_bf16_engines_are_refused_with_the_reason(artifact_dir, capsys):
@@ -226,8 +242,10 @@ def test_onnx_runtime_cpu_has_no_bf16_matmul():
 
     x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 2])
     y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])
-    model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -278,8 +296,12 @@ def test_trt_backend_with_sentences_joining_mid_batch_gives_the_ort_ids(trt_and_
     cfg = ort.cfg
     srcs = [tuple(int(t) for t in row if t != cfg.pad) for row in sources(cfg, (5, 9, 3, 7, 12, 4), seed=7)]
     arrivals = {0: [0, 1], 2: [2, 3], 3: [4], 5: [5]}  # engine step -> sentences
-    options = [TranslateOptions(beam=2, nbest=2, max_len_b=6 + k, min_len=k % 3) if k % 2 == 0
-               else TranslateOptions(beam=1, max_len_b=4 + k) for k in range(6)]
+    options = [
+        TranslateOptions(beam=2, nbest=2, max_len_b=6 + k, min_len=k % 3)
+        if k % 2 == 0
+        else TranslateOptions(beam=1, max_len_b=4 + k)
+        for k in range(6)
+    ]
 
     def run(backend):
         engine, finished, order, step = Engine(backend), {}, [], 0
@@ -321,21 +343,32 @@ def test_trt_backend_step_outputs_equal_ort_as_rows_move_and_sentences_leave(trt
         rows = batches["trt"].rows
         tokens = rng.integers(4, cfg.vocab_size, (rows, 1))
         positions = np.full(rows, step)
-        rules = StepRules(np.where(rng.random(rows) < 0.3, 5, -1), rng.random(rows) < 0.5, np.zeros(rows, bool),
-                          np.full(rows, 0.5, np.float32))
+        rules = StepRules(
+            np.where(rng.random(rows) < 0.3, 5, -1),
+            rng.random(rows) < 0.5,
+            np.zeros(rows, bool),
+            np.full(rows, 0.5, np.float32),
+        )
         score_ids = rng.integers(0, cfg.vocab_size, (rows, 1, 3))
         outs = {}
         for name, backend in (("trt", trt), ("ort", ort)):
             batch = batches[name]
             batch.fit_positions(step + 1)
-            outs[name] = backend.run_step(batch.feeds(backend.step_spec, tokens, positions, rules,
-                                                      score_ids=score_ids, want_log_probs=step % 2 == 1))
+            outs[name] = backend.run_step(
+                batch.feeds(
+                    backend.step_spec, tokens, positions, rules, score_ids=score_ids, want_log_probs=step % 2 == 1
+                )
+            )
             batch.write(outs[name].new_kv, positions)
         a, b = outs["trt"], outs["ort"]
         assert a.log_probs.shape == (rows, 1, cfg.vocab_size if step % 2 else 0) and a.log_probs.dtype == np.float32
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-        for x, y in [(a.topk_scores, b.topk_scores), (a.token_scores, b.token_scores), (a.log_probs, b.log_probs),
-                     *zip(a.new_kv, b.new_kv)]:
+        for x, y in [
+            (a.topk_scores, b.topk_scores),
+            (a.token_scores, b.token_scores),
+            (a.log_probs, b.log_probs),
+            *zip(a.new_kv, b.new_kv),
+        ]:
             assert x.shape == y.shape
             np.testing.assert_allclose(x, y, atol=1e-5)
     assert batches["trt"].sents == 1
@@ -401,8 +434,11 @@ def test_trt_backend_refuses_shapes_outside_the_profile(trt_and_ort):
     # 12 rows), then the third sentence
     assert trt.limits.rows == 12 and trt.limits.sentences == 3
     assert len(generate(trt, sources(trt.cfg, (3, 3, 3)), TranslateOptions(beam=5, max_len_b=8))) == 3
-    with pytest.raises(InputError, match="target length 21 exceeds the engine profile maximum 20; "
-                                         r"rebuild engines with --max-tgt-len \(or translate with a smaller --max-len-b\)"):
+    with pytest.raises(
+        InputError,
+        match="target length 21 exceeds the engine profile maximum 20; "
+        r"rebuild engines with --max-tgt-len \(or translate with a smaller --max-len-b\)",
+    ):
         generate(trt, sources(trt.cfg, (3,)), TranslateOptions(beam=1, max_len_b=30, min_len=25))
     assert trt.max_target_len == 20
 
@@ -413,8 +449,11 @@ def test_trt_backend_refuses_a_format_1_artifact(trt_and_ort, artifact_copy):
     manifest = json.loads((artifact_copy / MANIFEST).read_text())
     manifest["format_version"] = 1
     write_json_atomic(artifact_copy / MANIFEST, manifest)
-    with pytest.raises(ArtifactError, match=r"was exported by an older deltalm \(artifact format 1\); this version "
-                                            "decodes format 2"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"was exported by an older deltalm \(artifact format 1\); this version "
+        "decodes format 2",
+    ):
         TrtBackend.from_artifact(artifact_copy)
 
 
@@ -425,7 +464,9 @@ def test_trt_backend_refuses_engines_of_another_onnx_export_or_tensorrt(trt_and_
     manifest = json.loads((artifact_copy / MANIFEST).read_text())
     other = json.loads(json.dumps(manifest))
     other["files"]["decoder_step.onnx"] = "0" * 64  # as if the graph had been re-exported
-    with pytest.raises(ArtifactError, match="engine engines/decoder_step.plan: it was built from another decoder_step.onnx"):
+    with pytest.raises(
+        ArtifactError, match="engine engines/decoder_step.plan: it was built from another decoder_step.onnx"
+    ):
         TrtBackend(Artifact(artifact_copy, Manifest.from_dict(other)))
     monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "11.5.0.1")
     with pytest.raises(ArtifactError, match=r"built with TensorRT 1\d\.\d+\.0\.\d+, this is TensorRT 11\.5\.0\.1"):
@@ -473,8 +514,11 @@ def test_a_shape_tensor_input_of_unknown_range_is_refused_at_build(artifact_copy
     from deltalm.export.engines import build_engines
 
     trt11.shape_tensor_inputs = {"positions"}
-    with pytest.raises(ExportError, match=r"TensorRT computes shapes from input positions \(INT64 \[-1\]\), whose "
-                                          "value range deltalm does not know"):
+    with pytest.raises(
+        ExportError,
+        match=r"TensorRT computes shapes from input positions \(INT64 \[-1\]\), whose "
+        "value range deltalm does not know",
+    ):
         build_engines(artifact_copy, max_batch=2, max_beam=2, max_src_len=8, max_tgt_len=8)
 
 
@@ -498,8 +542,23 @@ def exports(tmp_path_factory):
     cfg = ModelConfig.from_name("tiny").replace(vocab_size=len(Dictionary.load(dct)))
     model = W.randomize(DeltaLM(cfg), seed=3)
     ckpt = W.write_fairseq_deltalm(model, work / "checkpoint_best.pt")
-    assert main(["export", str(ckpt), "--spm", str(spm), "--dict", str(dct), "--out", str(work / "fp16"),
-                 "--precision", "fp16"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(ckpt),
+                "--spm",
+                str(spm),
+                "--dict",
+                str(dct),
+                "--out",
+                str(work / "fp16"),
+                "--precision",
+                "fp16",
+            ]
+        )
+        == 0
+    )
     return {"fp16": work / "fp16", "model": model}
 
 
@@ -572,7 +631,10 @@ def test_gpu_check_holds_trt_engines_to_the_device_thresholds(trt_and_ort):
     result = parity(ort, trt, batches, "fp32", max_len_b=10)  # beam 5 x 2 sentences fit the profile
     assert result["failures"] == []
     assert result["steps"]["top1_agreement"] == 1.0 and result["steps"]["log_probs_max_abs"] < 1e-5
-    assert [(r["beam"], r["sentences"], r["identical_ids"]) for r in result["translations"]] == [(1, 5, 1.0), (5, 5, 1.0)]
+    assert [(r["beam"], r["sentences"], r["identical_ids"]) for r in result["translations"]] == [
+        (1, 5, 1.0),
+        (5, 5, 1.0),
+    ]
 
 
 def test_gpu_check_times_the_trt_step_over_the_backend_contract(trt_and_ort, monkeypatch):
@@ -596,7 +658,12 @@ class Shifted:
 
     def __init__(self, backend, shift):
         self.backend, self.shift = backend, shift
-        self.cfg, self.topk, self.step_spec, self.float_dtype = backend.cfg, backend.topk, backend.step_spec, backend.float_dtype
+        self.cfg, self.topk, self.step_spec, self.float_dtype = (
+            backend.cfg,
+            backend.topk,
+            backend.step_spec,
+            backend.float_dtype,
+        )
         self.limits = backend.limits
 
     def encode(self, src):
@@ -616,8 +683,13 @@ def test_gpu_check_names_the_threshold_a_device_misses(artifact_dir):
     from deltalm.export.gpu_check import parity
 
     ort = OrtBackend.from_artifact(artifact_dir)
-    result = parity(ort, Shifted(OrtBackend.from_artifact(artifact_dir), 0.01), [sources(ort.cfg, (4, 6))], "fp32",
-                    translations=False)
+    result = parity(
+        ort,
+        Shifted(OrtBackend.from_artifact(artifact_dir), 0.01),
+        [sources(ort.cfg, (4, 6))],
+        "fp32",
+        translations=False,
+    )
     assert result["failures"] == ["teacher-forced steps: max abs error 1.00e-02 > 1e-03"]
     assert parity(ort, Shifted(ort, 0.01), [sources(ort.cfg, (4, 6))], "fp16", translations=False)["failures"] == []
 
@@ -631,8 +703,13 @@ def test_gpu_check_on_a_machine_without_a_gpu_reports_it_and_exits_0(tmp_path):
         pytest.skip("this machine has a GPU")
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GPU_CHECK_")}
-    out = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env={**env, "OUT": str(tmp_path / "r")},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh")],
+        env={**env, "OUT": str(tmp_path / "r")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "no GPU found: GPU checks skipped"
     report = json.loads((tmp_path / "r" / "gpu_report.json").read_text())

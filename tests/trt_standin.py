@@ -36,6 +36,7 @@ they need value ranges in the profile (``set_shape_input``). Touching a removed 
 (10.12) name, or setting a layer's precision / output type, is recorded with the module that did
 it (``trt.touched``) and raises like the real thing would.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -49,27 +50,69 @@ from pathlib import Path
 import numpy as np
 
 # What 11.x removed (and 10.12 still has, deprecated), per class; see the module docstring.
-WEAK_TYPING_FLAGS = ("FP16", "INT8", "FP8", "BF16", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
-                     "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO")
+WEAK_TYPING_FLAGS = (
+    "FP16",
+    "INT8",
+    "FP8",
+    "BF16",
+    "INT4",
+    "FP4",
+    "OBEY_PRECISION_CONSTRAINTS",
+    "PREFER_PRECISION_CONSTRAINTS",
+    "DIRECT_IO",
+)
 REMOVED_IN_11 = {
     "BuilderFlag": WEAK_TYPING_FLAGS,
-    "IBuilderConfig": ("int8_calibrator", "set_calibration_profile", "get_calibration_profile",
-                       "set_quantization_flag", "get_quantization_flag", "clear_quantization_flag",
-                       "quantization_flags"),
+    "IBuilderConfig": (
+        "int8_calibrator",
+        "set_calibration_profile",
+        "get_calibration_profile",
+        "set_quantization_flag",
+        "get_quantization_flag",
+        "clear_quantization_flag",
+        "quantization_flags",
+    ),
     "ICudaEngine": ("device_memory_size", "device_memory_size_for_profile"),
     "Builder": ("platform_has_fast_fp16", "platform_has_fast_int8"),
 }
-KEPT_FLAGS = ("TF32", "REFIT", "SPARSE_WEIGHTS", "SAFETY_SCOPE", "STRIP_PLAN", "VERSION_COMPATIBLE",
-              "EXCLUDE_LEAN_RUNTIME", "GPU_FALLBACK", "DISABLE_TIMING_CACHE", "WEIGHT_STREAMING",
-              "ERROR_ON_TIMING_CACHE_MISS", "DISABLE_COMPILATION_CACHE")
+KEPT_FLAGS = (
+    "TF32",
+    "REFIT",
+    "SPARSE_WEIGHTS",
+    "SAFETY_SCOPE",
+    "STRIP_PLAN",
+    "VERSION_COMPATIBLE",
+    "EXCLUDE_LEAN_RUNTIME",
+    "GPU_FALLBACK",
+    "DISABLE_TIMING_CACHE",
+    "WEIGHT_STREAMING",
+    "ERROR_ON_TIMING_CACHE_MISS",
+    "DISABLE_COMPILATION_CACHE",
+)
 
 _ONNX_TO_TRT = {1: "FLOAT", 10: "HALF", 16: "BF16", 7: "INT64", 6: "INT32", 9: "BOOL", 3: "INT8", 2: "UINT8"}
-_ORT_TO_TRT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64",
-               "tensor(int32)": "INT32", "tensor(bool)": "BOOL"}
+_ORT_TO_TRT = {
+    "tensor(float)": "FLOAT",
+    "tensor(float16)": "HALF",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(bool)": "BOOL",
+}
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_}
-_LAYER_TYPES = {"LayerNormalization": "NORMALIZATION", "Softmax": "SOFTMAX", "LogSoftmax": "SOFTMAX",
-                "MatMul": "MATRIX_MULTIPLY", "TopK": "TOPK", "Gather": "GATHER", "Cast": "CAST", "Shape": "SHAPE",
-                "Reshape": "SHUFFLE", "Transpose": "SHUFFLE", "ReduceMean": "REDUCE", "Constant": "CONSTANT"}
+_LAYER_TYPES = {
+    "LayerNormalization": "NORMALIZATION",
+    "Softmax": "SOFTMAX",
+    "LogSoftmax": "SOFTMAX",
+    "MatMul": "MATRIX_MULTIPLY",
+    "TopK": "TOPK",
+    "Gather": "GATHER",
+    "Cast": "CAST",
+    "Shape": "SHAPE",
+    "Reshape": "SHUFFLE",
+    "Transpose": "SHUFFLE",
+    "ReduceMean": "REDUCE",
+    "Constant": "CONSTANT",
+}
 
 
 class StandInError(RuntimeError):
@@ -120,11 +163,14 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
     flag_names = KEPT_FLAGS + (() if major >= 11 else WEAK_TYPING_FLAGS)
     trt.BuilderFlag = _RecordedEnum("BuilderFlag", [(n, i) for i, n in enumerate(flag_names)])
     creation_flags = ["STRONGLY_TYPED"] if major >= 11 else ["EXPLICIT_BATCH", "STRONGLY_TYPED"]
-    trt.NetworkDefinitionCreationFlag = _RecordedEnum("NetworkDefinitionCreationFlag",
-                                                      [(n, i) for i, n in enumerate(creation_flags)])
+    trt.NetworkDefinitionCreationFlag = _RecordedEnum(
+        "NetworkDefinitionCreationFlag", [(n, i) for i, n in enumerate(creation_flags)]
+    )
     trt.DataType = enum.IntEnum("DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "FP8", "BF16", "INT64"])
     trt.float32, trt.float16, trt.bfloat16 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16
-    trt.LayerType = enum.IntEnum("LayerType", sorted(set(_LAYER_TYPES.values()) | {"ELEMENTWISE", "QUANTIZE", "DEQUANTIZE"}))
+    trt.LayerType = enum.IntEnum(
+        "LayerType", sorted(set(_LAYER_TYPES.values()) | {"ELEMENTWISE", "QUANTIZE", "DEQUANTIZE"})
+    )
     trt.OnnxParserFlag = enum.IntEnum("OnnxParserFlag", ["NATIVE_INSTANCENORM"], start=0)
     trt.DeviceType = enum.IntEnum("DeviceType", ["GPU", "DLA"], start=0)
     trt.ProfilingVerbosity = enum.IntEnum("ProfilingVerbosity", ["LAYER_NAMES_ONLY", "NONE", "DETAILED"], start=0)
@@ -238,9 +284,12 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
             for t in net.inputs:
                 t.is_shape_tensor = t.name in trt.shape_tensor_inputs
             input_dims = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim}
-            net.output_only_dims = {v.name: sorted({d.dim_param for d in v.type.tensor_type.shape.dim
-                                                    if d.dim_param and d.dim_param not in input_dims})
-                                    for v in model.graph.output}
+            net.output_only_dims = {
+                v.name: sorted(
+                    {d.dim_param for d in v.type.tensor_type.shape.dim if d.dim_param and d.dim_param not in input_dims}
+                )
+                for v in model.graph.output
+            }
             net.outputs = [tensor(v) for v in model.graph.output]
             for node in model.graph.node:
                 kind = _LAYER_TYPES.get(node.op_type, "ELEMENTWISE")
@@ -358,19 +407,30 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
             hit = config.timing_cache is not None and key in config.timing_cache.entries
             if config.timing_cache is not None:
                 config.timing_cache.entries.add(key)
-            plan = {"onnx": network.onnx_path, "tensorrt": version, "strongly_typed": network.strongly_typed,
-                    "builder_flags": sorted(f.name for f in config.flag_set), "timing_cache_hit": hit,
-                    "layers": len(network.layers),
-                    "shape_inputs": sorted(profile.values),
-                    # with a shape input, TensorRT may compute output shapes from its value
-                    "data_dependent": [] if profile.values else
-                    sorted(n for n, dims in network.output_only_dims.items() if dims),
-                    "profile": {n: {"min": list(lo), "opt": list(op), "max": list(hi)}
-                                for n, (lo, op, hi) in profile.shapes.items()}}
+            plan = {
+                "onnx": network.onnx_path,
+                "tensorrt": version,
+                "strongly_typed": network.strongly_typed,
+                "builder_flags": sorted(f.name for f in config.flag_set),
+                "timing_cache_hit": hit,
+                "layers": len(network.layers),
+                "shape_inputs": sorted(profile.values),
+                # with a shape input, TensorRT may compute output shapes from its value
+                "data_dependent": []
+                if profile.values
+                else sorted(n for n, dims in network.output_only_dims.items() if dims),
+                "profile": {
+                    n: {"min": list(lo), "opt": list(op), "max": list(hi)} for n, (lo, op, hi) in profile.shapes.items()
+                },
+            }
             return HostMemory(json.dumps(plan).encode())
 
     trt.IOptimizationProfile, trt.ITimingCache, trt.IBuilderConfig, trt.Builder = (
-        IOptimizationProfile, ITimingCache, IBuilderConfig, Builder)
+        IOptimizationProfile,
+        ITimingCache,
+        IBuilderConfig,
+        Builder,
+    )
     if major < 11:
         Builder.platform_has_fast_fp16 = property(lambda self: touch("Builder.platform_has_fast_fp16") or True)
 
@@ -427,8 +487,9 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
                 value = np.ascontiguousarray(value)
                 if name in self.allocators:
                     allocator = self.allocators[name]
-                    ptr = allocator.reallocate_output_async(name, self.addresses.get(name, 0), value.nbytes, 256,
-                                                            stream_handle)
+                    ptr = allocator.reallocate_output_async(
+                        name, self.addresses.get(name, 0), value.nbytes, 256, stream_handle
+                    )
                     if not ptr or not on_device(ptr, value.nbytes):
                         return False  # TensorRT: the allocation failed
                     allocator.notify_shape(name, value.shape)
@@ -478,7 +539,11 @@ def make_tensorrt(version: str = "11.4.0.106") -> types.ModuleType:
             return ICudaEngine(plan)
 
     trt.IOutputAllocator, trt.IExecutionContext, trt.ICudaEngine, trt.Runtime = (
-        IOutputAllocator, IExecutionContext, ICudaEngine, Runtime)
+        IOutputAllocator,
+        IExecutionContext,
+        ICudaEngine,
+        Runtime,
+    )
     return trt
 
 
@@ -538,8 +603,9 @@ class FakeCuda:
         def memcpy(dst, src, nbytes, kind, stream_ptr=None):
             device, host = (dst, src) if kind == cls.MemcpyKind.HostToDevice else (src, dst)
             if not on_device(device, nbytes) or on_device(host, nbytes):
-                raise StandInError(f"memcpy of {nbytes} bytes: the device side is not in device memory "
-                                   "or the host side is")
+                raise StandInError(
+                    f"memcpy of {nbytes} bytes: the device side is not in device memory or the host side is"
+                )
             cls.copies.append((kind, nbytes))
             ctypes.memmove(dst, src, nbytes)
 

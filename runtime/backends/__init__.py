@@ -6,6 +6,7 @@ their caches, the rules of each row) is the caller's, handed over as the step gr
 ``load_backend`` imports a backend only when asked for: the torch backend lives in export/
 (it needs torch), the others here.
 """
+
 from __future__ import annotations
 
 from ..errors import InputError

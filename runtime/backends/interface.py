@@ -1,6 +1,7 @@
 """The backend contract: what a backend gives the search (``Backend``), what its graphs return
 (``Encoded``, ``StepOutput``), and the step's feeds, built in one place from the graph's
 declaration (``step_feeds``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class Backend(Protocol):
         ...
 
 
-def step_output_shapes(cfg: ModelConfig, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, tuple[tuple, np.dtype]]:
+def step_output_shapes(
+    cfg: ModelConfig, spec: GraphSpec, feeds: dict[str, np.ndarray]
+) -> dict[str, tuple[tuple, np.dtype]]:
     """(shape, dtype) of every output of the step graph ``spec`` for ``feeds``: ``topk_*`` [rows,
     new_len, k], ``token_scores`` [rows, new_len, score_width], ``log_probs`` [rows, new_len, the
     vocabulary (the candidates of a shortlist graph), or 0 without ``want_log_probs``], new K/V
@@ -108,10 +111,15 @@ def step_output_shapes(cfg: ModelConfig, spec: GraphSpec, feeds: dict[str, np.nd
     if feeds["want_log_probs"]:
         vocab = len(feeds["candidates"]) if "candidates" in feeds else cfg.vocab_size
     k = spec.outputs[0].shape[-1]
-    shapes = {"topk_scores": (rows, new_len, k), "topk_ids": (rows, new_len, k),
-              "token_scores": (rows, new_len, width), "log_probs": (rows, new_len, vocab)}
-    return {t.name: (shapes.get(t.name, (rows, cfg.heads, new_len, cfg.head_dim)), np.dtype(t.dtype))
-            for t in spec.outputs}
+    shapes = {
+        "topk_scores": (rows, new_len, k),
+        "topk_ids": (rows, new_len, k),
+        "token_scores": (rows, new_len, width),
+        "log_probs": (rows, new_len, vocab),
+    }
+    return {
+        t.name: (shapes.get(t.name, (rows, cfg.heads, new_len, cfg.head_dim)), np.dtype(t.dtype)) for t in spec.outputs
+    }
 
 
 def step_feeds(spec: GraphSpec, **arrays: np.ndarray) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ allocated here for it, so a step adds nothing to ONNX Runtime's arena but its in
 ``device="cuda"`` the feeds are copied to the GPU at every step (the caches live on the host: see
 docs/limits.md).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -65,16 +66,20 @@ class OrtBackend:
         self.shortlist = shortlist
         step_graph = SHORTLIST_STEP if shortlist else "decoder_step"
         if step_graph not in artifact.manifest.graphs:
-            raise InputError(f"{artifact.path} has no {step_graph} graph (exported by an older version): "
-                             "export it again to use a vocabulary shortlist")
+            raise InputError(
+                f"{artifact.path} has no {step_graph} graph (exported by an older version): "
+                "export it again to use a vocabulary shortlist"
+            )
         providers = providers_for(device)
         so = session_options(threads)
         # The two sessions are built at once: most of a session's creation is prepacking its
         # weights (measured on base: 1.4 of the step's 1.5 s), which ONNX Runtime does with the
         # GIL released, so the load costs the longer of the two, not their sum.
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="deltalm-session") as pool:
-            futures = [pool.submit(ort.InferenceSession, str(artifact.graph_path(g)), so, providers=providers)
-                       for g in ("encoder", step_graph)]
+            futures = [
+                pool.submit(ort.InferenceSession, str(artifact.graph_path(g)), so, providers=providers)
+                for g in ("encoder", step_graph)
+            ]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:  # onnxruntime raises its own exception types
             raise ArtifactError(f"{artifact.path}: ONNX Runtime cannot load the graphs: {errors[0]}") from None
@@ -87,8 +92,9 @@ class OrtBackend:
         self.limits = BatchLimits()
 
     @classmethod
-    def from_artifact(cls, path, device: str = "cpu", threads: int | None = None, shortlist: bool = False,
-                      **_) -> OrtBackend:
+    def from_artifact(
+        cls, path, device: str = "cpu", threads: int | None = None, shortlist: bool = False, **_
+    ) -> OrtBackend:
         """Open and hash-check the artifact, and load its graphs. The sha256 check of every file
         runs in a thread while ONNX Runtime builds the sessions (hashlib releases the GIL), so the
         start-up costs the longer of the two, not their sum; a mismatch is reported before any
@@ -136,8 +142,10 @@ class OrtBackend:
         binding = self.decoder.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        outputs = {name: np.empty(shape, dtype=dtype)
-                   for name, (shape, dtype) in step_output_shapes(self.cfg, self.step_spec, feeds).items()}
+        outputs = {
+            name: np.empty(shape, dtype=dtype)
+            for name, (shape, dtype) in step_output_shapes(self.cfg, self.step_spec, feeds).items()
+        }
         for name, array in outputs.items():
             _bind_output(binding, name, array)
         self.decoder.run_with_iobinding(binding)

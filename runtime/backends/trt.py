@@ -55,6 +55,7 @@ Importing this module needs neither TensorRT nor CUDA: everything that touches t
 inside the functions that use it. The pure functions (profiles, buffer plans, profile fitting,
 compatibility checks) are tested without a GPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,15 @@ TENSORRT_SUPPORTED = ((10, 12), (12, 0))
 MIN_ALLOCATION = 256  # bytes: never hand TensorRT a null pointer, even for an empty tensor
 
 # TensorRT DataType names -> numpy (bf16 has no numpy dtype: such I/O is refused)
-_TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64",
-                 "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
+_TRT_TO_NUMPY = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "INT8": "int8",
+    "UINT8": "uint8",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +127,9 @@ def vocabulary_axis(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
     return {"vocab": (0, cfg.vocab_size, cfg.vocab_size)}
 
 
-def plan_buffers(spec: GraphSpec, profile: dict, dtypes: dict[str, str] | None = None,
-                 output_axes: dict | None = None) -> dict[str, tuple[tuple, np.dtype, int]]:
+def plan_buffers(
+    spec: GraphSpec, profile: dict, dtypes: dict[str, str] | None = None, output_axes: dict | None = None
+) -> dict[str, tuple[tuple, np.dtype, int]]:
     """The device buffer of every input and output of ``spec`` at the profile's maximum:
     ``{name: (max_shape, dtype, nbytes)}``. ``output_axes`` bounds the axes no input has
     (``vocabulary_axis``); ``dtypes`` overrides the spec's dtypes (an engine's I/O types, e.g.
@@ -162,7 +171,10 @@ _AXIS_HINTS = {
     "sents": ("a batch of {v} sentences", "--max-batch (or translate with a smaller --batch-size)"),
     "src_len": ("a source of {v} tokens", "--max-src-len"),
     "cache_len": ("target length {v}", "--max-tgt-len (or translate with a smaller --max-len-b)"),
-    "new_len": ("{v} tokens fed per row", "a --profile whose tokens allow it (scoring whole targets runs on the ort backend)"),
+    "new_len": (
+        "{v} tokens fed per row",
+        "a --profile whose tokens allow it (scoring whole targets runs on the ort backend)",
+    ),
     "score_width": ("{v} scored ids per position", "a --profile whose score_ids allow it"),
 }
 
@@ -177,11 +189,14 @@ def check_within_profile(axes: dict[str, tuple[int, int, int]], shapes: dict[str
         lo, _, hi = axes[axis]
         what, option = _AXIS_HINTS.get(axis, (axis + " = {v}", "a wider --profile"))
         if value > hi:
-            raise InputError(f"{what.format(v=value)} exceeds the engine profile maximum {hi}; "
-                             f"rebuild engines with {option}")
+            raise InputError(
+                f"{what.format(v=value)} exceeds the engine profile maximum {hi}; rebuild engines with {option}"
+            )
         if value < lo:
-            raise InputError(f"{what.format(v=value)} is below the engine profile minimum {lo}; "
-                             f"rebuild engines with a --profile that allows it")
+            raise InputError(
+                f"{what.format(v=value)} is below the engine profile minimum {lo}; "
+                f"rebuild engines with a --profile that allows it"
+            )
 
 
 def feed_axes(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
@@ -195,8 +210,9 @@ def feed_axes(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
     return sizes
 
 
-def fit_to_profile(spec: GraphSpec, axes: dict[str, tuple[int, int, int]],
-                   feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fit_to_profile(
+    spec: GraphSpec, axes: dict[str, tuple[int, int, int]], feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The step's ``feeds`` as an engine of profile ``axes`` takes them. A capacity axis wider than
     the profile allows is cut to the part in use, which the graph alone reads: ``cache_len`` to the
     largest of ``positions`` (a row reads its cache at [0, position)), ``src_len`` to the last
@@ -238,8 +254,9 @@ def graph_source_digest(manifest, graph: str) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def check_engine_compat(meta: dict, onnx_sha256: str, trt_version: str, gpu_name: str,
-                        compute_capability: str, where: str = "") -> None:
+def check_engine_compat(
+    meta: dict, onnx_sha256: str, trt_version: str, gpu_name: str, compute_capability: str, where: str = ""
+) -> None:
     """Refuse an engine (metadata written by ``deltalm engines``) that was built from another
     ONNX file, with another TensorRT version, or for another GPU: TensorRT engines load only in
     the version that built them and are tuned for (and may only run on) one GPU model. Raises
@@ -247,13 +264,17 @@ def check_engine_compat(meta: dict, onnx_sha256: str, trt_version: str, gpu_name
     name = meta.get("file", meta.get("graph", "engine"))
     problems = []
     if meta.get("onnx_sha256") != onnx_sha256:
-        problems.append(f"it was built from another {meta.get('onnx', 'ONNX file')} "
-                        f"(sha256 {str(meta.get('onnx_sha256'))[:12]}..., the artifact's is {onnx_sha256[:12]}...)")
+        problems.append(
+            f"it was built from another {meta.get('onnx', 'ONNX file')} "
+            f"(sha256 {str(meta.get('onnx_sha256'))[:12]}..., the artifact's is {onnx_sha256[:12]}...)"
+        )
     if meta.get("tensorrt") != trt_version:
         problems.append(f"it was built with TensorRT {meta.get('tensorrt')}, this is TensorRT {trt_version}")
     if meta.get("compute_capability") != compute_capability:
-        problems.append(f"it was built for compute capability {meta.get('compute_capability')} "
-                        f"({meta.get('gpu')}), this GPU ({gpu_name}) has {compute_capability}")
+        problems.append(
+            f"it was built for compute capability {meta.get('compute_capability')} "
+            f"({meta.get('gpu')}), this GPU ({gpu_name}) has {compute_capability}"
+        )
     elif meta.get("gpu") != gpu_name:
         problems.append(f"it was built on a {meta.get('gpu')}, this GPU is a {gpu_name}")
     if problems:
@@ -315,13 +336,19 @@ def check_tensorrt_version(version: str) -> None:
     try:
         major, minor = (int(p) for p in version.split(".")[:2])
     except ValueError:
-        raise DeltaLMError(f"cannot read the TensorRT version {version!r}; deltalm needs TensorRT {supported_tensorrt()}") from None
+        raise DeltaLMError(
+            f"cannot read the TensorRT version {version!r}; deltalm needs TensorRT {supported_tensorrt()}"
+        ) from None
     lo, hi = TENSORRT_SUPPORTED
     if (major, minor) < lo:
-        raise DeltaLMError(f"TensorRT {version} is too old: deltalm needs TensorRT {lo[0]}.{lo[1]} or newer "
-                           f"(strongly typed networks); `pip install -U tensorrt`")
+        raise DeltaLMError(
+            f"TensorRT {version} is too old: deltalm needs TensorRT {lo[0]}.{lo[1]} or newer "
+            f"(strongly typed networks); `pip install -U tensorrt`"
+        )
     if (major, minor) >= hi:
-        raise DeltaLMError(f"TensorRT {version} is not supported yet: deltalm is written for TensorRT {supported_tensorrt()}")
+        raise DeltaLMError(
+            f"TensorRT {version} is not supported yet: deltalm is written for TensorRT {supported_tensorrt()}"
+        )
 
 
 def import_tensorrt():
@@ -329,8 +356,10 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise DeltaLMError("TensorRT is not installed (no `tensorrt` Python module); --backend trt and "
-                           f"`deltalm engines` need TensorRT {supported_tensorrt()}") from None
+        raise DeltaLMError(
+            "TensorRT is not installed (no `tensorrt` Python module); --backend trt and "
+            f"`deltalm engines` need TensorRT {supported_tensorrt()}"
+        ) from None
     check_tensorrt_version(str(trt.__version__))
     return trt
 
@@ -339,8 +368,9 @@ def _import_cuda():
     try:
         from polygraphy import cuda
     except ImportError:
-        raise DeltaLMError("--backend trt needs Polygraphy (the `polygraphy` Python module) for device memory; "
-                           "it is not installed") from None
+        raise DeltaLMError(
+            "--backend trt needs Polygraphy (the `polygraphy` Python module) for device memory; it is not installed"
+        ) from None
     return cuda
 
 
@@ -427,9 +457,17 @@ class TrtBackend:
         gpu_name, capability = gpu_identity()
         for graph in ENGINE_GRAPHS:
             if graph not in meta.get("engines", {}):
-                raise ArtifactError(f"{artifact.path}: no {graph} engine; rebuild with `deltalm engines {artifact.path}`")
-            check_engine_compat(meta["engines"][graph], graph_source_digest(artifact.manifest, graph),
-                                trt.__version__, gpu_name, capability, where=str(artifact.path))
+                raise ArtifactError(
+                    f"{artifact.path}: no {graph} engine; rebuild with `deltalm engines {artifact.path}`"
+                )
+            check_engine_compat(
+                meta["engines"][graph],
+                graph_source_digest(artifact.manifest, graph),
+                trt.__version__,
+                gpu_name,
+                capability,
+                where=str(artifact.path),
+            )
         self.trt = trt
         self.cuda = cuda
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -443,12 +481,16 @@ class TrtBackend:
         self.step_engine = _Engine(self.runtime, engine_path["decoder_step"], self.step_spec, vocabulary_axis(self.cfg))
         for name in self._cross_names:  # one buffer serves both: both engines must agree on the type
             if self.encoder.dtypes[name] != self.step_engine.dtypes[name]:
-                raise ArtifactError(f"{artifact.path}: the encoder engine writes {name} as {self.encoder.dtypes[name]}, "
-                                    f"the decoder_step engine reads {self.step_engine.dtypes[name]}")
+                raise ArtifactError(
+                    f"{artifact.path}: the encoder engine writes {name} as {self.encoder.dtypes[name]}, "
+                    f"the decoder_step engine reads {self.step_engine.dtypes[name]}"
+                )
         # allocated once, here; the step's cross K/V inputs use the encoder's output buffers
         self._memory = {}
         engines = {"encoder": self.encoder, "decoder_step": self.step_engine}
-        for key, nbytes in device_allocations(self.encoder.plan, self.step_engine.plan, self.cfg.decoder_layers).items():
+        for key, nbytes in device_allocations(
+            self.encoder.plan, self.step_engine.plan, self.cfg.decoder_layers
+        ).items():
             buf = self._memory[key] = cuda.DeviceArray(shape=(nbytes,), dtype=np.uint8)
             graph, name = key.split(":")
             engines[graph].buffers[name] = buf
@@ -486,15 +528,25 @@ class TrtBackend:
     def _to_device(self, engine: _Engine, name: str, array) -> np.ndarray:
         host = np.require(array, dtype=engine.dtypes[name], requirements="C")  # keeps a scalar 0-D
         if host.nbytes:
-            self.cuda.wrapper().memcpy(engine.buffers[name].ptr, host.ctypes.data, host.nbytes,
-                                       self.cuda.MemcpyKind.HostToDevice, self.stream.ptr)
+            self.cuda.wrapper().memcpy(
+                engine.buffers[name].ptr,
+                host.ctypes.data,
+                host.nbytes,
+                self.cuda.MemcpyKind.HostToDevice,
+                self.stream.ptr,
+            )
         return host  # the caller keeps it alive until the stream is synchronized
 
     def _to_host(self, engine: _Engine, name: str, shape: tuple) -> np.ndarray:
         host = np.empty(shape, dtype=engine.dtypes[name])
         if host.nbytes:
-            self.cuda.wrapper().memcpy(host.ctypes.data, engine.buffers[name].ptr, host.nbytes,
-                                       self.cuda.MemcpyKind.DeviceToHost, self.stream.ptr)
+            self.cuda.wrapper().memcpy(
+                host.ctypes.data,
+                engine.buffers[name].ptr,
+                host.nbytes,
+                self.cuda.MemcpyKind.DeviceToHost,
+                self.stream.ptr,
+            )
         return host
 
     def _bind(self, engine: _Engine, name: str, ptr: int, shape: tuple | None = None) -> None:

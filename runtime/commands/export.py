@@ -3,6 +3,7 @@
 torch and onnx are imported only when one of these commands runs; without the ``export`` extra
 installed they fail in one line naming it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ def require_export_extra(command: str) -> None:
 
 
 def _config_argument(parser) -> None:
-    parser.add_argument("--config", help="preset name (deltalm-base, deltalm-large, tiny) or JSON file overriding "
-                                         "the architecture")
+    parser.add_argument(
+        "--config", help="preset name (deltalm-base, deltalm-large, tiny) or JSON file overriding the architecture"
+    )
 
 
 def add_inspect_arguments(s: argparse.ArgumentParser) -> None:
@@ -39,25 +41,46 @@ def add_export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="artifact directory to write")
     s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     _config_argument(s)
-    s.add_argument("--topk", type=int, default=10,
-                   help="k of the in-graph top-k, the beam search fast path (>= 2 x the largest beam; default 10)")
-    s.add_argument("--tolerance", type=float, default=None,
-                   help="fp32 parity limit on log-probs (max abs, default 1e-4); fp16 / int8 have their own verdict")
+    s.add_argument(
+        "--topk",
+        type=int,
+        default=10,
+        help="k of the in-graph top-k, the beam search fast path (>= 2 x the largest beam; default 10)",
+    )
+    s.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="fp32 parity limit on log-probs (max abs, default 1e-4); fp16 / int8 have their own verdict",
+    )
     s.add_argument("--as-deltalm", action="store_true", help="seed a DeltaLM from an XLM-R checkpoint")
-    s.add_argument("--no-optimize", action="store_true", help="do not list ONNX Runtime's transformer fusions in the manifest (saves time; "
-                   "the graphs are the same, ONNX Runtime still fuses them when it loads them)")
+    s.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="do not list ONNX Runtime's transformer fusions in the manifest (saves time; "
+        "the graphs are the same, ONNX Runtime still fuses them when it loads them)",
+    )
     s.add_argument("--force", action="store_true", help="replace an existing artifact directory")
-    s.add_argument("--verbose", action="store_true",
-                   help="print the parity table (every graph output and case; parity.json always holds it)")
-    s.add_argument("--allow-parity-failure", action="store_true",
-                   help="write the artifact even if its parity verdict fails (parity.json records it)")
+    s.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the parity table (every graph output and case; parity.json always holds it)",
+    )
+    s.add_argument(
+        "--allow-parity-failure",
+        action="store_true",
+        help="write the artifact even if its parity verdict fails (parity.json records it)",
+    )
     _parity_corpus_argument(s)
 
 
 def _parity_corpus_argument(parser) -> None:
-    parser.add_argument("--parity-corpus", metavar="FILE",
-                        help="sentences of yours (UTF-8, one a line; 16 are used) for the parity check, instead of "
-                             "text sampled from the sentencepiece model")
+    parser.add_argument(
+        "--parity-corpus",
+        metavar="FILE",
+        help="sentences of yours (UTF-8, one a line; 16 are used) for the parity check, instead of "
+        "text sampled from the sentencepiece model",
+    )
 
 
 def add_parity_arguments(s: argparse.ArgumentParser) -> None:
@@ -126,9 +149,11 @@ def _refuse_an_artifact_as_checkpoint(path: str) -> None:
         source = read_manifest(path).source.checkpoint
     except DeltaLMError:
         source = None
-    raise InputError(f"{path} is an artifact directory (exported already), not a checkpoint: use it as it is "
-                     f"(`deltalm translate {path}`); to export again, give the checkpoint it was exported from"
-                     + (f" ({source})" if source else ""))
+    raise InputError(
+        f"{path} is an artifact directory (exported already), not a checkpoint: use it as it is "
+        f"(`deltalm translate {path}`); to export again, give the checkpoint it was exported from"
+        + (f" ({source})" if source else "")
+    )
 
 
 def run_export(args) -> int:
@@ -137,11 +162,22 @@ def run_export(args) -> int:
     _check_config_file(args.config)
     from ..export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, spm=args.spm, dictionary=args.dict, precision=args.precision,
-                      config=args.config, topk=args.topk, tolerance=args.tolerance, as_deltalm=args.as_deltalm,
-                      optimize=not args.no_optimize, force=args.force,
-                      allow_parity_failure=args.allow_parity_failure, verbose=args.verbose,
-                      parity_corpus=args.parity_corpus)
+    export_checkpoint(
+        args.checkpoint,
+        args.out,
+        spm=args.spm,
+        dictionary=args.dict,
+        precision=args.precision,
+        config=args.config,
+        topk=args.topk,
+        tolerance=args.tolerance,
+        as_deltalm=args.as_deltalm,
+        optimize=not args.no_optimize,
+        force=args.force,
+        allow_parity_failure=args.allow_parity_failure,
+        verbose=args.verbose,
+        parity_corpus=args.parity_corpus,
+    )
     return 0
 
 
@@ -149,8 +185,14 @@ def run_parity(args) -> int:
     require_export_extra("parity")
     from ..export import check_parity
 
-    check_parity(args.dir, checkpoint=args.checkpoint, tolerance=args.tolerance, log=print, verbose=args.verbose,
-                 parity_corpus=args.parity_corpus)
+    check_parity(
+        args.dir,
+        checkpoint=args.checkpoint,
+        tolerance=args.tolerance,
+        log=print,
+        verbose=args.verbose,
+        parity_corpus=args.parity_corpus,
+    )
     return 0
 
 
@@ -160,5 +202,13 @@ def run_engines(args) -> int:
     return engines_command(args)
 
 
-__all__ = ["add_inspect_arguments", "add_export_arguments", "add_parity_arguments", "run_inspect", "run_export",
-           "run_parity", "run_engines", "require_export_extra"]
+__all__ = [
+    "add_inspect_arguments",
+    "add_export_arguments",
+    "add_parity_arguments",
+    "run_inspect",
+    "run_export",
+    "run_parity",
+    "run_engines",
+    "require_export_extra",
+]

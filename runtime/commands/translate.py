@@ -8,6 +8,7 @@ waits for the answer gets it without closing the input. ``--buffer-size N`` read
 translating, as fairseq-interactive does.
 Output: stdout (flushed after every chunk) or ``--output FILE``, written atomically when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,37 +33,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--spm", help="sentencepiece model, with --checkpoint")
     m.add_argument("--dict", help="fairseq dict.txt, with --checkpoint")
     m.add_argument("--config", help="preset name or JSON file overriding the architecture, with --checkpoint")
-    m.add_argument("--backend", choices=BACKENDS,
-                   help="default: ort for a directory, torch for --checkpoint; torch on a directory runs the "
-                        "checkpoint its manifest names")
+    m.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="default: ort for a directory, torch for --checkpoint; torch on a directory runs the "
+        "checkpoint its manifest names",
+    )
     m.add_argument("--device", choices=("cpu", "cuda"), help="ort / trt only (default: cpu for ort, cuda for trt)")
     m.add_argument("--threads", type=int, metavar="N", help="CPU threads of the backend")
-    m.add_argument("--shortlist", metavar="FILE",
-                   help="vocabulary shortlist of `deltalm shortlist`: score only its candidates (faster, approximate; ort)")
+    m.add_argument(
+        "--shortlist",
+        metavar="FILE",
+        help="vocabulary shortlist of `deltalm shortlist`: score only its candidates (faster, approximate; ort)",
+    )
 
     io_ = parser.add_argument_group("input / output")
     io_.add_argument("--input", metavar="FILE", help="text to translate, one sentence a line (default: stdin)")
     io_.add_argument("--output", metavar="FILE", help="written atomically when complete (default: stdout)")
-    io_.add_argument("--format", choices=("text", "jsonl"), default="text",
-                     help="jsonl: one record per line with the n-best ids, scores (natural log) and texts")
-    io_.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                     help="invalid UTF-8 input: fail (strict) or translate with U+FFFD (replace)")
-    io_.add_argument("--truncate", action="store_true",
-                     help="cut sources longer than the model's positions (a warning names each line)")
-    io_.add_argument("--src-prefix", nargs="+", metavar="SYM",
-                     help="forced source prefix tokens, e.g. a language tag (put SOURCE before this option)")
-    io_.add_argument("--tgt-prefix", nargs="+", metavar="SYM",
-                     help="forced target prefix tokens, removed from the output text")
-    io_.add_argument("--target-prefix", metavar="FILE",
-                     help="one target prefix a line, parallel to the input (empty line: none): each translation "
-                          "starts with its prefix (tokenized as a target; kept in the output)")
-    io_.add_argument("--constraints", nargs="?", const="ordered", choices=("ordered", "unordered"),
-                     help="lexically constrained decoding (fairseq-interactive's input: the source, then each "
-                          "constraint after a tab, on one line): every hypothesis contains each constraint, in the "
-                          "given order (ordered, the default) or in any (unordered)")
-    io_.add_argument("--buffer-size", type=int, metavar="N",
-                     help="stdin: read N lines, then translate them (fairseq-interactive); default: translate "
-                          "whatever lines are waiting as soon as they arrive")
+    io_.add_argument(
+        "--format",
+        choices=("text", "jsonl"),
+        default="text",
+        help="jsonl: one record per line with the n-best ids, scores (natural log) and texts",
+    )
+    io_.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8 input: fail (strict) or translate with U+FFFD (replace)",
+    )
+    io_.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut sources longer than the model's positions (a warning names each line)",
+    )
+    io_.add_argument(
+        "--src-prefix",
+        nargs="+",
+        metavar="SYM",
+        help="forced source prefix tokens, e.g. a language tag (put SOURCE before this option)",
+    )
+    io_.add_argument(
+        "--tgt-prefix", nargs="+", metavar="SYM", help="forced target prefix tokens, removed from the output text"
+    )
+    io_.add_argument(
+        "--target-prefix",
+        metavar="FILE",
+        help="one target prefix a line, parallel to the input (empty line: none): each translation "
+        "starts with its prefix (tokenized as a target; kept in the output)",
+    )
+    io_.add_argument(
+        "--constraints",
+        nargs="?",
+        const="ordered",
+        choices=("ordered", "unordered"),
+        help="lexically constrained decoding (fairseq-interactive's input: the source, then each "
+        "constraint after a tab, on one line): every hypothesis contains each constraint, in the "
+        "given order (ordered, the default) or in any (unordered)",
+    )
+    io_.add_argument(
+        "--buffer-size",
+        type=int,
+        metavar="N",
+        help="stdin: read N lines, then translate them (fairseq-interactive); default: translate "
+        "whatever lines are waiting as soon as they arrive",
+    )
     io_.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     add_search_arguments(parser)
@@ -83,8 +118,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ban repeated n-grams of this size" + d)
     s.add_argument("--sampling", action="store_true", help="sample instead of beam search")
     s.add_argument("--temperature", type=float, default=1.0, help=d.strip())
-    s.add_argument("--sampling-topk", type=int, default=-1, help="sample from the k most likely tokens (with --sampling)")
-    s.add_argument("--sampling-topp", type=float, default=-1.0, help="sample from the nucleus of mass p (with --sampling)")
+    s.add_argument(
+        "--sampling-topk", type=int, default=-1, help="sample from the k most likely tokens (with --sampling)"
+    )
+    s.add_argument(
+        "--sampling-topp", type=float, default=-1.0, help="sample from the nucleus of mass p (with --sampling)"
+    )
     # the names of earlier versions, kept working (hidden: --topk is also export's in-graph k)
     s.add_argument("--topk", type=int, dest="sampling_topk", help=argparse.SUPPRESS)
     s.add_argument("--topp", type=float, dest="sampling_topp", help=argparse.SUPPRESS)
@@ -93,20 +132,37 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group("batching")
-    b.add_argument("--batch-size", type=int,
-                   help=f"sentences per batch (default {DEFAULT_BATCH_SIZE}; no limit when only --max-tokens is given)")
+    b.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"sentences per batch (default {DEFAULT_BATCH_SIZE}; no limit when only --max-tokens is given)",
+    )
     b.add_argument("--max-tokens", type=int, help="padded source tokens per batch (sentences x longest source)")
-    b.add_argument("--chunk-lines", type=int, default=DEFAULT_CHUNK_LINES,
-                   help="lines read, sorted by length and batched at a time")
+    b.add_argument(
+        "--chunk-lines",
+        type=int,
+        default=DEFAULT_CHUNK_LINES,
+        help="lines read, sorted by length and batched at a time",
+    )
 
 
 def translate_options(args) -> TranslateOptions:
     """The search options of the command line, checked (``OptionError`` naming the option)."""
     opts = TranslateOptions(
-        beam=args.beam, nbest=args.nbest, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-        min_len=args.min_len, unkpen=args.unkpen, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        sampling=args.sampling, temperature=args.temperature, sampling_topk=args.sampling_topk,
-        sampling_topp=args.sampling_topp, seed=args.seed, truncate=args.truncate,
+        beam=args.beam,
+        nbest=args.nbest,
+        lenpen=args.lenpen,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        min_len=args.min_len,
+        unkpen=args.unkpen,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        sampling=args.sampling,
+        temperature=args.temperature,
+        sampling_topk=args.sampling_topk,
+        sampling_topp=args.sampling_topp,
+        seed=args.seed,
+        truncate=args.truncate,
         constraint_order=getattr(args, "constraints", None) or "ordered",
     )
     opts.validate()
@@ -117,9 +173,13 @@ def _batching(args) -> dict:
     batch_size = args.batch_size
     if batch_size is None and args.max_tokens is None:
         batch_size = DEFAULT_BATCH_SIZE
-    for flag, value in (("--batch-size", batch_size), ("--max-tokens", args.max_tokens),
-                        ("--chunk-lines", args.chunk_lines), ("--buffer-size", args.buffer_size),
-                        ("--threads", args.threads)):
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--max-tokens", args.max_tokens),
+        ("--chunk-lines", args.chunk_lines),
+        ("--buffer-size", args.buffer_size),
+        ("--threads", args.threads),
+    ):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
     return {"batch_size": batch_size, "max_tokens": args.max_tokens}
@@ -135,7 +195,9 @@ def _check_model_arguments(args) -> None:
         if missing:
             raise InputError(f"--checkpoint needs {' and '.join(missing)}")
         if (args.backend or "torch") != "torch":
-            raise InputError(f"--backend {args.backend} runs an artifact directory; a checkpoint runs with --backend torch")
+            raise InputError(
+                f"--backend {args.backend} runs an artifact directory; a checkpoint runs with --backend torch"
+            )
         if args.device == "cuda":
             raise InputError("--device applies to the ort and trt backends; the torch backend runs on the CPU")
         if not Path(args.checkpoint).exists():
@@ -147,9 +209,13 @@ def _check_model_arguments(args) -> None:
         hint = ""
         if args.src_prefix or args.tgt_prefix:
             hint = " (a directory written after --src-prefix / --tgt-prefix is read as a prefix symbol: put it first)"
-        raise InputError(f"nothing to translate with: give an artifact directory or --checkpoint CKPT --spm SPM --dict DICT{hint}")
+        raise InputError(
+            f"nothing to translate with: give an artifact directory or --checkpoint CKPT --spm SPM --dict DICT{hint}"
+        )
     if given:
-        raise InputError(f"{', '.join(f'--{opt}' for opt in given)} go with --checkpoint; an artifact directory has its own")
+        raise InputError(
+            f"{', '.join(f'--{opt}' for opt in given)} go with --checkpoint; an artifact directory has its own"
+        )
     if Path(args.source).is_file():
         raise InputError(
             f"{args.source} is a file, not an artifact directory: translate a checkpoint with "
@@ -164,7 +230,9 @@ def _check_model_arguments(args) -> None:
 
 def _check_paths(inp: str | None, out: str | None, prefixes: str | None = None) -> None:
     if inp is not None and not Path(inp).is_file():
-        raise InputError(f"input file {inp} does not exist" if not Path(inp).exists() else f"--input {inp} is not a file")
+        raise InputError(
+            f"input file {inp} does not exist" if not Path(inp).exists() else f"--input {inp} is not a file"
+        )
     if prefixes is not None and not Path(prefixes).is_file():
         raise InputError(f"--target-prefix {prefixes}: no such file")
     if out is not None:
@@ -180,11 +248,27 @@ def open_translator(args) -> Translator:
     checked before the slow backend load)."""
     warn = _warning
     if args.checkpoint:
-        return Translator(args.checkpoint, backend="torch", threads=args.threads, spm=args.spm,
-                          dictionary=args.dict, config=args.config, src_prefix=args.src_prefix,
-                          tgt_prefix=args.tgt_prefix, warn=warn)
-    return Translator(args.source, backend=args.backend, device=args.device, threads=args.threads,
-                      src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix, shortlist=args.shortlist, warn=warn)
+        return Translator(
+            args.checkpoint,
+            backend="torch",
+            threads=args.threads,
+            spm=args.spm,
+            dictionary=args.dict,
+            config=args.config,
+            src_prefix=args.src_prefix,
+            tgt_prefix=args.tgt_prefix,
+            warn=warn,
+        )
+    return Translator(
+        args.source,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        src_prefix=args.src_prefix,
+        tgt_prefix=args.tgt_prefix,
+        shortlist=args.shortlist,
+        warn=warn,
+    )
 
 
 def _stdio_path(p: str | None) -> str | None:
@@ -229,8 +313,15 @@ class _Progress:
     def __init__(self, total_bytes: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=max(total_bytes, 1), unit="B", unit_scale=True, desc="translate",
-                        file=sys.stderr, mininterval=0.2, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=max(total_bytes, 1),
+            unit="B",
+            unit_scale=True,
+            desc="translate",
+            file=sys.stderr,
+            mininterval=0.2,
+            dynamic_ncols=True,
+        )
         self.lines = self.tokens = 0
         self.read = 0
 
@@ -240,8 +331,9 @@ class _Progress:
         self.bar.update(done_bytes - self.read)
         self.read = done_bytes
         elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
-        self.bar.set_postfix_str(f"{self.lines} lines, {self.lines / elapsed:.1f} lines/s, "
-                                 f"{self.tokens / elapsed:.0f} tok/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"{self.lines} lines, {self.lines / elapsed:.1f} lines/s, {self.tokens / elapsed:.0f} tok/s", refresh=False
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -256,13 +348,18 @@ def run(args) -> int:
     inp, out_path = _stdio_path(args.input), _stdio_path(args.output)
     _check_paths(inp, out_path, args.target_prefix)
     if args.constraints and (args.target_prefix or args.tgt_prefix):
-        raise InputError("--constraints cannot be combined with a forced target prefix (--target-prefix, --tgt-prefix): "
-                         "fairseq's constrained search drops the forced tokens")
+        raise InputError(
+            "--constraints cannot be combined with a forced target prefix (--target-prefix, --tgt-prefix): "
+            "fairseq's constrained search drops the forced tokens"
+        )
     translator = open_translator(args)
     if translator.topk and translator.config.vocab_size > opts.beam > translator.topk // 2 and not opts.sampling:
-        print(f"deltalm: note: --beam {opts.beam} is more than half the artifact's in-graph top-k "
-              f"({translator.topk}): every step fetches the full log-probs (slower); export with "
-              f"--topk {2 * opts.beam} for the fast path", file=sys.stderr)
+        print(
+            f"deltalm: note: --beam {opts.beam} is more than half the artifact's in-graph top-k "
+            f"({translator.topk}): every step fetches the full log-probs (slower); export with "
+            f"--topk {2 * opts.beam} for the fast path",
+            file=sys.stderr,
+        )
 
     with contextlib.ExitStack() as stack:
         stack.callback(translator.close)
@@ -310,8 +407,15 @@ def run(args) -> int:
             target_prefix = (_text_of(line, args.target_prefix, k) or None for k, line in enumerate(prefix_file))
         if args.constraints:
             chunks, constraints = _split_constraints(chunks)
-        for t in translator.translate_chunks(feed_of(chunks), options=opts, errors=args.errors, source=inp, **batching,
-                                             target_prefix=target_prefix, constraints=constraints):
+        for t in translator.translate_chunks(
+            feed_of(chunks),
+            options=opts,
+            errors=args.errors,
+            source=inp,
+            **batching,
+            target_prefix=target_prefix,
+            constraints=constraints,
+        ):
             out.write((format_translation(t, args.format) + "\n").encode("utf-8"))
             counts["lines"] += 1
             counts["tokens"] += len(t.hypotheses[0].tokens) if t.hypotheses else 0
