@@ -1,5 +1,5 @@
 """The report of a run (pure formatting over the results dict): derived figures (speed-up over
-torch, roofline floor per cell), the targets of issue 5, markdown tables (rates, every figure,
+torch, roofline floor per cell), the CPU targets, markdown tables (rates, every figure,
 memory and load per backend, the side-by-side comparison with CTranslate2) and the chart."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _cell(results: dict, kind: str, beam: int, batch: int, src: int) -> dict | N
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The CPU targets of issue 5 against this run (source ~30 where a workload is named)."""
+    """The CPU targets against this run (source ~30 where a workload is named)."""
     src = 30 if 30 in results["settings"]["src_lens"] else results["settings"]["src_lens"][0]
     out = []
     base = results["model"].get("size", results["model"]["name"]) == "base"  # a base-sized artifact counts too
@@ -431,7 +431,7 @@ def format_markdown(results: dict) -> str:
     if results.get("control"):
         lines += ["", control_section(results["control"])]
     if results.get("targets"):
-        lines += ["", "## Targets (issue 5)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+        lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
         for t in results["targets"]:
             met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
             lines.append(
