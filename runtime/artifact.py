@@ -59,10 +59,13 @@ def check_can_decode(artifact: Artifact) -> None:
     version = artifact.manifest.format_version
     if version < DECODER_FORMAT:
         source = artifact.manifest.source.checkpoint or "CHECKPOINT"
+        tokenizer = artifact.manifest.tokenizer
+        spm = artifact.path / tokenizer["spm"] if "spm" in tokenizer else "SPM_MODEL"
+        dictionary = artifact.path / tokenizer["dict"] if "dict" in tokenizer else "DICT_TXT"
         raise ArtifactError(
             f"{artifact.path} was exported by an older deltalm (artifact format {version}); this version decodes "
             f"format {DECODER_FORMAT} (a decoder step with per-row positions): export it again with "
-            f"`deltalm export {source} --spm {artifact.spm_path} --dict {artifact.dict_path} --out NEW_DIR`"
+            f"`deltalm export {source} --spm {spm} --dict {dictionary} --out NEW_DIR`"
         )
 
 

@@ -50,7 +50,7 @@ from .metrics import ServeMetrics
 from .scheduler import Job, QueueFull, Scheduler, Scheduling, ScoreJob, ShuttingDown, StepReport
 
 WARMUP_TEXT = "warm up"
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).resolve().parent / "static"  # resolved: an editable install links the files
 
 
 @dataclass(frozen=True)
