@@ -135,7 +135,12 @@ def machine_info() -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
+    try:
+        versions = {"deltalm": importlib.metadata.version("deltalm-deploy"), **versions}
+    except importlib.metadata.PackageNotFoundError:
+        pass
     return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,

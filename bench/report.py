@@ -291,8 +291,10 @@ def format_console_summary(results: dict, out: Path) -> str:
 
 def machine_line(m: dict) -> str:
     """The machine and the versions a report's figures were taken with, one sentence."""
+    date = f"Measured {m['date']} (UTC). " if m.get("date") else ""
     return (
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; "
+        date
+        + f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + "."
     )

@@ -483,7 +483,10 @@ def plot(report: dict, path: Path) -> None:
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.1f} GB, python {platform.python_version()}"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.1f} GB, "
+        f"python {platform.python_version()}, measured {time.strftime('%Y-%m-%d', time.gmtime())} (UTC)"
+    )
 
 
 def run_bench(artifact: Path, model_name: str, out: Path, plan: BenchPlan) -> dict:

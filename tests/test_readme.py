@@ -11,7 +11,7 @@ How to write an example in README.md or docs/**/*.md so that this test runs it:
   fairseq DeltaLM and its tokenizer), ``input.txt``, ``train.de`` / ``train.en`` (a small parallel
   corpus), ``corpus/*.txt``; ``deltalm`` and ``.venv/bin/deltalm`` are this checkout's. A block
   passes when it exits 0 and prints no traceback. Keep them small: they run in ``make test``.
-- A block whose first command is ``deltalm serve ...``: the server starts in the background, the
+- A block whose first command is ``deltalm serve ...`` (or ``.venv/bin/deltalm serve``): the server starts in the background, the
   rest of the block runs once its ready line is out, then the server gets SIGTERM and must exit
   0. Port 8000 in such a block is replaced by a free port.
 - ```console and ```text blocks are shown, not run: commands that need what a test cannot have
@@ -91,7 +91,7 @@ def run_block(code: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     lines = code.splitlines()
     first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
     bash = ["bash", "-euo", "pipefail", "-c"]
-    if first is None or not lines[first].startswith("deltalm serve "):
+    if first is None or not lines[first].startswith(("deltalm serve ", ".venv/bin/deltalm serve ")):
         return subprocess.run([*bash, code], cwd=cwd, env=env, capture_output=True, text=True, timeout=WAIT_S)
     lines = code.replace("8000", str(free_port())).splitlines()
     server = subprocess.Popen(
