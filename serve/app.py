@@ -606,6 +606,15 @@ def create_app(
         metrics.requests.labels(str(status)).inc()
         metrics.latency.observe(time.monotonic() - t0)
 
+    async def accepted_body(request: Request) -> bytes:
+        """The body of a request the service takes: ApiError 503 while it drains or warms up, 413
+        over the body limit."""
+        if service.draining:
+            raise shutting_down()
+        if not service.ready.is_set():
+            raise ApiError(503, "not_ready", "the model is still warming up", headers={"Retry-After": "1"})
+        return await _read_body(request, limits.max_body_bytes)
+
     errors = {"model": ErrorBody}
     request_schema = TranslateRequest.model_json_schema()
 
@@ -630,11 +639,7 @@ def create_app(
         t0 = time.monotonic()
         metrics.in_progress.inc()
         try:
-            if service.draining:
-                raise shutting_down()
-            if not service.ready.is_set():
-                raise ApiError(503, "not_ready", "the model is still warming up", headers={"Retry-After": "1"})
-            call = service.parse(await _read_body(request, limits.max_body_bytes))
+            call = service.parse(await accepted_body(request))
             job = service.submit(service.prepare(call), call.stream)
         except ApiError as e:
             finish(t0, e.status, e.kind)
@@ -670,11 +675,7 @@ def create_app(
         t0 = time.monotonic()
         metrics.in_progress.inc()
         try:
-            if service.draining:
-                raise shutting_down()
-            if not service.ready.is_set():
-                raise ApiError(503, "not_ready", "the model is still warming up", headers={"Retry-After": "1"})
-            job = service.submit_scores(service.parse_scores(await _read_body(request, limits.max_body_bytes)))
+            job = service.submit_scores(service.parse_scores(await accepted_body(request)))
         except ApiError as e:
             finish(t0, e.status, e.kind)
             return error_response(e)
