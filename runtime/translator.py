@@ -455,15 +455,10 @@ class Translator:
         sentences decode at once (sentences, and sentences x their longest source). Bad options
         raise ``OptionError`` before anything is decoded; a failing sentence a ``SentenceError``
         naming its position."""
-        if isinstance(sentences, (str, bytes)):
-            raise InputError("translate_batch takes a list of sentences, not one string")
-        opts = self.options(options, **overrides)
-        batching = BatchOptions(batch_size, max_tokens)
-        batching.validate()
-        sentences = list(sentences)
-        return self._decode(
-            self.prepare(sentences, opts, target_prefix=target_prefix, constraints=constraints), 0, batching
+        prepared, batching = self._prepare_list(
+            "translate_batch", sentences, options, target_prefix, constraints, batch_size, max_tokens, overrides
         )
+        return self._decode(prepared, 0, batching)
 
     def translate_iterable(
         self,
@@ -569,13 +564,23 @@ class Translator:
         sentence's final ``Translation`` as soon as it is done (in the order they finish; an empty
         sentence's at once). Every sentence gets exactly one ``Translation``, equal to what
         ``translate_batch`` returns for it."""
+        prepared, batching = self._prepare_list(
+            "translate_stream", sentences, options, target_prefix, constraints, batch_size, max_tokens, overrides
+        )
+        return self._events(prepared, 0, batching, partials=True)
+
+    def _prepare_list(
+        self, method: str, sentences, options, target_prefix, constraints, batch_size, max_tokens, overrides
+    ) -> tuple[list[Sentence | None], BatchOptions]:
+        """The options, batching and prepared sentences of ``translate_batch`` / ``translate_stream``,
+        checked before anything is decoded."""
         if isinstance(sentences, (str, bytes)):
-            raise InputError("translate_stream takes a list of sentences, not one string")
+            raise InputError(f"{method} takes a list of sentences, not one string")
         opts = self.options(options, **overrides)
         batching = BatchOptions(batch_size, max_tokens)
         batching.validate()
         prepared = self.prepare(list(sentences), opts, target_prefix=target_prefix, constraints=constraints)
-        return self._events(prepared, 0, batching, partials=True)
+        return prepared, batching
 
     def score_batch(
         self,
