@@ -1,6 +1,6 @@
 """Child processes of the benchmark: each backend, export and check runs in a process of its
 own, so that its wall time, CPU time and peak RSS are its own. Also this machine's load (other
-sessions share it) and a process's RSS from /proc."""
+processes share it) and this process's peak RSS per measured section."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from deltalm.export.stage_meter import peak_rss_mb, reset_peak_rss
+from deltalm.export.stage_meter import rss_mb as current_rss_mb
 
 from .progress import log
 
@@ -26,38 +29,7 @@ class ChildResult:
     stderr: str = ""
 
 
-# --- this process's memory ------------------------------------------------------------------------
-
-
-def _proc_status_mb(key: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS since its exec or the last ``reset_peak_rss`` (VmHWM; ru_maxrss
-    also holds the parent's at fork)."""
-    return _proc_status_mb("VmHWM")
-
-
-def current_rss_mb() -> float:
-    return _proc_status_mb("VmRSS")
-
-
-def reset_peak_rss() -> bool:
-    """Set this process's peak RSS (VmHWM) back to its current RSS (Linux: ``5`` into
-    /proc/self/clear_refs), so that a later ``peak_rss_mb`` is the peak of what came after.
-    False where the kernel does not allow it (the peak then includes what came before)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+# --- this process's memory: read from /proc as the export's stage meter reads it ------------------
 
 
 class PeakMeter:

@@ -38,7 +38,16 @@ def rss_mb() -> float:
     return _status_mb("VmRSS")
 
 
-def _reset_peak() -> bool:
+def peak_rss_mb() -> float:
+    """This process's peak RSS (MB) since its exec or the last ``reset_peak_rss`` (VmHWM;
+    ru_maxrss also holds the parent's at fork)."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (VmHWM) back to its current RSS (Linux: ``5`` into
+    /proc/self/clear_refs), so that a later ``peak_rss_mb`` is the peak of what came after.
+    False where the kernel does not allow it (the peak then includes what came before)."""
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
@@ -79,17 +88,17 @@ class StageMeter:
     _open: list[Stage] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.peak_mb = _status_mb("VmHWM")
+        self.peak_mb = peak_rss_mb()
         self.exact = self.exact_stages
 
     def _mark(self) -> None:
         """Fold the kernel's mark into every open stage and the process peak, then reset it."""
-        hwm = _status_mb("VmHWM")
+        hwm = peak_rss_mb()
         if hwm == hwm:  # not NaN
             self.peak_mb = hwm if self.peak_mb != self.peak_mb else max(self.peak_mb, hwm)
             for s in self._open:
                 s.peak_mb = hwm if s.peak_mb != s.peak_mb else max(s.peak_mb, hwm)
-        if self.exact and not _reset_peak():
+        if self.exact and not reset_peak_rss():
             self.exact = False  # peaks so far from here on
 
     @contextlib.contextmanager
