@@ -103,19 +103,7 @@ def measure_export(files: ModelFiles, precision: str, out: Path) -> dict:
     record = out.parent / f".{out.name}.peak.json"
     env = {"DELTALM_STAGE_PEAKS": "1"}
     _, res = run_cli(
-        [
-            "export",
-            str(files.checkpoint),
-            "--spm",
-            str(files.spm),
-            "--dict",
-            str(files.dict),
-            "--out",
-            str(out),
-            "--precision",
-            precision,
-            "--force",
-        ],
+        files.export_args(out, precision),
         record,
         env=env,
     )

@@ -25,6 +25,23 @@ class ModelFiles:
     spm: Path
     dict: Path
 
+    def export_args(self, out: Path, precision: str) -> list[str]:
+        """The arguments of ``deltalm export`` that write these files' artifact in ``precision``
+        into ``out`` (replacing an artifact there)."""
+        return [
+            "export",
+            str(self.checkpoint),
+            "--spm",
+            str(self.spm),
+            "--dict",
+            str(self.dict),
+            "--out",
+            str(out),
+            "--precision",
+            precision,
+            "--force",
+        ]
+
 
 def write_filler_dictionary(dict_path: Path, symbols: int) -> int:
     """Extend a toy fairseq dict.txt with filler symbols ``<fill_N>`` until the Dictionary (4
@@ -122,19 +139,7 @@ def export_artifacts(files: ModelFiles, art_root: Path, precisions=PRECISIONS) -
             continue
         log(f"exporting {files.name} {precision} -> {out}")
         peak, res = run_cli(
-            [
-                "export",
-                str(files.checkpoint),
-                "--spm",
-                str(files.spm),
-                "--dict",
-                str(files.dict),
-                "--out",
-                str(out),
-                "--precision",
-                precision,
-                "--force",
-            ],
+            files.export_args(out, precision),
             art_root / f".export-{precision}.json",
         )
         if res.returncode != 0:

@@ -101,23 +101,7 @@ def prepare_artifact(model: str, out: Path) -> Path:
     artifact = out / "artifact"
     if not (artifact / "manifest.json").exists():
         _log(f"exporting {model} -> {artifact}")
-        subprocess.run(
-            [
-                deltalm_command(),
-                "export",
-                str(files.checkpoint),
-                "--spm",
-                str(files.spm),
-                "--dict",
-                str(files.dict),
-                "--out",
-                str(artifact),
-                "--precision",
-                "fp32",
-                "--force",
-            ],
-            check=True,
-        )
+        subprocess.run([deltalm_command(), *files.export_args(artifact, "fp32")], check=True)
     return artifact
 
 
