@@ -22,6 +22,20 @@ SPM_SPACE = "\u2581"  # sentencepiece's visible space, "▁"
 _OVERWRITE_FLAG = "#fairseq:overwrite"
 
 
+def read_text_lines(path: str | Path, flag: str | None = None) -> list[str]:
+    """The lines of a user's UTF-8 text file (a byte-order mark dropped, line ends removed, no
+    other normalization); InputError in one line naming ``flag`` (the option that gave the path,
+    if any) and the path when the file cannot be read or is not UTF-8."""
+    named = f"{flag} {path}" if flag else str(path)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise InputError(f"cannot read {named}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{named} is not UTF-8 text ({e})") from None
+
+
 class Dictionary:
     """A fairseq Dictionary: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, then dict.txt."""
 

@@ -11,6 +11,7 @@ from ..artifact import require_directory_not_checkpoint
 from ..atomic import atomic_output, check_output_file
 from ..backends import BACKENDS
 from ..errors import InputError
+from ..tokenizer import read_text_lines
 from ..translator import Translator
 
 
@@ -43,16 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _lines(path: str, flag: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return [line.rstrip("\r\n") for line in f]
-    except OSError as e:
-        raise InputError(f"cannot read {flag} {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{flag} {path} is not UTF-8 text ({e})") from None
-
-
 def run(args) -> int:
     require_directory_not_checkpoint(args.model, "score")
     if args.output:
@@ -60,7 +51,7 @@ def run(args) -> int:
     for flag, value in (("--threads", args.threads), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
-    sources, targets = _lines(args.source, "--source"), _lines(args.target, "--target")
+    sources, targets = read_text_lines(args.source, "--source"), read_text_lines(args.target, "--target")
     if len(sources) != len(targets):
         raise InputError(
             f"--source {args.source} has {len(sources)} lines but --target {args.target} has "

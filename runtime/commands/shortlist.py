@@ -12,6 +12,7 @@ from ..artifact import require_directory_not_checkpoint
 from ..atomic import check_output_file
 from ..errors import InputError
 from ..shortlist import FREQUENT, PER_SOURCE, shortlist_from_corpus
+from ..tokenizer import read_text_lines
 from ..translator import Translator
 
 
@@ -46,16 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads of the backend")
 
 
-def _lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return [line.rstrip("\r\n") for line in f]
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text ({e})") from None
-
-
 def run(args) -> int:
     require_directory_not_checkpoint(args.source_model, "shortlist")
     check_output_file(args.out, "--out")
@@ -64,8 +55,8 @@ def run(args) -> int:
             raise InputError(f"{flag} must be >= 0, got {value}")
     if args.min_count < 1:
         raise InputError(f"--min-count must be >= 1, got {args.min_count}")
-    sources = _lines(args.source)
-    targets = _lines(args.target) if args.target else None
+    sources = read_text_lines(args.source)
+    targets = read_text_lines(args.target) if args.target else None
     with Translator(
         args.source_model, threads=args.threads, src_prefix=args.src_prefix, tgt_prefix=args.tgt_prefix
     ) as translator:
